@@ -1,0 +1,220 @@
+//! Every error the API returns: `application/problem+json` (RFC 9457) with a
+//! stable, documented `code`. Internal details are logged, never sent.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use shard_agent::{FailureCode, ShardError};
+use utoipa::ToSchema;
+
+use crate::error::CoordinatorError;
+
+/// Seconds a client should wait before retrying a 503.
+pub const RETRY_AFTER_S: u32 = 1;
+
+/// The stable error codes. Clients branch on these, never on `title` or `detail`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// 400: the body is not the JSON this route expects.
+    InvalidRequest,
+    /// 400: the amount is not a positive decimal string within limits and currency scale.
+    InvalidAmount,
+    /// 400: the currency is not one the wallet holds.
+    UnsupportedCurrency,
+    /// 400: the Idempotency-Key header is absent.
+    MissingIdempotencyKey,
+    /// 400: the Idempotency-Key header is malformed.
+    InvalidIdempotencyKey,
+    /// 401: no valid session token.
+    Unauthorized,
+    /// 401: wrong username or password.
+    InvalidCredentials,
+    /// 402: the payment provider declined.
+    PaymentDeclined,
+    /// 404: no user with that username.
+    RecipientNotFound,
+    /// 404: no such transfer visible to this user.
+    TransferNotFound,
+    /// 404: no such route.
+    NotFound,
+    /// 405: the route exists but not with this method.
+    MethodNotAllowed,
+    /// 409: the username is taken.
+    UsernameTaken,
+    /// 409: a request with this Idempotency-Key is still being processed.
+    RequestInProgress,
+    /// 413: the body is larger than the limit.
+    PayloadTooLarge,
+    /// 422: payer and recipient are the same account.
+    SameAccount,
+    /// 422: the currency differs from the payer's or the recipient's account.
+    CurrencyMismatch,
+    /// 422: the payer's balance does not cover the amount.
+    InsufficientFunds,
+    /// 422: this Idempotency-Key was used with a different request.
+    IdempotencyKeyReused,
+    /// 500: a bug; details are in the server log.
+    Internal,
+    /// 503: a shard could not be reached or answered too late; retry with the same key.
+    ShardUnavailable,
+    /// 503: an account was locked by another transfer for too long; retry with the same key.
+    ShardBusy,
+    /// 503: a transfer's coordinator stopped mid-way and it was aborted; retry with the same key.
+    CoordinatorTimeout,
+    /// 503: a Redis lock could not be taken (Redis-lock mode); retry with the same key.
+    LockUnavailable,
+    /// 504: the payment provider did not answer in time; nothing was booked.
+    PaymentTimeout,
+}
+
+impl ErrorCode {
+    pub fn status(self) -> StatusCode {
+        use ErrorCode::*;
+        match self {
+            InvalidRequest
+            | InvalidAmount
+            | UnsupportedCurrency
+            | MissingIdempotencyKey
+            | InvalidIdempotencyKey => StatusCode::BAD_REQUEST,
+            Unauthorized | InvalidCredentials => StatusCode::UNAUTHORIZED,
+            PaymentDeclined => StatusCode::PAYMENT_REQUIRED,
+            RecipientNotFound | TransferNotFound | NotFound => StatusCode::NOT_FOUND,
+            MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            UsernameTaken | RequestInProgress => StatusCode::CONFLICT,
+            PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            SameAccount | CurrencyMismatch | InsufficientFunds | IdempotencyKeyReused => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ShardUnavailable | ShardBusy | CoordinatorTimeout | LockUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            PaymentTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    pub fn as_str(self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default()
+    }
+
+    /// The API code for a transfer's stored failure.
+    pub fn from_failure(code: FailureCode) -> ErrorCode {
+        match code {
+            FailureCode::InsufficientFunds => ErrorCode::InsufficientFunds,
+            FailureCode::RecipientNotFound => ErrorCode::RecipientNotFound,
+            FailureCode::CurrencyMismatch => ErrorCode::CurrencyMismatch,
+            FailureCode::ShardUnavailable => ErrorCode::ShardUnavailable,
+            FailureCode::ShardBusy => ErrorCode::ShardBusy,
+            FailureCode::CoordinatorTimeout => ErrorCode::CoordinatorTimeout,
+            FailureCode::PaymentDeclined => ErrorCode::PaymentDeclined,
+            FailureCode::PaymentTimeout => ErrorCode::PaymentTimeout,
+            FailureCode::LockUnavailable => ErrorCode::LockUnavailable,
+        }
+    }
+}
+
+/// The problem+json body.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct Problem {
+    /// A URI naming the problem type: `urn:wallet:error:<code>`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub title: String,
+    pub status: u16,
+    pub code: ErrorCode,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// For a failed transfer: its ID (GET /v1/transfer/{id} shows it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transfer_id: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub detail: Option<String>,
+    pub transfer_id: Option<String>,
+    pub replayed: bool,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode) -> ApiError {
+        ApiError {
+            code,
+            detail: None,
+            transfer_id: None,
+            replayed: false,
+        }
+    }
+
+    pub fn detail(code: ErrorCode, detail: impl Into<String>) -> ApiError {
+        ApiError {
+            code,
+            detail: Some(detail.into()),
+            transfer_id: None,
+            replayed: false,
+        }
+    }
+
+    fn title(&self) -> &'static str {
+        self.code.status().canonical_reason().unwrap_or("Error")
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.code.status();
+        let body = Problem {
+            kind: format!("urn:wallet:error:{}", self.code.as_str()),
+            title: self.title().to_owned(),
+            status: status.as_u16(),
+            code: self.code,
+            detail: self.detail,
+            transfer_id: self.transfer_id,
+        };
+        let mut response = (status, axum::Json(body)).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_S));
+        }
+        if self.replayed {
+            headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+        }
+        response
+    }
+}
+
+impl From<CoordinatorError> for ApiError {
+    fn from(e: CoordinatorError) -> ApiError {
+        match e {
+            CoordinatorError::Shard(ShardError::LockTimeout { shard }) => {
+                ApiError::detail(ErrorCode::ShardBusy, format!("shard {shard} is busy"))
+            }
+            CoordinatorError::Shard(e) if e.is_retryable() => {
+                tracing::warn!(%e, "request failed: shard unavailable");
+                ApiError::detail(
+                    ErrorCode::ShardUnavailable,
+                    format!("shard {} is unavailable", e.shard()),
+                )
+            }
+            CoordinatorError::Crashed { at } => ApiError::detail(
+                ErrorCode::ShardUnavailable,
+                format!("coordinator stopped at {at}"),
+            ),
+            other => {
+                tracing::error!(error = %other, "internal error");
+                ApiError::new(ErrorCode::Internal)
+            }
+        }
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

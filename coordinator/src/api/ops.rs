@@ -1,0 +1,134 @@
+//! Health, readiness, the admin view of in-doubt transactions, and the OpenAPI document.
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::error::{ApiError, ApiResult, ErrorCode, Problem};
+use super::AppState;
+
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    pub status: &'static str,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ShardReadiness {
+    pub shard: u16,
+    pub ok: bool,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Readiness {
+    /// "ready" when every shard answers, else "degraded".
+    pub status: &'static str,
+    /// How cross-shard transfers are carried out: "2pc".
+    pub lock_mode: &'static str,
+    /// The bucket map's epoch.
+    pub epoch: u64,
+    pub shards: Vec<ShardReadiness>,
+}
+
+#[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, body = Health)))]
+pub async fn healthz() -> axum::Json<Health> {
+    axum::Json(Health { status: "ok" })
+}
+
+#[utoipa::path(get, path = "/readyz", tag = "ops",
+    responses((status = 200, body = Readiness), (status = 503, description = "A shard does not answer", body = Readiness)))]
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    let routing = state.coordinator.cluster().routing();
+    let checks = futures::future::join_all(routing.agents.values().map(|a| async move {
+        ShardReadiness {
+            shard: a.id().0,
+            ok: a.ping().await.is_ok(),
+        }
+    }))
+    .await;
+    let ready = checks.iter().all(|c| c.ok);
+    let body = Readiness {
+        status: if ready { "ready" } else { "degraded" },
+        lock_mode: "2pc",
+        epoch: routing.map.epoch().0,
+        shards: checks,
+    };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+/// In-doubt prepared transactions, as the last recovery pass saw them.
+#[utoipa::path(get, path = "/v1/admin/in-doubt", tag = "ops", security(("admin" = [])),
+    responses(
+        (status = 200, description = "Recovery status: per-shard count and oldest age of our prepared transactions"),
+        (status = 401, description = "`unauthorized`", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not_found`: no admin token configured", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn in_doubt(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
+    let Some(expected) = state.admin_token.as_deref() else {
+        return Err(ApiError::new(ErrorCode::NotFound));
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if !presented.is_some_and(|p| constant_time_eq(p.as_bytes(), expected.as_bytes())) {
+        return Err(ApiError::new(ErrorCode::Unauthorized));
+    }
+    let status = state.coordinator.recovery().status();
+    Ok(axum::Json(serde_json::json!({
+        "in_doubt": status.in_doubt_count(),
+        "oldest_in_doubt_ms": status.oldest_age_ms(),
+        "recovery": status,
+    }))
+    .into_response())
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::new(ErrorCode::NotFound)
+}
+
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(ErrorCode::MethodNotAllowed)
+}
+
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "Wallet transfer coordinator", description = "Sharded wallet: users, accounts, idempotent cross-shard transfers. Every error is application/problem+json with a stable `code` (see the ErrorCode schema)."),
+    paths(
+        super::users::sign_up, super::users::log_in, super::users::log_out,
+        super::money::account, super::money::transfer, super::money::get_transfer,
+        super::money::deposit, super::money::withdrawal,
+        healthz, readyz, in_doubt,
+    ),
+    components(schemas(Problem, ErrorCode)),
+    modifiers(&SecurityAddon),
+)]
+pub struct ApiDoc;
+
+struct SecurityAddon;
+
+impl utoipa::Modify for SecurityAddon {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        let bearer =
+            || SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build());
+        components.add_security_scheme("bearer", bearer());
+        components.add_security_scheme("admin", bearer());
+    }
+}
+
+pub async fn openapi() -> Response {
+    use utoipa::OpenApi;
+    axum::Json(ApiDoc::openapi()).into_response()
+}

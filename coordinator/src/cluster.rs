@@ -1,0 +1,128 @@
+//! The coordinator's view of the cluster: the bucket map and one agent per shard,
+//! swapped as a whole when the catalog's epoch moves.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use router::{Epoch, ShardId, ShardMap, UserId};
+use shard_agent::catalog::{Catalog, CatalogError, ShardEntry};
+use shard_agent::{AgentConfig, ShardAgent, ShardError};
+use tracing::{info, warn};
+
+/// One consistent snapshot: every user routes through the same map.
+#[derive(Debug)]
+pub struct Routing {
+    pub map: ShardMap,
+    pub agents: BTreeMap<ShardId, ShardAgent>,
+}
+
+impl Routing {
+    /// The agent of the shard that owns `user` (invariant 6: exactly one).
+    pub fn agent_for(&self, user: &UserId) -> &ShardAgent {
+        let shard = self.map.shard_of(user);
+        self.agents.get(&shard).expect(
+            "invariant: every shard in the map has an agent (checked when the snapshot is built)",
+        )
+    }
+
+    pub fn agent(&self, shard: ShardId) -> Option<&ShardAgent> {
+        self.agents.get(&shard)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Shard(#[from] ShardError),
+    #[error("bucket map names shard {0}, which the catalog does not list")]
+    UnknownShard(ShardId),
+}
+
+pub struct Cluster {
+    catalog_dsn: String,
+    agent_config: AgentConfig,
+    routing: RwLock<Arc<Routing>>,
+}
+
+impl Cluster {
+    /// Loads the map (bootstrapping an empty catalog from `shards`).
+    pub async fn open(
+        catalog_dsn: &str,
+        shards: &[ShardEntry],
+        agent_config: AgentConfig,
+    ) -> Result<Cluster, ClusterError> {
+        let mut catalog = Catalog::connect(catalog_dsn).await?;
+        catalog.bootstrap(shards).await?;
+        let routing = build(&mut catalog, &agent_config, None).await?;
+        info!(epoch = %routing.map.epoch(), shards = routing.agents.len(), "loaded bucket map");
+        Ok(Cluster {
+            catalog_dsn: catalog_dsn.to_owned(),
+            agent_config,
+            routing: RwLock::new(Arc::new(routing)),
+        })
+    }
+
+    pub fn routing(&self) -> Arc<Routing> {
+        self.routing
+            .read()
+            .expect("invariant: routing lock is never held across a panic")
+            .clone()
+    }
+
+    pub fn epoch(&self) -> Epoch {
+        self.routing().map.epoch()
+    }
+
+    /// Reloads the map if the catalog's epoch moved. Agents of unchanged shards are
+    /// kept, so their pools (and in-flight work) carry over.
+    pub async fn refresh(&self) -> Result<bool, ClusterError> {
+        let mut catalog = Catalog::connect(&self.catalog_dsn).await?;
+        if catalog.epoch().await? == self.epoch() {
+            return Ok(false);
+        }
+        let current = self.routing();
+        let next = build(&mut catalog, &self.agent_config, Some(&current)).await?;
+        info!(from = %current.map.epoch(), to = %next.map.epoch(), "bucket map changed");
+        *self
+            .routing
+            .write()
+            .expect("invariant: routing lock is never held across a panic") = Arc::new(next);
+        Ok(true)
+    }
+
+    /// Polls the epoch forever; meant to be spawned.
+    pub async fn watch(self: Arc<Self>, every: Duration) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = self.refresh().await {
+                warn!(%e, "could not check the catalog epoch; keeping the current map");
+            }
+        }
+    }
+}
+
+async fn build(
+    catalog: &mut Catalog,
+    config: &AgentConfig,
+    previous: Option<&Routing>,
+) -> Result<Routing, ClusterError> {
+    let (entries, map) = catalog.load().await?;
+    let mut agents = BTreeMap::new();
+    for entry in &entries {
+        let reused = previous.and_then(|p| p.agents.get(&entry.id)).cloned();
+        let agent = match reused {
+            Some(a) => a,
+            None => ShardAgent::new(entry.id, &entry.dsn, config.clone())?,
+        };
+        agents.insert(entry.id, agent);
+    }
+    if let Some(missing) = map.shards().into_iter().find(|s| !agents.contains_key(s)) {
+        return Err(ClusterError::UnknownShard(missing));
+    }
+    Ok(Routing { map, agents })
+}

@@ -1,0 +1,109 @@
+//! Deployment configuration: where the catalog and shards are, and every limit.
+//! The same JSON file is what `wallet dev` writes and `wallet serve --config` reads.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use shard_agent::catalog::ShardEntry;
+use shard_agent::AgentConfig;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub catalog_dsn: String,
+    /// The shards to record in an empty catalog; a populated catalog wins.
+    pub shards: Vec<ShardEntry>,
+    #[serde(default)]
+    pub agent: AgentConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    /// Bearer token for `/v1/admin/*`; the admin routes are off without one.
+    #[serde(default)]
+    pub admin_token: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Limits {
+    /// Recovery leaves younger prepared transactions alone: their coordinator may
+    /// still be working on them. Must exceed the slowest live prepare.
+    pub in_doubt_after_ms: u64,
+    pub recovery_interval_ms: u64,
+    /// How often each coordinator checks the catalog epoch for a new bucket map.
+    pub epoch_poll_ms: u64,
+    pub session_ttl_s: u64,
+    pub payment_timeout_ms: u64,
+    pub argon2_memory_kib: u32,
+    pub argon2_iterations: u32,
+    pub request_body_bytes_max: usize,
+    /// Requests served at once; more wait (bounded by the HTTP server's backlog).
+    pub concurrent_requests_max: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            in_doubt_after_ms: 10_000,
+            recovery_interval_ms: 1_000,
+            epoch_poll_ms: 2_000,
+            session_ttl_s: 24 * 3600,
+            payment_timeout_ms: 2_000,
+            // OWASP's minimum for argon2id: 19 MiB, 2 iterations.
+            argon2_memory_kib: 19 * 1024,
+            argon2_iterations: 2,
+            request_body_bytes_max: 16 * 1024,
+            concurrent_requests_max: 512,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("read config {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parse config {path}: {source}")]
+    Parse {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("config {path}: {problem}")]
+    Invalid { path: String, problem: String },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        let config: Config = serde_json::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: shown.clone(),
+            source,
+        })?;
+        config.validate().map_err(|problem| ConfigError::Invalid {
+            path: shown,
+            problem,
+        })?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.shards.is_empty() {
+            return Err("at least one shard is required".into());
+        }
+        if self.limits.in_doubt_after_ms <= self.agent.lock_timeout_ms {
+            return Err("limits.in_doubt_after_ms must exceed agent.lock_timeout_ms".into());
+        }
+        if self.agent.pool_size_max == 0 {
+            return Err("agent.pool_size_max must be at least 1".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,205 @@
+//! `wallet dev`: a local cluster on this machine. It starts its own PostgreSQL
+//! servers (one per shard), creates and migrates the databases, bootstraps the
+//! catalog, writes `cluster.json`, and serves the API until Ctrl-C.
+//!
+//! [`provision`] is shared with the test fixture: given running servers, it makes
+//! the databases of one cluster.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use router::ShardId;
+use shard_agent::catalog::ShardEntry;
+use shard_agent::local::{free_port, PgServer, PgServerConfig};
+use shard_agent::migrate::{migrate_catalog, migrate_shard};
+use tokio_postgres::NoTls;
+
+use crate::api::{self, AppState};
+use crate::config::{Config, Limits};
+use crate::payments::Sandbox;
+use crate::service::Coordinator;
+
+pub const CLUSTER_FILE: &str = "cluster.json";
+
+/// Creates (if missing) and migrates `<prefix>_shard<i>` for each shard, spread
+/// round-robin over `servers`, and `<prefix>_catalog` on the first server.
+pub async fn provision(
+    servers: &[&PgServer],
+    shards: usize,
+    prefix: &str,
+) -> anyhow::Result<(String, Vec<ShardEntry>)> {
+    let first = servers
+        .first()
+        .context("provision needs at least one server")?;
+    let catalog_db = format!("{prefix}_catalog");
+    create_database(first, &catalog_db).await?;
+    let catalog_dsn = first.dsn(&catalog_db);
+    migrate_catalog(&catalog_dsn).await?;
+    let mut entries = Vec::with_capacity(shards);
+    for i in 0..shards {
+        let server = servers[i % servers.len()];
+        let db = format!("{prefix}_shard{i}");
+        create_database(server, &db).await?;
+        let dsn = server.dsn(&db);
+        migrate_shard(&dsn)
+            .await
+            .with_context(|| format!("migrate shard {i}"))?;
+        entries.push(ShardEntry {
+            id: ShardId(i as u16),
+            dsn,
+            weight: 1,
+        });
+    }
+    Ok((catalog_dsn, entries))
+}
+
+async fn create_database(server: &PgServer, name: &str) -> anyhow::Result<()> {
+    let (client, connection) = tokio_postgres::connect(&server.dsn("postgres"), NoTls)
+        .await
+        .with_context(|| format!("connect to server on port {}", server.port()))?;
+    tokio::spawn(connection);
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+        .await?
+        .is_some();
+    if !exists {
+        // The name is ours (prefix + digits), safe to splice: CREATE DATABASE takes no parameters.
+        client
+            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+            .await
+            .with_context(|| format!("create database {name}"))?;
+    }
+    Ok(())
+}
+
+pub struct DevOptions {
+    pub listen: SocketAddr,
+    pub shards: usize,
+    pub data_dir: PathBuf,
+}
+
+/// Runs the dev cluster until Ctrl-C or SIGTERM.
+pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&opts.data_dir)
+        .with_context(|| format!("create {}", opts.data_dir.display()))?;
+    let cluster_file = opts.data_dir.join(CLUSTER_FILE);
+    let previous = read_previous(&cluster_file)?;
+    if let Some(prev) = &previous {
+        if prev.shards.len() != opts.shards {
+            bail!(
+                "{} holds a {}-shard cluster; pass --shards {} or another --data-dir (changing the shard count is a rebalance)",
+                opts.data_dir.display(),
+                prev.shards.len(),
+                prev.shards.len()
+            );
+        }
+    }
+    let mut servers = Vec::with_capacity(opts.shards);
+    for i in 0..opts.shards {
+        let port = match previous.as_ref().and_then(|p| port_of(&p.shards[i].dsn)) {
+            Some(port) => port,
+            None => free_port()?,
+        };
+        let mut config = PgServerConfig::new(
+            format!("shard{i}"),
+            opts.data_dir.join(format!("shard{i}")),
+            port,
+        );
+        config.die_with_parent = true;
+        let server = tokio::task::spawn_blocking(move || PgServer::start(config))
+            .await?
+            .with_context(|| format!("start PostgreSQL for shard {i}"))?;
+        println!(
+            "  shard {i}: PostgreSQL on 127.0.0.1:{} (pid {})",
+            server.port(),
+            server.pid().unwrap_or(0)
+        );
+        servers.push(server);
+    }
+    let refs: Vec<&PgServer> = servers.iter().collect();
+    let (catalog_dsn, shards) = provision(&refs, opts.shards, "wallet").await?;
+    let admin_token = previous
+        .as_ref()
+        .and_then(|p| p.admin_token.clone())
+        .unwrap_or_else(|| crate::auth::new_token(router::UserId::for_username("admin")));
+    let config = Config {
+        listen: opts.listen,
+        catalog_dsn,
+        shards,
+        agent: Default::default(),
+        limits: Limits::default(),
+        admin_token: Some(admin_token),
+    };
+    std::fs::write(&cluster_file, serde_json::to_string_pretty(&config)?)
+        .with_context(|| format!("write {}", cluster_file.display()))?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listen on {}", config.listen))?;
+    let coordinator = Arc::new(Coordinator::start(&config, Arc::new(Sandbox)).await?);
+    print_banner(&config, &cluster_file);
+    let router = api::app(
+        AppState {
+            coordinator,
+            admin_token: config.admin_token.as_deref().map(Arc::from),
+        },
+        config.limits.request_body_bytes_max,
+        config.limits.concurrent_requests_max,
+    );
+    api::serve(listener, router, shutdown_signal()).await?;
+    println!("stopping the shards…");
+    drop(servers);
+    println!("stopped");
+    Ok(())
+}
+
+fn read_previous(path: &Path) -> anyhow::Result<Option<Config>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    Ok(Some(Config::load(path)?))
+}
+
+fn port_of(dsn: &str) -> Option<u16> {
+    dsn.split_whitespace()
+        .find_map(|kv| kv.strip_prefix("port="))
+        .and_then(|p| p.parse().ok())
+}
+
+fn print_banner(config: &Config, cluster_file: &Path) {
+    let url = format!("http://{}", config.listen);
+    println!(
+        "\nwallet dev: {} shards, API on {url}\n  cluster description: {}\n  OpenAPI: {url}/openapi.json\n\n\
+         Try it:\n  curl -s -X POST {url}/v1/user -H 'content-type: application/json' \\\n    \
+         -d '{{\"username\":\"alice\",\"email\":\"alice@example.com\",\"password\":\"correct horse\",\"currency\":\"USD\"}}'\n  \
+         curl -s -X POST {url}/v1/login -H 'content-type: application/json' \\\n    \
+         -d '{{\"username\":\"alice\",\"password\":\"correct horse\"}}'\n  \
+         curl -s -X POST {url}/v1/deposit -H \"authorization: Bearer $TOKEN\" -H 'idempotency-key: dep-1' \\\n    \
+         -H 'content-type: application/json' -d '{{\"amount\":\"100.00\",\"currency\":\"USD\",\"payment_token\":\"sandbox_ok\"}}'\n  \
+         curl -s -X POST {url}/v1/transfer -H \"authorization: Bearer $TOKEN\" -H 'idempotency-key: t-1' \\\n    \
+         -H 'content-type: application/json' -d '{{\"to\":\"bob\",\"amount\":\"12.50\",\"currency\":\"USD\"}}'\n\n\
+         Ctrl-C stops the API and the shards.",
+        config.shards.len(),
+        cluster_file.display()
+    );
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

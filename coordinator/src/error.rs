@@ -1,0 +1,31 @@
+//! Errors at the coordinator's boundary (the API maps each to problem+json).
+
+use shard_agent::ShardError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error(transparent)]
+    Shard(#[from] ShardError),
+    /// A failpoint stopped the protocol here, as a crash would (tests only).
+    #[error("coordinator stopped at failpoint {at}")]
+    Crashed { at: &'static str },
+    #[error("stored transfer record is invalid: {0}")]
+    Corrupt(String),
+}
+
+/// A named failpoint that stops the protocol at this step as a crash would.
+/// `return` makes the protocol future end here (nothing after it runs);
+/// `return(abort)` aborts the whole process, for the chaos harness's real crashes.
+/// Compiled to nothing unless the `failpoints` feature is on.
+macro_rules! crash_point {
+    ($name:literal) => {
+        fail::fail_point!($name, |arg: Option<String>| {
+            if arg.as_deref() == Some("abort") {
+                eprintln!("failpoint {}: aborting the process", $name);
+                std::process::abort();
+            }
+            Err($crate::error::CoordinatorError::Crashed { at: $name }.into())
+        })
+    };
+}
+pub(crate) use crash_point;

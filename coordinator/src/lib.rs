@@ -1,0 +1,25 @@
+//! # Layout
+//!
+//! The coordinator serves the wallet API and moves money between shards.
+//!
+//! - [`service`]: the wallet's operations without HTTP ([`service::Coordinator`]).
+//! - [`two_pc`]: the cross-shard protocol driver, with a named failpoint per step.
+//! - [`recovery`]: the loop that resolves in-doubt transactions from their decision.
+//! - [`cluster`]: the bucket map and one shard agent per shard, reloaded by epoch.
+//! - [`api`]: axum routes, problem+json errors, OpenAPI.
+//! - [`auth`], [`inputs`], [`payments`]: passwords and tokens, validating newtypes,
+//!   the payment provider (with its sandbox).
+//! - [`config`], [`dev`]: deployment configuration and the local dev cluster.
+
+pub mod api;
+pub mod auth;
+pub mod cluster;
+pub mod config;
+pub mod dev;
+pub mod error;
+pub mod inputs;
+pub mod payments;
+pub mod recovery;
+pub mod service;
+pub mod testkit;
+pub mod two_pc;

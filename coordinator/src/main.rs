@@ -1,0 +1,113 @@
+//! `wallet`: the one entry point. `wallet dev` runs a local cluster; `wallet serve`
+//! runs the API against shards someone else runs.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use coordinator::api::{self, AppState};
+use coordinator::config::Config;
+use coordinator::payments::Sandbox;
+use coordinator::service::Coordinator;
+use shard_agent::migrate::{migrate_catalog, migrate_shard};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "wallet",
+    version,
+    about = "Sharded wallet: transfers across PostgreSQL shards with 2PC"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a local cluster: PostgreSQL shards of its own plus the API.
+    Dev {
+        /// Address the API listens on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Number of shards (one PostgreSQL server each).
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+        shards: u16,
+        /// Where the shards' data and cluster.json live; reused by the next run.
+        #[arg(long, default_value = ".wallet-dev")]
+        data_dir: PathBuf,
+    },
+    /// Serve the API against running shards described by a config file (the
+    /// cluster.json `wallet dev` writes has this format).
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+        /// Overrides the config's listen address.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Do not apply schema migrations at start.
+        #[arg(long)]
+        no_migrate: bool,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("info,tower_http=warn")),
+        )
+        .init();
+    match Cli::parse().command {
+        Command::Dev {
+            listen,
+            shards,
+            data_dir,
+        } => {
+            coordinator::dev::run(coordinator::dev::DevOptions {
+                listen,
+                shards: usize::from(shards),
+                data_dir,
+            })
+            .await
+        }
+        Command::Serve {
+            config,
+            listen,
+            no_migrate,
+        } => serve(config, listen, no_migrate).await,
+    }
+}
+
+async fn serve(path: PathBuf, listen: Option<SocketAddr>, no_migrate: bool) -> anyhow::Result<()> {
+    let mut config = Config::load(&path)?;
+    if let Some(addr) = listen {
+        config.listen = addr;
+    }
+    if !no_migrate {
+        migrate_catalog(&config.catalog_dsn).await?;
+        for shard in &config.shards {
+            migrate_shard(&shard.dsn)
+                .await
+                .with_context(|| format!("migrate shard {}", shard.id))?;
+        }
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listen on {}", config.listen))?;
+    let coordinator = Arc::new(Coordinator::start(&config, Arc::new(Sandbox)).await?);
+    tracing::info!(listen = %config.listen, shards = config.shards.len(), lock_mode = "2pc", "serving");
+    let router = api::app(
+        AppState {
+            coordinator,
+            admin_token: config.admin_token.as_deref().map(Arc::from),
+        },
+        config.limits.request_body_bytes_max,
+        config.limits.concurrent_requests_max,
+    );
+    api::serve(listener, router, coordinator::dev::shutdown_signal()).await?;
+    Ok(())
+}

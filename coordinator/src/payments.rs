@@ -1,0 +1,77 @@
+//! The payment provider money enters and leaves through.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use shard_agent::external::{Direction, ProviderVerdict};
+use shard_agent::{Amount, TransferId};
+
+/// A card network, bank or PSP. `reference` is our transfer ID: a real provider
+/// de-duplicates on it, so a retried request can never charge twice.
+pub trait PaymentProvider: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    fn execute(
+        &self,
+        direction: Direction,
+        token: &str,
+        amount: Amount,
+        reference: TransferId,
+    ) -> Pin<Box<dyn Future<Output = ProviderVerdict> + Send + '_>>;
+}
+
+/// A built-in provider for development and tests, driven by the payment token:
+/// `sandbox_ok` approves, `sandbox_declined` declines, `sandbox_timeout` never
+/// answers (the caller's timeout ends it). Anything else is declined.
+pub struct Sandbox;
+
+pub const SANDBOX_OK: &str = "sandbox_ok";
+pub const SANDBOX_DECLINED: &str = "sandbox_declined";
+pub const SANDBOX_TIMEOUT: &str = "sandbox_timeout";
+
+impl PaymentProvider for Sandbox {
+    fn name(&self) -> &'static str {
+        "sandbox"
+    }
+
+    fn execute(
+        &self,
+        _direction: Direction,
+        token: &str,
+        _amount: Amount,
+        _reference: TransferId,
+    ) -> Pin<Box<dyn Future<Output = ProviderVerdict> + Send + '_>> {
+        let verdict = match token {
+            SANDBOX_OK => Some(ProviderVerdict::Approved),
+            SANDBOX_TIMEOUT => None,
+            _ => Some(ProviderVerdict::Declined),
+        };
+        Box::pin(async move {
+            match verdict {
+                Some(v) => v,
+                None => {
+                    // Hang like an unresponsive provider; bounded by the caller's timeout.
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    ProviderVerdict::TimedOut
+                }
+            }
+        })
+    }
+}
+
+/// Calls the provider under `timeout`; no answer in time is `TimedOut`.
+pub async fn call_with_timeout(
+    provider: &dyn PaymentProvider,
+    timeout: Duration,
+    direction: Direction,
+    token: &str,
+    amount: Amount,
+    reference: TransferId,
+) -> ProviderVerdict {
+    tokio::time::timeout(
+        timeout,
+        provider.execute(direction, token, amount, reference),
+    )
+    .await
+    .unwrap_or(ProviderVerdict::TimedOut)
+}

@@ -1,0 +1,152 @@
+//! The recovery loop: on start and on a timer, every shard's in-doubt prepared
+//! transactions are resolved from their home shard's decision, and transfers stuck
+//! in `preparing` are aborted (presumed abort). See `shard_agent::two_pc::recover`.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use router::ShardId;
+use serde::Serialize;
+use shard_agent::two_pc::recover::{abort_stale, resolve_leg, PreparedStats, Resolution};
+use tracing::{info, warn};
+
+use crate::cluster::Cluster;
+
+/// What the last pass saw, for `/v1/admin/in-doubt` and the logs.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RecoveryStatus {
+    pub passes: u64,
+    pub committed: u64,
+    pub rolled_back: u64,
+    pub aborted_stale: u64,
+    pub unknown: u64,
+    pub errors: u64,
+    /// Our prepared transactions per shard, young and old, at the last pass.
+    pub prepared: BTreeMap<ShardId, PreparedStats>,
+    pub unreachable: Vec<ShardId>,
+}
+
+impl RecoveryStatus {
+    pub fn in_doubt_count(&self) -> i64 {
+        self.prepared.values().map(|s| s.count).sum()
+    }
+    pub fn oldest_age_ms(&self) -> i64 {
+        self.prepared
+            .values()
+            .map(|s| s.oldest_age_ms)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+pub struct Recovery {
+    cluster: Arc<Cluster>,
+    in_doubt_after: Duration,
+    status: Mutex<RecoveryStatus>,
+}
+
+impl Recovery {
+    pub fn new(cluster: Arc<Cluster>, in_doubt_after: Duration) -> Recovery {
+        Recovery {
+            cluster,
+            in_doubt_after,
+            status: Mutex::new(RecoveryStatus::default()),
+        }
+    }
+
+    pub fn status(&self) -> RecoveryStatus {
+        self.status
+            .lock()
+            .expect("invariant: recovery status lock is never held across a panic")
+            .clone()
+    }
+
+    /// One pass over every shard. Errors are counted and logged; the next pass
+    /// retries, since every step is safe to repeat.
+    pub async fn run_once(&self) -> RecoveryStatus {
+        let routing = self.cluster.routing();
+        let mut pass = RecoveryStatus::default();
+        for agent in routing.agents.values() {
+            match agent.prepared_stats().await {
+                Ok(stats) => {
+                    pass.prepared.insert(agent.id(), stats);
+                }
+                Err(e) => {
+                    warn!(shard = %agent.id(), %e, "recovery: shard unreachable; will retry");
+                    pass.unreachable.push(agent.id());
+                    continue;
+                }
+            }
+            match agent.in_doubt(self.in_doubt_after).await {
+                Ok(legs) => {
+                    for leg in legs {
+                        let Some(home) = routing.agent(leg.gid.home) else {
+                            warn!(gid = %leg.gid, "recovery: home shard not in the catalog; left prepared");
+                            pass.unknown += 1;
+                            continue;
+                        };
+                        match resolve_leg(agent, home, &leg.gid).await {
+                            Ok(Resolution::Committed) => pass.committed += 1,
+                            Ok(Resolution::RolledBack) => pass.rolled_back += 1,
+                            Ok(Resolution::Unknown) => pass.unknown += 1,
+                            Err(e) => {
+                                warn!(gid = %leg.gid, %e, "recovery: could not resolve; will retry");
+                                pass.errors += 1;
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    warn!(shard = %agent.id(), %e, "recovery: could not list prepared transactions");
+                    pass.errors += 1;
+                }
+            }
+            match agent.stale_preparing(self.in_doubt_after).await {
+                Ok(stale) => {
+                    for tid in stale {
+                        match abort_stale(agent, tid).await {
+                            Ok(_) => pass.aborted_stale += 1,
+                            Err(e) => {
+                                warn!(transfer_id = %tid, %e, "recovery: could not abort stale transfer");
+                                pass.errors += 1;
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    warn!(shard = %agent.id(), %e, "recovery: could not list stale transfers");
+                    pass.errors += 1;
+                }
+            }
+        }
+        let mut status = self
+            .status
+            .lock()
+            .expect("invariant: recovery status lock is never held across a panic");
+        pass.passes = status.passes + 1;
+        let acted = pass.committed + pass.rolled_back + pass.aborted_stale;
+        if acted > 0 || pass.in_doubt_count() > 0 {
+            info!(
+                in_doubt = pass.in_doubt_count(),
+                oldest_in_doubt_ms = pass.oldest_age_ms(),
+                committed = pass.committed,
+                rolled_back = pass.rolled_back,
+                aborted_stale = pass.aborted_stale,
+                "recovery pass"
+            );
+        }
+        *status = pass.clone();
+        pass
+    }
+
+    /// Runs a pass at once, then every `every`; meant to be spawned.
+    pub async fn run_forever(self: Arc<Self>, every: Duration) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.run_once().await;
+        }
+    }
+}

@@ -1,0 +1,361 @@
+//! The wallet's operations, independent of HTTP: the API calls these, and so can a
+//! benchmark or a test in-process.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use router::bucket_of;
+use sha2::{Digest, Sha256};
+use shard_agent::external::{Direction, ExternalOrder};
+use shard_agent::idempotency::IdempotencyKey;
+use shard_agent::records::UserRow;
+use shard_agent::transfer_local::{Submitted, TransferOrder};
+use shard_agent::users::{AccountView, Created, NewUser};
+use shard_agent::{Amount, Currency, ShardError, TransferId, TransferRecord};
+use tokio::task::JoinHandle;
+use tracing::{info, Instrument};
+
+use crate::auth::{new_token, token_hash, token_user, AuthError, PasswordPolicy};
+use crate::cluster::{Cluster, ClusterError};
+use crate::config::{Config, Limits};
+use crate::error::CoordinatorError;
+use crate::inputs::{Email, IdemKey, Password, Username};
+use crate::payments::{call_with_timeout, PaymentProvider};
+use crate::recovery::Recovery;
+use crate::two_pc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+pub struct Session {
+    pub token: String,
+    pub expires_at: DateTime<Utc>,
+    pub user: UserRow,
+}
+
+pub enum SignUp {
+    Created(UserRow),
+    UsernameTaken,
+}
+
+/// The coordinator: routing, the protocols, and the background recovery.
+pub struct Coordinator {
+    cluster: Arc<Cluster>,
+    recovery: Arc<Recovery>,
+    provider: Arc<dyn PaymentProvider>,
+    limits: Limits,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Coordinator {
+    /// Loads the bucket map and starts the epoch watch and the recovery loop (its
+    /// first pass runs at once, finishing whatever an earlier crash left).
+    pub async fn start(
+        config: &Config,
+        provider: Arc<dyn PaymentProvider>,
+    ) -> Result<Coordinator, StartError> {
+        config.validate().map_err(StartError::Config)?;
+        let cluster = Arc::new(
+            Cluster::open(&config.catalog_dsn, &config.shards, config.agent.clone()).await?,
+        );
+        let limits = config.limits.clone();
+        let recovery = Arc::new(Recovery::new(
+            cluster.clone(),
+            Duration::from_millis(limits.in_doubt_after_ms),
+        ));
+        let tasks = vec![
+            tokio::spawn(
+                cluster
+                    .clone()
+                    .watch(Duration::from_millis(limits.epoch_poll_ms)),
+            ),
+            tokio::spawn(
+                recovery
+                    .clone()
+                    .run_forever(Duration::from_millis(limits.recovery_interval_ms)),
+            ),
+        ];
+        Ok(Coordinator {
+            cluster,
+            recovery,
+            provider,
+            limits,
+            tasks,
+        })
+    }
+
+    pub fn cluster(&self) -> &Arc<Cluster> {
+        &self.cluster
+    }
+
+    pub fn recovery(&self) -> &Arc<Recovery> {
+        &self.recovery
+    }
+
+    fn password_policy(&self) -> PasswordPolicy {
+        PasswordPolicy {
+            memory_kib: self.limits.argon2_memory_kib,
+            iterations: self.limits.argon2_iterations,
+        }
+    }
+
+    pub async fn sign_up(
+        &self,
+        username: Username,
+        email: Email,
+        password: Password,
+        currency: Currency,
+    ) -> Result<SignUp, CoordinatorError> {
+        let user_id = username.user_id();
+        let password_hash = self
+            .password_policy()
+            .hash(password.into_inner())
+            .await
+            .map_err(|e: AuthError| CoordinatorError::Corrupt(e.to_string()))?;
+        let routing = self.cluster.routing();
+        let agent = routing.agent_for(&user_id);
+        let new = NewUser {
+            user_id,
+            bucket: bucket_of(&user_id),
+            username: username.as_str().to_owned(),
+            email: email.as_str().to_owned(),
+            password_hash,
+            currency,
+        };
+        match agent.create_user(&new).await? {
+            Created::UsernameTaken => Ok(SignUp::UsernameTaken),
+            Created::Yes => {
+                info!(user = %user_id, shard = %agent.id(), "user signed up");
+                Ok(SignUp::Created(UserRow {
+                    user_id,
+                    username: new.username,
+                    email: new.email,
+                    currency,
+                    created_at: Utc::now(),
+                }))
+            }
+        }
+    }
+
+    /// A new session, or `None` for a wrong username or password (indistinguishable).
+    pub async fn log_in(
+        &self,
+        username: &str,
+        password: String,
+    ) -> Result<Option<Session>, CoordinatorError> {
+        let found = match Username::parse(username) {
+            Ok(name) => {
+                let user_id = name.user_id();
+                self.cluster
+                    .routing()
+                    .agent_for(&user_id)
+                    .credentials(user_id)
+                    .await?
+            }
+            Err(_) => None,
+        };
+        let (user, stored) = match found {
+            Some((user, hash)) => (Some(user), Some(hash)),
+            None => (None, None),
+        };
+        if !self.password_policy().verify(password, stored).await {
+            return Ok(None);
+        }
+        let Some(user) = user else { return Ok(None) };
+        let token = new_token(user.user_id);
+        let ttl = chrono::Duration::seconds(self.limits.session_ttl_s as i64);
+        let expires_at = Utc::now() + ttl;
+        self.cluster
+            .routing()
+            .agent_for(&user.user_id)
+            .create_session(user.user_id, &token_hash(&token), expires_at)
+            .await?;
+        Ok(Some(Session {
+            token,
+            expires_at,
+            user,
+        }))
+    }
+
+    pub async fn authenticate(&self, token: &str) -> Result<Option<UserRow>, CoordinatorError> {
+        let Some(user) = token_user(token) else {
+            return Ok(None);
+        };
+        let found = self
+            .cluster
+            .routing()
+            .agent_for(&user)
+            .session_user(&token_hash(token))
+            .await?;
+        Ok(found.filter(|u| u.user_id == user))
+    }
+
+    pub async fn log_out(&self, token: &str) -> Result<bool, CoordinatorError> {
+        let Some(user) = token_user(token) else {
+            return Ok(false);
+        };
+        Ok(self
+            .cluster
+            .routing()
+            .agent_for(&user)
+            .revoke_session(&token_hash(token))
+            .await?)
+    }
+
+    pub async fn account(
+        &self,
+        user: &UserRow,
+        limit: i64,
+        before: Option<i64>,
+    ) -> Result<Option<AccountView>, CoordinatorError> {
+        Ok(self
+            .cluster
+            .routing()
+            .agent_for(&user.user_id)
+            .account_view(user.user_id, limit, before)
+            .await?)
+    }
+
+    /// Moves `amount` from `payer` to `to`: one local transaction when both live on
+    /// one shard, two-phase commit otherwise. Runs on its own task, so a client
+    /// that hangs up cannot cut the protocol short.
+    pub async fn transfer(
+        &self,
+        payer: &UserRow,
+        to: &Username,
+        amount: Amount,
+        key: &IdemKey,
+    ) -> Result<Submitted, CoordinatorError> {
+        let order = TransferOrder {
+            from: payer.user_id,
+            from_username: payer.username.clone(),
+            to: to.user_id(),
+            to_username: to.as_str().to_owned(),
+            amount,
+            key: IdempotencyKey {
+                user: payer.user_id,
+                key: key.as_str().to_owned(),
+                fingerprint: fingerprint(&[
+                    "transfer",
+                    to.as_str(),
+                    &amount.value().to_string(),
+                    amount.currency().code(),
+                ]),
+            },
+        };
+        let routing = self.cluster.routing();
+        let span = tracing::info_span!("transfer", from = %order.from, to = %order.to, key = %key.as_str());
+        let task = tokio::spawn(
+            async move {
+                let home = routing.agent_for(&order.from);
+                let remote = routing.agent_for(&order.to);
+                if home.id() == remote.id() {
+                    Ok(home.transfer_local(&order).await?)
+                } else {
+                    two_pc::transfer(home, remote, &order).await
+                }
+            }
+            .instrument(span),
+        );
+        task.await
+            .map_err(|e| CoordinatorError::Corrupt(format!("transfer task failed: {e}")))?
+    }
+
+    /// A deposit or a withdrawal through the payment provider.
+    pub async fn external(
+        &self,
+        user: &UserRow,
+        direction: Direction,
+        amount: Amount,
+        payment_token: &str,
+        key: &IdemKey,
+    ) -> Result<Submitted, CoordinatorError> {
+        let op = match direction {
+            Direction::Deposit => "deposit",
+            Direction::Withdrawal => "withdrawal",
+        };
+        let order = ExternalOrder {
+            user: user.user_id,
+            username: user.username.clone(),
+            direction,
+            amount,
+            key: IdempotencyKey {
+                user: user.user_id,
+                key: key.as_str().to_owned(),
+                fingerprint: fingerprint(&[
+                    op,
+                    &amount.value().to_string(),
+                    amount.currency().code(),
+                    payment_token,
+                ]),
+            },
+            provider: self.provider.name().to_owned(),
+        };
+        let routing = self.cluster.routing();
+        let provider = self.provider.clone();
+        let timeout = Duration::from_millis(self.limits.payment_timeout_ms);
+        let token = payment_token.to_owned();
+        let task = tokio::spawn(
+            async move {
+                let agent = routing.agent_for(&order.user);
+                agent
+                    .run_external(&order, |reference| async move {
+                        call_with_timeout(
+                            provider.as_ref(),
+                            timeout,
+                            direction,
+                            &token,
+                            amount,
+                            reference,
+                        )
+                        .await
+                    })
+                    .await
+            }
+            .instrument(tracing::info_span!("external", user = %user.user_id, op)),
+        );
+        let result: Result<Submitted, ShardError> = task
+            .await
+            .map_err(|e| CoordinatorError::Corrupt(format!("{op} task failed: {e}")))?;
+        Ok(result?)
+    }
+
+    /// A transfer as `user` may see it (payer or payee); `None` otherwise.
+    pub async fn transfer_view(
+        &self,
+        user: &UserRow,
+        tid: TransferId,
+    ) -> Result<Option<TransferRecord>, CoordinatorError> {
+        Ok(self
+            .cluster
+            .routing()
+            .agent_for(&user.user_id)
+            .transfer_for_party(user, tid)
+            .await?)
+    }
+}
+
+/// A digest of an operation's parameters: the same Idempotency-Key with a different
+/// request is refused. Fields are length-prefixed so no two requests collide.
+pub fn fingerprint(fields: &[&str]) -> Vec<u8> {
+    let mut h = Sha256::new();
+    for f in fields {
+        h.update((f.len() as u64).to_le_bytes());
+        h.update(f.as_bytes());
+    }
+    h.finalize().to_vec()
+}

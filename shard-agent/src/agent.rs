@@ -1,0 +1,207 @@
+//! One shard: its connection pool and the limits every call runs under.
+
+use std::future::Future;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime, Timeouts};
+use router::ShardId;
+use tokio_postgres::NoTls;
+
+use crate::error::{ShardError, ShardResult};
+
+/// Limits for one shard's connections. Units are in the names.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct AgentConfig {
+    pub pool_size_max: usize,
+    /// A leg that waits longer than this for a row lock gives up: PostgreSQL cannot
+    /// see a deadlock that spans two shards, so this is what breaks one.
+    pub lock_timeout_ms: u64,
+    pub statement_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    /// Upper bound on any one call from the coordinator to this shard, including
+    /// waiting for a pooled connection; a black-holed shard fails instead of hanging.
+    pub call_timeout_ms: u64,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            pool_size_max: 16,
+            lock_timeout_ms: 2_000,
+            statement_timeout_ms: 10_000,
+            connect_timeout_ms: 3_000,
+            call_timeout_ms: 8_000,
+        }
+    }
+}
+
+/// Sends SQL to one shard. Cloning is cheap (the pool is shared).
+#[derive(Clone)]
+pub struct ShardAgent {
+    id: ShardId,
+    pool: Pool,
+    config: AgentConfig,
+}
+
+impl std::fmt::Debug for ShardAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardAgent").field("id", &self.id).finish()
+    }
+}
+
+impl ShardAgent {
+    /// Builds the pool; no connection is made until the first call.
+    pub fn new(id: ShardId, dsn: &str, config: AgentConfig) -> ShardResult<ShardAgent> {
+        let mut pg: tokio_postgres::Config = dsn.parse().map_err(|e| ShardError::Unavailable {
+            shard: id,
+            reason: format!("parse DSN: {e}"),
+        })?;
+        pg.options(format!(
+            "-c lock_timeout={} -c statement_timeout={} -c idle_in_transaction_session_timeout=60000",
+            config.lock_timeout_ms, config.statement_timeout_ms
+        ));
+        pg.connect_timeout(Duration::from_millis(config.connect_timeout_ms));
+        pg.keepalives(true);
+        pg.keepalives_idle(Duration::from_secs(10));
+        pg.application_name("wallet-shard-agent");
+        let manager = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let wait = Some(Duration::from_millis(config.call_timeout_ms));
+        let pool = Pool::builder(manager)
+            .max_size(config.pool_size_max)
+            .runtime(Runtime::Tokio1)
+            .timeouts(Timeouts {
+                wait,
+                create: Some(Duration::from_millis(config.connect_timeout_ms)),
+                recycle: Some(Duration::from_millis(config.connect_timeout_ms)),
+            })
+            .build()
+            .map_err(|e| ShardError::Unavailable {
+                shard: id,
+                reason: format!("build pool: {e}"),
+            })?;
+        Ok(ShardAgent { id, pool, config })
+    }
+
+    pub fn id(&self) -> ShardId {
+        self.id
+    }
+
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
+    }
+
+    /// Pool statistics: (connections open, connections idle, tasks waiting).
+    pub fn pool_status(&self) -> (usize, usize, usize) {
+        let s = self.pool.status();
+        (s.size, s.available, s.waiting)
+    }
+
+    /// A round trip to the shard, for readiness checks.
+    pub async fn ping(&self) -> ShardResult<()> {
+        self.timed("ping", async {
+            let conn = self.conn().await?;
+            conn.simple_query("SELECT 1")
+                .await
+                .map_err(self.pg("ping"))?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub(crate) async fn conn(&self) -> ShardResult<Conn> {
+        let obj = self.pool.get().await.map_err(|e| ShardError::Unavailable {
+            shard: self.id,
+            reason: format!("get connection: {e}"),
+        })?;
+        Ok(Conn {
+            obj: Some(obj),
+            in_txn: false,
+        })
+    }
+
+    /// Runs one call under `call_timeout_ms`. A timeout leaves the statement's outcome
+    /// unknown, which is why it maps to `Unavailable`, never to a definite failure.
+    pub(crate) async fn timed<T, F>(&self, context: &'static str, fut: F) -> ShardResult<T>
+    where
+        F: Future<Output = ShardResult<T>>,
+    {
+        match tokio::time::timeout(Duration::from_millis(self.config.call_timeout_ms), fut).await {
+            Ok(result) => result,
+            Err(_) => Err(ShardError::Unavailable {
+                shard: self.id,
+                reason: format!(
+                    "{context}: no answer within {} ms",
+                    self.config.call_timeout_ms
+                ),
+            }),
+        }
+    }
+
+    pub(crate) fn pg(&self, context: &'static str) -> impl Fn(tokio_postgres::Error) -> ShardError {
+        let shard = self.id;
+        move |e| ShardError::from_pg(shard, context, e)
+    }
+}
+
+/// A pooled connection that is thrown away, not returned to the pool, when it is
+/// dropped inside an explicit transaction: a cancelled future (client gone, timeout)
+/// must never hand the next user a connection with a half-done transaction on it.
+/// Closing the socket makes PostgreSQL roll that transaction back.
+pub(crate) struct Conn {
+    obj: Option<Object>,
+    in_txn: bool,
+}
+
+impl Conn {
+    pub(crate) fn client(&self) -> &tokio_postgres::Client {
+        self.obj
+            .as_ref()
+            .expect("invariant: a Conn holds its object until it is dropped")
+    }
+
+    pub(crate) async fn begin(&mut self, shard: ShardId) -> ShardResult<()> {
+        self.in_txn = true;
+        self.client()
+            .batch_execute("BEGIN")
+            .await
+            .map_err(|e| ShardError::from_pg(shard, "begin", e))
+    }
+
+    /// Marks the explicit transaction finished (committed, rolled back or prepared).
+    pub(crate) fn ended(&mut self) {
+        self.in_txn = false;
+    }
+
+    /// Rolls back after a failure; a connection that cannot even do that is dropped.
+    pub(crate) async fn rollback_quietly(&mut self) {
+        if self.client().batch_execute("ROLLBACK").await.is_ok() {
+            self.in_txn = false;
+        }
+    }
+}
+
+impl std::ops::Deref for Conn {
+    type Target = Object;
+    fn deref(&self) -> &Object {
+        self.obj
+            .as_ref()
+            .expect("invariant: a Conn holds its object until it is dropped")
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if self.in_txn {
+            if let Some(obj) = self.obj.take() {
+                drop(Object::take(obj));
+            }
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! Read-only queries the invariant checker runs on each shard (DESIGN.md invariants
+//! 1-5). They read committed state only; callers run them when the system is quiet
+//! for the verdict, and while faults run for a report.
+
+use std::collections::BTreeMap;
+
+use rust_decimal::Decimal;
+use uuid::Uuid;
+
+use crate::agent::ShardAgent;
+use crate::error::ShardResult;
+use crate::gid::Gid;
+
+/// One shard's totals and local invariant violations.
+#[derive(Clone, Debug, Default)]
+pub struct ShardAudit {
+    /// Sum of user balances per currency.
+    pub user_balances: BTreeMap<String, Decimal>,
+    /// Sum of clearing balances per currency (negative of net deposits).
+    pub clearing_balances: BTreeMap<String, Decimal>,
+    /// Invariant 2: user accounts below zero.
+    pub negative_balances: i64,
+    /// Invariant 4: accounts whose opening balance plus entries differs from the balance.
+    pub ledger_mismatches: i64,
+    /// Invariant 5: our prepared transactions, and transfers not yet decided.
+    pub prepared: i64,
+    pub undecided_transfers: i64,
+}
+
+/// A decision record, for matching against the ledger (invariant 3).
+#[derive(Clone, Debug)]
+pub struct DecisionRow {
+    pub transfer_id: Uuid,
+    pub kind: String,
+    pub state: String,
+    pub amount: Decimal,
+}
+
+/// A ledger entry reduced to what exactly-once checking needs.
+#[derive(Clone, Debug)]
+pub struct EntryRow {
+    pub transfer_id: Uuid,
+    pub kind: String,
+    pub amount: Decimal,
+}
+
+impl ShardAgent {
+    pub async fn audit(&self) -> ShardResult<ShardAudit> {
+        self.timed("audit", async {
+            let conn = self.conn().await?;
+            let pg = self.pg("audit");
+            let mut audit = ShardAudit::default();
+            for row in conn
+                .query("SELECT kind, currency, sum(balance) FROM accounts GROUP BY kind, currency", &[])
+                .await
+                .map_err(&pg)?
+            {
+                let kind: &str = row.get(0);
+                let currency: String = row.get(1);
+                let sum: Decimal = row.get(2);
+                let target = if kind == "user" {
+                    &mut audit.user_balances
+                } else {
+                    &mut audit.clearing_balances
+                };
+                target.insert(currency.trim().to_owned(), sum);
+            }
+            let row = conn
+                .query_one(
+                    "SELECT
+                       (SELECT count(*) FROM accounts WHERE kind = 'user' AND balance < 0),
+                       (SELECT count(*) FROM accounts a
+                          WHERE a.opening_balance + coalesce((SELECT sum(amount) FROM ledger_entries e
+                                                     WHERE e.account_id = a.account_id), 0) <> a.balance),
+                       (SELECT count(*) FROM pg_prepared_xacts
+                          WHERE database = current_database() AND gid LIKE $1),
+                       (SELECT count(*) FROM transfers WHERE state = 'preparing')",
+                    &[&Gid::like_pattern()],
+                )
+                .await
+                .map_err(&pg)?;
+            audit.negative_balances = row.get(0);
+            audit.ledger_mismatches = row.get(1);
+            audit.prepared = row.get(2);
+            audit.undecided_transfers = row.get(3);
+            Ok(audit)
+        })
+        .await
+    }
+
+    /// Every decision record on this home shard.
+    pub async fn decisions(&self) -> ShardResult<Vec<DecisionRow>> {
+        self.timed("read decisions", async {
+            let conn = self.conn().await?;
+            let rows = conn
+                .query(
+                    "SELECT transfer_id, kind, state, amount FROM transfers",
+                    &[],
+                )
+                .await
+                .map_err(self.pg("read decisions"))?;
+            Ok(rows
+                .iter()
+                .map(|r| DecisionRow {
+                    transfer_id: r.get(0),
+                    kind: r.get(1),
+                    state: r.get(2),
+                    amount: r.get(3),
+                })
+                .collect())
+        })
+        .await
+    }
+
+    /// Every ledger entry on user accounts of this shard.
+    pub async fn user_entries(&self) -> ShardResult<Vec<EntryRow>> {
+        self.timed("read entries", async {
+            let conn = self.conn().await?;
+            let rows = conn
+                .query(
+                    "SELECT e.transfer_id, e.kind, e.amount FROM ledger_entries e
+                     JOIN accounts a USING (account_id) WHERE a.kind = 'user'",
+                    &[],
+                )
+                .await
+                .map_err(self.pg("read entries"))?;
+            Ok(rows
+                .iter()
+                .map(|r| EntryRow {
+                    transfer_id: r.get(0),
+                    kind: r.get(1),
+                    amount: r.get(2),
+                })
+                .collect())
+        })
+        .await
+    }
+}

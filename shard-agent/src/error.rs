@@ -1,0 +1,95 @@
+//! Errors at the shard-agent boundary. Business outcomes (insufficient funds, an
+//! unknown recipient) are not errors: they are values the protocol records.
+
+use router::ShardId;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    /// The shard could not be reached, or the call timed out. The outcome of the
+    /// statement in flight is unknown: callers must not guess it.
+    #[error("shard {shard} is unavailable: {reason}")]
+    Unavailable { shard: ShardId, reason: String },
+    /// A row lock was not granted within `lock_timeout`; nothing was written.
+    /// Cross-shard deadlocks end this way, since PostgreSQL cannot see them.
+    #[error("shard {shard}: lock not granted in time")]
+    LockTimeout { shard: ShardId },
+    /// PREPARE TRANSACTION did not leave a prepared transaction behind.
+    #[error("shard {shard}: PREPARE TRANSACTION {gid} did not prepare")]
+    PrepareFailed { shard: ShardId, gid: String },
+    /// A statement failed in a way that is a bug or corrupt data, not a fault.
+    #[error("shard {shard}: {context}: {detail}")]
+    Database {
+        shard: ShardId,
+        context: &'static str,
+        /// SQLSTATE and server message (the driver's own Display says only "db error").
+        detail: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("shard {shard}: stored data is invalid: {detail}")]
+    CorruptRow { shard: ShardId, detail: String },
+}
+
+impl ShardError {
+    /// Whether retrying the same request later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            ShardError::Unavailable { .. } | ShardError::LockTimeout { .. }
+        )
+    }
+
+    pub fn shard(&self) -> ShardId {
+        match self {
+            ShardError::Unavailable { shard, .. }
+            | ShardError::LockTimeout { shard }
+            | ShardError::PrepareFailed { shard, .. }
+            | ShardError::Database { shard, .. }
+            | ShardError::CorruptRow { shard, .. } => *shard,
+        }
+    }
+
+    /// Classifies a driver error: connection trouble and timeouts become
+    /// `Unavailable`, lock timeouts `LockTimeout`, anything else `Database`.
+    pub fn from_pg(
+        shard: ShardId,
+        context: &'static str,
+        err: tokio_postgres::Error,
+    ) -> ShardError {
+        use tokio_postgres::error::SqlState;
+        if let Some(code) = err.code() {
+            if *code == SqlState::LOCK_NOT_AVAILABLE {
+                return ShardError::LockTimeout { shard };
+            }
+            if *code == SqlState::QUERY_CANCELED
+                || *code == SqlState::ADMIN_SHUTDOWN
+                || *code == SqlState::CRASH_SHUTDOWN
+                || *code == SqlState::CANNOT_CONNECT_NOW
+                || *code == SqlState::TOO_MANY_CONNECTIONS
+                || code.code().starts_with("08")
+            {
+                return ShardError::Unavailable {
+                    shard,
+                    reason: format!("{context}: {err}"),
+                };
+            }
+            let detail = match err.as_db_error() {
+                Some(db) => format!("{} {}", db.code().code(), db.message()),
+                None => err.to_string(),
+            };
+            return ShardError::Database {
+                shard,
+                context,
+                detail,
+                source: err,
+            };
+        }
+        // No SQLSTATE: the connection broke or could not be made.
+        ShardError::Unavailable {
+            shard,
+            reason: format!("{context}: {err}"),
+        }
+    }
+}
+
+pub type ShardResult<T> = Result<T, ShardError>;

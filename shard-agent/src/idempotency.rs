@@ -1,0 +1,260 @@
+//! Step 1 of every money movement: claim the Idempotency-Key and create the
+//! transfer record, atomically, on the payer's (home) shard.
+//!
+//! The key points at a transfer; the answer a retry gets is built from that
+//! transfer's row, so a stored answer can never disagree with the decision record.
+//! A key whose transfer was aborted by a *fault* (see `FailureCode::is_retryable`) is
+//! re-pointed to a fresh attempt; every other final outcome is replayed as it is.
+//!
+//! Crash rule: the key and the `preparing` record commit together or not at all. If
+//! we crash after this step, recovery aborts the stale `preparing` record (presumed
+//! abort) and a retry with the same key starts a fresh attempt.
+
+use router::{ShardId, UserId};
+use rust_decimal::Decimal;
+
+use crate::agent::Conn;
+use crate::error::{ShardError, ShardResult};
+use crate::gid::Gid;
+use crate::money::Currency;
+use crate::records::{
+    kind_str, mode_str, Mode, TransferId, TransferKind, TransferRecord, TransferState,
+    TRANSFER_COLUMNS,
+};
+
+/// Bounds the loop that re-reads a key whose concurrent claimant rolled back.
+const CLAIM_ATTEMPTS_MAX: usize = 3;
+
+/// A client's Idempotency-Key, scoped to the user who sent it.
+#[derive(Clone, Debug)]
+pub struct IdempotencyKey {
+    pub user: UserId,
+    pub key: String,
+    /// A digest of the operation and its body: the same key with another body is refused.
+    pub fingerprint: Vec<u8>,
+}
+
+/// What a new transfer record holds before anything has moved.
+#[derive(Clone, Debug)]
+pub struct NewTransfer {
+    pub kind: TransferKind,
+    pub mode: Mode,
+    pub from_user: Option<UserId>,
+    pub from_username: Option<String>,
+    pub to_user: Option<UserId>,
+    pub to_username: Option<String>,
+    pub amount: Decimal,
+    pub currency: Currency,
+    /// For 2PC: the home shard and each participant shard. Their GIDs are built
+    /// once, with the attempt's transfer ID, and stored.
+    pub legs: Option<(ShardId, Vec<ShardId>)>,
+}
+
+/// The answer of step 1.
+#[derive(Clone, Debug)]
+pub enum Claim {
+    /// A new attempt was recorded in state `preparing`: go on with the protocol.
+    Started(TransferRecord),
+    /// The key's transfer already reached a final outcome: answer with it.
+    Replay(TransferRecord),
+    /// The key's transfer is still being decided.
+    InProgress(TransferRecord),
+    /// The key was used for a different request.
+    KeyReused,
+}
+
+pub(crate) async fn claim(
+    conn: &mut Conn,
+    shard: ShardId,
+    key: &IdempotencyKey,
+    new: &NewTransfer,
+    in_outer_txn: bool,
+) -> ShardResult<Claim> {
+    let pg = |ctx| move |e| ShardError::from_pg(shard, ctx, e);
+    for _ in 0..CLAIM_ATTEMPTS_MAX {
+        let tid = TransferId::generate();
+        let stmt = conn
+            .prepare_cached(&format!(
+                "WITH k AS (
+                   INSERT INTO idempotency_keys (user_id, idem_key, operation, fingerprint, transfer_id)
+                   VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING transfer_id)
+                 INSERT INTO transfers (transfer_id, kind, mode, from_user, from_username, to_user,
+                                        to_username, amount, currency, state, participants)
+                 SELECT k.transfer_id, $3, $6, $7, $8, $9, $10, $11, $12, 'preparing', $13 FROM k
+                 RETURNING {TRANSFER_COLUMNS}"
+            ))
+            .await
+            .map_err(pg("prepare claim"))?;
+        let participants = gids(tid, new);
+        let rows = conn
+            .query(
+                &stmt,
+                &[
+                    key.user.as_uuid(),
+                    &key.key,
+                    &kind_str(new.kind),
+                    &key.fingerprint,
+                    &tid.0,
+                    &mode_str(new.mode),
+                    &new.from_user.map(|u| u.0),
+                    &new.from_username,
+                    &new.to_user.map(|u| u.0),
+                    &new.to_username,
+                    &new.amount,
+                    &new.currency.code(),
+                    &participants,
+                ],
+            )
+            .await
+            .map_err(pg("claim idempotency key"))?;
+        if let Some(row) = rows.first() {
+            return Ok(Claim::Started(TransferRecord::from_row(shard, row)?));
+        }
+        if let Some(claim) = existing(conn, shard, key, new, in_outer_txn).await? {
+            return Ok(claim);
+        }
+        // The competing claim rolled back between our insert and our read: try again.
+    }
+    Err(ShardError::Unavailable {
+        shard,
+        reason: format!("idempotency key contended {CLAIM_ATTEMPTS_MAX} times"),
+    })
+}
+
+fn gids(tid: TransferId, new: &NewTransfer) -> Vec<String> {
+    match &new.legs {
+        None => Vec::new(),
+        Some((home, participants)) => participants
+            .iter()
+            .map(|p| Gid::new(tid, *home, *p).to_string())
+            .collect(),
+    }
+}
+
+/// The slow path: the key exists. Runs in its own transaction unless the caller's
+/// (a local transfer) is already open, and locks the key so that only one retry can
+/// turn a retryable abort into a fresh attempt.
+async fn existing(
+    conn: &mut Conn,
+    shard: ShardId,
+    key: &IdempotencyKey,
+    new: &NewTransfer,
+    in_outer_txn: bool,
+) -> ShardResult<Option<Claim>> {
+    if !in_outer_txn {
+        conn.begin(shard).await?;
+    }
+    let result = existing_in_txn(conn, shard, key, new).await;
+    if !in_outer_txn {
+        match &result {
+            Ok(_) => {
+                conn.batch_execute("COMMIT")
+                    .await
+                    .map_err(|e| ShardError::from_pg(shard, "commit key lookup", e))?;
+                conn.ended();
+            }
+            Err(_) => conn.rollback_quietly().await,
+        }
+    }
+    result
+}
+
+async fn existing_in_txn(
+    conn: &mut Conn,
+    shard: ShardId,
+    key: &IdempotencyKey,
+    new: &NewTransfer,
+) -> ShardResult<Option<Claim>> {
+    let pg = |ctx| move |e| ShardError::from_pg(shard, ctx, e);
+    let Some(row) = conn
+        .query_opt(
+            "SELECT operation, fingerprint, transfer_id FROM idempotency_keys
+             WHERE user_id = $1 AND idem_key = $2 FOR UPDATE",
+            &[key.user.as_uuid(), &key.key],
+        )
+        .await
+        .map_err(pg("read idempotency key"))?
+    else {
+        return Ok(None);
+    };
+    let operation: &str = row.get("operation");
+    let fingerprint: &[u8] = row.get("fingerprint");
+    if operation != kind_str(new.kind) || fingerprint != key.fingerprint.as_slice() {
+        return Ok(Some(Claim::KeyReused));
+    }
+    let current = TransferId(row.get("transfer_id"));
+    let record =
+        read_transfer(conn, shard, current)
+            .await?
+            .ok_or_else(|| ShardError::CorruptRow {
+                shard,
+                detail: format!("idempotency key points at missing transfer {current}"),
+            })?;
+    let retry = record.state == TransferState::Aborted
+        && record.failure_code.is_some_and(|c| c.is_retryable());
+    if !retry {
+        return Ok(Some(match record.state {
+            TransferState::Preparing => Claim::InProgress(record),
+            _ => Claim::Replay(record),
+        }));
+    }
+    let tid = TransferId::generate();
+    let row = conn
+        .query_one(
+            &format!(
+                "INSERT INTO transfers (transfer_id, kind, mode, from_user, from_username, to_user,
+                                        to_username, amount, currency, state, participants)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'preparing', $10)
+                 RETURNING {TRANSFER_COLUMNS}"
+            ),
+            &[
+                &tid.0,
+                &kind_str(new.kind),
+                &mode_str(new.mode),
+                &new.from_user.map(|u| u.0),
+                &new.from_username,
+                &new.to_user.map(|u| u.0),
+                &new.to_username,
+                &new.amount,
+                &new.currency.code(),
+                &gids(tid, new),
+            ],
+        )
+        .await
+        .map_err(pg("record retry attempt"))?;
+    conn.execute(
+        "UPDATE idempotency_keys SET transfer_id = $3 WHERE user_id = $1 AND idem_key = $2",
+        &[key.user.as_uuid(), &key.key, &tid.0],
+    )
+    .await
+    .map_err(pg("re-point idempotency key"))?;
+    Ok(Some(Claim::Started(TransferRecord::from_row(shard, &row)?)))
+}
+
+pub(crate) async fn read_transfer(
+    conn: &Conn,
+    shard: ShardId,
+    tid: TransferId,
+) -> ShardResult<Option<TransferRecord>> {
+    let row = conn
+        .query_opt(
+            &format!("SELECT {TRANSFER_COLUMNS} FROM transfers WHERE transfer_id = $1"),
+            &[&tid.0],
+        )
+        .await
+        .map_err(|e| ShardError::from_pg(shard, "read transfer", e))?;
+    row.map(|r| TransferRecord::from_row(shard, &r)).transpose()
+}
+
+impl crate::agent::ShardAgent {
+    /// Step 1 on its own (autocommit), for protocols whose legs run in other
+    /// transactions: claims the key and records the transfer as `preparing`.
+    #[tracing::instrument(skip_all, fields(shard = %self.id(), user = %key.user))]
+    pub async fn claim(&self, key: &IdempotencyKey, new: &NewTransfer) -> ShardResult<Claim> {
+        self.timed("claim", async {
+            let mut conn = self.conn().await?;
+            claim(&mut conn, self.id(), key, new, false).await
+        })
+        .await
+    }
+}

@@ -1,0 +1,37 @@
+//! # Layout
+//!
+//! The shard agent owns every statement sent to a shard: nothing else in the
+//! workspace speaks SQL to one (the catalog client lives here too).
+//!
+//! - [`agent`]: one shard's pool, its limits, and a connection guard that never
+//!   returns a half-done transaction to the pool.
+//! - [`idempotency`]: step 1 of every money movement (claim the key, record the transfer).
+//! - [`transfer_local`]: a same-shard transfer as one local transaction.
+//! - [`two_pc`]: prepare, decide, finish and recover, one file per step.
+//! - [`external`]: deposits and withdrawals through the shard's clearing account.
+//! - [`users`]: users, sessions, account and transfer views.
+//! - [`catalog`], [`migrate`]: the bucket map with its epoch; schema migrations.
+//! - [`check`]: the read-only queries behind the invariant checker.
+//! - [`local`]: real PostgreSQL servers for the dev cluster and for tests.
+//! - [`money`], [`gid`], [`records`]: the typed values all of the above exchange.
+
+pub mod agent;
+pub mod catalog;
+pub mod check;
+pub mod error;
+pub mod external;
+pub mod gid;
+pub mod idempotency;
+pub mod local;
+pub mod migrate;
+pub mod money;
+pub mod records;
+pub mod transfer_local;
+pub mod two_pc;
+pub mod users;
+
+pub use agent::{AgentConfig, ShardAgent};
+pub use error::{ShardError, ShardResult};
+pub use gid::Gid;
+pub use money::{Amount, Currency};
+pub use records::{FailureCode, Mode, TransferId, TransferKind, TransferRecord, TransferState};

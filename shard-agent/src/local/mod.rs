@@ -1,0 +1,244 @@
+//! Real local PostgreSQL servers for the dev cluster (`wallet dev`), the tests
+//! and the chaos harness.
+//!
+//! Everything here is about *processes*: finding the server binaries, running
+//! `initdb`, spawning `postgres` as our own child (so we can reap it after a
+//! `kill -9` and restart at once), waiting until it accepts connections, and
+//! signalling it (kill -9, SIGSTOP/SIGCONT, fast shutdown). Creating databases
+//! or schemas is left to the callers.
+//!
+//! All functions block; async callers wrap them in `spawn_blocking`.
+
+mod cluster;
+mod probe;
+mod process;
+mod server;
+
+use std::io;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+pub use server::PgServer;
+
+/// Why a local server could not be found, prepared, started or signalled.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    /// No directory holding both `initdb` and `postgres` was found.
+    #[error(
+        "PostgreSQL server binaries (initdb, postgres) not found; install them with \
+         `apt-get install postgresql` or set PG_BINDIR to the directory holding them"
+    )]
+    BinariesNotFound,
+    /// PostgreSQL refuses to run as root and there is no `postgres` user to switch to.
+    #[error(
+        "running as root but there is no `postgres` user to run the server as; \
+         create one (`useradd --system postgres`, or install the postgresql package) \
+         or run as a non-root user"
+    )]
+    NoPostgresUser,
+    /// An operating-system call failed; `context` says which and on what.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    /// `initdb` exited unsuccessfully; `log` is the tail of its output.
+    #[error("initdb failed:\n{log}")]
+    InitdbFailed { log: String },
+    /// The postmaster exited before it became ready; `log` is the tail of its log.
+    #[error("PostgreSQL server `{name}` exited during startup:\n{log}")]
+    StartFailed { name: String, log: String },
+    /// The postmaster kept running but did not accept connections in time.
+    #[error(
+        "PostgreSQL server `{name}` did not accept connections on 127.0.0.1:{port} \
+         within {waited:?}:\n{log}"
+    )]
+    NotReady {
+        name: String,
+        port: u16,
+        waited: Duration,
+        log: String,
+    },
+    /// A signal-sending operation was asked of a server that is not running.
+    #[error("PostgreSQL server `{name}` is not running")]
+    NotRunning { name: String },
+}
+
+impl LocalError {
+    pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
+        LocalError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// How to create and run one local server.
+///
+/// Settings are written to `postgresql.conf` at `initdb` time (so a human can
+/// `pg_ctl start` the directory later) *and* passed with `-c` on every start,
+/// so that changing the config for an existing data dir takes effect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgServerConfig {
+    /// Used in error messages and to name the log file `<parent of data_dir>/<name>.log`.
+    pub name: String,
+    /// The cluster directory; created (and `initdb`ed) if it has no `PG_VERSION`.
+    pub data_dir: PathBuf,
+    /// TCP port on 127.0.0.1; the server opens no unix socket.
+    pub port: u16,
+    /// Default 200: the wallet keeps pools to every shard.
+    pub max_connections: u32,
+    /// Default = `max_connections` (as set by [`PgServerConfig::new`]): every
+    /// connection may hold a prepared 2PC leg.
+    pub max_prepared_transactions: u32,
+    /// Default 64.
+    pub shared_buffers_mb: u32,
+    /// More `(name, value)` settings; values are written quoted, so pass them unquoted.
+    pub extra_settings: Vec<(String, String)>,
+    /// When set, the postmaster gets SIGINT (fast shutdown) as soon as this
+    /// process dies, however it dies, so tests and `wallet dev` leave no servers behind.
+    pub die_with_parent: bool,
+}
+
+impl PgServerConfig {
+    /// A config with the defaults documented on the fields; `die_with_parent` is off.
+    pub fn new(name: impl Into<String>, data_dir: PathBuf, port: u16) -> Self {
+        let max_connections = 200;
+        PgServerConfig {
+            name: name.into(),
+            data_dir,
+            port,
+            max_connections,
+            max_prepared_transactions: max_connections,
+            shared_buffers_mb: 64,
+            extra_settings: Vec::new(),
+            die_with_parent: false,
+        }
+    }
+
+    /// Every setting we impose, in the order written; `port` included.
+    pub(crate) fn settings(&self) -> Vec<(String, String)> {
+        let mut settings: Vec<(String, String)> = [
+            ("listen_addresses", "127.0.0.1".to_string()),
+            ("port", self.port.to_string()),
+            // TCP only: a socket path would have to be writable by the
+            // `postgres` user and short enough for sun_path.
+            ("unix_socket_directories", String::new()),
+            ("max_connections", self.max_connections.to_string()),
+            (
+                "max_prepared_transactions",
+                self.max_prepared_transactions.to_string(),
+            ),
+            // Durability is what the chaos tests check, so never turn it off.
+            ("fsync", "on".to_string()),
+            ("synchronous_commit", "on".to_string()),
+            ("shared_buffers", format!("{}MB", self.shared_buffers_mb)),
+            ("logging_collector", "off".to_string()),
+            ("log_min_messages", "warning".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        settings.extend(self.extra_settings.iter().cloned());
+        settings
+    }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0, read, drop).
+///
+/// Another process may take it before the server binds it; startup then fails
+/// with a clear "could not bind" log tail rather than silently using the wrong server.
+pub fn free_port() -> Result<u16, LocalError> {
+    let listener = TcpListener::bind(("127.0.0.1", 0))
+        .map_err(|e| LocalError::io("binding 127.0.0.1:0 to find a free port", e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| LocalError::io("reading the address of a bound socket", e))?;
+    Ok(addr.port())
+}
+
+/// The directory holding `initdb` and `postgres`, honouring `PG_BINDIR`.
+///
+/// Order: `PG_BINDIR`, `pg_config --bindir`, the newest `/usr/lib/postgresql/*/bin`,
+/// then the directory `initdb` on `PATH` resolves to.
+pub fn pg_bindir() -> Result<PathBuf, LocalError> {
+    let env = std::env::var_os("PG_BINDIR").filter(|v| !v.is_empty());
+    pg_bindir_in(env.as_deref().map(Path::new))
+}
+
+/// [`pg_bindir`] with the value of `PG_BINDIR` passed in, so it can be tested
+/// without touching the process-global environment.
+///
+/// An explicit override is final: if it lacks the binaries we fail rather than
+/// silently run some other PostgreSQL version.
+pub fn pg_bindir_in(env_override: Option<&Path>) -> Result<PathBuf, LocalError> {
+    if let Some(dir) = env_override {
+        return if has_server_binaries(dir) {
+            Ok(dir.to_path_buf())
+        } else {
+            tracing::warn!(dir = %dir.display(), "PG_BINDIR has no initdb and postgres");
+            Err(LocalError::BinariesNotFound)
+        };
+    }
+    let candidates = pg_config_bindir()
+        .into_iter()
+        .chain(newest_debian_bindir())
+        .chain(initdb_on_path());
+    for dir in candidates {
+        if has_server_binaries(&dir) {
+            return Ok(dir);
+        }
+    }
+    Err(LocalError::BinariesNotFound)
+}
+
+fn has_server_binaries(dir: &Path) -> bool {
+    ["initdb", "postgres"]
+        .iter()
+        .all(|bin| is_executable(&dir.join(bin)))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// `pg_config --bindir`, if `pg_config` is on PATH. It may come from a
+/// client-only package, so the caller still checks for the server binaries.
+fn pg_config_bindir() -> Option<PathBuf> {
+    let out = Command::new("pg_config").arg("--bindir").output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let dir = String::from_utf8(out.stdout).ok()?;
+    let dir = dir.trim();
+    (!dir.is_empty()).then(|| PathBuf::from(dir))
+}
+
+/// Debian/Ubuntu install each major version in `/usr/lib/postgresql/<major>/bin`.
+fn newest_debian_bindir() -> Option<PathBuf> {
+    let entries = std::fs::read_dir("/usr/lib/postgresql").ok()?;
+    entries
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let major: u32 = e.file_name().to_str()?.parse().ok()?;
+            Some((major, e.path().join("bin")))
+        })
+        .filter(|(_, bin)| has_server_binaries(bin))
+        .max_by_key(|(major, _)| *major)
+        .map(|(_, bin)| bin)
+}
+
+/// The real directory of `initdb` on PATH: `/usr/local/bin/initdb` is often a
+/// symlink, and `postgres` must be found next to the real file.
+fn initdb_on_path() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("initdb"))
+        .find(|p| is_executable(p))
+        .and_then(|p| std::fs::canonicalize(p).ok())
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+}

@@ -1,0 +1,313 @@
+//! Rows as typed values: the transfer record (the home shard's decision), users,
+//! accounts and ledger entries. Every row is mapped in exactly one place.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use router::{ShardId, UserId};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use crate::error::{ShardError, ShardResult};
+use crate::money::Currency;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TransferId(pub Uuid);
+
+impl TransferId {
+    /// Time-ordered (UUIDv7), so recent transfers sit together in the primary key.
+    pub fn generate() -> TransferId {
+        TransferId(Uuid::now_v7())
+    }
+}
+
+impl fmt::Display for TransferId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for TransferId {
+    type Err = uuid::Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::try_parse(s).map(TransferId)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransferState {
+    Preparing,
+    Committed,
+    Aborted,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransferKind {
+    Transfer,
+    Deposit,
+    Withdrawal,
+}
+
+/// How a transfer was carried out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    Local,
+    #[serde(rename = "2pc")]
+    TwoPc,
+    Redis,
+    External,
+}
+
+/// Why a transfer was aborted. Stored with the decision and replayed to retries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FailureCode {
+    InsufficientFunds,
+    RecipientNotFound,
+    CurrencyMismatch,
+    /// A participant could not be reached while preparing.
+    ShardUnavailable,
+    /// A participant's row lock was not granted in time (e.g. a cross-shard deadlock).
+    ShardBusy,
+    /// Recovery aborted a transfer whose coordinator went silent.
+    CoordinatorTimeout,
+    PaymentDeclined,
+    PaymentTimeout,
+    LockUnavailable,
+}
+
+impl FailureCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureCode::InsufficientFunds => "insufficient_funds",
+            FailureCode::RecipientNotFound => "recipient_not_found",
+            FailureCode::CurrencyMismatch => "currency_mismatch",
+            FailureCode::ShardUnavailable => "shard_unavailable",
+            FailureCode::ShardBusy => "shard_busy",
+            FailureCode::CoordinatorTimeout => "coordinator_timeout",
+            FailureCode::PaymentDeclined => "payment_declined",
+            FailureCode::PaymentTimeout => "payment_timeout",
+            FailureCode::LockUnavailable => "lock_unavailable",
+        }
+    }
+
+    /// An abort caused by a fault, not by the request: a retry with the same
+    /// Idempotency-Key starts a fresh attempt instead of replaying the abort. Safe
+    /// because an aborted decision is final and moved no money.
+    /// `payment_timeout` is deliberately not here: the provider may have acted.
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            FailureCode::ShardUnavailable
+                | FailureCode::ShardBusy
+                | FailureCode::CoordinatorTimeout
+                | FailureCode::LockUnavailable
+        )
+    }
+}
+
+impl FromStr for FailureCode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        const ALL: [FailureCode; 9] = [
+            FailureCode::InsufficientFunds,
+            FailureCode::RecipientNotFound,
+            FailureCode::CurrencyMismatch,
+            FailureCode::ShardUnavailable,
+            FailureCode::ShardBusy,
+            FailureCode::CoordinatorTimeout,
+            FailureCode::PaymentDeclined,
+            FailureCode::PaymentTimeout,
+            FailureCode::LockUnavailable,
+        ];
+        ALL.into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| format!("unknown failure code {s:?}"))
+    }
+}
+
+/// A row of `transfers`: the decision record on the payer's (home) shard.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TransferRecord {
+    pub transfer_id: TransferId,
+    pub kind: TransferKind,
+    pub mode: Mode,
+    pub from_user: Option<UserId>,
+    pub from_username: Option<String>,
+    pub to_user: Option<UserId>,
+    pub to_username: Option<String>,
+    pub amount: Decimal,
+    pub currency: Currency,
+    pub state: TransferState,
+    pub failure_code: Option<FailureCode>,
+    pub participants: Vec<String>,
+    pub created_at: DateTime<Utc>,
+    pub decided_at: Option<DateTime<Utc>>,
+}
+
+/// The column list every query that maps a `TransferRecord` selects.
+pub const TRANSFER_COLUMNS: &str = "transfer_id, kind, mode, from_user, from_username, to_user, \
+     to_username, amount, currency, state, failure_code, participants, created_at, decided_at";
+
+fn parse_col<T: FromStr>(shard: ShardId, row: &Row, col: &str) -> ShardResult<T> {
+    let text: String = row.get(col);
+    text.trim().parse().map_err(|_| ShardError::CorruptRow {
+        shard,
+        detail: format!("column {col} has unexpected value {text:?}"),
+    })
+}
+
+impl TransferRecord {
+    pub fn from_row(shard: ShardId, row: &Row) -> ShardResult<TransferRecord> {
+        let kind = match row.get::<_, &str>("kind") {
+            "transfer" => TransferKind::Transfer,
+            "deposit" => TransferKind::Deposit,
+            "withdrawal" => TransferKind::Withdrawal,
+            other => return Err(corrupt(shard, "kind", other)),
+        };
+        let mode = match row.get::<_, &str>("mode") {
+            "local" => Mode::Local,
+            "2pc" => Mode::TwoPc,
+            "redis" => Mode::Redis,
+            "external" => Mode::External,
+            other => return Err(corrupt(shard, "mode", other)),
+        };
+        let state = match row.get::<_, &str>("state") {
+            "preparing" => TransferState::Preparing,
+            "committed" => TransferState::Committed,
+            "aborted" => TransferState::Aborted,
+            other => return Err(corrupt(shard, "state", other)),
+        };
+        let failure_code = match row.get::<_, Option<&str>>("failure_code") {
+            None => None,
+            Some(code) => Some(
+                code.parse()
+                    .map_err(|_| corrupt(shard, "failure_code", code))?,
+            ),
+        };
+        Ok(TransferRecord {
+            transfer_id: TransferId(row.get("transfer_id")),
+            kind,
+            mode,
+            from_user: row.get::<_, Option<Uuid>>("from_user").map(UserId),
+            from_username: row.get("from_username"),
+            to_user: row.get::<_, Option<Uuid>>("to_user").map(UserId),
+            to_username: row.get("to_username"),
+            amount: row.get("amount"),
+            currency: parse_col(shard, row, "currency")?,
+            state,
+            failure_code,
+            participants: row.get("participants"),
+            created_at: row.get("created_at"),
+            decided_at: row.get("decided_at"),
+        })
+    }
+}
+
+fn corrupt(shard: ShardId, col: &str, value: &str) -> ShardError {
+    ShardError::CorruptRow {
+        shard,
+        detail: format!("column {col} has unexpected value {value:?}"),
+    }
+}
+
+pub(crate) fn kind_str(kind: TransferKind) -> &'static str {
+    match kind {
+        TransferKind::Transfer => "transfer",
+        TransferKind::Deposit => "deposit",
+        TransferKind::Withdrawal => "withdrawal",
+    }
+}
+
+pub(crate) fn mode_str(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Local => "local",
+        Mode::TwoPc => "2pc",
+        Mode::Redis => "redis",
+        Mode::External => "external",
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct UserRow {
+    pub user_id: UserId,
+    pub username: String,
+    pub email: String,
+    pub currency: Currency,
+    pub created_at: DateTime<Utc>,
+}
+
+impl UserRow {
+    pub const COLUMNS: &'static str = "u.user_id, u.username, u.email, u.currency, u.created_at";
+
+    pub fn from_row(shard: ShardId, row: &Row) -> ShardResult<UserRow> {
+        Ok(UserRow {
+            user_id: UserId(row.get("user_id")),
+            username: row.get("username"),
+            email: row.get("email"),
+            currency: parse_col(shard, row, "currency")?,
+            created_at: row.get("created_at"),
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct LedgerEntry {
+    pub entry_id: i64,
+    pub transfer_id: TransferId,
+    pub kind: String,
+    pub amount: Decimal,
+    pub balance_after: Decimal,
+    pub counterparty: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl LedgerEntry {
+    pub fn from_row(row: &Row) -> LedgerEntry {
+        LedgerEntry {
+            entry_id: row.get("entry_id"),
+            transfer_id: TransferId(row.get("transfer_id")),
+            kind: row.get("kind"),
+            amount: row.get("amount"),
+            balance_after: row.get("balance_after"),
+            counterparty: row.get("counterparty"),
+            created_at: row.get("created_at"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_codes_round_trip_through_their_names() {
+        for code in [
+            FailureCode::InsufficientFunds,
+            FailureCode::RecipientNotFound,
+            FailureCode::CurrencyMismatch,
+            FailureCode::ShardUnavailable,
+            FailureCode::ShardBusy,
+            FailureCode::CoordinatorTimeout,
+            FailureCode::PaymentDeclined,
+            FailureCode::PaymentTimeout,
+            FailureCode::LockUnavailable,
+        ] {
+            assert_eq!(code.as_str().parse::<FailureCode>(), Ok(code));
+        }
+    }
+
+    #[test]
+    fn business_rejections_are_replayed_not_retried() {
+        assert!(!FailureCode::InsufficientFunds.is_retryable());
+        assert!(!FailureCode::RecipientNotFound.is_retryable());
+        assert!(!FailureCode::PaymentTimeout.is_retryable());
+        assert!(FailureCode::CoordinatorTimeout.is_retryable());
+    }
+}
