@@ -12,9 +12,9 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use router::ShardId;
 use shard_agent::catalog::ShardEntry;
-use shard_agent::local::{free_port, PgServer, PgServerConfig};
+
+use shard_agent::local::{create_database, free_port, PgServer, PgServerConfig};
 use shard_agent::migrate::{migrate_catalog, migrate_shard};
-use tokio_postgres::NoTls;
 
 use crate::api::{self, AppState};
 use crate::config::{Config, Limits};
@@ -34,14 +34,18 @@ pub async fn provision(
         .first()
         .context("provision needs at least one server")?;
     let catalog_db = format!("{prefix}_catalog");
-    create_database(first, &catalog_db).await?;
+    create_database(first, &catalog_db)
+        .await
+        .with_context(|| format!("create database {catalog_db}"))?;
     let catalog_dsn = first.dsn(&catalog_db);
     migrate_catalog(&catalog_dsn).await?;
     let mut entries = Vec::with_capacity(shards);
     for i in 0..shards {
         let server = servers[i % servers.len()];
         let db = format!("{prefix}_shard{i}");
-        create_database(server, &db).await?;
+        create_database(server, &db)
+            .await
+            .with_context(|| format!("create database {db}"))?;
         let dsn = server.dsn(&db);
         migrate_shard(&dsn)
             .await
@@ -53,25 +57,6 @@ pub async fn provision(
         });
     }
     Ok((catalog_dsn, entries))
-}
-
-async fn create_database(server: &PgServer, name: &str) -> anyhow::Result<()> {
-    let (client, connection) = tokio_postgres::connect(&server.dsn("postgres"), NoTls)
-        .await
-        .with_context(|| format!("connect to server on port {}", server.port()))?;
-    tokio::spawn(connection);
-    let exists = client
-        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
-        .await?
-        .is_some();
-    if !exists {
-        // The name is ours (prefix + digits), safe to splice: CREATE DATABASE takes no parameters.
-        client
-            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
-            .await
-            .with_context(|| format!("create database {name}"))?;
-    }
-    Ok(())
 }
 
 pub struct DevOptions {

@@ -1,14 +1,12 @@
-//! The shared test fixture: real PostgreSQL servers started once per test process
-//! (they die with it), and a fresh, migrated set of shard databases plus a running
-//! coordinator and HTTP server for each test. Used by this crate's and
+//! The test fixture for whole clusters: on the shared servers of
+//! `shard_agent::local::testing`, a fresh, migrated set of shard databases plus a
+//! running coordinator and HTTP server for each test. Used by this crate's and
 //! chaos-tests' integration tests; never by production code.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use shard_agent::local::{free_port, PgServer, PgServerConfig};
+use shard_agent::local::{testing, PgServer};
 use shard_agent::ShardAgent;
 use tokio::task::JoinHandle;
 
@@ -16,56 +14,6 @@ use crate::api::{self, AppState};
 use crate::config::{Config, Limits};
 use crate::payments::Sandbox;
 use crate::service::Coordinator;
-
-/// One PostgreSQL server per shard, as in production.
-pub const TEST_SERVERS: usize = 4;
-
-static SERVERS: OnceLock<Vec<PgServer>> = OnceLock::new();
-static NEXT_CLUSTER: AtomicUsize = AtomicUsize::new(0);
-
-/// The servers of this test process, started on first use.
-pub fn servers() -> &'static [PgServer] {
-    SERVERS.get_or_init(|| {
-        let root = test_root();
-        let handles: Vec<_> = (0..TEST_SERVERS)
-            .map(|i| {
-                let dir = root.join(format!("pg{i}"));
-                std::thread::spawn(move || {
-                    let port = free_port().expect("find a free port for a test server");
-                    let mut config = PgServerConfig::new(format!("pg{i}"), dir, port);
-                    config.die_with_parent = true;
-                    config.max_connections = 300;
-                    config.max_prepared_transactions = 300;
-                    PgServer::start(config)
-                        .unwrap_or_else(|e| panic!("start test PostgreSQL server {i}: {e}"))
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("test server thread panicked"))
-            .collect()
-    })
-}
-
-/// `$TMPDIR/wallet-tests/<pid>`, after removing the directories of test processes
-/// that are gone (their servers died with them).
-fn test_root() -> PathBuf {
-    let base = std::env::temp_dir().join("wallet-tests");
-    if let Ok(entries) = std::fs::read_dir(&base) {
-        for entry in entries.flatten() {
-            let stale = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<u32>().ok())
-                .is_some_and(|pid| !PathBuf::from(format!("/proc/{pid}")).exists());
-            if stale {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
-        }
-    }
-    base.join(std::process::id().to_string())
-}
 
 /// Logs to the test's captured output, filtered by `RUST_LOG` (default: warnings).
 pub fn init_tracing() {
@@ -108,13 +56,11 @@ impl TestCluster {
 
     /// Fresh databases for one cluster, without starting a coordinator.
     pub async fn provision(shards: usize, limits: Limits) -> Config {
-        let servers: Vec<&PgServer> = tokio::task::spawn_blocking(|| servers().iter().collect())
-            .await
-            .expect("start test servers");
-        let n = NEXT_CLUSTER.fetch_add(1, Ordering::SeqCst);
-        let (catalog_dsn, shards) = crate::dev::provision(&servers, shards, &format!("t{n}"))
-            .await
-            .expect("provision test databases");
+        let servers: Vec<&PgServer> = testing::servers_async().await.iter().collect();
+        let (catalog_dsn, shards) =
+            crate::dev::provision(&servers, shards, &testing::unique_prefix())
+                .await
+                .expect("provision test databases");
         Config {
             listen: "127.0.0.1:0".parse().expect("static address"),
             catalog_dsn,

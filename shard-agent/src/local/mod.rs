@@ -10,9 +10,13 @@
 //! All functions block; async callers wrap them in `spawn_blocking`.
 
 mod cluster;
+mod database;
 mod probe;
 mod process;
 mod server;
+pub mod testing;
+
+pub use database::create_database;
 
 use std::io;
 use std::net::TcpListener;

@@ -1,0 +1,273 @@
+//! Concurrent clients through the real HTTP API. Each transfer has its own
+//! Idempotency-Key; a timeout, a 503 or a 409 `request_in_progress` is retried
+//! with the same key (bounded), and every request's final outcome is recorded.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use reqwest::StatusCode;
+use serde::Serialize;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+pub const PASSWORD: &str = "chaos password";
+
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct User {
+    pub name: String,
+    pub token: String,
+}
+
+/// What the client learned about one request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum Outcome {
+    /// 2xx: the transfer is committed.
+    Acknowledged(Uuid),
+    /// A definite failure (4xx other than 409 in-progress): nothing may have moved.
+    Failed {
+        code: String,
+        transfer_id: Option<Uuid>,
+    },
+    /// No definite answer within the retry budget.
+    Unknown,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Record {
+    pub key: String,
+    pub from: String,
+    pub to: String,
+    pub amount: String,
+    pub attempts: u32,
+    pub outcome: Outcome,
+}
+
+#[derive(Clone, Debug)]
+pub struct WorkloadConfig {
+    pub tasks: usize,
+    pub transfers: usize,
+    pub seed: u64,
+    pub attempts_max: u32,
+    pub request_timeout: Duration,
+    /// Amounts are drawn uniformly from 0.01 to this many cents / 100.
+    pub amount_cents_max: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkloadError {
+    #[error("setup request {what} failed: {detail}")]
+    Setup { what: String, detail: String },
+}
+
+impl Client {
+    pub fn new(base: impl Into<String>, request_timeout: Duration) -> Client {
+        let http = reqwest::Client::builder()
+            .timeout(request_timeout)
+            .pool_max_idle_per_host(64)
+            .build()
+            .expect("invariant: a reqwest client with only a timeout always builds");
+        Client {
+            http,
+            base: base.into(),
+        }
+    }
+
+    async fn post(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        key: Option<&str>,
+        body: Value,
+    ) -> Result<(StatusCode, Value), reqwest::Error> {
+        let mut req = self.http.post(format!("{}{}", self.base, path)).json(&body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(k) = key {
+            req = req.header("idempotency-key", k);
+        }
+        let resp = req.send().await?;
+        let status = resp.status();
+        let body = resp.json::<Value>().await.unwrap_or(Value::Null);
+        Ok((status, body))
+    }
+
+    /// Signs up, logs in and funds `count` users named `<prefix><i>`.
+    pub async fn setup_users(
+        &self,
+        prefix: &str,
+        count: usize,
+        deposit: &str,
+    ) -> Result<Vec<User>, WorkloadError> {
+        let mut users = Vec::with_capacity(count);
+        for i in 0..count {
+            let name = format!("{prefix}{i}");
+            let fail = |what: &str, detail: String| WorkloadError::Setup {
+                what: format!("{what} {name}"),
+                detail,
+            };
+            let (s, b) = self
+                .post("/v1/user", None, None, json!({"username": name, "email": format!("{name}@example.com"), "password": PASSWORD, "currency": "USD"}))
+                .await
+                .map_err(|e| fail("sign up", e.to_string()))?;
+            if s != StatusCode::CREATED {
+                return Err(fail("sign up", format!("{s} {b}")));
+            }
+            let (s, b) = self
+                .post(
+                    "/v1/login",
+                    None,
+                    None,
+                    json!({"username": name, "password": PASSWORD}),
+                )
+                .await
+                .map_err(|e| fail("login", e.to_string()))?;
+            let token = b["token"]
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| fail("login", format!("{s} {b}")))?;
+            let (s, b) = self
+                .post(
+                    "/v1/deposit",
+                    Some(&token),
+                    Some(&format!("fund-{name}")),
+                    json!({"amount": deposit, "currency": "USD", "payment_token": "sandbox_ok"}),
+                )
+                .await
+                .map_err(|e| fail("deposit", e.to_string()))?;
+            if s != StatusCode::CREATED {
+                return Err(fail("deposit", format!("{s} {b}")));
+            }
+            users.push(User { name, token });
+        }
+        Ok(users)
+    }
+
+    /// One transfer, retried with the same key on timeouts, 503s and 409s.
+    pub async fn transfer(
+        &self,
+        from: &User,
+        to: &str,
+        amount: &str,
+        key: &str,
+        attempts_max: u32,
+    ) -> (u32, Outcome) {
+        let body = json!({"to": to, "amount": amount, "currency": "USD"});
+        for attempt in 1..=attempts_max {
+            match self
+                .post("/v1/transfer", Some(&from.token), Some(key), body.clone())
+                .await
+            {
+                Ok((s, b)) if s.is_success() => {
+                    let id = b["transfer_id"]
+                        .as_str()
+                        .and_then(|t| Uuid::parse_str(t).ok());
+                    return (attempt, id.map_or(Outcome::Unknown, Outcome::Acknowledged));
+                }
+                Ok((s, b))
+                    if s == StatusCode::SERVICE_UNAVAILABLE
+                        || (s == StatusCode::CONFLICT && b["code"] == "request_in_progress") => {}
+                Ok((_, b)) => {
+                    let code = b["code"].as_str().unwrap_or("unknown").to_owned();
+                    let transfer_id = b["transfer_id"]
+                        .as_str()
+                        .and_then(|t| Uuid::parse_str(t).ok());
+                    return (attempt, Outcome::Failed { code, transfer_id });
+                }
+                Err(_) => {}
+            }
+            tokio::time::sleep(backoff(attempt)).await;
+        }
+        (attempts_max, Outcome::Unknown)
+    }
+
+    /// Runs `config.transfers` random transfers among `users` on `config.tasks`
+    /// concurrent tasks. Deterministic choices for a given seed.
+    pub async fn run(&self, users: Arc<Vec<User>>, config: &WorkloadConfig) -> Vec<Record> {
+        let per_task = config.transfers.div_ceil(config.tasks);
+        let mut handles = Vec::with_capacity(config.tasks);
+        for t in 0..config.tasks {
+            let client = self.clone();
+            let users = users.clone();
+            let config = config.clone();
+            let count = per_task.min(config.transfers.saturating_sub(t * per_task));
+            handles.push(tokio::spawn(async move {
+                let mut rng = StdRng::seed_from_u64(
+                    config.seed.wrapping_mul(1_000_003).wrapping_add(t as u64),
+                );
+                let mut records = Vec::with_capacity(count);
+                for i in 0..count {
+                    let from = rng.gen_range(0..users.len());
+                    let mut to = rng.gen_range(0..users.len() - 1);
+                    if to >= from {
+                        to += 1;
+                    }
+                    let cents = rng.gen_range(1..=config.amount_cents_max);
+                    let amount = format!("{}.{:02}", cents / 100, cents % 100);
+                    let key = format!("s{}-t{t}-{i}", config.seed);
+                    let (attempts, outcome) = client
+                        .transfer(
+                            &users[from],
+                            &users[to].name,
+                            &amount,
+                            &key,
+                            config.attempts_max,
+                        )
+                        .await;
+                    records.push(Record {
+                        key,
+                        from: users[from].name.clone(),
+                        to: users[to].name.clone(),
+                        amount,
+                        attempts,
+                        outcome,
+                    });
+                }
+                records
+            }));
+        }
+        let mut all = Vec::with_capacity(config.transfers);
+        for h in handles {
+            all.extend(h.await.expect("invariant: workload tasks do not panic"));
+        }
+        all
+    }
+}
+
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis((50u64 << attempt.min(5)).min(1_000))
+}
+
+/// Counts of outcomes, for reports.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Summary {
+    pub attempted: usize,
+    pub acknowledged: usize,
+    pub failed: usize,
+    pub unknown: usize,
+    pub retries: u64,
+}
+
+pub fn summarize(records: &[Record]) -> Summary {
+    let mut s = Summary {
+        attempted: records.len(),
+        ..Summary::default()
+    };
+    for r in records {
+        s.retries += u64::from(r.attempts.saturating_sub(1));
+        match r.outcome {
+            Outcome::Acknowledged(_) => s.acknowledged += 1,
+            Outcome::Failed { .. } => s.failed += 1,
+            Outcome::Unknown => s.unknown += 1,
+        }
+    }
+    s
+}

@@ -1,0 +1,22 @@
+//! Databases on a local server.
+
+use tokio_postgres::NoTls;
+
+use super::PgServer;
+
+/// Creates database `name` on `server` if it does not exist.
+pub async fn create_database(server: &PgServer, name: &str) -> Result<(), tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(&server.dsn("postgres"), NoTls).await?;
+    tokio::spawn(connection);
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+        .await?
+        .is_some();
+    if !exists {
+        // Callers pass our own identifiers; CREATE DATABASE takes no parameters.
+        client
+            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+            .await?;
+    }
+    Ok(())
+}

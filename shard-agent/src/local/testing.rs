@@ -1,0 +1,72 @@
+//! The one shared test fixture at the bottom of the stack: real PostgreSQL servers
+//! started once per test process (they die with it), and fresh databases on them.
+//! Higher crates (the coordinator's `testkit`) build clusters on top of this.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+pub use super::create_database;
+use super::{free_port, PgServer, PgServerConfig};
+
+/// One PostgreSQL server per shard, as in production.
+pub const TEST_SERVERS: usize = 4;
+
+static SERVERS: OnceLock<Vec<PgServer>> = OnceLock::new();
+static NEXT_NAME: AtomicUsize = AtomicUsize::new(0);
+
+/// The servers of this test process, started (in parallel) on first use.
+pub fn servers() -> &'static [PgServer] {
+    SERVERS.get_or_init(|| {
+        let root = test_root();
+        let handles: Vec<_> = (0..TEST_SERVERS)
+            .map(|i| {
+                let dir = root.join(format!("pg{i}"));
+                std::thread::spawn(move || {
+                    let port = free_port().expect("find a free port for a test server");
+                    let mut config = PgServerConfig::new(format!("pg{i}"), dir, port);
+                    config.die_with_parent = true;
+                    config.max_connections = 300;
+                    config.max_prepared_transactions = 300;
+                    PgServer::start(config)
+                        .unwrap_or_else(|e| panic!("start test PostgreSQL server {i}: {e}"))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("test server thread panicked"))
+            .collect()
+    })
+}
+
+/// The servers, started from async code without blocking the runtime.
+pub async fn servers_async() -> &'static [PgServer] {
+    tokio::task::spawn_blocking(servers)
+        .await
+        .expect("start test servers")
+}
+
+/// A name unique in this test process, for databases.
+pub fn unique_prefix() -> String {
+    format!("t{}", NEXT_NAME.fetch_add(1, Ordering::SeqCst))
+}
+
+/// `$TMPDIR/wallet-tests/<pid>`, after removing the directories of test processes
+/// that are gone (their servers died with them).
+fn test_root() -> PathBuf {
+    let base = std::env::temp_dir().join("wallet-tests");
+    if let Ok(entries) = std::fs::read_dir(&base) {
+        for entry in entries.flatten() {
+            let stale = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+                .is_some_and(|pid| !PathBuf::from(format!("/proc/{pid}")).exists());
+            if stale {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    base.join(std::process::id().to_string())
+}

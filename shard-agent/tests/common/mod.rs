@@ -1,0 +1,104 @@
+//! Two fresh, migrated shard databases on two of the shared test servers.
+#![allow(dead_code)]
+
+use router::{bucket_of, ShardId, UserId};
+use rust_decimal::Decimal;
+use shard_agent::external::{Direction, ExternalOrder, ProviderVerdict};
+use shard_agent::idempotency::IdempotencyKey;
+use shard_agent::local::testing::{create_database, servers_async, unique_prefix};
+use shard_agent::migrate::migrate_shard;
+use shard_agent::users::NewUser;
+use shard_agent::{AgentConfig, Amount, Currency, ShardAgent};
+
+pub struct Pair {
+    pub a: ShardAgent,
+    pub b: ShardAgent,
+    pub dsn_a: String,
+    pub dsn_b: String,
+}
+
+pub async fn pair() -> Pair {
+    let servers = servers_async().await;
+    let prefix = unique_prefix();
+    let mut dsns = Vec::new();
+    for (i, server) in servers.iter().take(2).enumerate() {
+        let db = format!("{prefix}_s{i}");
+        create_database(server, &db)
+            .await
+            .expect("create test database");
+        let dsn = server.dsn(&db);
+        migrate_shard(&dsn).await.expect("migrate test shard");
+        dsns.push(dsn);
+    }
+    let config = AgentConfig {
+        lock_timeout_ms: 500,
+        ..AgentConfig::default()
+    };
+    Pair {
+        a: ShardAgent::new(ShardId(0), &dsns[0], config.clone()).expect("agent a"),
+        b: ShardAgent::new(ShardId(1), &dsns[1], config).expect("agent b"),
+        dsn_a: dsns[0].clone(),
+        dsn_b: dsns[1].clone(),
+    }
+}
+
+/// Creates `name` (USD) on `agent` and deposits `funds` through the clearing account.
+pub async fn user(agent: &ShardAgent, name: &str, funds: &str) -> UserId {
+    let user_id = UserId::for_username(name);
+    agent
+        .create_user(&NewUser {
+            user_id,
+            bucket: bucket_of(&user_id),
+            username: name.into(),
+            email: format!("{name}@example.com"),
+            password_hash: "not-a-real-hash".into(),
+            currency: Currency::Usd,
+        })
+        .await
+        .expect("create user");
+    if funds != "0" {
+        let order = ExternalOrder {
+            user: user_id,
+            username: name.into(),
+            direction: Direction::Deposit,
+            amount: usd(funds),
+            key: key(user_id, &format!("fund-{name}")),
+            provider: "test".into(),
+        };
+        agent
+            .run_external(&order, |_| async { ProviderVerdict::Approved })
+            .await
+            .expect("fund user");
+    }
+    user_id
+}
+
+pub fn usd(text: &str) -> Amount {
+    Amount::parse(text, Currency::Usd).expect("valid test amount")
+}
+
+pub fn key(user: UserId, key: &str) -> IdempotencyKey {
+    IdempotencyKey {
+        user,
+        key: key.into(),
+        fingerprint: key.as_bytes().to_vec(),
+    }
+}
+
+pub async fn balance(agent: &ShardAgent, user: UserId) -> Decimal {
+    agent
+        .account_view(user, 1, None)
+        .await
+        .expect("read account")
+        .expect("account exists")
+        .balance
+}
+
+/// Runs raw SQL on a shard (test setup only).
+pub async fn sql(dsn: &str, statement: &str) {
+    let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    client.batch_execute(statement).await.expect("run test SQL");
+}
