@@ -212,3 +212,23 @@ impl Snapshot {
             .collect()
     }
 }
+
+/// Polls until no prepared transaction and no undecided transfer remains on any
+/// shard (recovery has finished), or `within` passes; returns the last snapshot.
+pub async fn wait_quiescent(
+    agents: &[ShardAgent],
+    within: std::time::Duration,
+) -> ShardResult<Snapshot> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let snap = Snapshot::take(agents).await?;
+        let settled = snap
+            .audits
+            .iter()
+            .all(|(_, a)| a.prepared == 0 && a.undecided_transfers == 0);
+        if settled || tokio::time::Instant::now() >= deadline {
+            return Ok(snap);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

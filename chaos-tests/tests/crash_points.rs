@@ -1,0 +1,224 @@
+//! A coordinator that dies at each step of 2PC (a failpoint ends the protocol
+//! there, then the coordinator is dropped and a new one started on the same
+//! shards): recovery reaches the decided outcome, no invariant breaks, and a retry
+//! with the same Idempotency-Key gets a final answer.
+//!
+//! Before the decision the outcome is abort (presumed abort); the retry then runs
+//! a fresh attempt, which commits. From the decision on, the outcome is commit and
+//! the retry replays it.
+
+use std::time::Duration;
+
+use chaos_tests::checker::wait_quiescent;
+use coordinator::testkit::{test_limits, TestCluster};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+/// Failpoints are process-wide: one scenario at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+struct Http {
+    client: reqwest::Client,
+    base: String,
+}
+
+impl Http {
+    async fn post(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        key: Option<&str>,
+        body: Value,
+    ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+        let mut req = self.client.post(format!("{}{path}", self.base)).json(&body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(k) = key {
+            req = req.header("idempotency-key", k);
+        }
+        let resp = req.send().await.expect("test server answers");
+        let (status, headers) = (resp.status(), resp.headers().clone());
+        (status, headers, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn user(&self, name: &str, funds: &str) -> String {
+        let pw = "crash test password";
+        let (s, _, b) = self.post("/v1/user", None, None, json!({"username": name, "email": "c@example.com", "password": pw, "currency": "USD"})).await;
+        assert_eq!(s, StatusCode::CREATED, "{b}");
+        let (_, _, b) = self
+            .post(
+                "/v1/login",
+                None,
+                None,
+                json!({"username": name, "password": pw}),
+            )
+            .await;
+        let token = b["token"].as_str().expect("token").to_owned();
+        if funds == "0" {
+            return token;
+        }
+        let (s, _, b) = self
+            .post(
+                "/v1/deposit",
+                Some(&token),
+                Some("fund"),
+                json!({"amount": funds, "currency": "USD", "payment_token": "sandbox_ok"}),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{b}");
+        token
+    }
+
+    async fn balance(&self, token: &str) -> String {
+        let resp = self
+            .client
+            .get(format!("{}/v1/account", self.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("answers");
+        resp.json::<Value>().await.expect("json")["balance"]
+            .as_str()
+            .expect("balance")
+            .to_owned()
+    }
+}
+
+async fn crash_at(point: &'static str, decided_commit: bool) {
+    let _serial = SERIAL.lock().await;
+    let mut config = TestCluster::provision(4, test_limits()).await;
+    config.agent.lock_timeout_ms = 500;
+    config.limits.in_doubt_after_ms = 1_000;
+    let cluster = TestCluster::serve(config).await;
+    let routing = cluster.coordinator.cluster().routing();
+    let shard = |n: &str| routing.map.shard_of(&router::UserId::for_username(n));
+    let payee = (0..1000)
+        .map(|i| format!("payee{i}"))
+        .find(|n| shard(n) != shard("payer"))
+        .expect("a payee on another shard");
+    let http = Http {
+        client: reqwest::Client::new(),
+        base: cluster.url(""),
+    };
+    let payer_token = http.user("payer", "100.00").await;
+    let payee_token = http.user(&payee, "0").await;
+    let body = json!({"to": payee, "amount": "10.00", "currency": "USD"});
+
+    fail::cfg(point, "return").expect("configure failpoint");
+    let (status, _, crashed) = http
+        .post(
+            "/v1/transfer",
+            Some(&payer_token),
+            Some("crash-key"),
+            body.clone(),
+        )
+        .await;
+    fail::remove(point);
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{point}: {crashed}"
+    );
+
+    // The coordinator dies; a new one starts and its recovery finishes the transfer.
+    let cluster = cluster.restart().await;
+    let agents = cluster.agents();
+    let snap = wait_quiescent(&agents, Duration::from_secs(30))
+        .await
+        .expect("read shards");
+    assert_eq!(snap.violations(true), Vec::<String>::new(), "{point}");
+    let http = Http {
+        client: http.client,
+        base: cluster.url(""),
+    };
+    let (payer_after, payee_after) = if decided_commit {
+        ("90.00", "10.00")
+    } else {
+        ("100.00", "0.00")
+    };
+    assert_eq!(
+        http.balance(&payer_token).await,
+        payer_after,
+        "{point}: recovery reached the decided outcome"
+    );
+    assert_eq!(http.balance(&payee_token).await, payee_after, "{point}");
+    let original: Vec<_> = snap
+        .decisions
+        .values()
+        .filter(|d| d.kind == "transfer")
+        .collect();
+    assert_eq!(original.len(), 1, "{point}");
+    assert_eq!(
+        original[0].state,
+        if decided_commit {
+            "committed"
+        } else {
+            "aborted"
+        },
+        "{point}"
+    );
+
+    let (status, headers, retried) = http
+        .post("/v1/transfer", Some(&payer_token), Some("crash-key"), body)
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{point}: {retried}");
+    let replayed = headers.get("idempotent-replayed").is_some();
+    let same_id =
+        retried["transfer_id"].as_str() == Some(original[0].transfer_id.to_string().as_str());
+    assert_eq!(
+        (replayed, same_id),
+        (decided_commit, decided_commit),
+        "{point}: replay iff it was committed"
+    );
+    assert_eq!(
+        http.balance(&payer_token).await,
+        "90.00",
+        "{point}: money moved exactly once"
+    );
+    assert_eq!(http.balance(&payee_token).await, "10.00", "{point}");
+    let snap = wait_quiescent(&agents, Duration::from_secs(30))
+        .await
+        .expect("read shards");
+    assert_eq!(snap.violations(true), Vec::<String>::new(), "{point}");
+}
+
+#[tokio::test]
+async fn a_coordinator_dead_after_the_claim_leaves_an_abort_and_the_retry_commits() {
+    crash_at("2pc-after-claim", false).await;
+}
+
+#[tokio::test]
+async fn a_coordinator_dead_after_preparing_the_debit_shard_is_rolled_back() {
+    crash_at("2pc-after-prepare-debit", false).await;
+}
+
+#[tokio::test]
+async fn a_coordinator_dead_after_preparing_the_credit_shard_is_rolled_back() {
+    crash_at("2pc-after-prepare-credit", false).await;
+}
+
+#[tokio::test]
+async fn a_coordinator_dead_after_preparing_all_shards_is_rolled_back() {
+    crash_at("2pc-after-prepare-all", false).await;
+}
+
+#[tokio::test]
+async fn a_coordinator_dead_just_before_the_decision_is_rolled_back() {
+    crash_at("2pc-before-decision", false).await;
+}
+
+#[tokio::test]
+async fn a_coordinator_dead_after_deciding_is_committed_by_recovery() {
+    crash_at("2pc-after-decision", true).await;
+}
+
+#[tokio::test]
+async fn a_coordinator_dead_between_commit_prepared_calls_is_committed_by_recovery() {
+    crash_at("2pc-between-commit-prepared", true).await;
+}
+
+#[tokio::test]
+async fn a_coordinator_dead_before_replying_has_committed_and_the_retry_replays() {
+    crash_at("2pc-before-reply", true).await;
+}
