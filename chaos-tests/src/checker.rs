@@ -34,13 +34,14 @@ impl Snapshot {
     pub async fn take(agents: &[ShardAgent]) -> ShardResult<Snapshot> {
         let mut snap = Snapshot::default();
         for agent in agents {
-            snap.audits.push((agent.id().0, agent.audit().await?));
-            for d in agent.decisions().await? {
+            let mut audit = agent.audit().await?;
+            for d in std::mem::take(&mut audit.decisions) {
                 snap.decisions.insert(d.transfer_id, d);
             }
-            for e in agent.user_entries().await? {
+            for e in std::mem::take(&mut audit.entries) {
                 snap.entries.entry(e.transfer_id).or_default().push(e);
             }
+            snap.audits.push((agent.id().0, audit));
         }
         Ok(snap)
     }

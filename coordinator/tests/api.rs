@@ -508,3 +508,45 @@ async fn health_readiness_openapi_and_admin_routes_answer() {
     assert_eq!(admin.status, StatusCode::OK, "{:?}", admin.body);
     assert_eq!(admin.body["in_doubt"], 0);
 }
+
+#[tokio::test]
+async fn an_unreachable_shard_gives_503_shard_unavailable_with_retry_after() {
+    let mut config = TestCluster::provision(4, test_limits()).await;
+    let dead_port = shard_agent::local::free_port().expect("port");
+    config.shards[3].dsn = format!("host=127.0.0.1 port={dead_port} user=postgres dbname=gone");
+    config.agent.connect_timeout_ms = 300;
+    config.agent.call_timeout_ms = 1_000;
+    let c = TestCluster::serve(config).await;
+    let api = Api::new(&c);
+    let routing = c.coordinator.cluster().routing();
+    let on = |shard: u16| {
+        (0..10_000)
+            .map(|i| format!("down{i}"))
+            .find(|n| routing.map.shard_of(&router::UserId::for_username(n)).0 == shard)
+            .expect("a name on that shard")
+    };
+    let (alive, dead) = (on(0), on(3));
+    let signup = api.sign_up(&dead, "USD").await;
+    assert_eq!(
+        (signup.status, signup.code()),
+        (StatusCode::SERVICE_UNAVAILABLE, "shard_unavailable")
+    );
+    assert_eq!(signup.headers["retry-after"], "1");
+    assert!(signup.is_problem());
+    let token = api.user(&alive, "USD").await;
+    api.deposit(&token, "10", "USD").await;
+    let t = api.transfer(&token, "to-dead", &dead, "1.00", "USD").await;
+    assert_eq!(
+        (t.status, t.code()),
+        (StatusCode::SERVICE_UNAVAILABLE, "shard_unavailable"),
+        "{:?}",
+        t.body
+    );
+    assert_eq!(t.headers["retry-after"], "1");
+    assert_eq!(api.balance(&token).await, "10.00", "nothing moved");
+    let ready = api.get("/readyz", None).await;
+    assert_eq!(
+        (ready.status, ready.body["status"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("degraded"))
+    );
+}

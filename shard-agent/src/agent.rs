@@ -167,9 +167,18 @@ impl Conn {
     }
 
     pub(crate) async fn begin(&mut self, shard: ShardId) -> ShardResult<()> {
+        self.in_txn_begin("BEGIN", shard).await
+    }
+
+    /// Opens an explicit transaction with `statement` (e.g. an isolation level).
+    pub(crate) async fn in_txn_begin(
+        &mut self,
+        statement: &str,
+        shard: ShardId,
+    ) -> ShardResult<()> {
         self.in_txn = true;
         self.client()
-            .batch_execute("BEGIN")
+            .batch_execute(statement)
             .await
             .map_err(|e| ShardError::from_pg(shard, "begin", e))
     }

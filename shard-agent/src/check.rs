@@ -1,6 +1,6 @@
 //! Read-only queries the invariant checker runs on each shard (DESIGN.md invariants
-//! 1-5). They read committed state only; callers run them when the system is quiet
-//! for the verdict, and while faults run for a report.
+//! 1-5), one consistent snapshot per shard. Callers run them when the system is
+//! quiet for the verdict, and while faults run for a report.
 
 use std::collections::BTreeMap;
 
@@ -25,6 +25,10 @@ pub struct ShardAudit {
     /// Invariant 5: our prepared transactions, and transfers not yet decided.
     pub prepared: i64,
     pub undecided_transfers: i64,
+    /// Invariant 3: every decision record of this home shard…
+    pub decisions: Vec<DecisionRow>,
+    /// …and every ledger entry on this shard's user accounts.
+    pub entries: Vec<EntryRow>,
 }
 
 /// A decision record, for matching against the ledger (invariant 3).
@@ -45,11 +49,23 @@ pub struct EntryRow {
 }
 
 impl ShardAgent {
+    /// One shard's audit. The prepared count is read first, and everything else in
+    /// one REPEATABLE READ snapshot taken after it: so "nothing prepared" means every
+    /// leg committed before the snapshot and the balances include it.
     pub async fn audit(&self) -> ShardResult<ShardAudit> {
         self.timed("audit", async {
-            let conn = self.conn().await?;
+            let mut conn = self.conn().await?;
             let pg = self.pg("audit");
-            let mut audit = ShardAudit::default();
+            let prepared: i64 = conn
+                .query_one(
+                    "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE $1",
+                    &[&Gid::like_pattern()],
+                )
+                .await
+                .map_err(&pg)?
+                .get(0);
+            conn.in_txn_begin("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", self.id()).await?;
+            let mut audit = ShardAudit { prepared, ..ShardAudit::default() };
             for row in conn
                 .query("SELECT kind, currency, sum(balance) FROM accounts GROUP BY kind, currency", &[])
                 .await
@@ -58,11 +74,7 @@ impl ShardAgent {
                 let kind: &str = row.get(0);
                 let currency: String = row.get(1);
                 let sum: Decimal = row.get(2);
-                let target = if kind == "user" {
-                    &mut audit.user_balances
-                } else {
-                    &mut audit.clearing_balances
-                };
+                let target = if kind == "user" { &mut audit.user_balances } else { &mut audit.clearing_balances };
                 target.insert(currency.trim().to_owned(), sum);
             }
             let row = conn
@@ -72,66 +84,35 @@ impl ShardAgent {
                        (SELECT count(*) FROM accounts a
                           WHERE a.opening_balance + coalesce((SELECT sum(amount) FROM ledger_entries e
                                                      WHERE e.account_id = a.account_id), 0) <> a.balance),
-                       (SELECT count(*) FROM pg_prepared_xacts
-                          WHERE database = current_database() AND gid LIKE $1),
                        (SELECT count(*) FROM transfers WHERE state = 'preparing')",
-                    &[&Gid::like_pattern()],
+                    &[],
                 )
                 .await
                 .map_err(&pg)?;
             audit.negative_balances = row.get(0);
             audit.ledger_mismatches = row.get(1);
-            audit.prepared = row.get(2);
-            audit.undecided_transfers = row.get(3);
-            Ok(audit)
-        })
-        .await
-    }
-
-    /// Every decision record on this home shard.
-    pub async fn decisions(&self) -> ShardResult<Vec<DecisionRow>> {
-        self.timed("read decisions", async {
-            let conn = self.conn().await?;
-            let rows = conn
-                .query(
-                    "SELECT transfer_id, kind, state, amount FROM transfers",
-                    &[],
-                )
+            audit.undecided_transfers = row.get(2);
+            audit.decisions = conn
+                .query("SELECT transfer_id, kind, state, amount FROM transfers", &[])
                 .await
-                .map_err(self.pg("read decisions"))?;
-            Ok(rows
+                .map_err(&pg)?
                 .iter()
-                .map(|r| DecisionRow {
-                    transfer_id: r.get(0),
-                    kind: r.get(1),
-                    state: r.get(2),
-                    amount: r.get(3),
-                })
-                .collect())
-        })
-        .await
-    }
-
-    /// Every ledger entry on user accounts of this shard.
-    pub async fn user_entries(&self) -> ShardResult<Vec<EntryRow>> {
-        self.timed("read entries", async {
-            let conn = self.conn().await?;
-            let rows = conn
+                .map(|r| DecisionRow { transfer_id: r.get(0), kind: r.get(1), state: r.get(2), amount: r.get(3) })
+                .collect();
+            audit.entries = conn
                 .query(
                     "SELECT e.transfer_id, e.kind, e.amount FROM ledger_entries e
                      JOIN accounts a USING (account_id) WHERE a.kind = 'user'",
                     &[],
                 )
                 .await
-                .map_err(self.pg("read entries"))?;
-            Ok(rows
+                .map_err(&pg)?
                 .iter()
-                .map(|r| EntryRow {
-                    transfer_id: r.get(0),
-                    kind: r.get(1),
-                    amount: r.get(2),
-                })
-                .collect())
+                .map(|r| EntryRow { transfer_id: r.get(0), kind: r.get(1), amount: r.get(2) })
+                .collect();
+            conn.batch_execute("COMMIT").await.map_err(&pg)?;
+            conn.ended();
+            Ok(audit)
         })
         .await
     }
