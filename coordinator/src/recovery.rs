@@ -13,7 +13,8 @@ use tracing::{info, warn};
 
 use crate::cluster::Cluster;
 
-/// What the last pass saw, for `/v1/admin/in-doubt` and the logs.
+/// For `/v1/admin/in-doubt` and the logs: counters since this coordinator started,
+/// and the prepared transactions the last pass saw.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct RecoveryStatus {
     pub passes: u64,
@@ -62,8 +63,8 @@ impl Recovery {
             .clone()
     }
 
-    /// One pass over every shard. Errors are counted and logged; the next pass
-    /// retries, since every step is safe to repeat.
+    /// One pass over every shard; returns what this pass did. Errors are counted
+    /// and logged; the next pass retries, since every step is safe to repeat.
     pub async fn run_once(&self) -> RecoveryStatus {
         let routing = self.cluster.routing();
         let mut pass = RecoveryStatus::default();
@@ -124,7 +125,6 @@ impl Recovery {
             .status
             .lock()
             .expect("invariant: recovery status lock is never held across a panic");
-        pass.passes = status.passes + 1;
         let acted = pass.committed + pass.rolled_back + pass.aborted_stale;
         if acted > 0 || pass.in_doubt_count() > 0 {
             info!(
@@ -136,7 +136,14 @@ impl Recovery {
                 "recovery pass"
             );
         }
-        *status = pass.clone();
+        status.passes += 1;
+        status.committed += pass.committed;
+        status.rolled_back += pass.rolled_back;
+        status.aborted_stale += pass.aborted_stale;
+        status.unknown += pass.unknown;
+        status.errors += pass.errors;
+        status.prepared = pass.prepared.clone();
+        status.unreachable = pass.unreachable.clone();
         pass
     }
 
