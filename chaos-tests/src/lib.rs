@@ -5,6 +5,13 @@
 //! - [`checker`]: DESIGN.md's invariants 1-5 over a snapshot of every shard.
 //! - [`workload`]: concurrent clients through the real HTTP API, with
 //!   Idempotency-Keys and retries, recording every request's outcome.
+//! - [`cluster`]: servers, a fault [`proxy`] per shard, the coordinator process.
+//! - [`scenario`], [`run`], [`report`]: what to inject, one seeded run, its report.
 
 pub mod checker;
+pub mod cluster;
+pub mod proxy;
+pub mod report;
+pub mod run;
+pub mod scenario;
 pub mod workload;

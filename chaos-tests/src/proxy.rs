@@ -37,14 +37,19 @@ pub struct Proxy {
 impl Proxy {
     /// Listens on a free loopback port and forwards to `upstream`.
     pub async fn start(upstream: SocketAddr) -> std::io::Result<Proxy> {
-        assert!(upstream.ip().is_loopback(), "the proxy only targets loopback addresses");
+        assert!(
+            upstream.ip().is_loopback(),
+            "the proxy only targets loopback addresses"
+        );
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let listen = listener.local_addr()?;
         let (mode, watch_rx) = watch::channel(Fault::Pass);
         let watch_rx = Arc::new(watch_rx);
         let task = tokio::spawn(async move {
             loop {
-                let Ok((client, _)) = listener.accept().await else { continue };
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
                 let mode = (*watch_rx).clone();
                 if *mode.borrow() == Fault::Drop {
                     drop(client);
@@ -76,7 +81,9 @@ impl Drop for Proxy {
 }
 
 async fn relay(client: TcpStream, upstream: SocketAddr, mode: watch::Receiver<Fault>) {
-    let Ok(server) = TcpStream::connect(upstream).await else { return };
+    let Ok(server) = TcpStream::connect(upstream).await else {
+        return;
+    };
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
     let (cr, cw) = client.into_split();

@@ -2,6 +2,7 @@
 //! Idempotency-Key; a timeout, a 503 or a 409 `request_in_progress` is retried
 //! with the same key (bounded), and every request's final outcome is recorded.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -193,18 +194,45 @@ impl Client {
     /// concurrent tasks. Deterministic choices for a given seed.
     pub async fn run(&self, users: Arc<Vec<User>>, config: &WorkloadConfig) -> Vec<Record> {
         let per_task = config.transfers.div_ceil(config.tasks);
-        let mut handles = Vec::with_capacity(config.tasks);
-        for t in 0..config.tasks {
-            let client = self.clone();
-            let users = users.clone();
-            let config = config.clone();
-            let count = per_task.min(config.transfers.saturating_sub(t * per_task));
+        let limits = (0..config.tasks)
+            .map(|t| Some(per_task.min(config.transfers.saturating_sub(t * per_task))));
+        self.run_tasks(users, config, limits.collect(), None).await
+    }
+
+    /// Runs random transfers until `stop` is set; each task finishes the transfer
+    /// it is on (with its retries) and then returns.
+    pub async fn run_until(
+        &self,
+        users: Arc<Vec<User>>,
+        config: &WorkloadConfig,
+        stop: Arc<AtomicBool>,
+    ) -> Vec<Record> {
+        self.run_tasks(users, config, vec![None; config.tasks], Some(stop))
+            .await
+    }
+
+    async fn run_tasks(
+        &self,
+        users: Arc<Vec<User>>,
+        config: &WorkloadConfig,
+        limits: Vec<Option<usize>>,
+        stop: Option<Arc<AtomicBool>>,
+    ) -> Vec<Record> {
+        let mut handles = Vec::with_capacity(limits.len());
+        for (t, limit) in limits.into_iter().enumerate() {
+            let (client, users, config, stop) =
+                (self.clone(), users.clone(), config.clone(), stop.clone());
             handles.push(tokio::spawn(async move {
                 let mut rng = StdRng::seed_from_u64(
                     config.seed.wrapping_mul(1_000_003).wrapping_add(t as u64),
                 );
-                let mut records = Vec::with_capacity(count);
-                for i in 0..count {
+                let mut records = Vec::new();
+                for i in 0.. {
+                    if limit.is_some_and(|n| i >= n)
+                        || stop.as_ref().is_some_and(|s| s.load(Ordering::Relaxed))
+                    {
+                        break;
+                    }
                     let from = rng.gen_range(0..users.len());
                     let mut to = rng.gen_range(0..users.len() - 1);
                     if to >= from {
@@ -234,11 +262,30 @@ impl Client {
                 records
             }));
         }
-        let mut all = Vec::with_capacity(config.transfers);
+        let mut all = Vec::new();
         for h in handles {
             all.extend(h.await.expect("invariant: workload tasks do not panic"));
         }
         all
+    }
+
+    /// Resolves an unknown outcome by replaying its key and body until a definite
+    /// answer or `within` passes.
+    pub async fn replay(&self, record: &Record, users: &[User], within: Duration) -> Outcome {
+        let Some(from) = users.iter().find(|u| u.name == record.from) else {
+            return Outcome::Unknown;
+        };
+        let deadline = tokio::time::Instant::now() + within;
+        while tokio::time::Instant::now() < deadline {
+            let (_, outcome) = self
+                .transfer(from, &record.to, &record.amount, &record.key, 1)
+                .await;
+            if outcome != Outcome::Unknown {
+                return outcome;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Outcome::Unknown
     }
 }
 
@@ -254,6 +301,7 @@ pub struct Summary {
     pub failed: usize,
     pub unknown: usize,
     pub retries: u64,
+    pub failed_by_code: std::collections::BTreeMap<String, usize>,
 }
 
 pub fn summarize(records: &[Record]) -> Summary {
@@ -265,7 +313,10 @@ pub fn summarize(records: &[Record]) -> Summary {
         s.retries += u64::from(r.attempts.saturating_sub(1));
         match r.outcome {
             Outcome::Acknowledged(_) => s.acknowledged += 1,
-            Outcome::Failed { .. } => s.failed += 1,
+            Outcome::Failed { ref code, .. } => {
+                s.failed += 1;
+                *s.failed_by_code.entry(code.clone()).or_default() += 1;
+            }
             Outcome::Unknown => s.unknown += 1,
         }
     }

@@ -20,6 +20,7 @@ pub mod error;
 pub mod inputs;
 pub mod payments;
 pub mod recovery;
+pub mod serve;
 pub mod service;
 pub mod testkit;
 pub mod two_pc;

@@ -3,15 +3,9 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
-use coordinator::api::{self, AppState};
 use coordinator::config::Config;
-use coordinator::payments::Sandbox;
-use coordinator::service::Coordinator;
-use shard_agent::migrate::{migrate_catalog, migrate_shard};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -87,27 +81,5 @@ async fn serve(path: PathBuf, listen: Option<SocketAddr>, no_migrate: bool) -> a
     if let Some(addr) = listen {
         config.listen = addr;
     }
-    if !no_migrate {
-        migrate_catalog(&config.catalog_dsn).await?;
-        for shard in &config.shards {
-            migrate_shard(&shard.dsn)
-                .await
-                .with_context(|| format!("migrate shard {}", shard.id))?;
-        }
-    }
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("listen on {}", config.listen))?;
-    let coordinator = Arc::new(Coordinator::start(&config, Arc::new(Sandbox)).await?);
-    tracing::info!(listen = %config.listen, shards = config.shards.len(), lock_mode = "2pc", "serving");
-    let router = api::app(
-        AppState {
-            coordinator,
-            admin_token: config.admin_token.as_deref().map(Arc::from),
-        },
-        config.limits.request_body_bytes_max,
-        config.limits.concurrent_requests_max,
-    );
-    api::serve(listener, router, coordinator::dev::shutdown_signal()).await?;
-    Ok(())
+    coordinator::serve::run(config, !no_migrate, coordinator::dev::shutdown_signal()).await
 }

@@ -66,6 +66,8 @@ impl Recovery {
     /// One pass over every shard; returns what this pass did. Errors are counted
     /// and logged; the next pass retries, since every step is safe to repeat.
     pub async fn run_once(&self) -> RecoveryStatus {
+        // A deliberately broken variant for the chaos suite: recovery off.
+        fail::fail_point!("broken-recovery-off", |_| RecoveryStatus::default());
         let routing = self.cluster.routing();
         let mut pass = RecoveryStatus::default();
         for agent in routing.agents.values() {

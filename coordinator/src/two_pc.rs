@@ -18,6 +18,19 @@ use tracing::{info, warn, Instrument};
 
 use crate::error::{crash_point, CoordinatorError};
 
+/// Every failpoint of the protocol, in protocol order. The chaos suite runs one
+/// scenario per entry.
+pub const FAILPOINTS: [&str; 8] = [
+    "2pc-after-claim",
+    "2pc-after-prepare-debit",
+    "2pc-after-prepare-credit",
+    "2pc-after-prepare-all",
+    "2pc-before-decision",
+    "2pc-after-decision",
+    "2pc-between-commit-prepared",
+    "2pc-before-reply",
+];
+
 pub async fn transfer(
     home: &ShardAgent,
     remote: &ShardAgent,
@@ -78,6 +91,7 @@ pub async fn transfer(
         let (d, c) = (d?, c?);
         crash_point!("2pc-after-prepare-all");
         let decision = decision_of(&d, &c);
+        let decision = broken_commit_unprepared(decision);
         crash_point!("2pc-before-decision");
         // The commit point. If its answer is lost we do not know the outcome: report
         // the shard unavailable and let recovery, which reads the decision, finish.
@@ -132,6 +146,17 @@ fn decision_of(
         }
         (Err(e), _) | (_, Err(e)) => Decision::Abort(fault_code(e)),
     }
+}
+
+/// A deliberately broken variant for the chaos suite (failpoint
+/// `broken-commit-unprepared`): commit whether or not every prepare succeeded.
+/// The checker must catch it; compiled in only with the `failpoints` feature.
+fn broken_commit_unprepared(decision: Decision) -> Decision {
+    #[cfg(feature = "failpoints")]
+    if fail::eval("broken-commit-unprepared", |_| ()).is_some() {
+        return Decision::Commit;
+    }
+    decision
 }
 
 fn fault_code(e: &ShardError) -> FailureCode {

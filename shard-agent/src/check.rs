@@ -29,6 +29,8 @@ pub struct ShardAudit {
     pub decisions: Vec<DecisionRow>,
     /// …and every ledger entry on this shard's user accounts.
     pub entries: Vec<EntryRow>,
+    /// Each user's balance, by username, for checking against a client's model.
+    pub balances_by_user: Vec<(String, Decimal)>,
 }
 
 /// A decision record, for matching against the ledger (invariant 3).
@@ -109,6 +111,13 @@ impl ShardAgent {
                 .map_err(&pg)?
                 .iter()
                 .map(|r| EntryRow { transfer_id: r.get(0), kind: r.get(1), amount: r.get(2) })
+                .collect();
+            audit.balances_by_user = conn
+                .query("SELECT u.username, a.balance FROM users u JOIN accounts a USING (user_id)", &[])
+                .await
+                .map_err(&pg)?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
                 .collect();
             conn.batch_execute("COMMIT").await.map_err(&pg)?;
             conn.ended();

@@ -71,6 +71,7 @@ pub(crate) async fn claim(
     in_outer_txn: bool,
 ) -> ShardResult<Claim> {
     let pg = |ctx| move |e| ShardError::from_pg(shard, ctx, e);
+    let key = &broken_skip_idempotency(key);
     for _ in 0..CLAIM_ATTEMPTS_MAX {
         let tid = TransferId::generate();
         let stmt = conn
@@ -119,6 +120,20 @@ pub(crate) async fn claim(
         shard,
         reason: format!("idempotency key contended {CLAIM_ATTEMPTS_MAX} times"),
     })
+}
+
+/// A deliberately broken variant for the chaos suite (failpoint
+/// `broken-skip-idempotency`): every request gets a fresh key, so retries run
+/// again. The checker must catch it; compiled in only with the `failpoints` feature.
+fn broken_skip_idempotency(key: &IdempotencyKey) -> IdempotencyKey {
+    #[cfg(feature = "failpoints")]
+    if fail::eval("broken-skip-idempotency", |_| ()).is_some() {
+        return IdempotencyKey {
+            key: format!("{}#{}", key.key, uuid::Uuid::new_v4().simple()),
+            ..key.clone()
+        };
+    }
+    key.clone()
 }
 
 fn gids(tid: TransferId, new: &NewTransfer) -> Vec<String> {

@@ -1,0 +1,153 @@
+//! `chaos`: the fault-injection harness.
+//!
+//!     chaos list
+//!     chaos run --scenario random --duration 60s --seed 7 --json report.json
+//!     chaos run --all --duration 5s
+//!
+//! `chaos serve --config FILE` is the coordinator process the harness starts (the
+//! wallet's server with failpoints compiled in, armed from `FAILPOINTS`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use chaos_tests::cluster::ClusterOptions;
+use chaos_tests::report::summary;
+use chaos_tests::run::{run, Report, RunOptions};
+use chaos_tests::scenario;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "chaos",
+    about = "Crash, cut and delay every part of the wallet, then prove no money was created, lost or moved twice"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List the scenarios.
+    List,
+    /// Run one scenario (or all of them) and check every invariant.
+    Run {
+        #[arg(long, required_unless_present = "all")]
+        scenario: Option<String>,
+        /// Run every scenario in turn.
+        #[arg(long)]
+        all: bool,
+        /// How long faults are injected, e.g. 60s, 10m.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Seed of the workload and the fault schedule; a random one is logged if absent.
+        #[arg(long)]
+        seed: Option<u64>,
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
+        #[arg(long, default_value_t = 100)]
+        users: usize,
+        #[arg(long, default_value_t = 3_000)]
+        in_doubt_after_ms: u64,
+        /// Write the report(s) as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Keep the servers' data and the coordinator log in this directory.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// (internal) The coordinator process started by `run`.
+    #[command(hide = true)]
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,chaos_tests=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Command::List => {
+            for s in scenario::all() {
+                println!("{:<38} {}", s.name, s.about);
+            }
+            Ok(())
+        }
+        Command::Serve { config } => {
+            let _failpoints = fail::FailScenario::setup();
+            let config = coordinator::config::Config::load(&config)?;
+            runtime.block_on(coordinator::serve::run(
+                config,
+                false,
+                coordinator::dev::shutdown_signal(),
+            ))
+        }
+        Command::Run {
+            scenario,
+            all,
+            duration,
+            seed,
+            clients,
+            users,
+            in_doubt_after_ms,
+            json,
+            data_dir,
+        } => {
+            let seed = seed.unwrap_or_else(rand::random);
+            eprintln!("chaos: seed {seed} (replay with --seed {seed})");
+            let scenarios = match (all, scenario) {
+                (true, _) => scenario::all(),
+                (false, Some(name)) => vec![scenario::find(&name)
+                    .with_context(|| format!("no scenario {name:?}; see `chaos list`"))?],
+                (false, None) => bail!("pass --scenario NAME or --all"),
+            };
+            let exe = std::env::current_exe()?;
+            let mut reports: Vec<Report> = Vec::new();
+            for s in &scenarios {
+                let opts = RunOptions {
+                    duration,
+                    seed,
+                    clients,
+                    users,
+                    cluster: ClusterOptions {
+                        shards: 4,
+                        exe: exe.clone(),
+                        in_doubt_after_ms,
+                        data_dir: data_dir.as_ref().map(|d| d.join(s.name.replace(':', "_"))),
+                    },
+                };
+                let report = runtime.block_on(run(s, &opts))?;
+                println!("{}", summary(&report));
+                reports.push(report);
+            }
+            if let Some(path) = json {
+                let body = if reports.len() == 1 {
+                    serde_json::to_string_pretty(&reports[0])?
+                } else {
+                    serde_json::to_string_pretty(&reports)?
+                };
+                std::fs::write(&path, body).with_context(|| format!("write {}", path.display()))?;
+            }
+            let failed: Vec<_> = reports
+                .iter()
+                .filter(|r| !r.passed)
+                .map(|r| r.scenario.as_str())
+                .collect();
+            if !failed.is_empty() {
+                bail!("failed: {}", failed.join(", "));
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,317 @@
+//! One chaos run: a cluster, a workload through the HTTP API, faults from a
+//! seeded schedule, then healing and the checker. Replayable from its seed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rust_decimal::Decimal;
+use serde::Serialize;
+use shard_agent::ShardAgent;
+use tracing::info;
+
+use crate::checker::{wait_quiescent, Snapshot};
+use crate::cluster::{ChaosCluster, ClusterOptions};
+use crate::proxy;
+use crate::scenario::{Fault, Kind, Scenario};
+use crate::workload::{summarize, Client, Outcome, Record, Summary, User, WorkloadConfig};
+
+/// Every request must reach a definite answer within this long after healing.
+pub const LIVENESS_BOUND: Duration = Duration::from_secs(45);
+const DEPOSIT: &str = "100.00";
+
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub duration: Duration,
+    pub seed: u64,
+    pub clients: usize,
+    pub users: usize,
+    pub cluster: ClusterOptions,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct MidRun {
+    /// Snapshots of all shards read while faults ran.
+    pub readings: u32,
+    /// Readings in which totals did not add up (a transfer half-committed across
+    /// shards, seen shard by shard): reported, not failed on.
+    pub inconsistent: u32,
+    /// Readings that could not be taken (a shard down or cut off).
+    pub unreadable: u32,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub scenario: String,
+    pub about: String,
+    pub seed: u64,
+    pub duration_s: f64,
+    pub operations: Summary,
+    pub resolved_by_replay: usize,
+    pub faults: BTreeMap<String, u32>,
+    pub coordinator_starts: u32,
+    pub mid_run: MidRun,
+    pub heal_to_quiet_ms: u128,
+    pub violations: Vec<String>,
+    pub expected_violations: bool,
+    /// The verdict: no violations, or (for a broken variant) some.
+    pub passed: bool,
+    pub data_dir: String,
+}
+
+pub async fn run(scenario: &Scenario, opts: &RunOptions) -> anyhow::Result<Report> {
+    info!(scenario = %scenario.name, seed = opts.seed, "chaos run");
+    let mut cluster = ChaosCluster::start(&opts.cluster).await?;
+    cluster
+        .start_coordinator(&scenario.failpoints_running(0))
+        .await?;
+    let client = Client::new(cluster.api_url(), Duration::from_secs(4));
+    let users = Arc::new(client.setup_users("chaos", opts.users, DEPOSIT).await?);
+    let config = WorkloadConfig {
+        tasks: opts.clients,
+        transfers: 0,
+        seed: opts.seed,
+        attempts_max: 30,
+        request_timeout: Duration::from_secs(4),
+        amount_cents_max: 4_000,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let workload = {
+        let (client, users, config, stop) =
+            (client.clone(), users.clone(), config.clone(), stop.clone());
+        tokio::spawn(async move { client.run_until(users, &config, stop).await })
+    };
+    let sampler = tokio::spawn(sample(cluster.direct.clone(), stop.clone()));
+
+    let started = Instant::now();
+    let mut faults = BTreeMap::new();
+    inject(scenario, opts, &mut cluster, &mut faults).await?;
+    stop.store(true, Ordering::Relaxed);
+    let heal_started = Instant::now();
+    heal(scenario, &mut cluster).await?;
+
+    let mut violations = Vec::new();
+    let mut records = match tokio::time::timeout(LIVENESS_BOUND, workload).await {
+        Ok(r) => r?,
+        Err(_) => {
+            violations.push(format!(
+                "liveness: clients still waiting {LIVENESS_BOUND:?} after healing"
+            ));
+            Vec::new()
+        }
+    };
+    let mid_run = sampler.await?;
+    let operations = summarize(&records);
+    let mut resolved = 0;
+    for r in records.iter_mut().filter(|r| r.outcome == Outcome::Unknown) {
+        r.outcome = client.replay(r, &users, LIVENESS_BOUND).await;
+        if r.outcome == Outcome::Unknown {
+            violations.push(format!(
+                "liveness: key {} has no definite outcome after healing",
+                r.key
+            ));
+        } else {
+            resolved += 1;
+        }
+    }
+    let quiet_within =
+        Duration::from_millis(opts.cluster.in_doubt_after_ms) + Duration::from_secs(20);
+    let snap = wait_quiescent(&cluster.direct, quiet_within).await?;
+    let heal_to_quiet_ms = heal_started.elapsed().as_millis();
+    violations.extend(check(&snap, &records, &users));
+    let expected = scenario.expect_violations();
+    Ok(Report {
+        scenario: scenario.name.clone(),
+        about: scenario.about.clone(),
+        seed: opts.seed,
+        duration_s: started.elapsed().as_secs_f64(),
+        operations,
+        resolved_by_replay: resolved,
+        faults,
+        coordinator_starts: cluster.coordinator_starts(),
+        mid_run,
+        heal_to_quiet_ms,
+        passed: violations.is_empty() != expected,
+        expected_violations: expected,
+        violations,
+        data_dir: cluster.data_dir().display().to_string(),
+    })
+}
+
+/// Injects the scenario's faults until the duration is over. A coordinator that a
+/// failpoint aborted is restarted whatever the scenario.
+async fn inject(
+    scenario: &Scenario,
+    opts: &RunOptions,
+    cluster: &mut ChaosCluster,
+    faults: &mut BTreeMap<String, u32>,
+) -> anyhow::Result<()> {
+    let mut rng = StdRng::seed_from_u64(opts.seed ^ 0x5eed_fa17);
+    let end = Instant::now() + opts.duration;
+    let mut crashes = 0;
+    let mut next_fault = Instant::now() + Duration::from_millis(rng.gen_range(300..1_200));
+    while Instant::now() < end {
+        if cluster.coordinator_exit().is_some() {
+            crashes += 1;
+            *faults
+                .entry("coordinator-abort-at-failpoint".into())
+                .or_default() += 1;
+            cluster
+                .start_coordinator(&scenario.failpoints_running(crashes))
+                .await?;
+        }
+        let fault = match scenario.kind {
+            Kind::Repeat(f) => Some(f),
+            Kind::Random => Some(Fault::ALL[rng.gen_range(0..Fault::ALL.len())]),
+            _ => None,
+        };
+        if let (Some(fault), true) = (fault, Instant::now() >= next_fault) {
+            let shard = rng.gen_range(0..cluster.servers.len());
+            apply(
+                fault,
+                shard,
+                fault.hold(&mut rng),
+                scenario,
+                crashes,
+                cluster,
+            )
+            .await?;
+            *faults.entry(fault.name().into()).or_default() += 1;
+            next_fault = Instant::now() + Duration::from_millis(rng.gen_range(300..1_500));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// Applies one fault for `hold`, then undoes it.
+async fn apply(
+    fault: Fault,
+    shard: usize,
+    hold: Duration,
+    scenario: &Scenario,
+    crashes: u32,
+    cluster: &mut ChaosCluster,
+) -> anyhow::Result<()> {
+    match fault {
+        Fault::KillCoordinator => {
+            cluster.kill_coordinator();
+            tokio::time::sleep(hold).await;
+            cluster
+                .start_coordinator(&scenario.failpoints_running(crashes))
+                .await?;
+        }
+        Fault::KillShard => {
+            tokio::task::block_in_place(|| cluster.servers[shard].kill9())?;
+            tokio::time::sleep(hold).await;
+            tokio::task::block_in_place(|| cluster.servers[shard].restart())?;
+        }
+        Fault::PauseShard => {
+            cluster.servers[shard].pause()?;
+            tokio::time::sleep(hold).await;
+            cluster.servers[shard].resume()?;
+        }
+        Fault::Partition | Fault::DropLinks | Fault::SlowLinks => {
+            let mode = match fault {
+                Fault::Partition => proxy::Fault::BlackHole,
+                Fault::DropLinks => proxy::Fault::Drop,
+                _ => proxy::Fault::Delay {
+                    ms: 20 + hold.as_millis() as u64 % 80,
+                },
+            };
+            cluster.proxies[shard].set(mode);
+            tokio::time::sleep(hold).await;
+            cluster.proxies[shard].set(proxy::Fault::Pass);
+        }
+    }
+    Ok(())
+}
+
+/// Undoes every fault and restarts the coordinator with the healed failpoints.
+async fn heal(scenario: &Scenario, cluster: &mut ChaosCluster) -> anyhow::Result<()> {
+    for p in &cluster.proxies {
+        p.set(proxy::Fault::Pass);
+    }
+    for s in &mut cluster.servers {
+        s.resume()?;
+        if !s.is_running() {
+            tokio::task::block_in_place(|| s.restart())?;
+        }
+    }
+    cluster.kill_coordinator();
+    cluster
+        .start_coordinator(&scenario.failpoints_healed())
+        .await
+}
+
+/// Reads totals every second while faults run, for the report only.
+async fn sample(agents: Vec<ShardAgent>, stop: Arc<AtomicBool>) -> MidRun {
+    let mut mid = MidRun::default();
+    while !stop.load(Ordering::Relaxed) {
+        match tokio::time::timeout(Duration::from_secs(3), Snapshot::take(&agents)).await {
+            Ok(Ok(snap)) => {
+                mid.readings += 1;
+                if !snap.violations(false).is_empty() {
+                    mid.inconsistent += 1;
+                }
+            }
+            _ => mid.unreadable += 1,
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    mid
+}
+
+/// The stored invariants, the client's view (acknowledged => committed, failed =>
+/// nothing moved), and a model of every user's balance built from the history.
+pub fn check(snap: &Snapshot, records: &[Record], users: &[User]) -> Vec<String> {
+    let mut v = snap.violations(true);
+    let acked: Vec<_> = records
+        .iter()
+        .filter_map(|r| match r.outcome {
+            Outcome::Acknowledged(id) => Some(id),
+            _ => None,
+        })
+        .collect();
+    let failed: Vec<_> = records
+        .iter()
+        .filter_map(|r| match &r.outcome {
+            Outcome::Failed { transfer_id, .. } => *transfer_id,
+            _ => None,
+        })
+        .collect();
+    v.extend(snap.unacknowledged(&acked));
+    v.extend(snap.failed_but_moved(&failed));
+    let mut model: HashMap<&str, Decimal> = users
+        .iter()
+        .map(|u| (u.name.as_str(), DEPOSIT.parse().expect("static amount")))
+        .collect();
+    for r in records {
+        if let Outcome::Acknowledged(_) = r.outcome {
+            let amount: Decimal = r.amount.parse().expect("the workload formats amounts");
+            *model.entry(&r.from).or_default() -= amount;
+            *model.entry(&r.to).or_default() += amount;
+        }
+    }
+    let actual: HashMap<&str, Decimal> = snap
+        .audits
+        .iter()
+        .flat_map(|(_, a)| a.balances_by_user.iter().map(|(n, b)| (n.as_str(), *b)))
+        .collect();
+    let mut mismatches: Vec<_> = model
+        .iter()
+        .filter(|(name, want)| actual.get(*name) != Some(want))
+        .map(|(name, want)| {
+            format!(
+                "model: {name} has {:?}, the client's history says {want}",
+                actual.get(name)
+            )
+        })
+        .collect();
+    mismatches.sort();
+    v.extend(mismatches.into_iter().take(20));
+    v
+}
