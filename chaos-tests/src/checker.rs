@@ -80,6 +80,12 @@ impl Snapshot {
                     a.prepared
                 ));
             }
+            if quiescent && a.pending_credits > 0 {
+                v.push(format!("invariant 5: shard {shard} has {} debited transfers whose credit is still pending", a.pending_credits));
+            }
+            if a.fence_regressions > 0 {
+                v.push(format!("fencing: shard {shard} has {} writes made under a lock older than an earlier write to the same account", a.fence_regressions));
+            }
             if quiescent && a.undecided_transfers > 0 {
                 v.push(format!(
                     "invariant 5: shard {shard} has {} transfers still preparing",
@@ -226,7 +232,7 @@ pub async fn wait_quiescent(
         let settled = snap
             .audits
             .iter()
-            .all(|(_, a)| a.prepared == 0 && a.undecided_transfers == 0);
+            .all(|(_, a)| a.prepared == 0 && a.undecided_transfers == 0 && a.pending_credits == 0);
         if settled || tokio::time::Instant::now() >= deadline {
             return Ok(snap);
         }

@@ -94,6 +94,8 @@ impl ChaosCluster {
                 ..Limits::default()
             },
             admin_token: Some("chaos-admin".into()),
+            lock_mode: Default::default(),
+            redis: None,
         };
         let config_path = dir.join("coordinator.json");
         std::fs::write(&config_path, serde_json::to_string_pretty(&config)?)?;

@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 use shard_agent::catalog::ShardEntry;
 use shard_agent::AgentConfig;
 
+use crate::redis_lock::RedisConfig;
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Config {
     pub listen: SocketAddr,
@@ -21,6 +23,35 @@ pub struct Config {
     /// Bearer token for `/v1/admin/*`; the admin routes are off without one.
     #[serde(default)]
     pub admin_token: Option<String>,
+    /// How cross-shard transfers are carried out.
+    #[serde(default)]
+    pub lock_mode: LockMode,
+    /// Required when `lock_mode` is `redis`.
+    #[serde(default)]
+    pub redis: Option<RedisConfig>,
+}
+
+/// The deployment-wide choice of cross-shard protocol.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+pub enum LockMode {
+    /// Two-phase commit: atomic across shards, no other moving part.
+    #[default]
+    #[serde(rename = "2pc")]
+    #[value(name = "2pc")]
+    TwoPc,
+    /// Redis locks with fencing tokens and forward recovery.
+    #[serde(rename = "redis")]
+    #[value(name = "redis")]
+    Redis,
+}
+
+impl LockMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LockMode::TwoPc => "2pc",
+            LockMode::Redis => "redis",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -100,6 +131,14 @@ impl Config {
         }
         if self.limits.in_doubt_after_ms <= self.agent.lock_timeout_ms {
             return Err("limits.in_doubt_after_ms must exceed agent.lock_timeout_ms".into());
+        }
+        if self.lock_mode == LockMode::Redis && self.redis.is_none() {
+            return Err("lock_mode \"redis\" needs a \"redis\" section with its url".into());
+        }
+        if let Some(r) = &self.redis {
+            if r.lock_ttl_ms <= r.lock_wait_ms || r.lock_ttl_ms == 0 {
+                return Err("redis.lock_ttl_ms must exceed redis.lock_wait_ms".into());
+            }
         }
         if self.agent.pool_size_max == 0 {
             return Err("agent.pool_size_max must be at least 1".into());

@@ -13,12 +13,13 @@ use anyhow::{bail, Context};
 use router::ShardId;
 use shard_agent::catalog::ShardEntry;
 
-use shard_agent::local::{create_database, free_port, PgServer, PgServerConfig};
+use shard_agent::local::{create_database, free_port, PgServer, PgServerConfig, RedisServer};
 use shard_agent::migrate::{migrate_catalog, migrate_shard};
 
 use crate::api::{self, AppState};
-use crate::config::{Config, Limits};
+use crate::config::{Config, Limits, LockMode};
 use crate::payments::Sandbox;
+use crate::redis_lock::RedisConfig;
 use crate::service::Coordinator;
 
 pub const CLUSTER_FILE: &str = "cluster.json";
@@ -63,6 +64,7 @@ pub struct DevOptions {
     pub listen: SocketAddr,
     pub shards: usize,
     pub data_dir: PathBuf,
+    pub lock_mode: LockMode,
 }
 
 /// Runs the dev cluster until Ctrl-C or SIGTERM.
@@ -109,6 +111,15 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
         .as_ref()
         .and_then(|p| p.admin_token.clone())
         .unwrap_or_else(|| crate::auth::new_token(router::UserId::for_username("admin")));
+    // Redis-lock mode: a local redis-server of our own, dying with us.
+    let redis_server = match opts.lock_mode {
+        LockMode::TwoPc => None,
+        LockMode::Redis => {
+            let server = tokio::task::spawn_blocking(|| RedisServer::start(0)).await??;
+            println!("  redis: redis-server on 127.0.0.1:{}", server.port());
+            Some(server)
+        }
+    };
     let config = Config {
         listen: opts.listen,
         catalog_dsn,
@@ -116,6 +127,11 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
         agent: Default::default(),
         limits: Limits::default(),
         admin_token: Some(admin_token),
+        lock_mode: opts.lock_mode,
+        redis: redis_server.as_ref().map(|r| RedisConfig {
+            url: r.url(),
+            ..RedisConfig::default()
+        }),
     };
     std::fs::write(&cluster_file, serde_json::to_string_pretty(&config)?)
         .with_context(|| format!("write {}", cluster_file.display()))?;
@@ -134,6 +150,7 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
     );
     api::serve(listener, router, shutdown_signal()).await?;
     println!("stopping the shards…");
+    drop(redis_server);
     drop(servers);
     println!("stopped");
     Ok(())
@@ -155,7 +172,7 @@ fn port_of(dsn: &str) -> Option<u16> {
 fn print_banner(config: &Config, cluster_file: &Path) {
     let url = format!("http://{}", config.listen);
     println!(
-        "\nwallet dev: {} shards, API on {url}\n  cluster description: {}\n  OpenAPI: {url}/openapi.json\n\n\
+        "\nwallet dev: {} shards, lock mode {}, API on {url}\n  cluster description: {}\n  OpenAPI: {url}/openapi.json\n\n\
          Try it:\n  curl -s -X POST {url}/v1/user -H 'content-type: application/json' \\\n    \
          -d '{{\"username\":\"alice\",\"email\":\"alice@example.com\",\"password\":\"correct horse\",\"currency\":\"USD\"}}'\n  \
          curl -s -X POST {url}/v1/login -H 'content-type: application/json' \\\n    \
@@ -166,6 +183,7 @@ fn print_banner(config: &Config, cluster_file: &Path) {
          -H 'content-type: application/json' -d '{{\"to\":\"bob\",\"amount\":\"12.50\",\"currency\":\"USD\"}}'\n\n\
          Ctrl-C stops the API and the shards.",
         config.shards.len(),
+        config.lock_mode.as_str(),
         cluster_file.display()
     );
 }

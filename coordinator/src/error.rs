@@ -29,3 +29,18 @@ macro_rules! crash_point {
     };
 }
 pub(crate) use crash_point;
+
+/// A named failpoint that stalls the protocol, asynchronously, for the number of
+/// milliseconds given as `return(MS)` (a lock holder "paused" past its TTL). Unlike
+/// the `fail` crate's own `sleep` and `pause`, it never blocks a runtime thread,
+/// which could strand other tasks queued on it. No-op without `failpoints`.
+macro_rules! stall_point {
+    ($name:literal) => {
+        #[cfg(feature = "failpoints")]
+        if let Some(Some(ms)) = fail::eval($name, |arg| arg.and_then(|a| a.parse::<u64>().ok())) {
+            tracing::warn!(failpoint = $name, ms, "stalling");
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        }
+    };
+}
+pub(crate) use stall_point;

@@ -4,6 +4,8 @@
 //!
 //! - [`service`]: the wallet's operations without HTTP ([`service::Coordinator`]).
 //! - [`two_pc`]: the cross-shard protocol driver, with a named failpoint per step.
+//! - [`redis_mode`], [`redis_lock`]: the Redis-lock mode (locks, fencing tokens,
+//!   forward recovery), chosen per deployment by `lock_mode`.
 //! - [`recovery`]: the loop that resolves in-doubt transactions from their decision.
 //! - [`cluster`]: the bucket map and one shard agent per shard, reloaded by epoch.
 //! - [`api`]: axum routes, problem+json errors, OpenAPI.
@@ -20,6 +22,8 @@ pub mod error;
 pub mod inputs;
 pub mod payments;
 pub mod recovery;
+pub mod redis_lock;
+pub mod redis_mode;
 pub mod serve;
 pub mod service;
 pub mod testkit;

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use coordinator::config::Config;
+use coordinator::config::{Config, LockMode};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -32,6 +32,9 @@ enum Command {
         /// Where the shards' data and cluster.json live; reused by the next run.
         #[arg(long, default_value = ".wallet-dev")]
         data_dir: PathBuf,
+        /// Cross-shard protocol; `redis` also starts a local redis-server.
+        #[arg(long, value_enum, default_value = "2pc")]
+        lock_mode: LockMode,
     },
     /// Serve the API against running shards described by a config file (the
     /// cluster.json `wallet dev` writes has this format).
@@ -44,6 +47,9 @@ enum Command {
         /// Do not apply schema migrations at start.
         #[arg(long)]
         no_migrate: bool,
+        /// Overrides the config's lock_mode (`redis` needs its `redis` section).
+        #[arg(long, value_enum)]
+        lock_mode: Option<LockMode>,
     },
 }
 
@@ -60,11 +66,13 @@ async fn main() -> anyhow::Result<()> {
             listen,
             shards,
             data_dir,
+            lock_mode,
         } => {
             coordinator::dev::run(coordinator::dev::DevOptions {
                 listen,
                 shards: usize::from(shards),
                 data_dir,
+                lock_mode,
             })
             .await
         }
@@ -72,14 +80,23 @@ async fn main() -> anyhow::Result<()> {
             config,
             listen,
             no_migrate,
-        } => serve(config, listen, no_migrate).await,
+            lock_mode,
+        } => serve(config, listen, no_migrate, lock_mode).await,
     }
 }
 
-async fn serve(path: PathBuf, listen: Option<SocketAddr>, no_migrate: bool) -> anyhow::Result<()> {
+async fn serve(
+    path: PathBuf,
+    listen: Option<SocketAddr>,
+    no_migrate: bool,
+    lock_mode: Option<LockMode>,
+) -> anyhow::Result<()> {
     let mut config = Config::load(&path)?;
     if let Some(addr) = listen {
         config.listen = addr;
+    }
+    if let Some(mode) = lock_mode {
+        config.lock_mode = mode;
     }
     coordinator::serve::run(config, !no_migrate, coordinator::dev::shutdown_signal()).await
 }

@@ -1,6 +1,7 @@
 //! The recovery loop: on start and on a timer, every shard's in-doubt prepared
 //! transactions are resolved from their home shard's decision, and transfers stuck
-//! in `preparing` are aborted (presumed abort). See `shard_agent::two_pc::recover`.
+//! in `preparing` are aborted (presumed abort), and, in Redis-lock mode, pending
+//! credits are applied (forward recovery). See `shard_agent::two_pc::recover`.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -11,7 +12,11 @@ use serde::Serialize;
 use shard_agent::two_pc::recover::{abort_stale, resolve_leg, PreparedStats, Resolution};
 use tracing::{info, warn};
 
-use crate::cluster::Cluster;
+use shard_agent::redis_legs::{Credited, FencedLeg};
+use shard_agent::ShardAgent;
+
+use crate::cluster::{Cluster, Routing};
+use crate::redis_lock::LockService;
 
 /// For `/v1/admin/in-doubt` and the logs: counters since this coordinator started,
 /// and the prepared transactions the last pass saw.
@@ -21,6 +26,8 @@ pub struct RecoveryStatus {
     pub committed: u64,
     pub rolled_back: u64,
     pub aborted_stale: u64,
+    /// Redis-lock mode: credits applied from pending credits (forward recovery).
+    pub forwarded: u64,
     pub unknown: u64,
     pub errors: u64,
     /// Our prepared transactions per shard, young and old, at the last pass.
@@ -43,14 +50,21 @@ impl RecoveryStatus {
 
 pub struct Recovery {
     cluster: Arc<Cluster>,
+    /// Redis-lock mode: pending credits are applied under a fresh lock.
+    locks: Option<Arc<LockService>>,
     in_doubt_after: Duration,
     status: Mutex<RecoveryStatus>,
 }
 
 impl Recovery {
-    pub fn new(cluster: Arc<Cluster>, in_doubt_after: Duration) -> Recovery {
+    pub fn new(
+        cluster: Arc<Cluster>,
+        locks: Option<Arc<LockService>>,
+        in_doubt_after: Duration,
+    ) -> Recovery {
         Recovery {
             cluster,
+            locks,
             in_doubt_after,
             status: Mutex::new(RecoveryStatus::default()),
         }
@@ -105,6 +119,10 @@ impl Recovery {
                     pass.errors += 1;
                 }
             }
+            if let Some(locks) = &self.locks {
+                self.forward_pending(agent, &routing, locks, &mut pass)
+                    .await;
+            }
             match agent.stale_preparing(self.in_doubt_after).await {
                 Ok(stale) => {
                     for tid in stale {
@@ -127,7 +145,7 @@ impl Recovery {
             .status
             .lock()
             .expect("invariant: recovery status lock is never held across a panic");
-        let acted = pass.committed + pass.rolled_back + pass.aborted_stale;
+        let acted = pass.committed + pass.rolled_back + pass.aborted_stale + pass.forwarded;
         if acted > 0 || pass.in_doubt_count() > 0 {
             info!(
                 in_doubt = pass.in_doubt_count(),
@@ -135,6 +153,7 @@ impl Recovery {
                 committed = pass.committed,
                 rolled_back = pass.rolled_back,
                 aborted_stale = pass.aborted_stale,
+                forwarded = pass.forwarded,
                 "recovery pass"
             );
         }
@@ -142,11 +161,68 @@ impl Recovery {
         status.committed += pass.committed;
         status.rolled_back += pass.rolled_back;
         status.aborted_stale += pass.aborted_stale;
+        status.forwarded += pass.forwarded;
         status.unknown += pass.unknown;
         status.errors += pass.errors;
         status.prepared = pass.prepared.clone();
         status.unreachable = pass.unreachable.clone();
         pass
+    }
+
+    /// Forward recovery: applies each pending credit of `home` older than
+    /// `in_doubt_after` under a fresh lock on the payee, then clears it. A credit
+    /// already applied (the coordinator got there) is only cleared.
+    async fn forward_pending(
+        &self,
+        home: &ShardAgent,
+        routing: &Routing,
+        locks: &LockService,
+        pass: &mut RecoveryStatus,
+    ) {
+        let pending = match home.pending_credits(self.in_doubt_after).await {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(shard = %home.id(), %e, "recovery: could not list pending credits");
+                pass.errors += 1;
+                return;
+            }
+        };
+        for p in pending {
+            let held = match locks.acquire(&[p.to_user]).await {
+                Ok(h) => h,
+                Err(e) => {
+                    warn!(transfer_id = %p.transfer_id, %e, "recovery: no lock for a pending credit; will retry");
+                    pass.errors += 1;
+                    continue;
+                }
+            };
+            let leg = FencedLeg {
+                transfer_id: p.transfer_id,
+                user: p.to_user,
+                amount: p.amount,
+                currency: p.currency,
+                fence: held.fence(p.to_user).unwrap_or_default(),
+                counterparty: p.from_username.clone(),
+            };
+            let applied = routing.agent_for(&p.to_user).credit_fenced(&leg).await;
+            locks.release(held).await;
+            match applied {
+                Ok(Credited::Yes | Credited::AlreadyApplied) => {
+                    match home.clear_pending_credit(p.transfer_id).await {
+                        Ok(()) => pass.forwarded += 1,
+                        Err(e) => {
+                            warn!(transfer_id = %p.transfer_id, %e, "recovery: credit applied, pending not cleared");
+                            pass.errors += 1;
+                        }
+                    }
+                }
+                Ok(Credited::FenceRejected) => pass.errors += 1,
+                Err(e) => {
+                    warn!(transfer_id = %p.transfer_id, %e, "recovery: could not apply a pending credit; will retry");
+                    pass.errors += 1;
+                }
+            }
+        }
     }
 
     /// Runs a pass at once, then every `every`; meant to be spawned.

@@ -30,7 +30,7 @@ pub async fn run(
         .await
         .with_context(|| format!("listen on {}", config.listen))?;
     let coordinator = Arc::new(Coordinator::start(&config, Arc::new(Sandbox)).await?);
-    tracing::info!(listen = %config.listen, shards = config.shards.len(), lock_mode = "2pc", "serving");
+    tracing::info!(listen = %config.listen, shards = config.shards.len(), lock_mode = config.lock_mode.as_str(), "serving");
     let router = api::app(
         AppState {
             coordinator,

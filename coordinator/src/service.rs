@@ -18,11 +18,13 @@ use tracing::{info, Instrument};
 
 use crate::auth::{new_token, token_hash, token_user, AuthError, PasswordPolicy};
 use crate::cluster::{Cluster, ClusterError};
-use crate::config::{Config, Limits};
+use crate::config::{Config, Limits, LockMode};
 use crate::error::CoordinatorError;
 use crate::inputs::{Email, IdemKey, Password, Username};
 use crate::payments::{call_with_timeout, PaymentProvider};
 use crate::recovery::Recovery;
+use crate::redis_lock::LockService;
+use crate::redis_mode;
 use crate::two_pc;
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +49,8 @@ pub enum SignUp {
 /// The coordinator: routing, the protocols, and the background recovery.
 pub struct Coordinator {
     cluster: Arc<Cluster>,
+    lock_mode: LockMode,
+    locks: Option<Arc<LockService>>,
     recovery: Arc<Recovery>,
     provider: Arc<dyn PaymentProvider>,
     limits: Limits,
@@ -73,8 +77,17 @@ impl Coordinator {
             Cluster::open(&config.catalog_dsn, &config.shards, config.agent.clone()).await?,
         );
         let limits = config.limits.clone();
+        // Recovery completes pending credits whenever Redis is configured, even in
+        // 2PC mode, so switching modes never strands a Redis-mode transfer.
+        let locks = match &config.redis {
+            Some(r) => Some(Arc::new(
+                LockService::new(r.clone()).map_err(|e| StartError::Config(e.to_string()))?,
+            )),
+            None => None,
+        };
         let recovery = Arc::new(Recovery::new(
             cluster.clone(),
+            locks.clone(),
             Duration::from_millis(limits.in_doubt_after_ms),
         ));
         let tasks = vec![
@@ -89,8 +102,11 @@ impl Coordinator {
                     .run_forever(Duration::from_millis(limits.recovery_interval_ms)),
             ),
         ];
+        info!(lock_mode = config.lock_mode.as_str(), "coordinator started");
         Ok(Coordinator {
             cluster,
+            lock_mode: config.lock_mode,
+            locks,
             recovery,
             provider,
             limits,
@@ -104,6 +120,14 @@ impl Coordinator {
 
     pub fn recovery(&self) -> &Arc<Recovery> {
         &self.recovery
+    }
+
+    pub fn lock_mode(&self) -> LockMode {
+        self.lock_mode
+    }
+
+    pub fn locks(&self) -> Option<&Arc<LockService>> {
+        self.locks.as_ref()
     }
 
     fn password_policy(&self) -> PasswordPolicy {
@@ -258,15 +282,21 @@ impl Coordinator {
             },
         };
         let routing = self.cluster.routing();
+        let locks = match self.lock_mode {
+            LockMode::TwoPc => None,
+            LockMode::Redis => Some(self.locks.clone().ok_or_else(|| {
+                CoordinatorError::Corrupt("redis mode without a lock service".into())
+            })?),
+        };
         let span = tracing::info_span!("transfer", from = %order.from, to = %order.to, key = %key.as_str());
         let task = tokio::spawn(
             async move {
                 let home = routing.agent_for(&order.from);
                 let remote = routing.agent_for(&order.to);
-                if home.id() == remote.id() {
-                    Ok(home.transfer_local(&order).await?)
-                } else {
-                    two_pc::transfer(home, remote, &order).await
+                match locks {
+                    _ if home.id() == remote.id() => Ok(home.transfer_local(&order).await?),
+                    None => two_pc::transfer(home, remote, &order).await,
+                    Some(locks) => redis_mode::transfer(&locks, home, remote, &order).await,
                 }
             }
             .instrument(span),

@@ -11,8 +11,9 @@ use shard_agent::ShardAgent;
 use tokio::task::JoinHandle;
 
 use crate::api::{self, AppState};
-use crate::config::{Config, Limits};
+use crate::config::{Config, Limits, LockMode};
 use crate::payments::Sandbox;
+use crate::redis_lock::RedisConfig;
 use crate::service::Coordinator;
 
 /// Logs to the test's captured output, filtered by `RUST_LOG` (default: warnings).
@@ -39,6 +40,23 @@ pub fn test_limits() -> Limits {
     }
 }
 
+/// Switches `config` to Redis-lock mode on the shared test Redis, with a key
+/// prefix of its own and short lock timings.
+pub async fn with_redis(mut config: Config) -> Config {
+    let redis = tokio::task::spawn_blocking(testing::redis)
+        .await
+        .expect("start test redis");
+    config.lock_mode = LockMode::Redis;
+    config.redis = Some(RedisConfig {
+        url: redis.url(),
+        key_prefix: format!("{}:", testing::unique_prefix()),
+        lock_ttl_ms: 2_000,
+        lock_wait_ms: 1_000,
+        response_timeout_ms: 1_000,
+    });
+    config
+}
+
 /// A cluster of fresh databases with a coordinator serving HTTP on 127.0.0.1:0.
 pub struct TestCluster {
     pub config: Config,
@@ -52,6 +70,13 @@ impl TestCluster {
         init_tracing();
         let config = Self::provision(shards, limits).await;
         Self::serve(config).await
+    }
+
+    /// Like [`TestCluster::start`], in Redis-lock mode on the shared test Redis.
+    pub async fn start_redis(shards: usize, limits: Limits) -> TestCluster {
+        init_tracing();
+        let config = Self::provision(shards, limits).await;
+        Self::serve(with_redis(config).await).await
     }
 
     /// Fresh databases for one cluster, without starting a coordinator.
@@ -68,11 +93,14 @@ impl TestCluster {
             agent: Default::default(),
             limits,
             admin_token: Some("test-admin-token".into()),
+            lock_mode: Default::default(),
+            redis: None,
         }
     }
 
     /// Starts a coordinator and an HTTP server on `config`'s databases.
     pub async fn serve(config: Config) -> TestCluster {
+        init_tracing();
         let coordinator = Arc::new(
             Coordinator::start(&config, Arc::new(Sandbox))
                 .await

@@ -25,6 +25,11 @@ pub struct ShardAudit {
     /// Invariant 5: our prepared transactions, and transfers not yet decided.
     pub prepared: i64,
     pub undecided_transfers: i64,
+    /// Redis-lock mode: debits whose credit is not applied yet (invariant 5).
+    pub pending_credits: i64,
+    /// Redis-lock mode: fenced writes that landed after a write with a newer
+    /// fencing token on the same account (a stale lock holder wrote).
+    pub fence_regressions: i64,
     /// Invariant 3: every decision record of this home shard…
     pub decisions: Vec<DecisionRow>,
     /// …and every ledger entry on this shard's user accounts.
@@ -86,7 +91,12 @@ impl ShardAgent {
                        (SELECT count(*) FROM accounts a
                           WHERE a.opening_balance + coalesce((SELECT sum(amount) FROM ledger_entries e
                                                      WHERE e.account_id = a.account_id), 0) <> a.balance),
-                       (SELECT count(*) FROM transfers WHERE state = 'preparing')",
+                       (SELECT count(*) FROM transfers WHERE state = 'preparing'),
+                       (SELECT count(*) FROM pending_credits),
+                       (SELECT count(*) FROM (
+                          SELECT fence, lag(fence) OVER (PARTITION BY account_id ORDER BY entry_id) AS prev
+                          FROM ledger_entries WHERE fence IS NOT NULL) f
+                        WHERE fence <= prev)",
                     &[],
                 )
                 .await
@@ -94,6 +104,8 @@ impl ShardAgent {
             audit.negative_balances = row.get(0);
             audit.ledger_mismatches = row.get(1);
             audit.undecided_transfers = row.get(2);
+            audit.pending_credits = row.get(3);
+            audit.fence_regressions = row.get(4);
             audit.decisions = conn
                 .query("SELECT transfer_id, kind, state, amount FROM transfers", &[])
                 .await

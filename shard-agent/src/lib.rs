@@ -8,6 +8,7 @@
 //! - [`idempotency`]: step 1 of every money movement (claim the key, record the transfer).
 //! - [`transfer_local`]: a same-shard transfer as one local transaction.
 //! - [`two_pc`]: prepare, decide, finish and recover, one file per step.
+//! - [`redis_legs`]: Redis-lock mode's fenced, idempotent legs and pending credits.
 //! - [`external`]: deposits and withdrawals through the shard's clearing account.
 //! - [`users`]: users, sessions, account and transfer views.
 //! - [`catalog`], [`migrate`]: the bucket map with its epoch; schema migrations.
@@ -26,6 +27,7 @@ pub mod local;
 pub mod migrate;
 pub mod money;
 pub mod records;
+pub mod redis_legs;
 pub mod transfer_local;
 pub mod two_pc;
 pub mod users;

@@ -8,6 +8,7 @@ use utoipa::ToSchema;
 
 use super::error::{ApiError, ApiResult, ErrorCode, Problem};
 use super::AppState;
+use crate::config::LockMode;
 
 #[derive(Serialize, ToSchema)]
 pub struct Health {
@@ -24,8 +25,11 @@ pub struct ShardReadiness {
 pub struct Readiness {
     /// "ready" when every shard answers, else "degraded".
     pub status: &'static str,
-    /// How cross-shard transfers are carried out: "2pc".
+    /// How cross-shard transfers are carried out: "2pc" or "redis".
     pub lock_mode: &'static str,
+    /// In Redis-lock mode: whether Redis answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_ok: Option<bool>,
     /// The bucket map's epoch.
     pub epoch: u64,
     pub shards: Vec<ShardReadiness>,
@@ -47,10 +51,17 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         }
     }))
     .await;
-    let ready = checks.iter().all(|c| c.ok);
+    let mode = state.coordinator.lock_mode();
+    let redis_ok = match (mode, state.coordinator.locks()) {
+        (LockMode::Redis, Some(locks)) => Some(locks.ping().await.is_ok()),
+        (LockMode::Redis, None) => Some(false),
+        (LockMode::TwoPc, _) => None,
+    };
+    let ready = checks.iter().all(|c| c.ok) && redis_ok != Some(false);
     let body = Readiness {
         status: if ready { "ready" } else { "degraded" },
-        lock_mode: "2pc",
+        lock_mode: mode.as_str(),
+        redis_ok,
         epoch: routing.map.epoch().0,
         shards: checks,
     };

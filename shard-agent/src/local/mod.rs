@@ -13,10 +13,12 @@ mod cluster;
 mod database;
 mod probe;
 mod process;
+mod redis;
 mod server;
 pub mod testing;
 
 pub use database::create_database;
+pub use redis::RedisServer;
 
 use std::io;
 use std::net::TcpListener;
@@ -35,6 +37,9 @@ pub enum LocalError {
          `apt-get install postgresql` or set PG_BINDIR to the directory holding them"
     )]
     BinariesNotFound,
+    /// `redis-server` is not on the PATH (needed by the Redis-lock mode).
+    #[error("redis-server not found; install it with `apt-get install redis-server`")]
+    RedisNotFound,
     /// PostgreSQL refuses to run as root and there is no `postgres` user to switch to.
     #[error(
         "running as root but there is no `postgres` user to run the server as; \

@@ -7,12 +7,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 pub use super::create_database;
-use super::{free_port, PgServer, PgServerConfig};
+use super::{free_port, PgServer, PgServerConfig, RedisServer};
 
 /// One PostgreSQL server per shard, as in production.
 pub const TEST_SERVERS: usize = 4;
 
 static SERVERS: OnceLock<Vec<PgServer>> = OnceLock::new();
+static REDIS: OnceLock<RedisServer> = OnceLock::new();
 static NEXT_NAME: AtomicUsize = AtomicUsize::new(0);
 
 /// The servers of this test process, started (in parallel) on first use.
@@ -45,6 +46,14 @@ pub async fn servers_async() -> &'static [PgServer] {
     tokio::task::spawn_blocking(servers)
         .await
         .expect("start test servers")
+}
+
+/// The `redis-server` of this test process, started on first use. Clusters share
+/// it through distinct key prefixes.
+pub fn redis() -> &'static RedisServer {
+    REDIS.get_or_init(|| {
+        RedisServer::start(0).unwrap_or_else(|e| panic!("start test redis-server: {e}"))
+    })
 }
 
 /// A name unique in this test process, for databases.

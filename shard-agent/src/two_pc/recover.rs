@@ -104,14 +104,15 @@ impl ShardAgent {
         .await
     }
 
-    /// 2PC transfers of this home shard still `preparing` after `older_than`.
+    /// 2PC and Redis-mode transfers of this home shard still `preparing` after
+    /// `older_than` (in Redis mode: not yet debited, so nothing moved).
     pub async fn stale_preparing(&self, older_than: Duration) -> ShardResult<Vec<TransferId>> {
         self.timed("list stale transfers", async {
             let conn = self.conn().await?;
             let rows = conn
                 .query(
                     "SELECT transfer_id FROM transfers
-                     WHERE state = 'preparing' AND mode = '2pc'
+                     WHERE state = 'preparing' AND mode IN ('2pc', 'redis')
                        AND created_at < now() - make_interval(secs => $1)
                      ORDER BY created_at LIMIT $2",
                     &[&older_than.as_secs_f64(), &RECOVERY_BATCH_MAX],

@@ -1,0 +1,216 @@
+//! Redis locks with fencing tokens, for the Redis-lock mode.
+//!
+//! A lock is `SET <prefix>lock:<user> <owner> NX PX <ttl>`, taken per account in
+//! sorted order (so two transfers never wait on each other in a cycle) and released
+//! by compare-and-delete (a holder whose lock expired cannot release its
+//! successor's). Each grant returns a fencing token that every shard write checks.
+//!
+//! Tokens are the Redis server's clock in microseconds, forced strictly above the
+//! last token issued. Redis here keeps nothing on disk, so a restart forgets the
+//! last token; the clock keeps new tokens above every earlier one anyway, as long
+//! as the Redis host's clock does not step back across the restart.
+
+use std::time::Duration;
+
+use rand::Rng;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Script;
+use router::UserId;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+const ACQUIRE_LUA: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local last = tonumber(redis.call('GET', KEYS[2]) or '0')
+  local fence = math.max(now, last + 1)
+  redis.call('SET', KEYS[2], string.format('%.0f', fence))
+  return fence
+end
+return false
+";
+
+const RELEASE_LUA: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RedisConfig {
+    pub url: String,
+    /// Namespaces every key, so deployments (or tests) can share a server.
+    pub key_prefix: String,
+    /// A lock expires after this long even if its holder never releases it.
+    pub lock_ttl_ms: u64,
+    /// How long to wait for a lock held by someone else before answering 503.
+    pub lock_wait_ms: u64,
+    pub response_timeout_ms: u64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379/".into(),
+            key_prefix: "wallet:".into(),
+            lock_ttl_ms: 5_000,
+            lock_wait_ms: 2_000,
+            response_timeout_ms: 1_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("Redis is unreachable: {0}")]
+    Unavailable(String),
+    #[error("lock on {user} not granted within {waited_ms} ms")]
+    NotGranted { user: UserId, waited_ms: u64 },
+}
+
+/// The locks of one transfer: `(user, owner token, fencing token)` per account.
+#[derive(Debug)]
+pub struct Held {
+    locks: Vec<(UserId, String, i64)>,
+}
+
+impl Held {
+    /// The fencing token of the lock on `user`'s account.
+    pub fn fence(&self, user: UserId) -> Option<i64> {
+        self.locks
+            .iter()
+            .find(|(u, _, _)| *u == user)
+            .map(|(_, _, f)| *f)
+    }
+}
+
+pub struct LockService {
+    client: redis::Client,
+    config: RedisConfig,
+    /// Made on first use and kept (it reconnects by itself), so a coordinator can
+    /// start while Redis is down.
+    conn: Mutex<Option<ConnectionManager>>,
+    acquire: Script,
+    release: Script,
+}
+
+impl LockService {
+    pub fn new(config: RedisConfig) -> Result<LockService, LockError> {
+        let client = redis::Client::open(config.url.as_str())
+            .map_err(|e| LockError::Unavailable(e.to_string()))?;
+        Ok(LockService {
+            client,
+            config,
+            conn: Mutex::new(None),
+            acquire: Script::new(ACQUIRE_LUA),
+            release: Script::new(RELEASE_LUA),
+        })
+    }
+
+    pub fn config(&self) -> &RedisConfig {
+        &self.config
+    }
+
+    async fn conn(&self) -> Result<ConnectionManager, LockError> {
+        let mut slot = self.conn.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let timeout = Some(Duration::from_millis(self.config.response_timeout_ms));
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(timeout)
+            .set_response_timeout(timeout)
+            .set_number_of_retries(1);
+        let c = self
+            .client
+            .get_connection_manager_with_config(config)
+            .await
+            .map_err(|e| LockError::Unavailable(e.to_string()))?;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    pub async fn ping(&self) -> Result<(), LockError> {
+        let mut c = self.conn().await?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut c)
+            .await
+            .map_err(|e| LockError::Unavailable(e.to_string()))?;
+        Ok(())
+    }
+
+    fn key(&self, user: UserId) -> String {
+        format!("{}lock:{}", self.config.key_prefix, user)
+    }
+
+    /// Locks every account in `users` (sorted, deduplicated), waiting up to
+    /// `lock_wait_ms` for each. On failure nothing stays locked.
+    pub async fn acquire(&self, users: &[UserId]) -> Result<Held, LockError> {
+        let mut sorted = users.to_vec();
+        sorted.sort();
+        sorted.dedup();
+        let mut held = Held {
+            locks: Vec::with_capacity(sorted.len()),
+        };
+        for user in sorted {
+            match self.acquire_one(user).await {
+                Ok((owner, fence)) => held.locks.push((user, owner, fence)),
+                Err(e) => {
+                    self.release(held).await;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(held)
+    }
+
+    async fn acquire_one(&self, user: UserId) -> Result<(String, i64), LockError> {
+        let owner = uuid::Uuid::new_v4().simple().to_string();
+        let fence_key = format!("{}fence", self.config.key_prefix);
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(self.config.lock_wait_ms);
+        let mut c = self.conn().await?;
+        loop {
+            let granted: Option<i64> = self
+                .acquire
+                .key(self.key(user))
+                .key(&fence_key)
+                .arg(&owner)
+                .arg(self.config.lock_ttl_ms)
+                .invoke_async(&mut c)
+                .await
+                .map_err(|e| LockError::Unavailable(e.to_string()))?;
+            if let Some(fence) = granted {
+                return Ok((owner, fence));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(LockError::NotGranted {
+                    user,
+                    waited_ms: self.config.lock_wait_ms,
+                });
+            }
+            let pause = rand::thread_rng().gen_range(2..15);
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+        }
+    }
+
+    /// Releases what is still ours; a lock that expired (and may be someone
+    /// else's now) is left alone. Errors are ignored: the TTL frees the lock.
+    pub async fn release(&self, held: Held) {
+        let Ok(mut c) = self.conn().await else { return };
+        for (user, owner, _) in held.locks.into_iter().rev() {
+            let released: Result<i64, _> = self
+                .release
+                .key(self.key(user))
+                .arg(&owner)
+                .invoke_async(&mut c)
+                .await;
+            if let Err(e) = released {
+                tracing::debug!(%e, %user, "lock release failed; its TTL will free it");
+            }
+        }
+    }
+}
