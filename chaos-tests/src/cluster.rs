@@ -8,12 +8,17 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use coordinator::config::{Config, Limits};
+use coordinator::config::{Config, Limits, LockMode};
+use coordinator::redis_lock::RedisConfig;
 use shard_agent::catalog::ShardEntry;
-use shard_agent::local::{free_port, PgServer, PgServerConfig};
+use shard_agent::local::{free_port, PgServer, PgServerConfig, RedisServer};
 use shard_agent::{AgentConfig, ShardAgent};
 
 use crate::proxy::Proxy;
+
+/// Short, so the lock-expiry scenarios can outlive a lock without outliving
+/// `in_doubt_after` (then the fence, not recovery, must stop the stale holder).
+pub const LOCK_TTL_MS: u64 = 800;
 
 /// How long a coordinator process may take to answer /healthz after a start.
 const COORDINATOR_START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -26,6 +31,7 @@ pub struct ClusterOptions {
     pub in_doubt_after_ms: u64,
     /// Where data and logs go; a fresh temporary directory when `None`.
     pub data_dir: Option<PathBuf>,
+    pub lock_mode: LockMode,
 }
 
 pub struct ChaosCluster {
@@ -36,6 +42,8 @@ pub struct ChaosCluster {
     /// Agents that bypass the proxies, for the checker.
     pub direct: Vec<ShardAgent>,
     pub config: Config,
+    /// Redis-lock mode only.
+    pub redis: Option<RedisServer>,
     config_path: PathBuf,
     exe: PathBuf,
     coordinator: Option<Child>,
@@ -80,6 +88,10 @@ impl ChaosCluster {
             direct.push(ShardAgent::new(entry.id, &entry.dsn, agent.clone())?);
             proxies.push(proxy);
         }
+        let redis = match opts.lock_mode {
+            LockMode::TwoPc => None,
+            LockMode::Redis => Some(tokio::task::spawn_blocking(|| RedisServer::start(0)).await??),
+        };
         let config = Config {
             listen: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
             catalog_dsn,
@@ -94,8 +106,14 @@ impl ChaosCluster {
                 ..Limits::default()
             },
             admin_token: Some("chaos-admin".into()),
-            lock_mode: Default::default(),
-            redis: None,
+            lock_mode: opts.lock_mode,
+            redis: redis.as_ref().map(|r| RedisConfig {
+                url: r.url(),
+                key_prefix: "chaos:".into(),
+                lock_ttl_ms: LOCK_TTL_MS,
+                lock_wait_ms: 400,
+                response_timeout_ms: 1_000,
+            }),
         };
         let config_path = dir.join("coordinator.json");
         std::fs::write(&config_path, serde_json::to_string_pretty(&config)?)?;
@@ -106,6 +124,7 @@ impl ChaosCluster {
             proxies,
             direct,
             config,
+            redis,
             config_path,
             exe: opts.exe.clone(),
             coordinator: None,

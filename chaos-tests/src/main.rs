@@ -16,6 +16,7 @@ use chaos_tests::report::summary;
 use chaos_tests::run::{run, Report, RunOptions};
 use chaos_tests::scenario;
 use clap::{Parser, Subcommand};
+use coordinator::config::LockMode;
 
 #[derive(Parser)]
 #[command(
@@ -30,7 +31,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// List the scenarios.
-    List,
+    List {
+        #[arg(long, value_enum, default_value = "2pc")]
+        lock_mode: LockMode,
+    },
     /// Run one scenario (or all of them) and check every invariant.
     Run {
         #[arg(long, required_unless_present = "all")]
@@ -56,6 +60,9 @@ enum Command {
         /// Keep the servers' data and the coordinator log in this directory.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// The cross-shard protocol under test.
+        #[arg(long, value_enum, default_value = "2pc")]
+        lock_mode: LockMode,
     },
     /// (internal) The coordinator process started by `run`.
     #[command(hide = true)]
@@ -78,8 +85,8 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     match cli.command {
-        Command::List => {
-            for s in scenario::all() {
+        Command::List { lock_mode } => {
+            for s in scenario::all(lock_mode) {
                 println!("{:<38} {}", s.name, s.about);
             }
             Ok(())
@@ -103,13 +110,20 @@ fn main() -> anyhow::Result<()> {
             in_doubt_after_ms,
             json,
             data_dir,
+            lock_mode,
         } => {
             let seed = seed.unwrap_or_else(rand::random);
             eprintln!("chaos: seed {seed} (replay with --seed {seed})");
             let scenarios = match (all, scenario) {
-                (true, _) => scenario::all(),
-                (false, Some(name)) => vec![scenario::find(&name)
-                    .with_context(|| format!("no scenario {name:?}; see `chaos list`"))?],
+                (true, _) => scenario::all(lock_mode),
+                (false, Some(name)) => {
+                    vec![scenario::find(lock_mode, &name).with_context(|| {
+                        format!(
+                            "no scenario {name:?} in {} mode; see `chaos list`",
+                            lock_mode.as_str()
+                        )
+                    })?]
+                }
                 (false, None) => bail!("pass --scenario NAME or --all"),
             };
             let exe = std::env::current_exe()?;
@@ -125,6 +139,7 @@ fn main() -> anyhow::Result<()> {
                         exe: exe.clone(),
                         in_doubt_after_ms,
                         data_dir: data_dir.as_ref().map(|d| d.join(s.name.replace(':', "_"))),
+                        lock_mode,
                     },
                 };
                 let report = runtime.block_on(run(s, &opts))?;

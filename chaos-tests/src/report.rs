@@ -19,11 +19,12 @@ pub fn summary(r: &Report) -> String {
             .join(", ")
     };
     let mut out = format!(
-        "scenario  {} (seed {})\n          {}\nruntime   {:.1}s, coordinator started {} times, quiet {} ms after healing\n\
+        "scenario  {} ({} mode, seed {})\n          {}\nruntime   {:.1}s, coordinator started {} times, quiet {} ms after healing\n\
          requests  {} attempted: {} acknowledged, {} failed {:?}, {} unknown ({} resolved by replaying their keys), {} retries\n\
          faults    {}\nmid-run   {} totals readings, {} inconsistent (in-flight, reported only), {} unreadable\n\
          verdict   {} ({} violations)\n",
         r.scenario,
+        r.lock_mode,
         r.seed,
         r.about,
         r.duration_s,

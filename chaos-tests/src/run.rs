@@ -46,6 +46,7 @@ pub struct MidRun {
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
     pub scenario: String,
+    pub lock_mode: String,
     pub about: String,
     pub seed: u64,
     pub duration_s: f64,
@@ -105,17 +106,28 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> anyhow::Result<Repor
     };
     let mid_run = sampler.await?;
     let operations = summarize(&records);
+    // Unknown outcomes are resolved by replaying their keys, all at once and under
+    // one deadline: liveness is "every request answered within the bound".
+    let unknown: Vec<usize> = (0..records.len())
+        .filter(|&i| records[i].outcome == Outcome::Unknown)
+        .collect();
+    let replays = futures::future::join_all(
+        unknown
+            .iter()
+            .map(|&i| client.replay(&records[i], &users, LIVENESS_BOUND)),
+    )
+    .await;
     let mut resolved = 0;
-    for r in records.iter_mut().filter(|r| r.outcome == Outcome::Unknown) {
-        r.outcome = client.replay(r, &users, LIVENESS_BOUND).await;
-        if r.outcome == Outcome::Unknown {
+    for (&i, outcome) in unknown.iter().zip(replays) {
+        if outcome == Outcome::Unknown {
             violations.push(format!(
-                "liveness: key {} has no definite outcome after healing",
-                r.key
+                "liveness: key {} has no definite outcome {LIVENESS_BOUND:?} after healing",
+                records[i].key
             ));
         } else {
             resolved += 1;
         }
+        records[i].outcome = outcome;
     }
     let quiet_within =
         Duration::from_millis(opts.cluster.in_doubt_after_ms) + Duration::from_secs(20);
@@ -125,6 +137,7 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> anyhow::Result<Repor
     let expected = scenario.expect_violations();
     Ok(Report {
         scenario: scenario.name.clone(),
+        lock_mode: opts.cluster.lock_mode.as_str().into(),
         about: scenario.about.clone(),
         seed: opts.seed,
         duration_s: started.elapsed().as_secs_f64(),
@@ -165,7 +178,10 @@ async fn inject(
         }
         let fault = match scenario.kind {
             Kind::Repeat(f) => Some(f),
-            Kind::Random => Some(Fault::ALL[rng.gen_range(0..Fault::ALL.len())]),
+            Kind::Random => {
+                let faults = Fault::for_mode(opts.cluster.lock_mode);
+                Some(faults[rng.gen_range(0..faults.len())])
+            }
             _ => None,
         };
         if let (Some(fault), true) = (fault, Instant::now() >= next_fault) {
@@ -204,6 +220,13 @@ async fn apply(
                 .start_coordinator(&scenario.failpoints_running(crashes))
                 .await?;
         }
+        Fault::KillRedis => {
+            if let Some(redis) = cluster.redis.as_mut() {
+                redis.kill9();
+                tokio::time::sleep(hold).await;
+                tokio::task::block_in_place(|| redis.restart())?;
+            }
+        }
         Fault::KillShard => {
             tokio::task::block_in_place(|| cluster.servers[shard].kill9())?;
             tokio::time::sleep(hold).await;
@@ -239,6 +262,11 @@ async fn heal(scenario: &Scenario, cluster: &mut ChaosCluster) -> anyhow::Result
         s.resume()?;
         if !s.is_running() {
             tokio::task::block_in_place(|| s.restart())?;
+        }
+    }
+    if let Some(redis) = cluster.redis.as_mut() {
+        if !redis.is_running() {
+            tokio::task::block_in_place(|| redis.restart())?;
         }
     }
     cluster.kill_coordinator();

@@ -6,6 +6,8 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::Rng;
 
+use coordinator::config::LockMode;
+
 /// A fault the injector can apply once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
@@ -15,17 +17,28 @@ pub enum Fault {
     Partition,
     DropLinks,
     SlowLinks,
+    /// Redis-lock mode: kill -9 of redis-server (every lock is lost), then restart.
+    KillRedis,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 6] = [
+    pub const ALL: [Fault; 7] = [
         Fault::KillCoordinator,
         Fault::KillShard,
         Fault::PauseShard,
         Fault::Partition,
         Fault::DropLinks,
         Fault::SlowLinks,
+        Fault::KillRedis,
     ];
+
+    /// The faults that make sense in `mode` (no Redis to kill in 2PC mode).
+    pub fn for_mode(mode: LockMode) -> Vec<Fault> {
+        Fault::ALL
+            .into_iter()
+            .filter(|f| *f != Fault::KillRedis || mode == LockMode::Redis)
+            .collect()
+    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -35,6 +48,7 @@ impl Fault {
             Fault::Partition => "partition",
             Fault::DropLinks => "drop-links",
             Fault::SlowLinks => "slow-links",
+            Fault::KillRedis => "kill-redis",
         }
     }
 
@@ -42,7 +56,7 @@ impl Fault {
     pub fn hold(self, rng: &mut StdRng) -> Duration {
         let ms = match self {
             Fault::KillCoordinator => rng.gen_range(100..400),
-            Fault::KillShard => rng.gen_range(300..1_500),
+            Fault::KillShard | Fault::KillRedis => rng.gen_range(300..1_500),
             Fault::PauseShard | Fault::Partition | Fault::SlowLinks => rng.gen_range(800..2_500),
             Fault::DropLinks => rng.gen_range(200..800),
         };
@@ -63,6 +77,8 @@ pub enum Kind {
         bug: &'static str,
         provoke: &'static str,
     },
+    /// A failpoint armed (FAILPOINTS syntax) for the whole run, e.g. stalls.
+    Stall { armed: &'static str },
 }
 
 #[derive(Clone, Debug)]
@@ -88,6 +104,7 @@ impl Scenario {
             Kind::Failpoint(name) if crashes < FAILPOINT_CRASHES_MAX => {
                 format!("{name}={ABORT_PERCENT}%return(abort)")
             }
+            Kind::Stall { armed } => (*armed).to_owned(),
             Kind::Broken { bug, provoke } => format!("{bug}=return;{provoke}"),
             _ => String::new(),
         }
@@ -103,16 +120,22 @@ impl Scenario {
     }
 }
 
-pub fn all() -> Vec<Scenario> {
+/// The scenarios of `mode`: its protocol's failpoints, the faults, a random mix,
+/// and the broken variants; Redis-lock mode adds lock expiry.
+pub fn all(mode: LockMode) -> Vec<Scenario> {
     let mut out = Vec::new();
-    for name in coordinator::two_pc::FAILPOINTS {
+    let failpoints: &[&'static str] = match mode {
+        LockMode::TwoPc => &coordinator::two_pc::FAILPOINTS,
+        LockMode::Redis => &coordinator::redis_mode::FAILPOINTS,
+    };
+    for name in failpoints.iter().copied() {
         out.push(Scenario {
             name: format!("failpoint:{name}"),
             kind: Kind::Failpoint(name),
             about: format!("the coordinator process aborts at {name} ({ABORT_PERCENT}% of hits) and is restarted"),
         });
     }
-    for fault in Fault::ALL {
+    for fault in Fault::for_mode(mode) {
         let about = match fault {
             Fault::KillCoordinator => "kill -9 of the coordinator at random moments, then restart",
             Fault::KillShard => "kill -9 of a shard's postmaster, then restart",
@@ -120,6 +143,7 @@ pub fn all() -> Vec<Scenario> {
             Fault::Partition => "black-hole the link to a shard (packets vanish), then heal",
             Fault::DropLinks => "reset every connection to a shard and refuse new ones, then heal",
             Fault::SlowLinks => "delay every chunk to and from a shard by 20-100 ms",
+            Fault::KillRedis => "kill -9 of redis-server (every lock lost), then restart",
         };
         out.push(Scenario {
             name: fault.name().into(),
@@ -132,37 +156,69 @@ pub fn all() -> Vec<Scenario> {
         kind: Kind::Random,
         about: "a seeded mix of every fault above".into(),
     });
-    out.extend([
-        Scenario {
-            name: "broken:recovery-off".into(),
-            kind: Kind::Broken {
-                bug: "broken-recovery-off",
-                provoke: "2pc-after-prepare-all=3%return(abort)",
-            },
-            about: "BROKEN on purpose: recovery never runs; crashes leave prepared transactions"
+    if mode == LockMode::Redis {
+        out.push(Scenario {
+            name: "lock-expiry".into(),
+            kind: Kind::Stall { armed: STALL_ARMED },
+            about: "some lock holders stall past their lock's TTL; fencing must stop their writes"
                 .into(),
+        });
+        out.push(Scenario {
+            name: "broken:skip-fence".into(),
+            kind: Kind::Broken {
+                bug: "broken-skip-fence",
+                provoke: STALL_ARMED,
+            },
+            about:
+                "BROKEN on purpose: writes ignore fencing tokens while holders stall past their TTL"
+                    .into(),
+        });
+    }
+    // Each broken variant is provoked with its own protocol's failpoints.
+    let (crash, lose_reply) = match mode {
+        LockMode::TwoPc => (
+            "2pc-after-prepare-all=3%return(abort)",
+            "2pc-before-reply=5%return",
+        ),
+        LockMode::Redis => (
+            "redis-between-legs=3%return(abort)",
+            "redis-before-reply=5%return",
+        ),
+    };
+    out.push(Scenario {
+        name: "broken:recovery-off".into(),
+        kind: Kind::Broken {
+            bug: "broken-recovery-off",
+            provoke: crash,
         },
-        Scenario {
+        about: "BROKEN on purpose: recovery never runs; crashes leave work unfinished".into(),
+    });
+    if mode == LockMode::TwoPc {
+        out.push(Scenario {
             name: "broken:commit-unprepared".into(),
             kind: Kind::Broken {
                 bug: "broken-commit-unprepared",
                 provoke: "",
             },
             about: "BROKEN on purpose: commit is decided even when a prepare failed".into(),
+        });
+    }
+    out.push(Scenario {
+        name: "broken:skip-idempotency".into(),
+        kind: Kind::Broken {
+            bug: "broken-skip-idempotency",
+            provoke: lose_reply,
         },
-        Scenario {
-            name: "broken:skip-idempotency".into(),
-            kind: Kind::Broken {
-                bug: "broken-skip-idempotency",
-                provoke: "2pc-before-reply=5%return",
-            },
-            about: "BROKEN on purpose: the Idempotency-Key is ignored, and some replies are lost"
-                .into(),
-        },
-    ]);
+        about: "BROKEN on purpose: the Idempotency-Key is ignored, and some replies are lost"
+            .into(),
+    });
     out
 }
 
-pub fn find(name: &str) -> Option<Scenario> {
-    all().into_iter().find(|s| s.name == name)
+pub fn find(mode: LockMode, name: &str) -> Option<Scenario> {
+    all(mode).into_iter().find(|s| s.name == name)
 }
+
+/// 5% of lock holders stall 1.5 s: past the lock TTL (0.8 s), short of
+/// `in_doubt_after` (at least 2 s), so fencing is what must stop them.
+const STALL_ARMED: &str = "redis-stall-after-lock=5%return(1500)";

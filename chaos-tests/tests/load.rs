@@ -15,7 +15,15 @@ const SETUP_TASKS: usize = 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_thousand_concurrent_transfers_keep_every_invariant() {
-    let cluster = TestCluster::start(4, test_limits()).await;
+    load(TestCluster::start(4, test_limits()).await, "2pc").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_thousand_concurrent_transfers_keep_every_invariant_in_redis_mode() {
+    load(TestCluster::start_redis(4, test_limits()).await, "redis").await;
+}
+
+async fn load(cluster: TestCluster, mode: &str) {
     let client = Client::new(cluster.url(""), Duration::from_secs(20));
     let per_task = USERS / SETUP_TASKS;
     let setups = (0..SETUP_TASKS).map(|t| {
@@ -39,6 +47,7 @@ async fn five_thousand_concurrent_transfers_keep_every_invariant() {
         amount_cents_max: 3_000,
     };
     let started = Instant::now();
+    let users_for_model = users.clone();
     let records = client.run(Arc::new(users), &config).await;
     let elapsed = started.elapsed();
     let summary = summarize(&records);
@@ -64,7 +73,7 @@ async fn five_thousand_concurrent_transfers_keep_every_invariant() {
     violations.extend(snap.unacknowledged(&acknowledged));
     violations.extend(snap.failed_but_moved(&failed));
     println!(
-        "load: {} transfers in {:.1}s ({:.0}/s through HTTP, debug build): {} acknowledged, {} failed (insufficient funds), {} unknown, {} retries; totals {:?}",
+        "load ({mode}): {} transfers in {:.1}s ({:.0}/s through HTTP, debug build): {} acknowledged, {} failed (insufficient funds), {} unknown, {} retries; totals {:?}",
         summary.attempted,
         elapsed.as_secs_f64(),
         summary.attempted as f64 / elapsed.as_secs_f64(),
@@ -74,6 +83,9 @@ async fn five_thousand_concurrent_transfers_keep_every_invariant() {
         summary.retries,
         snap.totals().user_balances,
     );
+    let mut model = chaos_tests::run::check(&snap, &records, &users_for_model);
+    model.retain(|v| v.starts_with("model:"));
+    violations.extend(model);
     assert_eq!(violations, Vec::<String>::new());
     assert_eq!(summary.attempted, 5_000);
     assert_eq!(

@@ -9,11 +9,12 @@ use chaos_tests::cluster::ClusterOptions;
 use chaos_tests::report::summary;
 use chaos_tests::run::{run, RunOptions};
 use chaos_tests::scenario::{self, Kind};
+use coordinator::config::LockMode;
 
 /// Each run owns 4 PostgreSQL servers and a coordinator: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn options(seed: u64, duration: Duration) -> RunOptions {
+fn options(seed: u64, duration: Duration, lock_mode: LockMode) -> RunOptions {
     RunOptions {
         duration,
         seed,
@@ -24,19 +25,23 @@ fn options(seed: u64, duration: Duration) -> RunOptions {
             exe: env!("CARGO_BIN_EXE_chaos").into(),
             in_doubt_after_ms: 2_000,
             data_dir: None,
+            lock_mode,
         },
     }
 }
 
-async fn run_scenarios(filter: impl Fn(&Kind) -> bool, duration: Duration) {
+async fn run_scenarios(lock_mode: LockMode, filter: impl Fn(&Kind) -> bool, duration: Duration) {
     let _serial = SERIAL.lock().await;
     let seed = std::env::var("CHAOS_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(20_261_122);
     let mut failed = Vec::new();
-    for s in scenario::all().into_iter().filter(|s| filter(&s.kind)) {
-        let report = run(&s, &options(seed, duration))
+    for s in scenario::all(lock_mode)
+        .into_iter()
+        .filter(|s| filter(&s.kind))
+    {
+        let report = run(&s, &options(seed, duration, lock_mode))
             .await
             .unwrap_or_else(|e| panic!("run {}: {e:#}", s.name));
         println!("{}", summary(&report));
@@ -59,20 +64,56 @@ async fn run_scenarios(filter: impl Fn(&Kind) -> bool, duration: Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_failpoint_scenario_keeps_every_invariant() {
-    run_scenarios(|k| matches!(k, Kind::Failpoint(_)), Duration::from_secs(3)).await;
+    run_scenarios(
+        LockMode::TwoPc,
+        |k| matches!(k, Kind::Failpoint(_)),
+        Duration::from_secs(3),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_process_and_network_fault_keeps_every_invariant() {
-    run_scenarios(|k| matches!(k, Kind::Repeat(_)), Duration::from_secs(4)).await;
+    run_scenarios(
+        LockMode::TwoPc,
+        |k| matches!(k, Kind::Repeat(_)),
+        Duration::from_secs(4),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_randomized_run_keeps_every_invariant() {
-    run_scenarios(|k| matches!(k, Kind::Random), Duration::from_secs(8)).await;
+    run_scenarios(
+        LockMode::TwoPc,
+        |k| matches!(k, Kind::Random),
+        Duration::from_secs(8),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_checker_catches_every_deliberately_broken_variant() {
-    run_scenarios(|k| matches!(k, Kind::Broken { .. }), Duration::from_secs(4)).await;
+    run_scenarios(
+        LockMode::TwoPc,
+        |k| matches!(k, Kind::Broken { .. }),
+        Duration::from_secs(4),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_redis_mode_scenario_keeps_every_invariant() {
+    let not_broken = |k: &Kind| !matches!(k, Kind::Broken { .. });
+    run_scenarios(LockMode::Redis, not_broken, Duration::from_secs(3)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checker_catches_every_deliberately_broken_variant_in_redis_mode() {
+    run_scenarios(
+        LockMode::Redis,
+        |k| matches!(k, Kind::Broken { .. }),
+        Duration::from_secs(4),
+    )
+    .await;
 }

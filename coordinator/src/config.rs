@@ -146,3 +146,29 @@ impl Config {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_docker_compose_config_loads_and_validates() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/compose-config.json");
+        let config = Config::load(&path).expect("deploy/compose-config.json is a valid config");
+        assert_eq!(config.shards.len(), 4);
+        assert_eq!(config.lock_mode, LockMode::TwoPc);
+        let redis = config
+            .redis
+            .expect("the compose file runs Redis for --lock-mode redis");
+        assert!(redis.url.starts_with("redis://redis:"));
+    }
+
+    #[test]
+    fn redis_mode_without_a_redis_section_is_refused() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/compose-config.json");
+        let mut config = Config::load(&path).expect("valid");
+        config.lock_mode = LockMode::Redis;
+        config.redis = None;
+        assert!(config.validate().is_err());
+    }
+}

@@ -197,7 +197,7 @@ fn payer_currency_matches(user: &UserRow, amount: &Amount) -> ApiResult<()> {
         (status = 404, description = "`recipient_not_found`", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`request_in_progress`", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`same_account`, `currency_mismatch`, `insufficient_funds`, `idempotency_key_reused`", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`shard_unavailable`, `shard_busy`, `coordinator_timeout` (with Retry-After; retry with the same key)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`shard_unavailable`, `shard_busy`, `coordinator_timeout`, `lock_unavailable` (with Retry-After; retry with the same key)", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn transfer(
     State(state): State<AppState>,
