@@ -222,3 +222,70 @@ async fn a_coordinator_dead_between_commit_prepared_calls_is_committed_by_recove
 async fn a_coordinator_dead_before_replying_has_committed_and_the_retry_replays() {
     crash_at("2pc-before-reply", true).await;
 }
+
+#[tokio::test]
+async fn a_deposit_cut_after_the_provider_approved_is_settled_by_recovery_under_the_same_reference()
+{
+    let _serial = SERIAL.lock().await;
+    let mut config = TestCluster::provision(4, test_limits()).await;
+    config.agent.lock_timeout_ms = 500;
+    config.limits.in_doubt_after_ms = 1_000;
+    let cluster = TestCluster::serve(config).await;
+    let http = Http {
+        client: reqwest::Client::new(),
+        base: cluster.url(""),
+    };
+    let token = http.user("depositor", "0").await;
+    let body = json!({"amount": "50.00", "currency": "USD", "payment_token": "sandbox_ok"});
+
+    // The provider approves, then settling is cut before it commits.
+    fail::cfg("external-after-provider", "1*return").expect("arm failpoint");
+    let (status, _, cut) = http
+        .post("/v1/deposit", Some(&token), Some("dep-key"), body.clone())
+        .await;
+    fail::remove("external-after-provider");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{cut}");
+    let (status, _, early) = http
+        .post("/v1/deposit", Some(&token), Some("dep-key"), body.clone())
+        .await;
+    assert_eq!(
+        (status, early["code"].as_str()),
+        (StatusCode::CONFLICT, Some("request_in_progress"))
+    );
+    assert_eq!(http.balance(&token).await, "0.00");
+
+    let cluster = cluster.restart().await;
+    let snap = wait_quiescent(&cluster.agents(), Duration::from_secs(20))
+        .await
+        .expect("read shards");
+    assert_eq!(snap.violations(true), Vec::<String>::new());
+    let http = Http {
+        client: http.client,
+        base: cluster.url(""),
+    };
+    assert_eq!(
+        http.balance(&token).await,
+        "50.00",
+        "recovery settled the approved deposit"
+    );
+    let (status, headers, replay) = http
+        .post("/v1/deposit", Some(&token), Some("dep-key"), body)
+        .await;
+    assert_eq!(
+        (status, headers.get("idempotent-replayed").is_some()),
+        (StatusCode::CREATED, true),
+        "{replay}"
+    );
+    let calls = cluster.sandbox.calls();
+    assert_eq!(
+        calls.len(),
+        2,
+        "the provider was asked twice: by the request and by recovery"
+    );
+    assert_eq!(calls[0], calls[1], "both times under the same reference");
+    assert_eq!(
+        replay["transfer_id"].as_str(),
+        Some(calls[0].to_string().as_str())
+    );
+    assert_eq!(cluster.coordinator.recovery().status().settled_external, 1);
+}

@@ -138,7 +138,7 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listen on {}", config.listen))?;
-    let coordinator = Arc::new(Coordinator::start(&config, Arc::new(Sandbox)).await?);
+    let coordinator = Arc::new(Coordinator::start(&config, Arc::new(Sandbox::default())).await?);
     print_banner(&config, &cluster_file);
     let router = api::app(
         AppState {

@@ -22,8 +22,26 @@ pub trait PaymentProvider: Send + Sync + 'static {
 
 /// A built-in provider for development and tests, driven by the payment token:
 /// `sandbox_ok` approves, `sandbox_declined` declines, `sandbox_timeout` never
-/// answers (the caller's timeout ends it). Anything else is declined.
-pub struct Sandbox;
+/// answers (the caller's timeout ends it). Anything else is declined. Like a real
+/// provider it answers a repeated reference as it did the first time (here: the
+/// token decides), and it keeps the last references it saw, for inspection.
+#[derive(Default)]
+pub struct Sandbox {
+    calls: std::sync::Mutex<std::collections::VecDeque<TransferId>>,
+}
+
+/// Bounds the sandbox's log of references.
+pub const SANDBOX_CALLS_KEPT_MAX: usize = 10_000;
+
+impl Sandbox {
+    /// The references it was called with, oldest first.
+    pub fn calls(&self) -> Vec<TransferId> {
+        self.calls
+            .lock()
+            .map(|c| c.iter().copied().collect())
+            .unwrap_or_default()
+    }
+}
 
 pub const SANDBOX_OK: &str = "sandbox_ok";
 pub const SANDBOX_DECLINED: &str = "sandbox_declined";
@@ -39,8 +57,14 @@ impl PaymentProvider for Sandbox {
         _direction: Direction,
         token: &str,
         _amount: Amount,
-        _reference: TransferId,
+        reference: TransferId,
     ) -> Pin<Box<dyn Future<Output = ProviderVerdict> + Send + '_>> {
+        if let Ok(mut calls) = self.calls.lock() {
+            if calls.len() == SANDBOX_CALLS_KEPT_MAX {
+                calls.pop_front();
+            }
+            calls.push_back(reference);
+        }
         let verdict = match token {
             SANDBOX_OK => Some(ProviderVerdict::Approved),
             SANDBOX_TIMEOUT => None,

@@ -12,10 +12,13 @@ use serde::Serialize;
 use shard_agent::two_pc::recover::{abort_stale, resolve_leg, PreparedStats, Resolution};
 use tracing::{info, warn};
 
+use shard_agent::external::ExternalOrder;
+use shard_agent::idempotency::IdempotencyKey;
 use shard_agent::redis_legs::{Credited, FencedLeg};
-use shard_agent::ShardAgent;
+use shard_agent::{Amount, ShardAgent};
 
 use crate::cluster::{Cluster, Routing};
+use crate::payments::{call_with_timeout, PaymentProvider};
 use crate::redis_lock::LockService;
 
 /// For `/v1/admin/in-doubt` and the logs: counters since this coordinator started,
@@ -28,6 +31,8 @@ pub struct RecoveryStatus {
     pub aborted_stale: u64,
     /// Redis-lock mode: credits applied from pending credits (forward recovery).
     pub forwarded: u64,
+    /// Deposits and withdrawals settled after their settling was cut.
+    pub settled_external: u64,
     pub unknown: u64,
     pub errors: u64,
     /// Our prepared transactions per shard, young and old, at the last pass.
@@ -52,6 +57,9 @@ pub struct Recovery {
     cluster: Arc<Cluster>,
     /// Redis-lock mode: pending credits are applied under a fresh lock.
     locks: Option<Arc<LockService>>,
+    /// Deposits and withdrawals cut while settling are settled again through
+    /// the provider, with the same reference, bounded by the timeout.
+    payments: Option<(Arc<dyn PaymentProvider>, Duration)>,
     in_doubt_after: Duration,
     status: Mutex<RecoveryStatus>,
 }
@@ -60,11 +68,13 @@ impl Recovery {
     pub fn new(
         cluster: Arc<Cluster>,
         locks: Option<Arc<LockService>>,
+        payments: Option<(Arc<dyn PaymentProvider>, Duration)>,
         in_doubt_after: Duration,
     ) -> Recovery {
         Recovery {
             cluster,
             locks,
+            payments,
             in_doubt_after,
             status: Mutex::new(RecoveryStatus::default()),
         }
@@ -123,6 +133,10 @@ impl Recovery {
                 self.forward_pending(agent, &routing, locks, &mut pass)
                     .await;
             }
+            if let Some((provider, timeout)) = &self.payments {
+                self.settle_external(agent, provider.clone(), *timeout, &mut pass)
+                    .await;
+            }
             match agent.stale_preparing(self.in_doubt_after).await {
                 Ok(stale) => {
                     for tid in stale {
@@ -145,7 +159,11 @@ impl Recovery {
             .status
             .lock()
             .expect("invariant: recovery status lock is never held across a panic");
-        let acted = pass.committed + pass.rolled_back + pass.aborted_stale + pass.forwarded;
+        let acted = pass.committed
+            + pass.rolled_back
+            + pass.aborted_stale
+            + pass.forwarded
+            + pass.settled_external;
         if acted > 0 || pass.in_doubt_count() > 0 {
             info!(
                 in_doubt = pass.in_doubt_count(),
@@ -162,6 +180,7 @@ impl Recovery {
         status.rolled_back += pass.rolled_back;
         status.aborted_stale += pass.aborted_stale;
         status.forwarded += pass.forwarded;
+        status.settled_external += pass.settled_external;
         status.unknown += pass.unknown;
         status.errors += pass.errors;
         status.prepared = pass.prepared.clone();
@@ -219,6 +238,72 @@ impl Recovery {
                 Ok(Credited::FenceRejected) => pass.errors += 1,
                 Err(e) => {
                     warn!(transfer_id = %p.transfer_id, %e, "recovery: could not apply a pending credit; will retry");
+                    pass.errors += 1;
+                }
+            }
+        }
+    }
+
+    /// Settles deposits and withdrawals whose settling was cut (the provider may
+    /// have acted): through the provider again, with the same reference and token,
+    /// so a provider that de-duplicates answers as it did the first time.
+    async fn settle_external(
+        &self,
+        agent: &ShardAgent,
+        provider: Arc<dyn PaymentProvider>,
+        timeout: Duration,
+        pass: &mut RecoveryStatus,
+    ) {
+        let unsettled = match agent.unsettled_external(self.in_doubt_after).await {
+            Ok(u) => u,
+            Err(e) => {
+                warn!(shard = %agent.id(), %e, "recovery: could not list unsettled payments");
+                pass.errors += 1;
+                return;
+            }
+        };
+        for u in unsettled {
+            let (Some((user, username)), Ok(amount)) =
+                (u.user(), Amount::new(u.record.amount, u.record.currency))
+            else {
+                warn!(transfer_id = %u.record.transfer_id, "recovery: unsettled payment without a user or a valid amount; left alone");
+                pass.unknown += 1;
+                continue;
+            };
+            let direction = u.direction();
+            let order = ExternalOrder {
+                user,
+                username,
+                direction,
+                amount,
+                // Not used to settle: the record is already claimed.
+                key: IdempotencyKey {
+                    user,
+                    key: String::new(),
+                    fingerprint: Vec::new(),
+                },
+                provider: provider.name().to_owned(),
+                payment_token: u.payment_token.clone(),
+            };
+            let token = u.payment_token.clone();
+            let provider = provider.clone();
+            let settled = agent
+                .settle_external(&order, u.record.transfer_id, |reference| async move {
+                    call_with_timeout(
+                        provider.as_ref(),
+                        timeout,
+                        direction,
+                        &token,
+                        amount,
+                        reference,
+                    )
+                    .await
+                })
+                .await;
+            match settled {
+                Ok(_) => pass.settled_external += 1,
+                Err(e) => {
+                    warn!(transfer_id = %u.record.transfer_id, %e, "recovery: could not settle a payment; will retry");
                     pass.errors += 1;
                 }
             }

@@ -29,7 +29,7 @@ pub async fn run(
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listen on {}", config.listen))?;
-    let coordinator = Arc::new(Coordinator::start(&config, Arc::new(Sandbox)).await?);
+    let coordinator = Arc::new(Coordinator::start(&config, Arc::new(Sandbox::default())).await?);
     tracing::info!(listen = %config.listen, shards = config.shards.len(), lock_mode = config.lock_mode.as_str(), "serving");
     let router = api::app(
         AppState {

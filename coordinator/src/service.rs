@@ -88,6 +88,10 @@ impl Coordinator {
         let recovery = Arc::new(Recovery::new(
             cluster.clone(),
             locks.clone(),
+            Some((
+                provider.clone(),
+                Duration::from_millis(limits.payment_timeout_ms),
+            )),
             Duration::from_millis(limits.in_doubt_after_ms),
         ));
         let tasks = vec![
@@ -334,6 +338,7 @@ impl Coordinator {
                 ]),
             },
             provider: self.provider.name().to_owned(),
+            payment_token: payment_token.to_owned(),
         };
         let routing = self.cluster.routing();
         let provider = self.provider.clone();

@@ -61,6 +61,8 @@ pub async fn with_redis(mut config: Config) -> Config {
 pub struct TestCluster {
     pub config: Config,
     pub coordinator: Arc<Coordinator>,
+    /// The payment provider, shared with the coordinator.
+    pub sandbox: Arc<Sandbox>,
     pub addr: SocketAddr,
     server: JoinHandle<()>,
 }
@@ -100,9 +102,15 @@ impl TestCluster {
 
     /// Starts a coordinator and an HTTP server on `config`'s databases.
     pub async fn serve(config: Config) -> TestCluster {
+        Self::serve_with(config, Arc::new(Sandbox::default())).await
+    }
+
+    /// Like [`TestCluster::serve`], with a given sandbox (kept across restarts,
+    /// like a real provider outlives our processes).
+    pub async fn serve_with(config: Config, sandbox: Arc<Sandbox>) -> TestCluster {
         init_tracing();
         let coordinator = Arc::new(
-            Coordinator::start(&config, Arc::new(Sandbox))
+            Coordinator::start(&config, sandbox.clone())
                 .await
                 .expect("start coordinator"),
         );
@@ -124,6 +132,7 @@ impl TestCluster {
         TestCluster {
             config,
             coordinator,
+            sandbox,
             addr,
             server,
         }
@@ -147,9 +156,9 @@ impl TestCluster {
     /// Stops serving and drops the coordinator, as a crash would (nothing is
     /// flushed or finished), then starts a new one on the same databases.
     pub async fn restart(self) -> TestCluster {
-        let config = self.config.clone();
+        let (config, sandbox) = (self.config.clone(), self.sandbox.clone());
         drop(self);
-        TestCluster::serve(config).await
+        TestCluster::serve_with(config, sandbox).await
     }
 }
 

@@ -1,15 +1,23 @@
 //! Deposits and withdrawals: money entering or leaving through a payment provider.
 //!
-//! Each is one local transaction on the user's shard that moves money between the
-//! user's account and the shard's clearing account for the currency, so the sum of
-//! all accounts stays zero and user balances sum to deposits minus withdrawals.
+//! Money moves between the user's account and the shard's clearing account for
+//! the currency, so the sum of all accounts stays zero and user balances sum to
+//! deposits minus withdrawals.
 //!
-//! The provider is called while the user's row is locked (not the clearing row,
-//! which every deposit of the shard shares), so a withdrawal cannot be spent twice
-//! while the provider decides. Crash rule: a crash before COMMIT leaves nothing; the
-//! provider sees the same reference (the transfer ID) if the client retries.
+//! Two steps, so the provider always sees one reference per request:
+//! 1. **claim** (committed on its own): the Idempotency-Key and a `preparing`
+//!    record whose transfer ID is the provider's reference, with the payment token;
+//! 2. **settle** (one local transaction): lock the record and the user's row (not
+//!    the clearing row, which every deposit of the shard shares), check funds, call
+//!    the provider with that reference, apply, decide.
+//!
+//! Crash rule: if settling is cut after the provider answered, the record stays
+//! `preparing`; recovery settles it again with the same reference and token (a
+//! provider de-duplicates on the reference, so it answers as it did), never
+//! presuming an outcome. A retry meanwhile gets 409 `request_in_progress`.
 
 use std::future::Future;
+use std::time::Duration;
 
 use router::UserId;
 use rust_decimal::Decimal;
@@ -17,10 +25,10 @@ use tracing::instrument;
 
 use crate::agent::{Conn, ShardAgent};
 use crate::error::ShardResult;
-use crate::idempotency::{claim, Claim, IdempotencyKey, NewTransfer};
+use crate::idempotency::{Claim, IdempotencyKey, NewTransfer};
 use crate::money::Amount;
 use crate::records::{
-    FailureCode, Mode, TransferId, TransferKind, TransferRecord, TRANSFER_COLUMNS,
+    FailureCode, Mode, TransferId, TransferKind, TransferRecord, TransferState, TRANSFER_COLUMNS,
 };
 use crate::transfer_local::Submitted;
 
@@ -39,6 +47,7 @@ pub struct ExternalOrder {
     pub key: IdempotencyKey,
     /// Named on the ledger entry, e.g. "sandbox".
     pub provider: String,
+    pub payment_token: String,
 }
 
 /// What the payment provider answered.
@@ -49,39 +58,37 @@ pub enum ProviderVerdict {
     TimedOut,
 }
 
-impl ShardAgent {
-    /// Runs a deposit or withdrawal; `call_provider` is invoked at most once, with the
-    /// transfer ID as the provider's reference, and only if the request is new.
-    #[instrument(skip_all, fields(shard = %self.id(), user = %order.user, direction = ?order.direction, transfer_id = tracing::field::Empty))]
-    pub async fn run_external<F, Fut>(
-        &self,
-        order: &ExternalOrder,
-        call_provider: F,
-    ) -> ShardResult<Submitted>
-    where
-        F: FnOnce(TransferId) -> Fut,
-        Fut: Future<Output = ProviderVerdict>,
-    {
-        let mut conn = self.conn().await?;
-        conn.begin(self.id()).await?;
-        match self.external_in_txn(&mut conn, order, call_provider).await {
-            Ok(done) => {
-                conn.batch_execute("COMMIT")
-                    .await
-                    .map_err(self.pg("commit external"))?;
-                conn.ended();
-                Ok(done)
-            }
-            Err(e) => {
-                conn.rollback_quietly().await;
-                Err(e)
-            }
+/// An interrupted settlement, as recovery finds it.
+#[derive(Clone, Debug)]
+pub struct Unsettled {
+    pub record: TransferRecord,
+    pub payment_token: String,
+}
+
+impl Unsettled {
+    pub fn direction(&self) -> Direction {
+        match self.record.kind {
+            TransferKind::Withdrawal => Direction::Withdrawal,
+            _ => Direction::Deposit,
         }
     }
 
-    async fn external_in_txn<F, Fut>(
+    pub fn user(&self) -> Option<(UserId, String)> {
+        let (user, name) = match self.direction() {
+            Direction::Deposit => (self.record.to_user, self.record.to_username.clone()),
+            Direction::Withdrawal => (self.record.from_user, self.record.from_username.clone()),
+        };
+        Some((user?, name?))
+    }
+}
+
+impl ShardAgent {
+    /// Runs a deposit or withdrawal; `call_provider` is invoked at most once per
+    /// call, with the transfer ID as the provider's reference, and only if the
+    /// request is new.
+    #[instrument(skip_all, fields(shard = %self.id(), user = %order.user, direction = ?order.direction, transfer_id = tracing::field::Empty))]
+    pub async fn run_external<F, Fut>(
         &self,
-        conn: &mut Conn,
         order: &ExternalOrder,
         call_provider: F,
     ) -> ShardResult<Submitted>
@@ -104,32 +111,88 @@ impl ShardAgent {
             amount: order.amount.value(),
             currency: order.amount.currency(),
             legs: None,
+            payment_token: Some(order.payment_token.clone()),
         };
-        let tid = match self
-            .timed(
-                "claim external",
-                claim(conn, self.id(), &order.key, &new, true),
-            )
-            .await?
-        {
-            Claim::Started(r) => r.transfer_id,
+        let record = match self.claim(&order.key, &new).await? {
+            Claim::Started(r) => r,
             other => {
                 return Ok(
                     Submitted::from_claim(other).expect("invariant: only Started maps to None")
                 )
             }
         };
-        tracing::Span::current().record("transfer_id", tracing::field::display(tid));
-        let locked = self
-            .timed("lock account", async {
-                conn.query_opt(
-                    "SELECT currency, balance FROM accounts WHERE user_id = $1 FOR UPDATE",
-                    &[order.user.as_uuid()],
-                )
-                .await
-                .map_err(self.pg("lock account"))
-            })
-            .await?
+        tracing::Span::current().record("transfer_id", tracing::field::display(record.transfer_id));
+        self.settle_external(order, record.transfer_id, call_provider)
+            .await
+            .map(Submitted::New)
+    }
+
+    /// Step 2, also used by recovery: settles a claimed deposit or withdrawal that
+    /// is still `preparing`, and returns its record (decided by whoever did).
+    pub async fn settle_external<F, Fut>(
+        &self,
+        order: &ExternalOrder,
+        tid: TransferId,
+        call_provider: F,
+    ) -> ShardResult<TransferRecord>
+    where
+        F: FnOnce(TransferId) -> Fut,
+        Fut: Future<Output = ProviderVerdict>,
+    {
+        // Bounded as a whole (the provider call has its own, shorter bound): a
+        // cancelled settlement drops its connection, and recovery settles it later.
+        self.timed("settle external", async {
+            let mut conn = self.conn().await?;
+            conn.begin(self.id()).await?;
+            match self.settle_in_txn(&conn, order, tid, call_provider).await {
+                Ok(record) => {
+                    conn.batch_execute("COMMIT")
+                        .await
+                        .map_err(self.pg("commit external"))?;
+                    conn.ended();
+                    Ok(record)
+                }
+                Err(e) => {
+                    conn.rollback_quietly().await;
+                    Err(e)
+                }
+            }
+        })
+        .await
+    }
+
+    async fn settle_in_txn<F, Fut>(
+        &self,
+        conn: &Conn,
+        order: &ExternalOrder,
+        tid: TransferId,
+        call_provider: F,
+    ) -> ShardResult<TransferRecord>
+    where
+        F: FnOnce(TransferId) -> Fut,
+        Fut: Future<Output = ProviderVerdict>,
+    {
+        let current = conn
+            .query_opt(
+                &format!(
+                    "SELECT {TRANSFER_COLUMNS} FROM transfers WHERE transfer_id = $1 FOR UPDATE"
+                ),
+                &[&tid.0],
+            )
+            .await
+            .map_err(self.pg("lock external"))?
+            .ok_or_else(|| self.corrupt(format!("external transfer {tid} vanished")))?;
+        let current = TransferRecord::from_row(self.id(), &current)?;
+        if current.state != TransferState::Preparing {
+            return Ok(current);
+        }
+        let locked = conn
+            .query_opt(
+                "SELECT currency, balance FROM accounts WHERE user_id = $1 FOR UPDATE",
+                &[order.user.as_uuid()],
+            )
+            .await
+            .map_err(self.pg("lock account"))?
             .ok_or_else(|| self.corrupt(format!("user {} has no account", order.user)))?;
         let amount = order.amount.value();
         let currency: String = locked.get("currency");
@@ -145,11 +208,13 @@ impl ShardAgent {
                 ProviderVerdict::TimedOut => Some(FailureCode::PaymentTimeout),
             }
         };
-        self.timed(
-            "apply external",
-            self.apply_external(conn, order, tid, failure),
-        )
-        .await
+        fail::fail_point!("external-after-provider", |_| Err(
+            crate::error::ShardError::Unavailable {
+                shard: self.id(),
+                reason: "failpoint external-after-provider".into(),
+            }
+        ));
+        self.apply_external(conn, order, tid, failure).await
     }
 
     async fn apply_external(
@@ -158,7 +223,7 @@ impl ShardAgent {
         order: &ExternalOrder,
         tid: TransferId,
         failure: Option<FailureCode>,
-    ) -> ShardResult<Submitted> {
+    ) -> ShardResult<TransferRecord> {
         if failure.is_none() {
             let signed = match order.direction {
                 Direction::Deposit => order.amount.value(),
@@ -179,16 +244,7 @@ impl ShardAgent {
                      SELECT account_id, $4::uuid, $5::text, $1::numeric, balance, $6::text FROM u
                      UNION ALL
                      SELECT account_id, $4::uuid, 'clearing', $7::numeric, balance, $8::text FROM c",
-                    &[
-                        &signed,
-                        order.user.as_uuid(),
-                        &order.amount.currency().code(),
-                        &tid.0,
-                        &kind,
-                        &order.provider,
-                        &-signed,
-                        &order.username,
-                    ],
+                    &[&signed, order.user.as_uuid(), &order.amount.currency().code(), &tid.0, &kind, &order.provider, &-signed, &order.username],
                 )
                 .await
                 .map_err(self.pg("apply external"))?;
@@ -210,6 +266,40 @@ impl ShardAgent {
             )
             .await
             .map_err(self.pg("decide external"))?;
-        Ok(Submitted::New(TransferRecord::from_row(self.id(), &row)?))
+        TransferRecord::from_row(self.id(), &row)
+    }
+
+    /// Deposits and withdrawals claimed more than `older_than` ago and never
+    /// settled (their settling was cut): recovery settles them again.
+    pub async fn unsettled_external(&self, older_than: Duration) -> ShardResult<Vec<Unsettled>> {
+        self.timed("list unsettled external", async {
+            let conn = self.conn().await?;
+            let rows = conn
+                .query(
+                    &format!(
+                        "SELECT {TRANSFER_COLUMNS}, payment_token FROM transfers
+                         WHERE state = 'preparing' AND mode = 'external'
+                           AND created_at < now() - make_interval(secs => $1)
+                         ORDER BY created_at LIMIT $2"
+                    ),
+                    &[
+                        &older_than.as_secs_f64(),
+                        &crate::two_pc::recover::RECOVERY_BATCH_MAX,
+                    ],
+                )
+                .await
+                .map_err(self.pg("list unsettled external"))?;
+            rows.iter()
+                .map(|r| {
+                    Ok(Unsettled {
+                        record: TransferRecord::from_row(self.id(), r)?,
+                        payment_token: r
+                            .get::<_, Option<String>>("payment_token")
+                            .unwrap_or_default(),
+                    })
+                })
+                .collect()
+        })
+        .await
     }
 }

@@ -48,6 +48,8 @@ pub struct NewTransfer {
     /// For 2PC: the home shard and each participant shard. Their GIDs are built
     /// once, with the attempt's transfer ID, and stored.
     pub legs: Option<(ShardId, Vec<ShardId>)>,
+    /// Deposits and withdrawals: the client's payment token, for recovery.
+    pub payment_token: Option<String>,
 }
 
 /// The answer of step 1.
@@ -80,8 +82,8 @@ pub(crate) async fn claim(
                    INSERT INTO idempotency_keys (user_id, idem_key, operation, fingerprint, transfer_id)
                    VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING RETURNING transfer_id)
                  INSERT INTO transfers (transfer_id, kind, mode, from_user, from_username, to_user,
-                                        to_username, amount, currency, state, participants)
-                 SELECT k.transfer_id, $3, $6, $7, $8, $9, $10, $11, $12, 'preparing', $13 FROM k
+                                        to_username, amount, currency, state, participants, payment_token)
+                 SELECT k.transfer_id, $3, $6, $7, $8, $9, $10, $11, $12, 'preparing', $13, $14 FROM k
                  RETURNING {TRANSFER_COLUMNS}"
             ))
             .await
@@ -104,6 +106,7 @@ pub(crate) async fn claim(
                     &new.amount,
                     &new.currency.code(),
                     &participants,
+                    &new.payment_token,
                 ],
             )
             .await
@@ -218,8 +221,8 @@ async fn existing_in_txn(
         .query_one(
             &format!(
                 "INSERT INTO transfers (transfer_id, kind, mode, from_user, from_username, to_user,
-                                        to_username, amount, currency, state, participants)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'preparing', $10)
+                                        to_username, amount, currency, state, participants, payment_token)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'preparing', $10, $11)
                  RETURNING {TRANSFER_COLUMNS}"
             ),
             &[
@@ -233,6 +236,7 @@ async fn existing_in_txn(
                 &new.amount,
                 &new.currency.code(),
                 &gids(tid, new),
+                &new.payment_token,
             ],
         )
         .await

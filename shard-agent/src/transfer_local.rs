@@ -58,6 +58,7 @@ impl TransferOrder {
             amount: self.amount.value(),
             currency: self.amount.currency(),
             legs: None,
+            payment_token: None,
         }
     }
 }

@@ -34,6 +34,7 @@ async fn claim(
         amount: usd(amount).value(),
         currency: shard_agent::Currency::Usd,
         legs: Some((home.id(), vec![home.id(), remote])),
+        payment_token: None,
     };
     match home.claim(&key(from, k), &new).await.expect("claim") {
         Claim::Started(r) => r,

@@ -64,6 +64,7 @@ pub async fn user(agent: &ShardAgent, name: &str, funds: &str) -> UserId {
             amount: usd(funds),
             key: key(user_id, &format!("fund-{name}")),
             provider: "test".into(),
+            payment_token: "test".into(),
         };
         agent
             .run_external(&order, |_| async { ProviderVerdict::Approved })
