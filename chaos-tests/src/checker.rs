@@ -220,22 +220,34 @@ impl Snapshot {
     }
 }
 
-/// Polls until no prepared transaction and no undecided transfer remains on any
-/// shard (recovery has finished), or `within` passes; returns the last snapshot.
+/// Polls until no prepared transaction, undecided transfer or pending credit
+/// remains on any shard (recovery has finished), or `within` passes; returns the
+/// last snapshot.
+///
+/// Shards are read one after another, so a single snapshot can be torn: the
+/// payee's shard read before recovery applies a credit, the payer's after it
+/// clears the pending credit. Recovery finishes each action before it clears the
+/// marker that caused it, so once every shard has looked settled, nothing is left
+/// to do, and a second snapshot taken after that one is consistent: that is the
+/// one returned.
 pub async fn wait_quiescent(
     agents: &[ShardAgent],
     within: std::time::Duration,
 ) -> ShardResult<Snapshot> {
     let deadline = tokio::time::Instant::now() + within;
+    let mut seen_settled = false;
     loop {
         let snap = Snapshot::take(agents).await?;
         let settled = snap
             .audits
             .iter()
             .all(|(_, a)| a.prepared == 0 && a.undecided_transfers == 0 && a.pending_credits == 0);
-        if settled || tokio::time::Instant::now() >= deadline {
+        if (settled && seen_settled) || tokio::time::Instant::now() >= deadline {
             return Ok(snap);
         }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        seen_settled = settled;
+        if !settled {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
     }
 }

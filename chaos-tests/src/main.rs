@@ -60,6 +60,10 @@ enum Command {
         /// Keep the servers' data and the coordinator log in this directory.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Write every request and its outcome here, one JSON object a line
+        /// (with --all, one file per scenario, the scenario's name appended).
+        #[arg(long)]
+        history: Option<PathBuf>,
         /// The cross-shard protocol under test.
         #[arg(long, value_enum, default_value = "2pc")]
         lock_mode: LockMode,
@@ -111,6 +115,7 @@ fn main() -> anyhow::Result<()> {
             json,
             data_dir,
             lock_mode,
+            history,
         } => {
             let seed = seed.unwrap_or_else(rand::random);
             eprintln!("chaos: seed {seed} (replay with --seed {seed})");
@@ -134,6 +139,10 @@ fn main() -> anyhow::Result<()> {
                     seed,
                     clients,
                     users,
+                    history: history.as_ref().map(|h| match scenarios.len() {
+                        1 => h.clone(),
+                        _ => PathBuf::from(format!("{}.{}", h.display(), s.name.replace(':', "_"))),
+                    }),
                     cluster: ClusterOptions {
                         shards: 4,
                         exe: exe.clone(),

@@ -30,6 +30,8 @@ pub struct RunOptions {
     pub clients: usize,
     pub users: usize,
     pub cluster: ClusterOptions,
+    /// Where to write every request and its final outcome, one JSON object a line.
+    pub history: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -128,6 +130,9 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> anyhow::Result<Repor
             resolved += 1;
         }
         records[i].outcome = outcome;
+    }
+    if let Some(path) = &opts.history {
+        write_history(path, &records)?;
     }
     let quiet_within =
         Duration::from_millis(opts.cluster.in_doubt_after_ms) + Duration::from_secs(20);
@@ -342,4 +347,17 @@ pub fn check(snap: &Snapshot, records: &[Record], users: &[User]) -> Vec<String>
     mismatches.sort();
     v.extend(mismatches.into_iter().take(20));
     v
+}
+
+/// Writes the history: one JSON object a line (key, from, to, amount, attempts,
+/// outcome), so a run can be audited or diffed after the fact.
+fn write_history(path: &std::path::Path, records: &[Record]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for r in records {
+        serde_json::to_writer(&mut out, r)?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    Ok(())
 }

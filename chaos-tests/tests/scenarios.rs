@@ -20,6 +20,7 @@ fn options(seed: u64, duration: Duration, lock_mode: LockMode) -> RunOptions {
         seed,
         clients: 12,
         users: 40,
+        history: None,
         cluster: ClusterOptions {
             shards: 4,
             exe: env!("CARGO_BIN_EXE_chaos").into(),
