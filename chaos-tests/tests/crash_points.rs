@@ -12,78 +12,13 @@ use std::time::Duration;
 use chaos_tests::checker::wait_quiescent;
 use coordinator::testkit::{test_limits, TestCluster};
 use reqwest::StatusCode;
-use serde_json::{json, Value};
+use serde_json::json;
+
+mod common;
+use common::Http;
 
 /// Failpoints are process-wide: one scenario at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-struct Http {
-    client: reqwest::Client,
-    base: String,
-}
-
-impl Http {
-    async fn post(
-        &self,
-        path: &str,
-        token: Option<&str>,
-        key: Option<&str>,
-        body: Value,
-    ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
-        let mut req = self.client.post(format!("{}{path}", self.base)).json(&body);
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        if let Some(k) = key {
-            req = req.header("idempotency-key", k);
-        }
-        let resp = req.send().await.expect("test server answers");
-        let (status, headers) = (resp.status(), resp.headers().clone());
-        (status, headers, resp.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn user(&self, name: &str, funds: &str) -> String {
-        let pw = "crash test password";
-        let (s, _, b) = self.post("/v1/user", None, None, json!({"username": name, "email": "c@example.com", "password": pw, "currency": "USD"})).await;
-        assert_eq!(s, StatusCode::CREATED, "{b}");
-        let (_, _, b) = self
-            .post(
-                "/v1/login",
-                None,
-                None,
-                json!({"username": name, "password": pw}),
-            )
-            .await;
-        let token = b["token"].as_str().expect("token").to_owned();
-        if funds == "0" {
-            return token;
-        }
-        let (s, _, b) = self
-            .post(
-                "/v1/deposit",
-                Some(&token),
-                Some("fund"),
-                json!({"amount": funds, "currency": "USD", "payment_token": "sandbox_ok"}),
-            )
-            .await;
-        assert_eq!(s, StatusCode::CREATED, "{b}");
-        token
-    }
-
-    async fn balance(&self, token: &str) -> String {
-        let resp = self
-            .client
-            .get(format!("{}/v1/account", self.base))
-            .bearer_auth(token)
-            .send()
-            .await
-            .expect("answers");
-        resp.json::<Value>().await.expect("json")["balance"]
-            .as_str()
-            .expect("balance")
-            .to_owned()
-    }
-}
 
 async fn crash_at(point: &'static str, decided_commit: bool) {
     let _serial = SERIAL.lock().await;
@@ -97,12 +32,9 @@ async fn crash_at(point: &'static str, decided_commit: bool) {
         .map(|i| format!("payee{i}"))
         .find(|n| shard(n) != shard("payer"))
         .expect("a payee on another shard");
-    let http = Http {
-        client: reqwest::Client::new(),
-        base: cluster.url(""),
-    };
-    let payer_token = http.user("payer", "100.00").await;
-    let payee_token = http.user(&payee, "0").await;
+    let http = Http::new(&cluster);
+    let payer_token = http.user("payer", Some("100.00")).await;
+    let payee_token = http.user(&payee, None).await;
     let body = json!({"to": payee, "amount": "10.00", "currency": "USD"});
 
     fail::cfg(point, "return").expect("configure failpoint");
@@ -128,10 +60,7 @@ async fn crash_at(point: &'static str, decided_commit: bool) {
         .await
         .expect("read shards");
     assert_eq!(snap.violations(true), Vec::<String>::new(), "{point}");
-    let http = Http {
-        client: http.client,
-        base: cluster.url(""),
-    };
+    let http = Http::new(&cluster);
     let (payer_after, payee_after) = if decided_commit {
         ("90.00", "10.00")
     } else {
@@ -231,11 +160,8 @@ async fn a_deposit_cut_after_the_provider_approved_is_settled_by_recovery_under_
     config.agent.lock_timeout_ms = 500;
     config.limits.in_doubt_after_ms = 1_000;
     let cluster = TestCluster::serve(config).await;
-    let http = Http {
-        client: reqwest::Client::new(),
-        base: cluster.url(""),
-    };
-    let token = http.user("depositor", "0").await;
+    let http = Http::new(&cluster);
+    let token = http.user("depositor", None).await;
     let body = json!({"amount": "50.00", "currency": "USD", "payment_token": "sandbox_ok"});
 
     // The provider approves, then settling is cut before it commits.
@@ -259,10 +185,7 @@ async fn a_deposit_cut_after_the_provider_approved_is_settled_by_recovery_under_
         .await
         .expect("read shards");
     assert_eq!(snap.violations(true), Vec::<String>::new());
-    let http = Http {
-        client: http.client,
-        base: cluster.url(""),
-    };
+    let http = Http::new(&cluster);
     assert_eq!(
         http.balance(&token).await,
         "50.00",
