@@ -7,7 +7,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use router::ShardId;
@@ -16,11 +15,8 @@ use shard_agent::catalog::ShardEntry;
 use shard_agent::local::{create_database, free_port, PgServer, PgServerConfig, RedisServer};
 use shard_agent::migrate::{migrate_catalog, migrate_shard};
 
-use crate::api::{self, AppState};
 use crate::config::{Config, Limits, LockMode};
-use crate::payments::Sandbox;
 use crate::redis_lock::RedisConfig;
-use crate::service::Coordinator;
 
 pub const CLUSTER_FILE: &str = "cluster.json";
 
@@ -135,20 +131,12 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
     };
     std::fs::write(&cluster_file, serde_json::to_string_pretty(&config)?)
         .with_context(|| format!("write {}", cluster_file.display()))?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("listen on {}", config.listen))?;
-    let coordinator = Arc::new(Coordinator::start(&config, Arc::new(Sandbox::default())).await?);
-    print_banner(&config, &cluster_file);
-    let router = api::app(
-        AppState {
-            coordinator,
-            admin_token: config.admin_token.as_deref().map(Arc::from),
-        },
-        config.limits.request_body_bytes_max,
-        config.limits.concurrent_requests_max,
-    );
-    api::serve(listener, router, shutdown_signal()).await?;
+    crate::serve::serve(
+        &config,
+        || print_banner(&config, &cluster_file),
+        shutdown_signal(),
+    )
+    .await?;
     println!("stopping the shards…");
     drop(redis_server);
     drop(servers);

@@ -26,11 +26,24 @@ pub async fn run(
                 .with_context(|| format!("migrate shard {}", shard.id))?;
         }
     }
+    serve(&config, || {
+        tracing::info!(listen = %config.listen, shards = config.shards.len(), lock_mode = config.lock_mode.as_str(), "serving")
+    }, shutdown)
+    .await
+}
+
+/// Binds `config.listen`, starts the coordinator, calls `on_ready`, and serves
+/// until `shutdown` resolves. Shared by `wallet serve` and `wallet dev`.
+pub async fn serve(
+    config: &Config,
+    on_ready: impl FnOnce(),
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listen on {}", config.listen))?;
-    let coordinator = Arc::new(Coordinator::start(&config, Arc::new(Sandbox::default())).await?);
-    tracing::info!(listen = %config.listen, shards = config.shards.len(), lock_mode = config.lock_mode.as_str(), "serving");
+    let coordinator = Arc::new(Coordinator::start(config, Arc::new(Sandbox::default())).await?);
+    on_ready();
     let router = api::app(
         AppState {
             coordinator,
