@@ -19,6 +19,20 @@ use common::Http;
 /// Failpoints are process-wide: one scenario at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// A Redis-mode cluster on a redis-server of its own, which the test may kill
+/// and restart without disturbing other tests' locks.
+async fn cluster_with_own_redis() -> (TestCluster, RedisServer) {
+    let mut config = with_redis(TestCluster::provision(4, test_limits()).await).await;
+    let redis = tokio::task::spawn_blocking(|| RedisServer::start(0))
+        .await
+        .expect("join")
+        .expect("redis");
+    if let Some(r) = config.redis.as_mut() {
+        r.url = redis.url();
+    }
+    (TestCluster::serve(config).await, redis)
+}
+
 /// A payer and a payee on different shards.
 fn cross_pair(cluster: &TestCluster, prefix: &str) -> (String, String) {
     let routing = cluster.coordinator.cluster().routing();
@@ -181,15 +195,7 @@ async fn a_crash_between_debit_and_credit_is_completed_by_recovery() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_down_gives_503_lock_unavailable_and_moves_nothing() {
     let _serial = SERIAL.lock().await;
-    let mut config = with_redis(TestCluster::provision(4, test_limits()).await).await;
-    let mut redis = tokio::task::spawn_blocking(|| RedisServer::start(0))
-        .await
-        .expect("join")
-        .expect("redis");
-    if let Some(r) = config.redis.as_mut() {
-        r.url = redis.url();
-    }
-    let cluster = TestCluster::serve(config).await;
+    let (cluster, mut redis) = cluster_with_own_redis().await;
     let http = Http::new(&cluster);
     let (payer, payee) = cross_pair(&cluster, "down");
     let a = http.user(&payer, Some("10.00")).await;
@@ -219,15 +225,7 @@ async fn redis_down_gives_503_lock_unavailable_and_moves_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_redis_restart_under_load_keeps_every_invariant() {
     let _serial = SERIAL.lock().await;
-    let mut config = with_redis(TestCluster::provision(4, test_limits()).await).await;
-    let mut redis = tokio::task::spawn_blocking(|| RedisServer::start(0))
-        .await
-        .expect("join")
-        .expect("redis");
-    if let Some(r) = config.redis.as_mut() {
-        r.url = redis.url();
-    }
-    let cluster = TestCluster::serve(config).await;
+    let (cluster, mut redis) = cluster_with_own_redis().await;
     let client = Client::new(cluster.url(""), Duration::from_secs(5));
     let users = Arc::new(client.setup_users("rr", 40, "100.00").await.expect("users"));
     let config = WorkloadConfig {

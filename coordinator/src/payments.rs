@@ -4,7 +4,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use shard_agent::external::{Direction, ProviderVerdict};
+use shard_agent::external::{Direction, ExternalOrder, ProviderVerdict};
 use shard_agent::{Amount, TransferId};
 
 /// A card network, bank or PSP. `reference` is our transfer ID: a real provider
@@ -83,19 +83,22 @@ impl PaymentProvider for Sandbox {
     }
 }
 
-/// Calls the provider under `timeout`; no answer in time is `TimedOut`.
-pub async fn call_with_timeout(
+/// Calls the provider for `order` (its direction, token and amount) under
+/// `reference`, bounded by `timeout`; no answer in time is `TimedOut`. The one
+/// way both a request and recovery reach the provider.
+pub async fn call_for(
     provider: &dyn PaymentProvider,
     timeout: Duration,
-    direction: Direction,
-    token: &str,
-    amount: Amount,
+    order: &ExternalOrder,
     reference: TransferId,
 ) -> ProviderVerdict {
-    tokio::time::timeout(
-        timeout,
-        provider.execute(direction, token, amount, reference),
-    )
-    .await
-    .unwrap_or(ProviderVerdict::TimedOut)
+    let call = provider.execute(
+        order.direction,
+        &order.payment_token,
+        order.amount,
+        reference,
+    );
+    tokio::time::timeout(timeout, call)
+        .await
+        .unwrap_or(ProviderVerdict::TimedOut)
 }

@@ -18,7 +18,7 @@ use shard_agent::redis_legs::{Credited, FencedLeg};
 use shard_agent::{Amount, ShardAgent};
 
 use crate::cluster::{Cluster, Routing};
-use crate::payments::{call_with_timeout, PaymentProvider};
+use crate::payments::{call_for, PaymentProvider};
 use crate::redis_lock::LockService;
 
 /// For `/v1/admin/in-doubt` and the logs: counters since this coordinator started,
@@ -285,19 +285,10 @@ impl Recovery {
                 provider: provider.name().to_owned(),
                 payment_token: u.payment_token.clone(),
             };
-            let token = u.payment_token.clone();
-            let provider = provider.clone();
             let settled = agent
-                .settle_external(&order, u.record.transfer_id, |reference| async move {
-                    call_with_timeout(
-                        provider.as_ref(),
-                        timeout,
-                        direction,
-                        &token,
-                        amount,
-                        reference,
-                    )
-                    .await
+                .settle_external(&order, u.record.transfer_id, |reference| {
+                    let (provider, order) = (provider.as_ref(), &order);
+                    async move { call_for(provider, timeout, order, reference).await }
                 })
                 .await;
             match settled {

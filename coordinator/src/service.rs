@@ -21,7 +21,7 @@ use crate::cluster::{Cluster, ClusterError};
 use crate::config::{Config, Limits, LockMode};
 use crate::error::CoordinatorError;
 use crate::inputs::{Email, IdemKey, Password, Username};
-use crate::payments::{call_with_timeout, PaymentProvider};
+use crate::payments::{call_for, PaymentProvider};
 use crate::recovery::Recovery;
 use crate::redis_lock::LockService;
 use crate::redis_mode;
@@ -343,21 +343,13 @@ impl Coordinator {
         let routing = self.cluster.routing();
         let provider = self.provider.clone();
         let timeout = Duration::from_millis(self.limits.payment_timeout_ms);
-        let token = payment_token.to_owned();
         let task = tokio::spawn(
             async move {
                 let agent = routing.agent_for(&order.user);
                 agent
-                    .run_external(&order, |reference| async move {
-                        call_with_timeout(
-                            provider.as_ref(),
-                            timeout,
-                            direction,
-                            &token,
-                            amount,
-                            reference,
-                        )
-                        .await
+                    .run_external(&order, |reference| {
+                        let order = &order;
+                        async move { call_for(provider.as_ref(), timeout, order, reference).await }
                     })
                     .await
             }
