@@ -12,9 +12,11 @@
 //! - [`auth`], [`inputs`], [`payments`]: passwords and tokens, validating newtypes,
 //!   the payment provider (with its sandbox).
 //! - [`config`], [`dev`]: deployment configuration and the local dev cluster.
+//! - [`bench`]: `wallet bench`, throughput and latency against single-node PostgreSQL.
 
 pub mod api;
 pub mod auth;
+pub mod bench;
 pub mod cluster;
 pub mod config;
 pub mod dev;

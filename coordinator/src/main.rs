@@ -51,17 +51,55 @@ enum Command {
         #[arg(long, value_enum)]
         lock_mode: Option<LockMode>,
     },
+    /// Benchmark: throughput and latency against a single PostgreSQL node, side
+    /// by side in one run. Starts its own servers; needs nothing running.
+    Bench {
+        /// Shards (one PostgreSQL server each, plus one for the baseline).
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(2..=16))]
+        shards: u16,
+        #[arg(long, default_value_t = 100_000)]
+        users: usize,
+        /// Concurrent closed-loop clients.
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
+        /// Measured time per scenario, e.g. 15s.
+        #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        /// Unmeasured time before each scenario's measurement.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        warmup: std::time::Duration,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Run only the scenarios whose name contains this (repeatable).
+        #[arg(long)]
+        only: Vec<String>,
+        /// Write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Write the throughput and latency plot (SVG) here.
+        #[arg(long)]
+        svg: Option<PathBuf>,
+        /// Keep the servers' data here instead of a temporary directory.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // The benchmark prints its own report; a log line per transfer on the terminal
+    // would measure the terminal. RUST_LOG still overrides.
+    let default_filter = match cli.command {
+        Command::Bench { .. } => "warn,deadpool=error",
+        _ => "info,tower_http=warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new("info,tower_http=warn")),
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)),
         )
         .init();
-    match Cli::parse().command {
+    match cli.command {
         Command::Dev {
             listen,
             shards,
@@ -82,6 +120,39 @@ async fn main() -> anyhow::Result<()> {
             no_migrate,
             lock_mode,
         } => serve(config, listen, no_migrate, lock_mode).await,
+        Command::Bench {
+            shards,
+            users,
+            clients,
+            duration,
+            warmup,
+            seed,
+            only,
+            json,
+            svg,
+            data_dir,
+        } => {
+            anyhow::ensure!(users >= 100, "--users must be at least 100");
+            anyhow::ensure!(clients >= 1, "--clients must be at least 1");
+            let passed = coordinator::bench::run(coordinator::bench::BenchOptions {
+                shards: usize::from(shards),
+                users,
+                clients,
+                warmup,
+                duration,
+                seed,
+                only,
+                json,
+                svg,
+                data_dir,
+                command: std::env::args().collect::<Vec<_>>().join(" "),
+            })
+            .await?;
+            if !passed {
+                anyhow::bail!("the invariant checker failed after at least one scenario");
+            }
+            Ok(())
+        }
     }
 }
 

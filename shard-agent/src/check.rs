@@ -16,6 +16,10 @@ use crate::gid::Gid;
 pub struct ShardAudit {
     /// Sum of user balances per currency.
     pub user_balances: BTreeMap<String, Decimal>,
+    /// Sum of user accounts' opening balances per currency: money a bulk load
+    /// (`wallet bench`) placed on them, offset on the clearing account. Zero for
+    /// users who signed up through the API.
+    pub user_opening: BTreeMap<String, Decimal>,
     /// Sum of clearing balances per currency (negative of net deposits).
     pub clearing_balances: BTreeMap<String, Decimal>,
     /// Invariant 2: user accounts below zero.
@@ -74,15 +78,21 @@ impl ShardAgent {
             conn.in_txn_begin("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", self.id()).await?;
             let mut audit = ShardAudit { prepared, ..ShardAudit::default() };
             for row in conn
-                .query("SELECT kind, currency, sum(balance) FROM accounts GROUP BY kind, currency", &[])
+                .query("SELECT kind, currency, sum(balance), sum(opening_balance) FROM accounts GROUP BY kind, currency", &[])
                 .await
                 .map_err(&pg)?
             {
                 let kind: &str = row.get(0);
                 let currency: String = row.get(1);
                 let sum: Decimal = row.get(2);
-                let target = if kind == "user" { &mut audit.user_balances } else { &mut audit.clearing_balances };
-                target.insert(currency.trim().to_owned(), sum);
+                let opening: Decimal = row.get(3);
+                let currency = currency.trim().to_owned();
+                if kind == "user" {
+                    audit.user_opening.insert(currency.clone(), opening);
+                    audit.user_balances.insert(currency, sum);
+                } else {
+                    audit.clearing_balances.insert(currency, sum);
+                }
             }
             let row = conn
                 .query_one(

@@ -10,19 +10,23 @@
 //! - [`two_pc`]: prepare, decide, finish and recover, one file per step.
 //! - [`redis_legs`]: Redis-lock mode's fenced, idempotent legs and pending credits.
 //! - [`external`]: deposits and withdrawals through the shard's clearing account.
-//! - [`users`]: users, sessions, account and transfer views.
+//! - [`users`]: users, sessions, account and transfer views; [`bulk`]: loading
+//!   many users at once (for `wallet bench`).
 //! - [`catalog`], [`migrate`]: the bucket map with its epoch; schema migrations.
-//! - [`check`]: the read-only queries behind the invariant checker.
+//! - [`check`]: the read-only queries behind the invariant checker, and
+//!   [`invariants`]: the checker itself (DESIGN.md invariants 1-5 over every shard).
 //! - [`local`]: real PostgreSQL servers for the dev cluster and for tests.
 //! - [`money`], [`gid`], [`records`]: the typed values all of the above exchange.
 
 pub mod agent;
+pub mod bulk;
 pub mod catalog;
 pub mod check;
 pub mod error;
 pub mod external;
 pub mod gid;
 pub mod idempotency;
+pub mod invariants;
 pub mod local;
 pub mod migrate;
 pub mod money;

@@ -1,0 +1,307 @@
+//! The closed-loop load generator every scenario and the baseline share: each
+//! client sends one transfer, waits for its answer, and sends the next. Who pays
+//! whom is drawn by a seeded [`Picker`]; latencies go into an HDR histogram.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution as _, Zipf};
+use router::ShardId;
+use rust_decimal::Decimal;
+use serde::Serialize;
+
+use super::setup::BenchUser;
+
+/// How payer and payee are drawn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Distribution {
+    /// Every user equally likely, as payer and as payee.
+    Uniform,
+    /// Zipf(1.0) over a seeded ranking of users, for payer and payee alike.
+    Zipf,
+    /// One merchant receives every transfer; payers are uniform.
+    Hot,
+}
+
+impl Distribution {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Distribution::Uniform => "uniform",
+            Distribution::Zipf => "zipf",
+            Distribution::Hot => "hot",
+        }
+    }
+}
+
+/// Whether payer and payee share a shard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    SameShard,
+    CrossShard,
+    /// The single-node baseline: any two distinct users.
+    Any,
+}
+
+/// Draws (payer, payee) index pairs into the user list.
+pub struct Picker {
+    users: Arc<Vec<BenchUser>>,
+    by_shard: HashMap<ShardId, Vec<usize>>,
+    /// Zipf rank (1-based) - 1 → user index.
+    ranking: Vec<usize>,
+    zipf: Zipf<f64>,
+    distribution: Distribution,
+    placement: Placement,
+}
+
+/// The merchant of the hot-recipient distribution is user 0.
+const MERCHANT: usize = 0;
+/// Rejection sampling bound: a draw that keeps missing the wanted placement
+/// falls back to a uniform pick that satisfies it.
+const DRAWS_MAX: usize = 64;
+
+impl Picker {
+    pub fn new(
+        users: Arc<Vec<BenchUser>>,
+        distribution: Distribution,
+        placement: Placement,
+        seed: u64,
+    ) -> Picker {
+        let mut by_shard: HashMap<ShardId, Vec<usize>> = HashMap::new();
+        for (i, u) in users.iter().enumerate() {
+            by_shard.entry(u.shard).or_default().push(i);
+        }
+        let mut ranking: Vec<usize> = (0..users.len()).collect();
+        ranking.shuffle(&mut StdRng::seed_from_u64(seed ^ 0x5a1f));
+        let zipf = Zipf::new(users.len() as u64, 1.0)
+            .expect("invariant: at least one user and a positive exponent");
+        Picker {
+            users,
+            by_shard,
+            ranking,
+            zipf,
+            distribution,
+            placement,
+        }
+    }
+
+    pub fn pick(&self, rng: &mut StdRng) -> (usize, usize) {
+        match self.distribution {
+            Distribution::Hot => (self.payer_for(MERCHANT, rng), MERCHANT),
+            Distribution::Uniform => {
+                let from = rng.gen_range(1..self.users.len());
+                (
+                    from,
+                    self.payee_for(from, rng, |rng| rng.gen_range(0..self.users.len())),
+                )
+            }
+            Distribution::Zipf => {
+                let from = self.zipf_draw(rng);
+                (from, self.payee_for(from, rng, |rng| self.zipf_draw(rng)))
+            }
+        }
+    }
+
+    fn zipf_draw(&self, rng: &mut StdRng) -> usize {
+        let rank = self.zipf.sample(rng) as usize;
+        self.ranking[rank.clamp(1, self.ranking.len()) - 1]
+    }
+
+    fn fits(&self, from: usize, to: usize) -> bool {
+        from != to
+            && match self.placement {
+                Placement::SameShard => self.users[from].shard == self.users[to].shard,
+                Placement::CrossShard => self.users[from].shard != self.users[to].shard,
+                Placement::Any => true,
+            }
+    }
+
+    fn payee_for(
+        &self,
+        from: usize,
+        rng: &mut StdRng,
+        draw: impl Fn(&mut StdRng) -> usize,
+    ) -> usize {
+        for _ in 0..DRAWS_MAX {
+            let to = draw(rng);
+            if self.fits(from, to) {
+                return to;
+            }
+        }
+        loop {
+            let to = rng.gen_range(0..self.users.len());
+            if self.fits(from, to) {
+                return to;
+            }
+        }
+    }
+
+    /// A uniform payer for `to` (never `to` itself), placed as asked.
+    fn payer_for(&self, to: usize, rng: &mut StdRng) -> usize {
+        let home = self.users[to].shard;
+        loop {
+            let from = match self.placement {
+                Placement::SameShard => {
+                    let same = &self.by_shard[&home];
+                    same[rng.gen_range(0..same.len())]
+                }
+                _ => rng.gen_range(0..self.users.len()),
+            };
+            if self.fits(from, to) {
+                return from;
+            }
+        }
+    }
+}
+
+/// The answer to one transfer.
+#[derive(Clone, Debug)]
+pub enum Outcome {
+    Committed,
+    /// A business rule refused it (e.g. insufficient funds): the protocol ran.
+    Rejected(String),
+    /// Anything else: a fault, a timeout, an HTTP error.
+    Failed(String),
+}
+
+/// Sends one transfer and waits for its outcome.
+pub trait Driver: Send + Sync + 'static {
+    fn transfer(
+        &self,
+        client: usize,
+        key: String,
+        from: &BenchUser,
+        to: &BenchUser,
+        amount: Decimal,
+    ) -> impl Future<Output = Outcome> + Send;
+}
+
+#[derive(Clone, Debug)]
+pub struct LoadSpec {
+    pub clients: usize,
+    pub warmup: Duration,
+    pub duration: Duration,
+    pub seed: u64,
+    /// Prefixes every Idempotency-Key, so no two scenarios share one.
+    pub key_prefix: String,
+}
+
+/// What one closed-loop run measured, counting only answers that arrived in the
+/// measured window (after the warm-up).
+pub struct LoadResult {
+    /// Microseconds per transfer, whatever its outcome.
+    pub latency_us: Histogram<u64>,
+    pub committed: u64,
+    pub rejected: BTreeMap<String, u64>,
+    pub failed: BTreeMap<String, u64>,
+    pub window: Duration,
+    /// Committed transfers including the warm-up: what the checker must find.
+    pub committed_total: u64,
+}
+
+impl LoadResult {
+    pub fn transfers_per_s(&self) -> f64 {
+        self.committed as f64 / self.window.as_secs_f64()
+    }
+}
+
+/// Runs `spec.clients` closed loops against `driver` for warm-up plus duration.
+pub async fn run<D: Driver>(driver: Arc<D>, picker: Arc<Picker>, spec: &LoadSpec) -> LoadResult {
+    let start = Instant::now();
+    let measure_from = start + spec.warmup;
+    let stop_at = measure_from + spec.duration;
+    let users = picker.users.clone();
+    let mut tasks = Vec::with_capacity(spec.clients);
+    for client in 0..spec.clients {
+        let (driver, picker, users) = (driver.clone(), picker.clone(), users.clone());
+        let prefix = spec.key_prefix.clone();
+        let mut rng = StdRng::seed_from_u64(spec.seed.wrapping_add(client as u64 * 7919));
+        tasks.push(tokio::spawn(async move {
+            let mut out = ClientTally::new();
+            let mut seq = 0u64;
+            while Instant::now() < stop_at {
+                let (from, to) = picker.pick(&mut rng);
+                let amount = Decimal::new(rng.gen_range(1..=100), 2);
+                let key = format!("{prefix}-{client}-{seq}");
+                seq += 1;
+                let began = Instant::now();
+                let outcome = driver
+                    .transfer(client, key, &users[from], &users[to], amount)
+                    .await;
+                let ended = Instant::now();
+                if matches!(outcome, Outcome::Committed) {
+                    out.committed_total += 1;
+                }
+                if began >= measure_from && ended <= stop_at {
+                    out.record(ended - began, outcome);
+                }
+            }
+            out
+        }));
+    }
+    let mut result = LoadResult {
+        latency_us: new_histogram(),
+        committed: 0,
+        rejected: BTreeMap::new(),
+        failed: BTreeMap::new(),
+        window: spec.duration,
+        committed_total: 0,
+    };
+    for t in tasks {
+        let tally = t.await.expect("invariant: load clients do not panic");
+        result
+            .latency_us
+            .add(&tally.latency_us)
+            .expect("invariant: histograms share their bounds");
+        result.committed += tally.committed;
+        result.committed_total += tally.committed_total;
+        for (k, v) in tally.rejected {
+            *result.rejected.entry(k).or_default() += v;
+        }
+        for (k, v) in tally.failed {
+            *result.failed.entry(k).or_default() += v;
+        }
+    }
+    result
+}
+
+pub fn new_histogram() -> Histogram<u64> {
+    // 1 µs to 10 minutes at 3 significant digits.
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("invariant: valid histogram bounds")
+}
+
+struct ClientTally {
+    latency_us: Histogram<u64>,
+    committed: u64,
+    committed_total: u64,
+    rejected: BTreeMap<String, u64>,
+    failed: BTreeMap<String, u64>,
+}
+
+impl ClientTally {
+    fn new() -> ClientTally {
+        ClientTally {
+            latency_us: new_histogram(),
+            committed: 0,
+            committed_total: 0,
+            rejected: BTreeMap::new(),
+            failed: BTreeMap::new(),
+        }
+    }
+
+    fn record(&mut self, took: Duration, outcome: Outcome) {
+        self.latency_us
+            .saturating_record(took.as_micros().max(1) as u64);
+        match outcome {
+            Outcome::Committed => self.committed += 1,
+            Outcome::Rejected(code) => *self.rejected.entry(code).or_default() += 1,
+            Outcome::Failed(why) => *self.failed.entry(why).or_default() += 1,
+        }
+    }
+}

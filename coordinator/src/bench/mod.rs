@@ -1,0 +1,409 @@
+//! `wallet bench`: throughput and latency of the wallet against a single
+//! PostgreSQL node, side by side in one run on one machine.
+//!
+//! It starts its own cluster (one PostgreSQL server per shard, one more for the
+//! baseline with the same settings, a redis-server), loads the users in bulk, then
+//! runs each scenario as a closed-loop load: in-process through
+//! [`Coordinator::transfer`] (protocol cost only) and through the real HTTP API.
+//! After every scenario the invariant checker must pass on a quiescent cluster.
+//!
+//! - [`setup`]: servers and bulk load; [`load`]: the load generator and its
+//!   account pickers; [`drivers`]: in-process and HTTP; [`baseline`]: the
+//!   single-node peers; [`report`]: table, JSON and SVG.
+
+pub mod baseline;
+pub mod drivers;
+pub mod load;
+pub mod report;
+pub mod setup;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use rust_decimal::Decimal;
+use shard_agent::invariants::wait_quiescent;
+use tracing::info;
+
+use crate::api::{self, AppState};
+use crate::config::{Config, LockMode};
+use crate::payments::Sandbox;
+use crate::service::Coordinator;
+use load::{Distribution, LoadSpec, Picker, Placement};
+use report::{Machine, Parameters, Report, ScenarioReport};
+use setup::BenchCluster;
+
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub shards: usize,
+    pub users: usize,
+    pub clients: usize,
+    pub warmup: Duration,
+    pub duration: Duration,
+    pub seed: u64,
+    /// Run only scenarios whose name contains one of these (all when empty).
+    pub only: Vec<String>,
+    pub json: Option<PathBuf>,
+    pub svg: Option<PathBuf>,
+    /// Where the servers' data lives (a fresh temporary directory when unset).
+    pub data_dir: Option<PathBuf>,
+    pub command: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Protocol {
+    SameShard,
+    TwoPc,
+    Redis,
+    SingleNode,
+    Pgbench,
+}
+
+impl Protocol {
+    fn as_str(self) -> &'static str {
+        match self {
+            Protocol::SameShard => "same-shard",
+            Protocol::TwoPc => "2pc",
+            Protocol::Redis => "redis",
+            Protocol::SingleNode => "single-node",
+            Protocol::Pgbench => "pgbench",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Via {
+    InProcess,
+    Http,
+    Sql,
+}
+
+impl Via {
+    fn as_str(self) -> &'static str {
+        match self {
+            Via::InProcess => "in-process",
+            Via::Http => "http",
+            Via::Sql => "sql",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Scenario {
+    protocol: Protocol,
+    distribution: Distribution,
+    via: Via,
+}
+
+impl Scenario {
+    fn name(&self) -> String {
+        match self.protocol {
+            Protocol::Pgbench => "pgbench/tpcb-like".into(),
+            p => format!(
+                "{}/{}/{}",
+                p.as_str(),
+                self.distribution.as_str(),
+                self.via.as_str()
+            ),
+        }
+    }
+}
+
+/// The scenarios, in the order they run: the baselines first, so every later
+/// scenario has its ratio.
+fn scenarios() -> Vec<Scenario> {
+    use Distribution::*;
+    use Protocol::*;
+    use Via::*;
+    let s = |protocol, distribution, via| Scenario {
+        protocol,
+        distribution,
+        via,
+    };
+    vec![
+        s(SingleNode, Uniform, Sql),
+        s(SingleNode, Zipf, Sql),
+        s(SingleNode, Hot, Sql),
+        s(Pgbench, Uniform, Sql),
+        s(SameShard, Uniform, InProcess),
+        s(SameShard, Zipf, InProcess),
+        s(TwoPc, Uniform, InProcess),
+        s(TwoPc, Zipf, InProcess),
+        s(TwoPc, Hot, InProcess),
+        s(Redis, Uniform, InProcess),
+        s(Redis, Zipf, InProcess),
+        s(Redis, Hot, InProcess),
+        s(SameShard, Uniform, Http),
+        s(TwoPc, Uniform, Http),
+        s(Redis, Uniform, Http),
+    ]
+}
+
+/// A coordinator of one lock mode, with its HTTP server once a scenario needs it.
+struct Front {
+    coordinator: Arc<Coordinator>,
+    http: Option<(String, tokio::task::JoinHandle<()>)>,
+}
+
+impl Drop for Front {
+    fn drop(&mut self) {
+        if let Some((_, task)) = &self.http {
+            task.abort();
+        }
+    }
+}
+
+impl Front {
+    async fn start(config: &Config) -> anyhow::Result<Front> {
+        let coordinator = Arc::new(Coordinator::start(config, Arc::new(Sandbox::default())).await?);
+        Ok(Front {
+            coordinator,
+            http: None,
+        })
+    }
+
+    async fn http_base(&mut self, config: &Config) -> anyhow::Result<String> {
+        if let Some((base, _)) = &self.http {
+            return Ok(base.clone());
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        let router = api::app(
+            AppState {
+                coordinator: self.coordinator.clone(),
+                admin_token: None,
+            },
+            config.limits.request_body_bytes_max,
+            config.limits.concurrent_requests_max,
+        );
+        let task = tokio::spawn(async move {
+            let _ = api::serve(listener, router, std::future::pending()).await;
+        });
+        self.http = Some((base.clone(), task));
+        Ok(base)
+    }
+}
+
+pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
+    let selected: Vec<Scenario> = scenarios()
+        .into_iter()
+        .filter(|s| opts.only.is_empty() || opts.only.iter().any(|o| s.name().contains(o.as_str())))
+        .collect();
+    anyhow::ensure!(!selected.is_empty(), "no scenario matches {:?}", opts.only);
+    let temp;
+    let dir = match &opts.data_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            d.clone()
+        }
+        None => {
+            temp = tempfile::Builder::new().prefix("wallet-bench-").tempdir()?;
+            temp.path().to_path_buf()
+        }
+    };
+    let opening = Decimal::new(1000, 0);
+    println!(
+        "wallet bench: starting {} shards + 1 baseline node + redis in {}",
+        opts.shards,
+        dir.display()
+    );
+    let cluster = BenchCluster::start(&dir, opts.shards, opts.users, opening)
+        .await
+        .context("start the benchmark cluster")?;
+    println!(
+        "loaded {} users onto {} shards",
+        cluster.users.len(),
+        opts.shards
+    );
+    let baseline_dsn = baseline::load(&cluster.baseline_server, &cluster.users, opening).await?;
+    let postgres = baseline::settings(&baseline_dsn).await.unwrap_or_default();
+    let machine = Machine::read(&dir, postgres);
+
+    let mut fronts: BTreeMap<&'static str, Front> = BTreeMap::new();
+    let mut reports: Vec<ScenarioReport> = Vec::new();
+    let mut committed_cluster = 0u64;
+    let mut committed_baseline = 0u64;
+    for (i, scenario) in selected.iter().enumerate() {
+        let name = scenario.name();
+        println!("[{}/{}] {name}…", i + 1, selected.len());
+        let spec = LoadSpec {
+            clients: opts.clients,
+            warmup: opts.warmup,
+            duration: opts.duration,
+            seed: opts.seed.wrapping_add(i as u64),
+            key_prefix: format!("bench{i}"),
+        };
+        let placement = match scenario.protocol {
+            Protocol::SameShard => Placement::SameShard,
+            Protocol::TwoPc | Protocol::Redis => Placement::CrossShard,
+            Protocol::SingleNode | Protocol::Pgbench => Placement::Any,
+        };
+        let picker = Arc::new(Picker::new(
+            cluster.users.clone(),
+            scenario.distribution,
+            placement,
+            opts.seed,
+        ));
+        let result = match (scenario.protocol, scenario.via) {
+            (Protocol::Pgbench, _) => {
+                baseline::pgbench(
+                    &cluster.baseline_server,
+                    &dir,
+                    opts.clients,
+                    opts.warmup,
+                    opts.duration,
+                )
+                .await?
+            }
+            (Protocol::SingleNode, _) => {
+                let driver =
+                    Arc::new(baseline::Baseline::connect(&baseline_dsn, opts.clients).await?);
+                load::run(driver, picker, &spec).await
+            }
+            (protocol, via) => {
+                let mode = if protocol == Protocol::Redis {
+                    LockMode::Redis
+                } else {
+                    LockMode::TwoPc
+                };
+                let config = cluster.config_for(mode);
+                let front = match fronts.entry(mode.as_str()) {
+                    std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::btree_map::Entry::Vacant(e) => {
+                        e.insert(Front::start(&config).await?)
+                    }
+                };
+                match via {
+                    Via::Http => {
+                        let base = front.http_base(&config).await?;
+                        let driver = Arc::new(drivers::Http::new(base, opts.clients)?);
+                        load::run(driver, picker, &spec).await
+                    }
+                    _ => {
+                        let driver = Arc::new(drivers::InProcess {
+                            coordinator: front.coordinator.clone(),
+                        });
+                        load::run(driver, picker, &spec).await
+                    }
+                }
+            }
+        };
+        let mut report = ScenarioReport::new(
+            name.clone(),
+            scenario.protocol.as_str(),
+            scenario.distribution.as_str(),
+            scenario.via.as_str(),
+            opts.clients,
+            &result,
+        );
+        report.violations = match scenario.protocol {
+            Protocol::Pgbench => Vec::new(),
+            Protocol::SingleNode => {
+                committed_baseline += result.committed_total;
+                baseline::check(
+                    &baseline_dsn,
+                    cluster.users.len(),
+                    opening,
+                    committed_baseline,
+                )
+                .await?
+            }
+            _ => {
+                committed_cluster += result.committed_total;
+                check_cluster(&cluster, committed_cluster).await?
+            }
+        };
+        report.invariants_ok = report.violations.is_empty();
+        relate(&mut report, &reports);
+        info!(scenario = %name, tps = report.transfers_per_s, p99_ms = report.p99_ms, "scenario done");
+        println!(
+            "    {:.0} transfers/s, p50 {:.2} ms, p99 {:.2} ms, invariants {}",
+            report.transfers_per_s,
+            report.p50_ms,
+            report.p99_ms,
+            if report.invariants_ok {
+                "ok"
+            } else {
+                "VIOLATED"
+            }
+        );
+        reports.push(report);
+    }
+    drop(fronts);
+    let invariants_ok = reports.iter().all(|r| r.invariants_ok);
+    let report = Report {
+        started_at: chrono::Utc::now().to_rfc3339(),
+        command: opts.command.clone(),
+        machine,
+        parameters: Parameters {
+            shards: opts.shards,
+            users: opts.users,
+            opening_balance: opening.to_string(),
+            clients: opts.clients,
+            warmup_s: opts.warmup.as_secs_f64(),
+            duration_s: opts.duration.as_secs_f64(),
+            seed: opts.seed,
+            amounts: "uniform 0.01-1.00 USD",
+        },
+        goals: Report::goals(&reports),
+        scenarios: reports,
+        invariants_ok,
+    };
+    report.print();
+    if let Some(path) = &opts.json {
+        report.write_json(path)?;
+        println!("JSON: {}", path.display());
+    }
+    if let Some(path) = &opts.svg {
+        report.write_svg(path)?;
+        println!("plot: {}", path.display());
+    }
+    drop(cluster);
+    Ok(invariants_ok)
+}
+
+/// The invariant checker on a quiescent cluster, plus: every transfer a client saw
+/// committed is committed in the ledger.
+async fn check_cluster(cluster: &BenchCluster, acknowledged: u64) -> anyhow::Result<Vec<String>> {
+    let snap = wait_quiescent(&cluster.agents, Duration::from_secs(60)).await?;
+    let mut v = snap.violations(true);
+    let committed = snap
+        .decisions
+        .values()
+        .filter(|d| d.kind == "transfer" && d.state == "committed")
+        .count() as u64;
+    if committed < acknowledged {
+        v.push(format!(
+            "{acknowledged} transfers were answered as committed, the ledger holds {committed}"
+        ));
+    }
+    Ok(v)
+}
+
+/// Ratios: to the single-node baseline with the same distribution, and for HTTP
+/// scenarios to the same scenario in-process.
+fn relate(report: &mut ScenarioReport, earlier: &[ScenarioReport]) {
+    if report.protocol != "single-node" {
+        if let Some(b) = earlier
+            .iter()
+            .find(|b| b.protocol == "single-node" && b.distribution == report.distribution)
+        {
+            report.ratio_to_baseline = Some(report.transfers_per_s / b.transfers_per_s);
+            report.baseline = Some(b.name.clone());
+        }
+    } else {
+        report.ratio_to_baseline = Some(1.0);
+        report.baseline = Some(report.name.clone());
+    }
+    if report.via == "http" {
+        if let Some(inproc) = earlier.iter().find(|b| {
+            b.via == "in-process"
+                && b.protocol == report.protocol
+                && b.distribution == report.distribution
+        }) {
+            report.ratio_to_in_process = Some(report.transfers_per_s / inproc.transfers_per_s);
+        }
+    }
+}

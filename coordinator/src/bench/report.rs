@@ -1,0 +1,380 @@
+//! What a benchmark run reports: a table on stdout, a JSON file, and an SVG with
+//! throughput bars and latency-by-percentile curves.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+use plotters::prelude::*;
+use serde::Serialize;
+
+use super::load::LoadResult;
+
+/// One scenario's figures.
+#[derive(Clone, Debug, Serialize)]
+pub struct ScenarioReport {
+    pub name: String,
+    /// `same-shard`, `2pc`, `redis`, `single-node` or `pgbench`.
+    pub protocol: String,
+    pub distribution: String,
+    /// `in-process`, `http` or `sql`.
+    pub via: String,
+    pub clients: usize,
+    pub transfers_per_s: f64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+    pub committed: u64,
+    pub rejected: BTreeMap<String, u64>,
+    pub errors: BTreeMap<String, u64>,
+    /// Transfers/s over the single-node baseline's with the same distribution.
+    pub ratio_to_baseline: Option<f64>,
+    pub baseline: Option<String>,
+    /// HTTP scenarios: transfers/s over the same scenario in-process.
+    pub ratio_to_in_process: Option<f64>,
+    pub invariants_ok: bool,
+    pub violations: Vec<String>,
+    /// (percentile, ms) points for the plot.
+    #[serde(skip)]
+    pub curve: Vec<(f64, f64)>,
+}
+
+impl ScenarioReport {
+    pub fn new(
+        name: String,
+        protocol: &str,
+        distribution: &str,
+        via: &str,
+        clients: usize,
+        r: &LoadResult,
+    ) -> ScenarioReport {
+        let ms = |q: f64| r.latency_us.value_at_quantile(q) as f64 / 1000.0;
+        ScenarioReport {
+            name,
+            protocol: protocol.to_owned(),
+            distribution: distribution.to_owned(),
+            via: via.to_owned(),
+            clients,
+            transfers_per_s: r.transfers_per_s(),
+            p50_ms: ms(0.5),
+            p90_ms: ms(0.9),
+            p99_ms: ms(0.99),
+            p999_ms: ms(0.999),
+            max_ms: r.latency_us.max() as f64 / 1000.0,
+            committed: r.committed,
+            rejected: r.rejected.clone(),
+            errors: r.failed.clone(),
+            ratio_to_baseline: None,
+            baseline: None,
+            ratio_to_in_process: None,
+            invariants_ok: false,
+            violations: Vec::new(),
+            curve: curve(&r.latency_us),
+        }
+    }
+}
+
+/// Latency at percentiles spaced evenly on a "nines" axis, up to 99.9%.
+fn curve(h: &Histogram<u64>) -> Vec<(f64, f64)> {
+    if h.is_empty() {
+        return Vec::new();
+    }
+    (0..=60)
+        .map(|i| {
+            let nines = f64::from(i) / 20.0; // 0 ..= 3
+            let q = 1.0 - 10f64.powf(-nines);
+            (nines, h.value_at_quantile(q) as f64 / 1000.0)
+        })
+        .collect()
+}
+
+/// Where and how the run happened.
+#[derive(Clone, Debug, Serialize)]
+pub struct Machine {
+    pub cores: usize,
+    pub cpu: String,
+    pub memory_gib: f64,
+    /// 8 KiB writes followed by fdatasync, per second, on the data directory's disk.
+    pub fdatasync_per_s: f64,
+    pub postgres: BTreeMap<String, String>,
+}
+
+impl Machine {
+    pub fn read(data_dir: &Path, postgres: BTreeMap<String, String>) -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+            .unwrap_or_else(|| "unknown".into());
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let memory_gib = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|l| l.trim().trim_end_matches(" kB").parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
+        Machine {
+            cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            cpu,
+            memory_gib,
+            fdatasync_per_s: fsync_rate(data_dir).unwrap_or(0.0),
+            postgres,
+        }
+    }
+}
+
+/// Like `pg_test_fsync`'s fdatasync line: rewrite one 8 KiB block and fdatasync it,
+/// for one second.
+fn fsync_rate(dir: &Path) -> std::io::Result<f64> {
+    use std::io::{Seek, SeekFrom, Write};
+    let path = dir.join("fsync-probe");
+    let mut f = std::fs::File::create(&path)?;
+    let block = [0x5au8; 8192];
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < Duration::from_secs(1) {
+        f.seek(SeekFrom::Start(0))?;
+        f.write_all(&block)?;
+        f.sync_data()?;
+        n += 1;
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    drop(f);
+    let _ = std::fs::remove_file(path);
+    Ok(rate)
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Parameters {
+    pub shards: usize,
+    pub users: usize,
+    pub opening_balance: String,
+    pub clients: usize,
+    pub warmup_s: f64,
+    pub duration_s: f64,
+    pub seed: u64,
+    pub amounts: &'static str,
+}
+
+/// A goal from the issue, and whether this run met it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Goal {
+    pub goal: String,
+    pub measured: String,
+    pub met: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub started_at: String,
+    pub command: String,
+    pub machine: Machine,
+    pub parameters: Parameters,
+    pub scenarios: Vec<ScenarioReport>,
+    pub goals: Vec<Goal>,
+    pub invariants_ok: bool,
+}
+
+impl Report {
+    pub fn goals(scenarios: &[ScenarioReport]) -> Vec<Goal> {
+        let find = |name: &str| scenarios.iter().find(|s| s.name == name);
+        let mut goals = Vec::new();
+        let mut ratio_goal = |name: &str, min: f64, p99_max: Option<f64>| {
+            if let Some(s) = find(name) {
+                let ratio = s.ratio_to_baseline.unwrap_or(0.0);
+                let p99_ok = p99_max.is_none_or(|m| s.p99_ms < m);
+                goals.push(Goal {
+                    goal: match p99_max {
+                        Some(m) => format!("{name}: >= {min}x single-node, p99 < {m} ms"),
+                        None => format!("{name}: >= {min}x single-node"),
+                    },
+                    measured: format!("{ratio:.2}x, p99 {:.1} ms", s.p99_ms),
+                    met: ratio >= min && p99_ok,
+                });
+            }
+        };
+        ratio_goal("2pc/uniform/in-process", 0.5, Some(50.0));
+        ratio_goal("same-shard/uniform/in-process", 0.8, None);
+        for s in scenarios.iter().filter(|s| s.via == "http") {
+            if let Some(r) = s.ratio_to_in_process {
+                goals.push(Goal {
+                    goal: format!("{}: >= 0.7x in-process", s.name),
+                    measured: format!("{r:.2}x"),
+                    met: r >= 0.7,
+                });
+            }
+        }
+        goals
+    }
+
+    pub fn print(&self) {
+        let m = &self.machine;
+        println!(
+            "\nmachine: {} cores ({}), {:.1} GiB, {:.0} fdatasync/s on the data disk",
+            m.cores, m.cpu, m.memory_gib, m.fdatasync_per_s
+        );
+        let settings: Vec<String> = m.postgres.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("postgres: {}", settings.join(" "));
+        let p = &self.parameters;
+        println!(
+            "load: {} shards, {} users, {} clients closed-loop, {}s warm-up + {}s measured per scenario, seed {}, amounts {}\n",
+            p.shards, p.users, p.clients, p.warmup_s, p.duration_s, p.seed, p.amounts
+        );
+        println!(
+            "{:<32} {:>10} {:>8} {:>8} {:>8} {:>9} {:>9} {:>7} {:>7} {:>8} {:>10}",
+            "scenario",
+            "xfers/s",
+            "p50 ms",
+            "p99 ms",
+            "p99.9",
+            "max ms",
+            "vs base",
+            "errors",
+            "reject",
+            "vs inproc",
+            "invariants"
+        );
+        for s in &self.scenarios {
+            println!(
+                "{:<32} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>9.1} {:>9} {:>7} {:>7} {:>8} {:>10}",
+                s.name,
+                s.transfers_per_s,
+                s.p50_ms,
+                s.p99_ms,
+                s.p999_ms,
+                s.max_ms,
+                s.ratio_to_baseline
+                    .map_or("-".into(), |r| format!("{r:.2}x")),
+                s.errors.values().sum::<u64>(),
+                s.rejected.values().sum::<u64>(),
+                s.ratio_to_in_process
+                    .map_or("-".into(), |r| format!("{r:.2}x")),
+                if s.invariants_ok { "ok" } else { "VIOLATED" },
+            );
+        }
+        for s in &self.scenarios {
+            for v in &s.violations {
+                println!("  {}: {v}", s.name);
+            }
+            if !s.errors.is_empty() {
+                println!("  {} errors: {:?}", s.name, s.errors);
+            }
+        }
+        println!();
+        for g in &self.goals {
+            println!(
+                "goal {:<52} {:<22} {}",
+                g.goal,
+                g.measured,
+                if g.met { "met" } else { "NOT met" }
+            );
+        }
+        println!(
+            "\ninvariant checker after every scenario: {}",
+            if self.invariants_ok {
+                "passed"
+            } else {
+                "FAILED"
+            }
+        );
+    }
+
+    pub fn write_json(&self, path: &Path) -> anyhow::Result<()> {
+        std::fs::write(path, serde_json::to_string_pretty(self)?)
+            .with_context(|| format!("write {}", path.display()))
+    }
+
+    /// Throughput bars on the left, latency by percentile on the right.
+    pub fn write_svg(&self, path: &Path) -> anyhow::Result<()> {
+        let root = SVGBackend::new(path, (1400, 640)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_err)?;
+        let (left, right) = root.split_horizontally(560);
+        let n = self.scenarios.len().max(1);
+        let max_tps = self
+            .scenarios
+            .iter()
+            .map(|s| s.transfers_per_s)
+            .fold(1.0, f64::max);
+        let names: Vec<String> = self.scenarios.iter().map(|s| s.name.clone()).collect();
+        let mut bars = ChartBuilder::on(&left)
+            .caption("Throughput (transfers/s)", ("sans-serif", 20))
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(230)
+            .build_cartesian_2d(0.0..max_tps * 1.1, 0.0..n as f64)
+            .map_err(plot_err)?;
+        bars.configure_mesh()
+            .disable_y_mesh()
+            .y_labels(n * 2 + 1)
+            .y_label_formatter(&|y| {
+                let i = (*y - 0.5).round();
+                if (*y - 0.5 - i).abs() < 0.01 && i >= 0.0 && (i as usize) < names.len() {
+                    names[names.len() - 1 - i as usize].clone()
+                } else {
+                    String::new()
+                }
+            })
+            .draw()
+            .map_err(plot_err)?;
+        for (i, s) in self.scenarios.iter().enumerate() {
+            let y = (n - 1 - i) as f64;
+            let color = Palette99::pick(i).to_rgba();
+            bars.draw_series(std::iter::once(Rectangle::new(
+                [(0.0, y + 0.15), (s.transfers_per_s, y + 0.85)],
+                color.filled(),
+            )))
+            .map_err(plot_err)?;
+        }
+        let max_ms = self
+            .scenarios
+            .iter()
+            .flat_map(|s| s.curve.iter().map(|(_, ms)| *ms))
+            .fold(1.0, f64::max);
+        let mut lines = ChartBuilder::on(&right)
+            .caption("Latency by percentile (ms, log scale)", ("sans-serif", 20))
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0.0..3.0, (0.05..max_ms * 1.5).log_scale())
+            .map_err(plot_err)?;
+        lines
+            .configure_mesh()
+            .x_labels(4)
+            .x_label_formatter(&|x: &f64| match x.round() as i32 {
+                0 => "p0".into(),
+                1 => "p90".into(),
+                2 => "p99".into(),
+                _ => "p99.9".into(),
+            })
+            .draw()
+            .map_err(plot_err)?;
+        for (i, s) in self.scenarios.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            lines
+                .draw_series(LineSeries::new(s.curve.clone(), color.stroke_width(2)))
+                .map_err(plot_err)?
+                .label(s.name.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 16, y)], color.stroke_width(2))
+                });
+        }
+        lines
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 12))
+            .draw()
+            .map_err(plot_err)?;
+        root.present().map_err(plot_err)?;
+        Ok(())
+    }
+}
+
+fn plot_err<E: std::fmt::Display>(e: E) -> anyhow::Error {
+    anyhow::anyhow!("plot: {e}")
+}

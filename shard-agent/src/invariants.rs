@@ -1,0 +1,258 @@
+//! The invariant checker: DESIGN.md's invariants 1-5, across every shard.
+//!
+//! [`Snapshot::take`] reads each shard's committed state (shard by shard, so a
+//! snapshot taken while transfers run can see one half-committed across shards:
+//! report that, fail only on quiescent snapshots). [`Snapshot::violations`] lists
+//! every broken invariant; an empty list is the only passing verdict.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::agent::ShardAgent;
+use crate::check::{DecisionRow, EntryRow, ShardAudit};
+use crate::error::ShardResult;
+use rust_decimal::Decimal;
+use serde::Serialize;
+use uuid::Uuid;
+
+/// Everything the checker knows, read from all shards.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub audits: Vec<(u16, ShardAudit)>,
+    /// Decision records by transfer ID (home shards).
+    pub decisions: HashMap<Uuid, DecisionRow>,
+    /// User-account ledger entries by transfer ID (all shards).
+    pub entries: HashMap<Uuid, Vec<EntryRow>>,
+}
+
+/// Money totals per currency, as a report shows them.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Totals {
+    pub user_balances: BTreeMap<String, Decimal>,
+    pub clearing_balances: BTreeMap<String, Decimal>,
+}
+
+impl Snapshot {
+    pub async fn take(agents: &[ShardAgent]) -> ShardResult<Snapshot> {
+        let mut snap = Snapshot::default();
+        for agent in agents {
+            let mut audit = agent.audit().await?;
+            for d in std::mem::take(&mut audit.decisions) {
+                snap.decisions.insert(d.transfer_id, d);
+            }
+            for e in std::mem::take(&mut audit.entries) {
+                snap.entries.entry(e.transfer_id).or_default().push(e);
+            }
+            snap.audits.push((agent.id().0, audit));
+        }
+        Ok(snap)
+    }
+
+    pub fn totals(&self) -> Totals {
+        let mut t = Totals::default();
+        for (_, audit) in &self.audits {
+            for (cur, v) in &audit.user_balances {
+                *t.user_balances.entry(cur.clone()).or_default() += *v;
+            }
+            for (cur, v) in &audit.clearing_balances {
+                *t.clearing_balances.entry(cur.clone()).or_default() += *v;
+            }
+        }
+        t
+    }
+
+    /// Every invariant violation, in words. `quiescent`: nothing is in flight, so
+    /// in-flight states themselves are violations (invariant 5).
+    pub fn violations(&self, quiescent: bool) -> Vec<String> {
+        let mut v = Vec::new();
+        self.conservation(&mut v);
+        for (shard, a) in &self.audits {
+            if a.negative_balances > 0 {
+                v.push(format!(
+                    "invariant 2: shard {shard} has {} negative balances",
+                    a.negative_balances
+                ));
+            }
+            if a.ledger_mismatches > 0 {
+                v.push(format!("invariant 4: shard {shard} has {} accounts whose ledger does not sum to the balance", a.ledger_mismatches));
+            }
+            if quiescent && a.prepared > 0 {
+                v.push(format!(
+                    "invariant 5: shard {shard} still holds {} prepared transactions",
+                    a.prepared
+                ));
+            }
+            if quiescent && a.pending_credits > 0 {
+                v.push(format!("invariant 5: shard {shard} has {} debited transfers whose credit is still pending", a.pending_credits));
+            }
+            if a.fence_regressions > 0 {
+                v.push(format!("fencing: shard {shard} has {} writes made under a lock older than an earlier write to the same account", a.fence_regressions));
+            }
+            if quiescent && a.undecided_transfers > 0 {
+                v.push(format!(
+                    "invariant 5: shard {shard} has {} transfers still preparing",
+                    a.undecided_transfers
+                ));
+            }
+        }
+        self.exactly_once(quiescent, &mut v);
+        v
+    }
+
+    /// Invariant 1: user balances equal their opening balances plus committed
+    /// deposits minus withdrawals, and every account of every shard sums to zero
+    /// with the clearing accounts.
+    fn conservation(&self, v: &mut Vec<String>) {
+        let mut users = Decimal::ZERO;
+        let mut opening = Decimal::ZERO;
+        let mut clearing = Decimal::ZERO;
+        for (_, a) in &self.audits {
+            users += a.user_balances.values().copied().sum::<Decimal>();
+            opening += a.user_opening.values().copied().sum::<Decimal>();
+            clearing += a.clearing_balances.values().copied().sum::<Decimal>();
+        }
+        let net: Decimal = self
+            .decisions
+            .values()
+            .filter(|d| d.state == "committed")
+            .map(|d| match d.kind.as_str() {
+                "deposit" => d.amount,
+                "withdrawal" => -d.amount,
+                _ => Decimal::ZERO,
+            })
+            .sum::<Decimal>()
+            + opening;
+        if users != net {
+            v.push(format!("invariant 1: user balances sum to {users}, opening balances plus committed deposits minus withdrawals are {net}"));
+        }
+        if users + clearing != Decimal::ZERO {
+            v.push(format!(
+                "invariant 1: user ({users}) and clearing ({clearing}) balances do not cancel out"
+            ));
+        }
+    }
+
+    /// Invariant 3 on the stored side: a committed transfer has exactly one debit
+    /// and one credit of its amount; an aborted one has none; no entry lacks a
+    /// committed decision.
+    fn exactly_once(&self, quiescent: bool, v: &mut Vec<String>) {
+        for (tid, d) in &self.decisions {
+            let entries = self.entries.get(tid).map(Vec::as_slice).unwrap_or(&[]);
+            let count = |kind: &str, amount: Decimal| {
+                entries
+                    .iter()
+                    .filter(|e| e.kind == kind && e.amount == amount)
+                    .count()
+            };
+            match (d.state.as_str(), d.kind.as_str()) {
+                ("committed", "transfer") => {
+                    let (debits, credits) = (
+                        count("transfer_debit", -d.amount),
+                        count("transfer_credit", d.amount),
+                    );
+                    if debits != 1 || credits != 1 || entries.len() != 2 {
+                        // Mid-run, a cross-shard commit may be visible on one shard only.
+                        if quiescent || entries.len() > 2 {
+                            v.push(format!("invariant 3: committed transfer {tid} has {debits} debits, {credits} credits, {} entries", entries.len()));
+                        }
+                    }
+                }
+                ("committed", "deposit")
+                    if count("deposit", d.amount) != 1 || entries.len() != 1 =>
+                {
+                    v.push(format!(
+                        "invariant 3: committed deposit {tid} has {} entries",
+                        entries.len()
+                    ));
+                }
+                ("committed", "withdrawal")
+                    if count("withdrawal", -d.amount) != 1 || entries.len() != 1 =>
+                {
+                    v.push(format!(
+                        "invariant 3: committed withdrawal {tid} has {} entries",
+                        entries.len()
+                    ));
+                }
+                ("aborted", _) if !entries.is_empty() => {
+                    v.push(format!(
+                        "invariant 3: aborted {} {tid} has {} ledger entries",
+                        d.kind,
+                        entries.len()
+                    ));
+                }
+                _ => {}
+            }
+        }
+        for (tid, entries) in &self.entries {
+            let decided = self
+                .decisions
+                .get(tid)
+                .is_some_and(|d| d.state == "committed");
+            if !decided
+                && (quiescent
+                    || self
+                        .decisions
+                        .get(tid)
+                        .is_some_and(|d| d.state == "aborted"))
+            {
+                v.push(format!(
+                    "invariant 3: {} ledger entries of {tid} have no committed decision",
+                    entries.len()
+                ));
+            }
+        }
+    }
+
+    /// Invariant 3 on the client's side: every acknowledged transfer is committed.
+    pub fn unacknowledged(&self, acknowledged: &[Uuid]) -> Vec<String> {
+        acknowledged
+            .iter()
+            .filter(|tid| {
+                self.decisions
+                    .get(tid)
+                    .is_none_or(|d| d.state != "committed")
+            })
+            .map(|tid| format!("invariant 3: transfer {tid} was acknowledged but is not committed"))
+            .collect()
+    }
+
+    /// Invariant 3 for definite failures: none of these transfers moved money.
+    pub fn failed_but_moved(&self, failed: &[Uuid]) -> Vec<String> {
+        failed
+            .iter()
+            .filter(|tid| self.entries.get(tid).is_some_and(|e| !e.is_empty()))
+            .map(|tid| format!("invariant 3: transfer {tid} was answered with a failure but has ledger entries"))
+            .collect()
+    }
+}
+
+/// Polls until no prepared transaction, undecided transfer or pending credit
+/// remains on any shard (recovery has finished), or `within` passes; returns the
+/// last snapshot.
+///
+/// Shards are read one after another, so a single snapshot can be torn: the
+/// payee's shard read before recovery applies a credit, the payer's after it
+/// clears the pending credit. Recovery finishes each action before it clears the
+/// marker that caused it, so once every shard has looked settled, nothing is left
+/// to do, and a second snapshot taken after that one is consistent: that is the
+/// one returned.
+pub async fn wait_quiescent(
+    agents: &[ShardAgent],
+    within: std::time::Duration,
+) -> ShardResult<Snapshot> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut seen_settled = false;
+    loop {
+        let snap = Snapshot::take(agents).await?;
+        let settled = snap
+            .audits
+            .iter()
+            .all(|(_, a)| a.prepared == 0 && a.undecided_transfers == 0 && a.pending_credits == 0);
+        if (settled && seen_settled) || tokio::time::Instant::now() >= deadline {
+            return Ok(snap);
+        }
+        seen_settled = settled;
+        if !settled {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+}
