@@ -76,21 +76,40 @@ pub async fn transfer(
             order,
             &order.from_username,
         );
-        let (d, c) = join!(
-            async {
-                let r = home.prepare_leg(&debit).await;
-                crash_point!("2pc-after-prepare-debit");
-                Ok::<_, CoordinatorError>(r)
-            },
-            async {
-                let r = remote.prepare_leg(&credit).await;
-                crash_point!("2pc-after-prepare-credit");
-                Ok::<_, CoordinatorError>(r)
-            }
-        );
-        let (d, c) = (d?, c?);
+        // Legs are prepared one after the other, the lower user ID first: each leg
+        // locks one account until the decision is carried out, so taking them in
+        // one global order (the order same-shard transfers and Redis locks use too)
+        // means two transfers never wait on each other in a cycle. A hot merchant
+        // with legs prepared in parallel deadlocked this way until lock_timeout.
+        // A leg is not attempted once the other has failed.
+        let debit_first = order.from.as_uuid() <= order.to.as_uuid();
+        let prepare_debit = || async {
+            let r = home.prepare_leg(&debit).await;
+            crash_point!("2pc-after-prepare-debit");
+            Ok::<_, CoordinatorError>(r)
+        };
+        let prepare_credit = || async {
+            let r = remote.prepare_leg(&credit).await;
+            crash_point!("2pc-after-prepare-credit");
+            Ok::<_, CoordinatorError>(r)
+        };
+        let (d, c) = if debit_first {
+            let d = prepare_debit().await?;
+            let c = match d {
+                Ok(Prepared::Yes) => Some(prepare_credit().await?),
+                _ => None,
+            };
+            (Some(d), c)
+        } else {
+            let c = prepare_credit().await?;
+            let d = match c {
+                Ok(Prepared::Yes) => Some(prepare_debit().await?),
+                _ => None,
+            };
+            (d, Some(c))
+        };
         crash_point!("2pc-after-prepare-all");
-        let decision = decision_of(&d, &c);
+        let decision = decision_of(d.as_ref(), c.as_ref());
         let decision = broken_commit_unprepared(decision);
         crash_point!("2pc-before-decision");
         // The commit point. If its answer is lost we do not know the outcome: report
@@ -104,9 +123,23 @@ pub async fn transfer(
         } else {
             // Roll back every leg that may be prepared, including one whose prepare
             // returned an error (it may have prepared before the connection broke).
+            // A rejected leg or one never attempted left nothing to roll back.
+            let may_be_prepared = |r: &Option<Result<Prepared, ShardError>>| {
+                !matches!(r, None | Some(Ok(Prepared::Rejected(_))))
+            };
             let (a, b) = join!(
-                home.rollback_prepared(&debit_gid),
-                remote.rollback_prepared(&credit_gid)
+                async {
+                    match may_be_prepared(&d) {
+                        true => home.rollback_prepared(&debit_gid).await.map(Some),
+                        false => Ok(None),
+                    }
+                },
+                async {
+                    match may_be_prepared(&c) {
+                        true => remote.rollback_prepared(&credit_gid).await.map(Some),
+                        false => Ok(None),
+                    }
+                }
             );
             for r in [a, b] {
                 if let Err(e) = r {
@@ -133,18 +166,21 @@ fn leg(gid: Gid, side: Side, user: UserId, order: &TransferOrder, counterparty: 
     }
 }
 
-/// Commit only when both legs prepared. A business rejection wins over a fault, and
-/// the payer's rejection over the payee's, so the client hears the most useful reason.
+/// Commit only when both legs prepared (`None`: not attempted). A business
+/// rejection wins over a fault, and the payer's rejection over the payee's, so the
+/// client hears the most useful reason.
 fn decision_of(
-    debit: &Result<Prepared, ShardError>,
-    credit: &Result<Prepared, ShardError>,
+    debit: Option<&Result<Prepared, ShardError>>,
+    credit: Option<&Result<Prepared, ShardError>>,
 ) -> Decision {
     match (debit, credit) {
-        (Ok(Prepared::Yes), Ok(Prepared::Yes)) => Decision::Commit,
-        (Ok(Prepared::Rejected(code)), _) | (_, Ok(Prepared::Rejected(code))) => {
+        (Some(Ok(Prepared::Yes)), Some(Ok(Prepared::Yes))) => Decision::Commit,
+        (Some(Ok(Prepared::Rejected(code))), _) | (_, Some(Ok(Prepared::Rejected(code)))) => {
             Decision::Abort(*code)
         }
-        (Err(e), _) | (_, Err(e)) => Decision::Abort(fault_code(e)),
+        (Some(Err(e)), _) | (_, Some(Err(e))) => Decision::Abort(fault_code(e)),
+        // A leg is skipped only after the other failed, which the arms above take.
+        _ => Decision::Abort(FailureCode::ShardUnavailable),
     }
 }
 
@@ -168,20 +204,29 @@ fn fault_code(e: &ShardError) -> FailureCode {
 
 /// After a commit decision the transfer is committed whatever happens here: a leg
 /// we cannot reach is committed by recovery, so errors are logged, not returned.
+/// Both legs are committed at once: the decision is durable, so their order does
+/// not matter. The failpoint between them fires once the credit is committed,
+/// whether or not the debit's commit has run.
 async fn commit_both(
     remote: &ShardAgent,
     credit: &Gid,
     home: &ShardAgent,
     debit: &Gid,
 ) -> Result<(), CoordinatorError> {
-    if let Err(e) = remote.commit_prepared(credit).await {
-        warn!(%e, "commit prepared (credit) failed; recovery will finish it");
-    }
-    crash_point!("2pc-between-commit-prepared");
-    if let Err(e) = home.commit_prepared(debit).await {
+    let (credited, debited) = join!(
+        async {
+            if let Err(e) = remote.commit_prepared(credit).await {
+                warn!(%e, "commit prepared (credit) failed; recovery will finish it");
+            }
+            crash_point!("2pc-between-commit-prepared");
+            Ok::<_, CoordinatorError>(())
+        },
+        home.commit_prepared(debit)
+    );
+    if let Err(e) = debited {
         warn!(%e, "commit prepared (debit) failed; recovery will finish it");
     }
-    Ok(())
+    credited
 }
 
 #[cfg(test)]
@@ -199,17 +244,17 @@ mod tests {
     #[test]
     fn both_prepared_is_the_only_way_to_commit() {
         assert_eq!(
-            decision_of(&Ok(Prepared::Yes), &Ok(Prepared::Yes)),
+            decision_of(Some(&Ok(Prepared::Yes)), Some(&Ok(Prepared::Yes))),
             Decision::Commit
         );
         assert_eq!(
-            decision_of(&Ok(Prepared::Yes), &Err(unavailable())),
+            decision_of(Some(&Ok(Prepared::Yes)), Some(&Err(unavailable()))),
             Decision::Abort(FailureCode::ShardUnavailable)
         );
         assert_eq!(
             decision_of(
-                &Err(ShardError::LockTimeout { shard: ShardId(0) }),
-                &Ok(Prepared::Yes)
+                Some(&Err(ShardError::LockTimeout { shard: ShardId(0) })),
+                Some(&Ok(Prepared::Yes))
             ),
             Decision::Abort(FailureCode::ShardBusy)
         );
@@ -219,17 +264,37 @@ mod tests {
     fn a_business_rejection_is_reported_over_a_fault() {
         assert_eq!(
             decision_of(
-                &Err(unavailable()),
-                &Ok(Prepared::Rejected(FailureCode::RecipientNotFound))
+                Some(&Err(unavailable())),
+                Some(&Ok(Prepared::Rejected(FailureCode::RecipientNotFound)))
             ),
             Decision::Abort(FailureCode::RecipientNotFound)
         );
         assert_eq!(
             decision_of(
-                &Ok(Prepared::Rejected(FailureCode::InsufficientFunds)),
-                &Ok(Prepared::Rejected(FailureCode::RecipientNotFound))
+                Some(&Ok(Prepared::Rejected(FailureCode::InsufficientFunds))),
+                Some(&Ok(Prepared::Rejected(FailureCode::RecipientNotFound)))
             ),
             Decision::Abort(FailureCode::InsufficientFunds)
+        );
+    }
+
+    #[test]
+    fn a_leg_not_attempted_never_commits() {
+        let busy = ShardError::LockTimeout { shard: ShardId(0) };
+        assert_eq!(
+            decision_of(Some(&Err(busy)), None),
+            Decision::Abort(FailureCode::ShardBusy)
+        );
+        assert_eq!(
+            decision_of(
+                None,
+                Some(&Ok(Prepared::Rejected(FailureCode::RecipientNotFound)))
+            ),
+            Decision::Abort(FailureCode::RecipientNotFound)
+        );
+        assert_eq!(
+            decision_of(Some(&Ok(Prepared::Yes)), None),
+            Decision::Abort(FailureCode::ShardUnavailable)
         );
     }
 }

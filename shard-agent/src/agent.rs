@@ -183,6 +183,13 @@ impl Conn {
             .map_err(|e| ShardError::from_pg(shard, "begin", e))
     }
 
+    /// Marks a transaction as open that the next message itself begins (a
+    /// multi-statement message starting with BEGIN): if the call is cut short, the
+    /// connection is discarded instead of returned to the pool mid-transaction.
+    pub(crate) fn mark_in_txn(&mut self) {
+        self.in_txn = true;
+    }
+
     /// Marks the explicit transaction finished (committed, rolled back or prepared).
     pub(crate) fn ended(&mut self) {
         self.in_txn = false;

@@ -124,7 +124,11 @@ impl ShardAgent {
         match result {
             Ok(()) => {
                 conn.ended();
-                Ok(())
+                // As after any bulk load: set hint bits and statistics now, rather
+                // than on the first transfers that touch each page.
+                conn.batch_execute("VACUUM (ANALYZE) users, accounts, sessions")
+                    .await
+                    .map_err(pg("vacuum after bulk load"))
             }
             Err(e) => {
                 conn.rollback_quietly().await;

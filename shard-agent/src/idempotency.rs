@@ -128,7 +128,7 @@ pub(crate) async fn claim(
 /// A deliberately broken variant for the chaos suite (failpoint
 /// `broken-skip-idempotency`): every request gets a fresh key, so retries run
 /// again. The checker must catch it; compiled in only with the `failpoints` feature.
-fn broken_skip_idempotency(key: &IdempotencyKey) -> IdempotencyKey {
+pub(crate) fn broken_skip_idempotency(key: &IdempotencyKey) -> IdempotencyKey {
     #[cfg(feature = "failpoints")]
     if fail::eval("broken-skip-idempotency", |_| ()).is_some() {
         return IdempotencyKey {

@@ -1,17 +1,27 @@
 //! A transfer between two users of the same shard: one local transaction, no 2PC.
 //!
-//! Both account rows are locked in account-id order, so two opposite transfers
-//! between the same pair cannot deadlock. Crash rule: all or nothing, by PostgreSQL.
+//! The fast path is one statement, `wallet_transfer_local` (sql/shard/V4): claim,
+//! lock, decide and move in one round trip. A key that already exists makes it
+//! raise and leave nothing behind; the slow path below then replays the key's
+//! outcome (or starts a fresh attempt after a retryable abort) statement by
+//! statement. Both lock the two account rows in user-ID order, the order every
+//! protocol locks in, so no two transfers deadlock. Crash rule: all or nothing,
+//! by PostgreSQL.
 
 use router::UserId;
 use rust_decimal::Decimal;
 use tracing::instrument;
 
 use crate::agent::ShardAgent;
-use crate::error::ShardResult;
-use crate::idempotency::{claim, Claim, IdempotencyKey, NewTransfer};
+use crate::error::{ShardError, ShardResult};
+use crate::idempotency::{broken_skip_idempotency, claim, Claim, IdempotencyKey, NewTransfer};
 use crate::money::Amount;
-use crate::records::{FailureCode, Mode, TransferKind, TransferRecord, TRANSFER_COLUMNS};
+use crate::records::{
+    FailureCode, Mode, TransferId, TransferKind, TransferRecord, TRANSFER_COLUMNS,
+};
+
+/// SQLSTATE `wallet_transfer_local` raises when the Idempotency-Key exists.
+const KEY_EXISTS: &str = "WL009";
 
 /// A transfer request as the coordinator hands it to a shard.
 #[derive(Clone, Debug)]
@@ -66,6 +76,9 @@ impl TransferOrder {
 impl ShardAgent {
     #[instrument(skip_all, fields(shard = %self.id(), from = %order.from, to = %order.to, transfer_id = tracing::field::Empty))]
     pub async fn transfer_local(&self, order: &TransferOrder) -> ShardResult<Submitted> {
+        if let Some(done) = self.transfer_local_fast(order).await? {
+            return Ok(done);
+        }
         self.timed("local transfer", async {
             let shard = self.id();
             let mut conn = self.conn().await?;
@@ -83,6 +96,45 @@ impl ShardAgent {
                     conn.rollback_quietly().await;
                     Err(e)
                 }
+            }
+        })
+        .await
+    }
+
+    /// One round trip for a key never seen before; `None` when the key exists.
+    async fn transfer_local_fast(&self, order: &TransferOrder) -> ShardResult<Option<Submitted>> {
+        self.timed("local transfer", async {
+            let key = broken_skip_idempotency(&order.key);
+            let tid = TransferId::generate();
+            tracing::Span::current().record("transfer_id", tracing::field::display(tid));
+            let conn = self.conn().await?;
+            let stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT {TRANSFER_COLUMNS} FROM wallet_transfer_local($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+                ))
+                .await
+                .map_err(self.pg("prepare local transfer"))?;
+            let row = conn
+                .query_one(
+                    &stmt,
+                    &[
+                        &tid.0,
+                        key.user.as_uuid(),
+                        &key.key,
+                        &key.fingerprint,
+                        &order.from.0,
+                        &order.from_username,
+                        &order.to.0,
+                        &order.to_username,
+                        &order.amount.value(),
+                        &order.amount.currency().code(),
+                    ],
+                )
+                .await;
+            match row {
+                Ok(row) => Ok(Some(Submitted::New(TransferRecord::from_row(self.id(), &row)?))),
+                Err(e) if e.code().is_some_and(|c| c.code() == KEY_EXISTS) => Ok(None),
+                Err(e) => Err(ShardError::from_pg(self.id(), "local transfer", e)),
             }
         })
         .await
@@ -115,7 +167,7 @@ impl ShardAgent {
         let rows = conn
             .query(
                 "SELECT user_id, currency, balance FROM accounts
-                 WHERE user_id = ANY($1) ORDER BY account_id FOR UPDATE",
+                 WHERE user_id = ANY($1) ORDER BY user_id FOR UPDATE",
                 &[&vec![order.from.0, order.to.0]],
             )
             .await

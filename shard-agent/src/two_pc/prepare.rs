@@ -42,21 +42,21 @@ pub enum Prepared {
     Rejected(FailureCode),
 }
 
-const DEBIT_SQL: &str = "WITH a AS (
-       UPDATE accounts SET balance = balance - $1
-       WHERE user_id = $2 AND currency = $3 AND balance >= $1
-       RETURNING account_id, balance)
-     INSERT INTO ledger_entries (account_id, transfer_id, kind, amount, balance_after, counterparty)
-     SELECT account_id, $4, 'transfer_debit', $6, balance, $5 FROM a
-     RETURNING balance_after";
+/// SQLSTATEs `wallet_apply_leg` (sql/shard/V4) raises for a business rejection.
+fn rejection(code: &str) -> Option<FailureCode> {
+    match code {
+        "WL001" => Some(FailureCode::InsufficientFunds),
+        "WL002" => Some(FailureCode::RecipientNotFound),
+        "WL003" => Some(FailureCode::CurrencyMismatch),
+        _ => None,
+    }
+}
 
-const CREDIT_SQL: &str = "WITH a AS (
-       UPDATE accounts SET balance = balance + $1
-       WHERE user_id = $2 AND currency = $3
-       RETURNING account_id, balance)
-     INSERT INTO ledger_entries (account_id, transfer_id, kind, amount, balance_after, counterparty)
-     SELECT account_id, $4, 'transfer_credit', $6, balance, $5 FROM a
-     RETURNING balance_after";
+/// A SQL string literal. Standard-conforming strings are on (the default since
+/// PostgreSQL 9.1), so doubling single quotes is the whole escaping.
+fn literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
 
 impl ShardAgent {
     #[instrument(skip_all, fields(shard = %self.id(), gid = %leg.gid, transfer_id = %leg.gid.transfer_id, side = ?leg.side))]
@@ -64,88 +64,52 @@ impl ShardAgent {
         self.timed("prepare leg", self.prepare_leg_inner(leg)).await
     }
 
+    /// The whole leg is one simple-query message: `BEGIN; SELECT
+    /// wallet_apply_leg(…); PREPARE TRANSACTION '<gid>'`. PostgreSQL runs the
+    /// statements of one message in order and skips the rest after an error, so
+    /// PREPARE TRANSACTION runs only if the leg applied: when the message succeeds,
+    /// the leg is prepared (no need to look it up in `pg_prepared_xacts`, which a
+    /// PREPARE sent after a failed statement would need, as it would answer
+    /// ROLLBACK without an error). One round trip instead of four.
     async fn prepare_leg_inner(&self, leg: &Leg) -> ShardResult<Prepared> {
         let shard = self.id();
-        let mut conn = self.conn().await?;
-        conn.begin(shard).await?;
-        let (sql, signed) = match leg.side {
-            Side::Debit => (DEBIT_SQL, -leg.amount),
-            Side::Credit => (CREDIT_SQL, leg.amount),
-        };
-        let applied = async {
-            let stmt = conn.prepare_cached(sql).await?;
-            conn.query_opt(
-                &stmt,
-                &[
-                    &leg.amount,
-                    leg.user.as_uuid(),
-                    &leg.currency.code(),
-                    &leg.gid.transfer_id.0,
-                    &leg.counterparty,
-                    &signed,
-                ],
-            )
-            .await
-        }
-        .await;
-        match applied {
-            Err(e) => {
-                conn.rollback_quietly().await;
-                return Err(ShardError::from_pg(shard, "apply leg", e));
-            }
-            Ok(None) => {
-                let why = self.why_refused(&conn, leg).await;
-                conn.rollback_quietly().await;
-                return why.map(Prepared::Rejected);
-            }
-            Ok(Some(_)) => {}
-        }
         fail::fail_point!("shard-before-prepare-transaction", |_| Err(
             ShardError::Unavailable {
                 shard,
                 reason: "failpoint shard-before-prepare-transaction".into(),
             }
         ));
-        // The GID's text is ours (prefix, hex, digits): safe to splice into SQL,
-        // which has no placeholders for PREPARE TRANSACTION.
-        if let Err(e) = conn
-            .batch_execute(&format!("PREPARE TRANSACTION '{}'", leg.gid))
-            .await
-        {
-            conn.rollback_quietly().await;
-            return Err(ShardError::from_pg(shard, "prepare transaction", e));
+        // Every spliced value is typed and validated (a Decimal, UUIDs, a currency
+        // code, a username of [a-z0-9_.-]) and quoted anyway; the GID's text is
+        // ours (prefix, hex, digits). The simple-query protocol has no placeholders,
+        // and PREPARE TRANSACTION has none in any protocol.
+        let sql = format!(
+            "BEGIN; SELECT wallet_apply_leg({debit}, {user}::uuid, {currency}, {amount}::numeric, {tid}::uuid, {counterparty}); PREPARE TRANSACTION '{gid}'",
+            debit = leg.side == Side::Debit,
+            user = literal(&leg.user.as_uuid().to_string()),
+            currency = literal(leg.currency.code()),
+            amount = literal(&leg.amount.to_string()),
+            tid = literal(&leg.gid.transfer_id.0.to_string()),
+            counterparty = literal(&leg.counterparty),
+            gid = leg.gid,
+        );
+        let mut conn = self.conn().await?;
+        conn.mark_in_txn();
+        match conn.batch_execute(&sql).await {
+            Ok(()) => {
+                conn.ended();
+                Ok(Prepared::Yes)
+            }
+            Err(e) => {
+                // The transaction failed before PREPARE, or PREPARE failed (which
+                // ends it); either way nothing is prepared, unless the connection
+                // broke after PREPARE ran, which the caller's rollback covers.
+                conn.rollback_quietly().await;
+                match e.code().and_then(|c| rejection(c.code())) {
+                    Some(code) => Ok(Prepared::Rejected(code)),
+                    None => Err(ShardError::from_pg(shard, "prepare leg", e)),
+                }
+            }
         }
-        conn.ended();
-        // Inside a failed transaction PREPARE answers with the tag ROLLBACK and no
-        // error, and tokio-postgres does not expose command tags: so check that the
-        // prepared transaction really exists.
-        let gid = leg.gid.to_string();
-        let exists = conn
-            .query_opt("SELECT 1 FROM pg_prepared_xacts WHERE gid = $1", &[&gid])
-            .await
-            .map_err(self.pg("verify prepare"))?;
-        match exists {
-            Some(_) => Ok(Prepared::Yes),
-            None => Err(ShardError::PrepareFailed { shard, gid }),
-        }
-    }
-
-    /// The leg's update matched no row: say which rule refused it.
-    async fn why_refused(&self, conn: &crate::agent::Conn, leg: &Leg) -> ShardResult<FailureCode> {
-        let row = conn
-            .query_opt(
-                "SELECT currency, balance FROM accounts WHERE user_id = $1",
-                &[leg.user.as_uuid()],
-            )
-            .await
-            .map_err(self.pg("diagnose leg"))?;
-        let Some(row) = row else {
-            return Ok(FailureCode::RecipientNotFound);
-        };
-        let currency: String = row.get("currency");
-        if currency.trim() != leg.currency.code() {
-            return Ok(FailureCode::CurrencyMismatch);
-        }
-        Ok(FailureCode::InsufficientFunds)
     }
 }

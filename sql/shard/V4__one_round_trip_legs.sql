@@ -1,0 +1,100 @@
+-- One round trip per step (wallet bench, issue 5): the statements of a 2PC leg and
+-- of a same-shard transfer run inside the shard, so the coordinator sends one
+-- message instead of four to eight. The rules are the ones the Rust code applied
+-- statement by statement before; the shard agent still owns every call.
+--
+-- Business rejections are raised with SQLSTATEs of class WL, so a rejected leg
+-- aborts its transaction before PREPARE TRANSACTION can run:
+--   WL001 insufficient_funds · WL002 recipient_not_found · WL003 currency_mismatch
+--   WL009 the Idempotency-Key already exists (the caller takes the slow path).
+
+-- Applies one leg of a cross-shard transfer to `p_user`'s account: the balance
+-- update (a debit only if the balance covers it) and its ledger entry.
+CREATE FUNCTION wallet_apply_leg(
+    p_debit boolean, p_user uuid, p_currency text, p_amount numeric,
+    p_transfer uuid, p_counterparty text
+) RETURNS numeric
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_account uuid;
+    v_balance numeric;
+    v_currency text;
+BEGIN
+    IF p_debit THEN
+        UPDATE accounts SET balance = balance - p_amount
+         WHERE user_id = p_user AND currency = p_currency AND balance >= p_amount
+        RETURNING account_id, balance INTO v_account, v_balance;
+    ELSE
+        UPDATE accounts SET balance = balance + p_amount
+         WHERE user_id = p_user AND currency = p_currency
+        RETURNING account_id, balance INTO v_account, v_balance;
+    END IF;
+    IF NOT FOUND THEN
+        SELECT currency INTO v_currency FROM accounts WHERE user_id = p_user;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'recipient_not_found' USING ERRCODE = 'WL002';
+        ELSIF trim(v_currency) <> p_currency THEN
+            RAISE EXCEPTION 'currency_mismatch' USING ERRCODE = 'WL003';
+        END IF;
+        RAISE EXCEPTION 'insufficient_funds' USING ERRCODE = 'WL001';
+    END IF;
+    INSERT INTO ledger_entries (account_id, transfer_id, kind, amount, balance_after, counterparty)
+    VALUES (v_account, p_transfer,
+            CASE WHEN p_debit THEN 'transfer_debit' ELSE 'transfer_credit' END,
+            CASE WHEN p_debit THEN -p_amount ELSE p_amount END,
+            v_balance, p_counterparty);
+    RETURN v_balance;
+END
+$$;
+
+-- A same-shard transfer with a new Idempotency-Key, whole, in the caller's
+-- statement: lock both accounts in user-ID order (the order every protocol
+-- locks in, so no two transfers deadlock), decide, move the money, and record
+-- the transfer in its final state together with the key. A key that exists
+-- raises WL009 and leaves nothing behind: the caller replays it the slow way.
+CREATE FUNCTION wallet_transfer_local(
+    p_transfer uuid, p_key_user uuid, p_key text, p_fingerprint bytea,
+    p_from uuid, p_from_name text, p_to uuid, p_to_name text,
+    p_amount numeric, p_currency text
+) RETURNS SETOF transfers
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_from accounts%ROWTYPE;
+    v_to accounts%ROWTYPE;
+    v_row accounts%ROWTYPE;
+    v_failure text;
+BEGIN
+    FOR v_row IN
+        SELECT * FROM accounts WHERE user_id IN (p_from, p_to) ORDER BY user_id FOR UPDATE
+    LOOP
+        IF v_row.user_id = p_from THEN v_from := v_row; ELSE v_to := v_row; END IF;
+    END LOOP;
+    IF v_from.account_id IS NULL THEN
+        RAISE EXCEPTION 'payer % has no account', p_from USING ERRCODE = 'XX000';
+    ELSIF v_to.account_id IS NULL THEN
+        v_failure := 'recipient_not_found';
+    ELSIF trim(v_from.currency) <> p_currency OR trim(v_to.currency) <> p_currency THEN
+        v_failure := 'currency_mismatch';
+    ELSIF v_from.balance < p_amount THEN
+        v_failure := 'insufficient_funds';
+    END IF;
+    INSERT INTO transfers (transfer_id, kind, mode, from_user, from_username, to_user, to_username,
+                           amount, currency, state, failure_code, decided_at)
+    VALUES (p_transfer, 'transfer', 'local', p_from, p_from_name, p_to, p_to_name, p_amount, p_currency,
+            CASE WHEN v_failure IS NULL THEN 'committed' ELSE 'aborted' END, v_failure, now());
+    INSERT INTO idempotency_keys (user_id, idem_key, operation, fingerprint, transfer_id)
+    VALUES (p_key_user, p_key, 'transfer', p_fingerprint, p_transfer)
+    ON CONFLICT DO NOTHING;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'idempotency key exists' USING ERRCODE = 'WL009';
+    END IF;
+    IF v_failure IS NULL THEN
+        UPDATE accounts SET balance = balance - p_amount WHERE account_id = v_from.account_id;
+        UPDATE accounts SET balance = balance + p_amount WHERE account_id = v_to.account_id;
+        INSERT INTO ledger_entries (account_id, transfer_id, kind, amount, balance_after, counterparty)
+        VALUES (v_from.account_id, p_transfer, 'transfer_debit', -p_amount, v_from.balance - p_amount, p_to_name),
+               (v_to.account_id, p_transfer, 'transfer_credit', p_amount, v_to.balance + p_amount, p_from_name);
+    END IF;
+    RETURN QUERY SELECT * FROM transfers WHERE transfer_id = p_transfer;
+END
+$$;
