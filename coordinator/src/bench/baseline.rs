@@ -316,3 +316,33 @@ pub async fn settings(dsn: &str) -> anyhow::Result<BTreeMap<String, String>> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pgbench_logs_count_only_the_measured_window() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // client tx latency_us script epoch_s epoch_us: one transaction per 100 ms
+        // for 3 s, the first starting at t = 1000 s.
+        let mut log = String::new();
+        for i in 0..30u64 {
+            let end_us = 1_000_000_000 + (i + 1) * 100_000;
+            log.push_str(&format!(
+                "0 {i} 2000 0 {} {}\n",
+                end_us / 1_000_000,
+                end_us % 1_000_000
+            ));
+        }
+        log.push_str("garbage line\n");
+        std::fs::write(dir.path().join("tx.123"), log).expect("write log");
+        let r = read_pgbench_logs(dir.path(), Duration::from_secs(1), Duration::from_secs(1))
+            .expect("parse");
+        // Window [first start + 1 s, + 2 s]: transactions ending at 1.1 … 2.0 s
+        // that also started inside it.
+        assert_eq!(r.committed, 10);
+        assert_eq!(r.committed_total, 30);
+        assert_eq!(r.latency_us.max(), 2000);
+    }
+}

@@ -305,3 +305,71 @@ impl ClientTally {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use router::UserId;
+    use shard_agent::records::UserRow;
+
+    fn users(n: usize, shards: u16) -> Arc<Vec<BenchUser>> {
+        Arc::new(
+            (0..n)
+                .map(|i| BenchUser {
+                    row: UserRow {
+                        user_id: UserId::for_username(&format!("u{i}")),
+                        username: format!("u{i}"),
+                        email: String::new(),
+                        currency: shard_agent::Currency::Usd,
+                        created_at: chrono::Utc::now(),
+                    },
+                    shard: ShardId((i % usize::from(shards)) as u16),
+                    token: String::new(),
+                })
+                .collect(),
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn picks_respect_the_placement(seed in any::<u64>(), dist in 0..3usize, place in 0..3usize) {
+            let all = users(500, 4);
+            let distribution = [Distribution::Uniform, Distribution::Zipf, Distribution::Hot][dist];
+            let placement = [Placement::SameShard, Placement::CrossShard, Placement::Any][place];
+            let picker = Picker::new(all.clone(), distribution, placement, seed);
+            let mut rng = StdRng::seed_from_u64(seed);
+            for _ in 0..200 {
+                let (from, to) = picker.pick(&mut rng);
+                prop_assert_ne!(from, to);
+                match placement {
+                    Placement::SameShard => prop_assert_eq!(all[from].shard, all[to].shard),
+                    Placement::CrossShard => prop_assert_ne!(all[from].shard, all[to].shard),
+                    Placement::Any => {}
+                }
+                if distribution == Distribution::Hot {
+                    prop_assert_eq!(to, MERCHANT);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn zipf_concentrates_on_a_few_users_and_uniform_does_not() {
+        let all = users(10_000, 4);
+        let top_share = |distribution| {
+            let picker = Picker::new(all.clone(), distribution, Placement::Any, 3);
+            let mut rng = StdRng::seed_from_u64(3);
+            let mut counts = HashMap::new();
+            for _ in 0..20_000 {
+                *counts.entry(picker.pick(&mut rng).0).or_insert(0u32) += 1;
+            }
+            let mut c: Vec<u32> = counts.into_values().collect();
+            c.sort_unstable_by(|a, b| b.cmp(a));
+            f64::from(c.iter().take(10).sum::<u32>()) / 20_000.0
+        };
+        // Zipf(1.0) over 10,000: the top 10 ranks draw about 29% of picks.
+        assert!(top_share(Distribution::Zipf) > 0.2);
+        assert!(top_share(Distribution::Uniform) < 0.01);
+    }
+}

@@ -187,9 +187,21 @@ impl Front {
 }
 
 pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
+    let wanted = |s: &Scenario| {
+        opts.only.is_empty() || opts.only.iter().any(|o| s.name().contains(o.as_str()))
+    };
+    // Every scenario's ratio needs the single-node baseline of its distribution.
+    let distributions: Vec<Distribution> = scenarios()
+        .iter()
+        .filter(|s| wanted(s))
+        .map(|s| s.distribution)
+        .collect();
     let selected: Vec<Scenario> = scenarios()
         .into_iter()
-        .filter(|s| opts.only.is_empty() || opts.only.iter().any(|o| s.name().contains(o.as_str())))
+        .filter(|s| {
+            wanted(s)
+                || (s.protocol == Protocol::SingleNode && distributions.contains(&s.distribution))
+        })
         .collect();
     anyhow::ensure!(!selected.is_empty(), "no scenario matches {:?}", opts.only);
     let temp;

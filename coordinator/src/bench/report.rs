@@ -78,14 +78,17 @@ impl ScenarioReport {
     }
 }
 
-/// Latency at percentiles spaced evenly on a "nines" axis, up to 99.9%.
+/// Where the plot's percentile axis starts: p50, in "nines" (-log10(1 - p)).
+const NINES_FROM: f64 = std::f64::consts::LOG10_2;
+
+/// Latency at percentiles spaced evenly on a "nines" axis, p50 to p99.9.
 fn curve(h: &Histogram<u64>) -> Vec<(f64, f64)> {
     if h.is_empty() {
         return Vec::new();
     }
     (0..=60)
         .map(|i| {
-            let nines = f64::from(i) / 20.0; // 0 ..= 3
+            let nines = NINES_FROM + (3.0 - NINES_FROM) * f64::from(i) / 60.0;
             let q = 1.0 - 10f64.powf(-nines);
             (nines, h.value_at_quantile(q) as f64 / 1000.0)
         })
@@ -328,6 +331,12 @@ impl Report {
                 color.filled(),
             )))
             .map_err(plot_err)?;
+            bars.draw_series(std::iter::once(Text::new(
+                format!("{:.0}", s.transfers_per_s),
+                (s.transfers_per_s + max_tps * 0.01, y + 0.7),
+                ("sans-serif", 12),
+            )))
+            .map_err(plot_err)?;
         }
         let max_ms = self
             .scenarios
@@ -339,17 +348,16 @@ impl Report {
             .margin(10)
             .x_label_area_size(30)
             .y_label_area_size(50)
-            .build_cartesian_2d(0.0..3.0, (0.05..max_ms * 1.5).log_scale())
+            .build_cartesian_2d(NINES_FROM..3.0, (0.1..max_ms * 1.5).log_scale())
             .map_err(plot_err)?;
         lines
             .configure_mesh()
-            .x_labels(4)
-            .x_label_formatter(&|x: &f64| match x.round() as i32 {
-                0 => "p0".into(),
-                1 => "p90".into(),
-                2 => "p99".into(),
-                _ => "p99.9".into(),
+            .x_labels(6)
+            .x_label_formatter(&|x: &f64| {
+                let p = 100.0 * (1.0 - 10f64.powf(-x));
+                format!("p{}", (p * 10.0).round() / 10.0)
             })
+            .x_desc("percentile")
             .draw()
             .map_err(plot_err)?;
         for (i, s) in self.scenarios.iter().enumerate() {
@@ -364,7 +372,7 @@ impl Report {
         }
         lines
             .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
+            .position(SeriesLabelPosition::LowerRight)
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
             .label_font(("sans-serif", 12))

@@ -1,0 +1,91 @@
+//! `wallet bench` end to end, small: its own servers, a bulk load, every kind of
+//! scenario (baselines, in-process, HTTP, both lock modes), the checker after
+//! each, and the JSON and SVG it promises. Figures are printed, never asserted.
+
+use std::time::Duration;
+
+use coordinator::bench::{run, BenchOptions};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_bench_run_reports_every_scenario_and_passes_the_checker() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let json = dir.path().join("bench.json");
+    let svg = dir.path().join("bench.svg");
+    let only: Vec<String> = [
+        "single-node/uniform",
+        "single-node/hot",
+        "pgbench",
+        "same-shard/uniform/in-process",
+        "2pc/uniform/in-process",
+        "2pc/hot/in-process",
+        "redis/zipf/in-process",
+        "2pc/uniform/http",
+    ]
+    .map(String::from)
+    .to_vec();
+    let passed = run(BenchOptions {
+        shards: 2,
+        users: 400,
+        clients: 4,
+        warmup: Duration::from_millis(300),
+        duration: Duration::from_secs(1),
+        seed: 7,
+        only: only.clone(),
+        json: Some(json.clone()),
+        svg: Some(svg.clone()),
+        data_dir: Some(dir.path().join("data")),
+        command: "test".into(),
+    })
+    .await
+    .expect("bench runs");
+    assert!(passed, "the invariant checker passed after every scenario");
+
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("JSON written"))
+            .expect("JSON parses");
+    let scenarios = report["scenarios"].as_array().expect("scenarios");
+    // Selected, plus single-node/zipf: the baseline redis/zipf is measured against.
+    assert_eq!(
+        scenarios.len(),
+        only.len() + 1,
+        "one entry per scenario run"
+    );
+    assert!(scenarios
+        .iter()
+        .any(|s| s["name"] == "single-node/zipf/sql"));
+    for s in scenarios {
+        let name = s["name"].as_str().expect("name");
+        assert!(
+            s["transfers_per_s"].as_f64().expect("transfers_per_s") > 0.0,
+            "{name} moved money"
+        );
+        for field in ["p50_ms", "p99_ms", "p999_ms", "max_ms"] {
+            assert!(s[field].as_f64().is_some(), "{name} has {field}");
+        }
+        assert!(
+            s["p50_ms"].as_f64() <= s["p99_ms"].as_f64(),
+            "{name}: percentiles are ordered"
+        );
+        assert!(
+            s["ratio_to_baseline"].as_f64().is_some(),
+            "{name} has a ratio to the single-node baseline"
+        );
+        assert_eq!(s["invariants_ok"], serde_json::json!(true), "{name}");
+    }
+    let http = scenarios
+        .iter()
+        .find(|s| s["via"] == "http")
+        .expect("an HTTP scenario");
+    assert!(http["ratio_to_in_process"].as_f64().is_some());
+    assert!(report["machine"]["cores"].as_u64().unwrap_or(0) >= 1);
+    assert_eq!(report["machine"]["postgres"]["fsync"], "on");
+    assert_eq!(report["machine"]["postgres"]["synchronous_commit"], "on");
+    assert!(!report["goals"].as_array().expect("goals").is_empty());
+
+    let plot = std::fs::read_to_string(&svg).expect("SVG written");
+    assert!(plot.contains("<svg"), "an SVG document");
+    assert!(
+        plot.contains("2pc/uniform/in-process"),
+        "the plot labels its scenarios"
+    );
+}
