@@ -1,6 +1,6 @@
 //! The coordinator's side of two-phase commit (DESIGN.md "Recommended 2PC
-//! protocol"): claim on the home shard, prepare both legs in parallel, decide on the
-//! home shard, finish both legs. Every step after the claim has a named failpoint;
+//! protocol"): claim on the home shard, prepare the legs one after the other in
+//! user-ID order, decide on the home shard, finish both legs. Every step after the claim has a named failpoint;
 //! recovery (`crate::recovery`) finishes whatever a crash at any of them leaves.
 //!
 //! **The coordinator never guesses an in-doubt outcome**: when the decision's own
@@ -168,7 +168,9 @@ fn leg(gid: Gid, side: Side, user: UserId, order: &TransferOrder, counterparty: 
 
 /// Commit only when both legs prepared (`None`: not attempted). A business
 /// rejection wins over a fault, and the payer's rejection over the payee's, so the
-/// client hears the most useful reason.
+/// client hears the most useful reason. (Legs go in user-ID order and the second
+/// is skipped once the first failed, so when the payee's leg goes first its
+/// rejection is the one reported.)
 fn decision_of(
     debit: Option<&Result<Prepared, ShardError>>,
     credit: Option<&Result<Prepared, ShardError>>,
@@ -204,29 +206,24 @@ fn fault_code(e: &ShardError) -> FailureCode {
 
 /// After a commit decision the transfer is committed whatever happens here: a leg
 /// we cannot reach is committed by recovery, so errors are logged, not returned.
-/// Both legs are committed at once: the decision is durable, so their order does
-/// not matter. The failpoint between them fires once the credit is committed,
-/// whether or not the debit's commit has run.
+/// After a commit decision the transfer is committed whatever happens here: a leg
+/// we cannot reach is committed by recovery, so errors are logged, not returned.
+/// One after the other, so that the failpoint between them leaves exactly the
+/// debit prepared for recovery to commit.
 async fn commit_both(
     remote: &ShardAgent,
     credit: &Gid,
     home: &ShardAgent,
     debit: &Gid,
 ) -> Result<(), CoordinatorError> {
-    let (credited, debited) = join!(
-        async {
-            if let Err(e) = remote.commit_prepared(credit).await {
-                warn!(%e, "commit prepared (credit) failed; recovery will finish it");
-            }
-            crash_point!("2pc-between-commit-prepared");
-            Ok::<_, CoordinatorError>(())
-        },
-        home.commit_prepared(debit)
-    );
-    if let Err(e) = debited {
+    if let Err(e) = remote.commit_prepared(credit).await {
+        warn!(%e, "commit prepared (credit) failed; recovery will finish it");
+    }
+    crash_point!("2pc-between-commit-prepared");
+    if let Err(e) = home.commit_prepared(debit).await {
         warn!(%e, "commit prepared (debit) failed; recovery will finish it");
     }
-    credited
+    Ok(())
 }
 
 #[cfg(test)]

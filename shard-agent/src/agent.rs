@@ -144,6 +144,14 @@ impl ShardAgent {
         }
     }
 
+    /// The error of a call that got no answer within `budget`: its outcome is unknown.
+    pub(crate) fn no_answer(&self, context: &str, budget: Duration) -> ShardError {
+        ShardError::Unavailable {
+            shard: self.id,
+            reason: format!("{context}: no answer within {} ms", budget.as_millis()),
+        }
+    }
+
     pub(crate) fn pg(&self, context: &'static str) -> impl Fn(tokio_postgres::Error) -> ShardError {
         let shard = self.id;
         move |e| ShardError::from_pg(shard, context, e)

@@ -58,7 +58,9 @@ impl ShardError {
     ) -> ShardError {
         use tokio_postgres::error::SqlState;
         if let Some(code) = err.code() {
-            if *code == SqlState::LOCK_NOT_AVAILABLE {
+            // A deadlock PostgreSQL saw on one shard ends like one it could not see
+            // across shards: the transfer gave way, retry with the same key.
+            if *code == SqlState::LOCK_NOT_AVAILABLE || *code == SqlState::T_R_DEADLOCK_DETECTED {
                 return ShardError::LockTimeout { shard };
             }
             if *code == SqlState::QUERY_CANCELED

@@ -22,6 +22,8 @@ use crate::records::{
 
 /// SQLSTATE `wallet_transfer_local` raises when the Idempotency-Key exists.
 const KEY_EXISTS: &str = "WL009";
+/// SQLSTATE `wallet_transfer_local` raises when the payer has no account.
+const PAYER_MISSING: &str = "WL008";
 
 /// A transfer request as the coordinator hands it to a shard.
 #[derive(Clone, Debug)]
@@ -134,6 +136,9 @@ impl ShardAgent {
             match row {
                 Ok(row) => Ok(Some(Submitted::New(TransferRecord::from_row(self.id(), &row)?))),
                 Err(e) if e.code().is_some_and(|c| c.code() == KEY_EXISTS) => Ok(None),
+                Err(e) if e.code().is_some_and(|c| c.code() == PAYER_MISSING) => {
+                    Err(self.corrupt(format!("payer {} has no account", order.from)))
+                }
                 Err(e) => Err(ShardError::from_pg(self.id(), "local transfer", e)),
             }
         })

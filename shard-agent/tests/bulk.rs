@@ -69,6 +69,29 @@ async fn a_bulk_load_conserves_money_and_its_users_can_transfer() {
         panic!("the same key replays");
     };
     assert_eq!(again.transfer_id, first.transfer_id);
+    // A replay does not wait on the accounts' row locks (a prepared leg, a hot
+    // payee): it answers from the key while another transaction holds them.
+    let (holder, conn) = tokio_postgres::connect(&p.dsn_a, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM accounts WHERE user_id IN ('{}', '{}') FOR UPDATE",
+            from.as_uuid(),
+            to.as_uuid()
+        ))
+        .await
+        .expect("hold both rows");
+    let Submitted::Replayed(locked) =
+        p.a.transfer_local(&order)
+            .await
+            .expect("replay while locked")
+    else {
+        panic!("the same key replays");
+    };
+    assert_eq!(locked.transfer_id, first.transfer_id);
+    holder.batch_execute("ROLLBACK").await.expect("release");
     assert_eq!(balance(&p.a, from).await, Decimal::new(1775, 2));
     assert_eq!(balance(&p.a, to).await, Decimal::new(3225, 2));
 

@@ -383,3 +383,70 @@ async fn stale_preparing_transfers_are_listed_for_abort() {
         .expect("list")
         .is_empty());
 }
+
+/// A leg that waits on a row lock past its call budget is cancelled on the
+/// server, so it cannot prepare later, after the coordinator gave it up.
+#[tokio::test]
+async fn a_leg_given_up_on_is_cancelled_and_never_prepares_later() {
+    let p = pair().await;
+    let payer = user(&p.a, "payer", "10").await;
+    let r = claim(
+        &p.a,
+        payer,
+        router::UserId::for_username("payee"),
+        "3",
+        "slow",
+        p.b.id(),
+    )
+    .await;
+    let debit = leg(&r.participants[0], Side::Debit, payer, "3");
+    // An agent whose lock wait (10 s) outlasts its call budget (1.5 s).
+    let impatient = ShardAgent::new(
+        p.a.id(),
+        &p.dsn_a,
+        AgentConfig {
+            call_timeout_ms: 1_500,
+            lock_timeout_ms: 10_000,
+            ..AgentConfig::default()
+        },
+    )
+    .expect("agent");
+    let (holder, conn) = tokio_postgres::connect(&p.dsn_a, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM accounts WHERE user_id = '{}' FOR UPDATE",
+            payer.as_uuid()
+        ))
+        .await
+        .expect("hold the payer's row");
+
+    let started = std::time::Instant::now();
+    let err = impatient
+        .prepare_leg(&debit)
+        .await
+        .expect_err("the leg cannot get the lock in time");
+    assert!(
+        matches!(err, shard_agent::ShardError::Unavailable { .. }),
+        "{err:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "bounded by the budget"
+    );
+
+    // The lock is released: a leg still running on the server would now prepare.
+    holder.batch_execute("COMMIT").await.expect("release");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let prepared = holder
+        .query_one(
+            "SELECT count(*) FROM pg_prepared_xacts WHERE gid = $1",
+            &[&debit.gid.to_string()],
+        )
+        .await
+        .expect("count prepared");
+    assert_eq!(prepared.get::<_, i64>(0), 0, "nothing was prepared");
+    assert_eq!(balance(&p.a, payer).await, Decimal::from(10));
+}

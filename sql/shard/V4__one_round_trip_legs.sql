@@ -6,6 +6,7 @@
 -- Business rejections are raised with SQLSTATEs of class WL, so a rejected leg
 -- aborts its transaction before PREPARE TRANSACTION can run:
 --   WL001 insufficient_funds · WL002 recipient_not_found · WL003 currency_mismatch
+--   WL008 the payer has no account (a corrupt shard, never a client error)
 --   WL009 the Idempotency-Key already exists (the caller takes the slow path).
 
 -- Applies one leg of a cross-shard transfer to `p_user`'s account: the balance
@@ -64,13 +65,19 @@ DECLARE
     v_row accounts%ROWTYPE;
     v_failure text;
 BEGIN
+    -- A retry of a decided key must not wait on the accounts' row locks: look
+    -- first. (A claim racing this one is caught by the insert below.)
+    PERFORM 1 FROM idempotency_keys WHERE user_id = p_key_user AND idem_key = p_key;
+    IF FOUND THEN
+        RAISE EXCEPTION 'idempotency key exists' USING ERRCODE = 'WL009';
+    END IF;
     FOR v_row IN
         SELECT * FROM accounts WHERE user_id IN (p_from, p_to) ORDER BY user_id FOR UPDATE
     LOOP
         IF v_row.user_id = p_from THEN v_from := v_row; ELSE v_to := v_row; END IF;
     END LOOP;
     IF v_from.account_id IS NULL THEN
-        RAISE EXCEPTION 'payer % has no account', p_from USING ERRCODE = 'XX000';
+        RAISE EXCEPTION 'payer % has no account', p_from USING ERRCODE = 'WL008';
     ELSIF v_to.account_id IS NULL THEN
         v_failure := 'recipient_not_found';
     ELSIF trim(v_from.currency) <> p_currency OR trim(v_to.currency) <> p_currency THEN

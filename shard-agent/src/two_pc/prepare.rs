@@ -5,6 +5,8 @@
 //! finds the transfer still `preparing` after `in_doubt_after`, aborts it, and rolls
 //! this leg back. A leg that failed before PREPARE leaves nothing behind.
 
+use std::time::{Duration, Instant};
+
 use router::UserId;
 use rust_decimal::Decimal;
 use tracing::instrument;
@@ -42,6 +44,10 @@ pub enum Prepared {
     Rejected(FailureCode),
 }
 
+/// How long a cancelled leg may take to answer, and the part of the call budget
+/// kept for it.
+const CANCEL_GRACE: Duration = Duration::from_millis(1_000);
+
 /// SQLSTATEs `wallet_apply_leg` (sql/shard/V4) raises for a business rejection.
 fn rejection(code: &str) -> Option<FailureCode> {
     match code {
@@ -61,7 +67,11 @@ fn literal(text: &str) -> String {
 impl ShardAgent {
     #[instrument(skip_all, fields(shard = %self.id(), gid = %leg.gid, transfer_id = %leg.gid.transfer_id, side = ?leg.side))]
     pub async fn prepare_leg(&self, leg: &Leg) -> ShardResult<Prepared> {
-        self.timed("prepare leg", self.prepare_leg_inner(leg)).await
+        // Not `timed`: dropping the message's future on a timeout would leave the
+        // server running it, and its PREPARE TRANSACTION would run once a lock
+        // wait ends, after we had given the leg up. The deadline is enforced
+        // inside, by cancelling the statement.
+        self.prepare_leg_inner(leg).await
     }
 
     /// The whole leg is one simple-query message: `BEGIN; SELECT
@@ -73,6 +83,8 @@ impl ShardAgent {
     /// ROLLBACK without an error). One round trip instead of four.
     async fn prepare_leg_inner(&self, leg: &Leg) -> ShardResult<Prepared> {
         let shard = self.id();
+        // Fires before anything is sent: with the leg in one message, "applied but
+        // not prepared" can no longer happen, and leaves nothing either way.
         fail::fail_point!("shard-before-prepare-transaction", |_| Err(
             ShardError::Unavailable {
                 shard,
@@ -93,9 +105,39 @@ impl ShardAgent {
             counterparty = literal(&leg.counterparty),
             gid = leg.gid,
         );
-        let mut conn = self.conn().await?;
+        let budget = Duration::from_millis(self.config().call_timeout_ms);
+        let started = Instant::now();
+        let mut conn = match tokio::time::timeout(budget, self.conn()).await {
+            Ok(conn) => conn?,
+            Err(_) => return Err(self.no_answer("prepare leg: get connection", budget)),
+        };
         conn.mark_in_txn();
-        match conn.batch_execute(&sql).await {
+        // Leave a margin of the budget for the cancel to take effect.
+        let cancel_at = budget.saturating_sub(CANCEL_GRACE).max(CANCEL_GRACE);
+        let sent = {
+            let run = conn.batch_execute(&sql);
+            tokio::pin!(run);
+            match tokio::time::timeout(cancel_at.saturating_sub(started.elapsed()), &mut run).await
+            {
+                Ok(r) => r,
+                Err(_) => {
+                    // Cancel the running statement, then wait for its answer: an
+                    // error means nothing was prepared; success means it was.
+                    let _ = conn
+                        .cancel_token()
+                        .cancel_query(tokio_postgres::NoTls)
+                        .await;
+                    match tokio::time::timeout(CANCEL_GRACE, &mut run).await {
+                        Ok(r) => r,
+                        // No answer even to the cancel: the connection is discarded and
+                        // the outcome is unknown; the caller's rollback and recovery
+                        // cover a leg prepared after this.
+                        Err(_) => return Err(self.no_answer("prepare leg", budget)),
+                    }
+                }
+            }
+        };
+        match sent {
             Ok(()) => {
                 conn.ended();
                 Ok(Prepared::Yes)
