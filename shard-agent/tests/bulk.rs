@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{balance, key, pair, sql, usd};
+use common::{balance, hold_rows, key, pair, sql, usd};
 use router::{bucket_of, UserId};
 use rust_decimal::Decimal;
 use shard_agent::bulk::{BulkDefaults, BulkUser};
@@ -71,18 +71,7 @@ async fn a_bulk_load_conserves_money_and_its_users_can_transfer() {
     assert_eq!(again.transfer_id, first.transfer_id);
     // A replay does not wait on the accounts' row locks (a prepared leg, a hot
     // payee): it answers from the key while another transaction holds them.
-    let (holder, conn) = tokio_postgres::connect(&p.dsn_a, tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    tokio::spawn(conn);
-    holder
-        .batch_execute(&format!(
-            "BEGIN; SELECT 1 FROM accounts WHERE user_id IN ('{}', '{}') FOR UPDATE",
-            from.as_uuid(),
-            to.as_uuid()
-        ))
-        .await
-        .expect("hold both rows");
+    let holder = hold_rows(&p.dsn_a, &[from, to]).await;
     let Submitted::Replayed(locked) =
         p.a.transfer_local(&order)
             .await

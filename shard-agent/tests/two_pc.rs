@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{balance, key, pair, sql, usd, user};
+use common::{balance, hold_rows, key, pair, sql, usd, user};
 use router::ShardId;
 use rust_decimal::Decimal;
 use shard_agent::idempotency::{Claim, NewTransfer};
@@ -411,17 +411,7 @@ async fn a_leg_given_up_on_is_cancelled_and_never_prepares_later() {
         },
     )
     .expect("agent");
-    let (holder, conn) = tokio_postgres::connect(&p.dsn_a, tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    tokio::spawn(conn);
-    holder
-        .batch_execute(&format!(
-            "BEGIN; SELECT 1 FROM accounts WHERE user_id = '{}' FOR UPDATE",
-            payer.as_uuid()
-        ))
-        .await
-        .expect("hold the payer's row");
+    let holder = hold_rows(&p.dsn_a, &[payer]).await;
 
     let started = std::time::Instant::now();
     let err = impatient

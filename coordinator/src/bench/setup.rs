@@ -40,7 +40,6 @@ pub struct BenchCluster {
     pub config: Config,
     pub agents: Vec<ShardAgent>,
     pub users: Arc<Vec<BenchUser>>,
-    pub opening_balance: Decimal,
 }
 
 impl BenchCluster {
@@ -89,7 +88,6 @@ impl BenchCluster {
             config,
             agents,
             users: Arc::new(users),
-            opening_balance,
         })
     }
 

@@ -103,3 +103,21 @@ pub async fn sql(dsn: &str, statement: &str) {
     tokio::spawn(conn);
     client.batch_execute(statement).await.expect("run test SQL");
 }
+
+/// Locks the accounts of `users` in an open transaction on its own connection, as
+/// a prepared leg or a busy payee would; `COMMIT` or `ROLLBACK` on it releases them.
+pub async fn hold_rows(dsn: &str, users: &[UserId]) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    let ids: Vec<String> = users.iter().map(|u| format!("'{}'", u.as_uuid())).collect();
+    client
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM accounts WHERE user_id IN ({}) FOR UPDATE",
+            ids.join(", ")
+        ))
+        .await
+        .expect("hold the rows");
+    client
+}
