@@ -202,7 +202,7 @@ pub async fn pgbench(
     warmup: Duration,
     duration: Duration,
 ) -> anyhow::Result<LoadResult> {
-    let bin = pg_bindir()?.join("pgbench");
+    let bin = pgbench_binary().context("no pgbench next to initdb")?;
     create_database(server, "pgbench").await?;
     let port = server.port().to_string();
     let common = ["-h", "127.0.0.1", "-p", &port, "-U", "postgres"];
@@ -247,6 +247,12 @@ pub async fn pgbench(
         bail!("pgbench failed: {}", String::from_utf8_lossy(&run.stderr));
     }
     read_pgbench_logs(&log_dir, warmup, duration)
+}
+
+/// pgbench from the PostgreSQL the servers run, when it is installed.
+pub fn pgbench_binary() -> Option<std::path::PathBuf> {
+    let bin = pg_bindir().ok()?.join("pgbench");
+    bin.exists().then_some(bin)
 }
 
 /// Each log line: `client transaction latency_us script epoch_s epoch_us`

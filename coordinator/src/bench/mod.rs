@@ -216,12 +216,14 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
         }
     };
     let opening = Decimal::new(1000, 0);
+    let with_redis = selected.iter().any(|s| s.protocol == Protocol::Redis);
     println!(
-        "wallet bench: starting {} shards + 1 baseline node + redis in {}",
+        "wallet bench: starting {} shards + 1 baseline node{} in {}",
         opts.shards,
+        if with_redis { " + redis" } else { "" },
         dir.display()
     );
-    let cluster = BenchCluster::start(&dir, opts.shards, opts.users, opening)
+    let cluster = BenchCluster::start(&dir, opts.shards, opts.users, opening, with_redis)
         .await
         .context("start the benchmark cluster")?;
     println!(
@@ -240,6 +242,10 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
     for (i, scenario) in selected.iter().enumerate() {
         let name = scenario.name();
         println!("[{}/{}] {name}…", i + 1, selected.len());
+        if scenario.protocol == Protocol::Pgbench && baseline::pgbench_binary().is_none() {
+            println!("    skipped: pgbench is not installed next to initdb");
+            continue;
+        }
         let spec = LoadSpec {
             clients: opts.clients,
             warmup: opts.warmup,

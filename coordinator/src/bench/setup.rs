@@ -36,7 +36,8 @@ pub struct BenchUser {
 pub struct BenchCluster {
     pub shard_servers: Vec<PgServer>,
     pub baseline_server: PgServer,
-    pub redis: RedisServer,
+    /// Started only when a Redis-mode scenario runs.
+    pub redis: Option<RedisServer>,
     pub config: Config,
     pub agents: Vec<ShardAgent>,
     pub users: Arc<Vec<BenchUser>>,
@@ -48,15 +49,21 @@ impl BenchCluster {
         shards: usize,
         users: usize,
         opening_balance: Decimal,
+        with_redis: bool,
     ) -> anyhow::Result<BenchCluster> {
         let mut shard_servers = Vec::with_capacity(shards);
         for i in 0..shards {
             shard_servers.push(start_server(dir, &format!("shard{i}")).await?);
         }
         let baseline_server = start_server(dir, "baseline").await?;
-        let redis = tokio::task::spawn_blocking(|| RedisServer::start(0))
-            .await?
-            .context("start redis-server")?;
+        let redis = match with_redis {
+            true => Some(
+                tokio::task::spawn_blocking(|| RedisServer::start(0))
+                    .await?
+                    .context("start redis-server")?,
+            ),
+            false => None,
+        };
         let refs: Vec<&PgServer> = shard_servers.iter().collect();
         let (catalog_dsn, entries) = provision(&refs, shards, "bench").await?;
         let limits = Limits::default();
@@ -70,8 +77,8 @@ impl BenchCluster {
             limits: limits.clone(),
             admin_token: None,
             lock_mode: LockMode::TwoPc,
-            redis: Some(RedisConfig {
-                url: redis.url(),
+            redis: redis.as_ref().map(|r| RedisConfig {
+                url: r.url(),
                 ..RedisConfig::default()
             }),
         };
