@@ -408,8 +408,11 @@ fn relate(report: &mut ScenarioReport, earlier: &[ScenarioReport]) {
             .iter()
             .find(|b| b.protocol == "single-node" && b.distribution == report.distribution)
         {
-            report.ratio_to_baseline = Some(report.transfers_per_s / b.transfers_per_s);
-            report.baseline = Some(b.name.clone());
+            // A baseline that completed nothing gives no ratio, not an infinite one.
+            if b.transfers_per_s > 0.0 {
+                report.ratio_to_baseline = Some(report.transfers_per_s / b.transfers_per_s);
+                report.baseline = Some(b.name.clone());
+            }
         }
     } else {
         report.ratio_to_baseline = Some(1.0);
@@ -421,7 +424,9 @@ fn relate(report: &mut ScenarioReport, earlier: &[ScenarioReport]) {
                 && b.protocol == report.protocol
                 && b.distribution == report.distribution
         }) {
-            report.ratio_to_in_process = Some(report.transfers_per_s / inproc.transfers_per_s);
+            if inproc.transfers_per_s > 0.0 {
+                report.ratio_to_in_process = Some(report.transfers_per_s / inproc.transfers_per_s);
+            }
         }
     }
 }
