@@ -26,6 +26,18 @@ fn bulk_users(n: usize) -> Vec<BulkUser> {
         .collect()
 }
 
+/// A transfer from the first of `users` to the second.
+fn first_pays_second(users: &[BulkUser], amount: &str, k: &str) -> TransferOrder {
+    TransferOrder {
+        from: users[0].user_id,
+        from_username: users[0].username.clone(),
+        to: users[1].user_id,
+        to_username: users[1].username.clone(),
+        amount: usd(amount),
+        key: key(users[0].user_id, k),
+    }
+}
+
 fn defaults() -> BulkDefaults {
     BulkDefaults {
         currency: Currency::Usd,
@@ -53,14 +65,7 @@ async fn a_bulk_load_conserves_money_and_its_users_can_transfer() {
 
     // The fast same-shard path works on loaded users, and a replay takes the slow one.
     let (from, to) = (users[0].user_id, users[1].user_id);
-    let order = TransferOrder {
-        from,
-        from_username: users[0].username.clone(),
-        to,
-        to_username: users[1].username.clone(),
-        amount: usd("7.25"),
-        key: key(from, "bulk-1"),
-    };
+    let order = first_pays_second(&users, "7.25", "bulk-1");
     let Submitted::New(first) = p.a.transfer_local(&order).await.expect("transfer") else {
         panic!("a new key makes a new transfer");
     };
@@ -119,15 +124,8 @@ async fn a_local_transfer_is_refused_whole_when_funds_are_short() {
     p.a.bulk_load_users(&users, &defaults())
         .await
         .expect("bulk load");
-    let (from, to) = (users[0].user_id, users[1].user_id);
-    let order = TransferOrder {
-        from,
-        from_username: users[0].username.clone(),
-        to,
-        to_username: users[1].username.clone(),
-        amount: usd("25.01"),
-        key: key(from, "too-much"),
-    };
+    let from = users[0].user_id;
+    let order = first_pays_second(&users, "25.01", "too-much");
     let Submitted::New(r) = p.a.transfer_local(&order).await.expect("transfer") else {
         panic!("a new key makes a new transfer");
     };
