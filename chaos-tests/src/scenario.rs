@@ -177,7 +177,8 @@ pub fn all(mode: LockMode) -> Vec<Scenario> {
     // Each broken variant is provoked with its own protocol's failpoints.
     let (crash, lose_reply) = match mode {
         LockMode::TwoPc => (
-            "2pc-after-prepare-all=3%return(abort)",
+            // Fires on both paths of the protocol, with a payee leg prepared.
+            "2pc-after-prepare-credit=3%return(abort)",
             "2pc-before-reply=5%return",
         ),
         LockMode::Redis => (

@@ -5,7 +5,8 @@
 //!
 //! Before the decision the outcome is abort (presumed abort); the retry then runs
 //! a fresh attempt, which commits. From the decision on, the outcome is commit and
-//! the retry replays it.
+//! the retry replays it. Both paths of the protocol are crashed: the fast path in
+//! both lock orders, and the slow path a retry takes after a retryable abort.
 
 use std::time::Duration;
 
@@ -20,23 +21,56 @@ use common::Http;
 /// Failpoints are process-wide: one scenario at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-async fn crash_at(point: &'static str, decided_commit: bool) {
+/// Which way the transfer runs (coordinator/src/two_pc.rs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    /// Fast path, the payer's ID the lower: the home transaction opens first.
+    PayerFirst,
+    /// Fast path, the payee's ID the lower: the payee's leg is prepared first.
+    PayeeFirst,
+    /// Slow path: the key exists (here: a first attempt failed with a retryable
+    /// abort), so the retry claims it and prepares both legs.
+    Slow,
+}
+
+async fn crash_at(point: &'static str, path: Path, decided_commit: bool) {
     let _serial = SERIAL.lock().await;
     let mut config = TestCluster::provision(4, test_limits()).await;
     config.agent.lock_timeout_ms = 500;
     config.limits.in_doubt_after_ms = 1_000;
     let cluster = TestCluster::serve(config).await;
     let routing = cluster.coordinator.cluster().routing();
-    let shard = |n: &str| routing.map.shard_of(&router::UserId::for_username(n));
+    let id = |n: &str| router::UserId::for_username(n);
+    let shard = |n: &str| routing.map.shard_of(&id(n));
+    let payer_lower = path == Path::PayerFirst;
     let payee = (0..1000)
         .map(|i| format!("payee{i}"))
-        .find(|n| shard(n) != shard("payer"))
-        .expect("a payee on another shard");
+        .find(|n| {
+            shard(n) != shard("payer") && (id("payer").as_uuid() < id(n).as_uuid()) == payer_lower
+        })
+        .expect("a payee on another shard, in the wanted ID order");
     let http = Http::new(&cluster);
     let payer_token = http.user("payer", Some("100.00")).await;
     let payee_token = http.user(&payee, None).await;
     let body = json!({"to": payee, "amount": "10.00", "currency": "USD"});
 
+    if path == Path::Slow {
+        fail::cfg("shard-before-prepare-transaction", "return").expect("configure failpoint");
+        let (status, _, failed) = http
+            .post(
+                "/v1/transfer",
+                Some(&payer_token),
+                Some("crash-key"),
+                body.clone(),
+            )
+            .await;
+        fail::remove("shard-before-prepare-transaction");
+        assert_eq!(
+            (status, failed["code"].as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, Some("shard_unavailable")),
+            "{point}: the first attempt fails with a retryable abort: {failed}"
+        );
+    }
     fail::cfg(point, "return").expect("configure failpoint");
     let (status, _, crashed) = http
         .post(
@@ -72,29 +106,23 @@ async fn crash_at(point: &'static str, decided_commit: bool) {
         "{point}: recovery reached the decided outcome"
     );
     assert_eq!(http.balance(&payee_token).await, payee_after, "{point}");
-    let original: Vec<_> = snap
+    // Before the decision, a fast-path attempt leaves no record at all (its payee
+    // leg was rolled back through a tombstone) and a slow-path one an abort.
+    let committed: Vec<_> = snap
         .decisions
         .values()
-        .filter(|d| d.kind == "transfer")
+        .filter(|d| d.kind == "transfer" && d.state == "committed")
         .collect();
-    assert_eq!(original.len(), 1, "{point}");
-    assert_eq!(
-        original[0].state,
-        if decided_commit {
-            "committed"
-        } else {
-            "aborted"
-        },
-        "{point}"
-    );
+    assert_eq!(committed.len(), usize::from(decided_commit), "{point}");
 
     let (status, headers, retried) = http
         .post("/v1/transfer", Some(&payer_token), Some("crash-key"), body)
         .await;
     assert_eq!(status, StatusCode::CREATED, "{point}: {retried}");
     let replayed = headers.get("idempotent-replayed").is_some();
-    let same_id =
-        retried["transfer_id"].as_str() == Some(original[0].transfer_id.to_string().as_str());
+    let same_id = committed.first().is_some_and(|c| {
+        retried["transfer_id"].as_str() == Some(c.transfer_id.to_string().as_str())
+    });
     assert_eq!(
         (replayed, same_id),
         (decided_commit, decided_commit),
@@ -112,44 +140,147 @@ async fn crash_at(point: &'static str, decided_commit: bool) {
     assert_eq!(snap.violations(true), Vec::<String>::new(), "{point}");
 }
 
+// Fast path.
+
 #[tokio::test]
-async fn a_coordinator_dead_after_the_claim_leaves_an_abort_and_the_retry_commits() {
-    crash_at("2pc-after-claim", false).await;
+async fn a_coordinator_dead_with_the_home_transaction_open_leaves_nothing() {
+    crash_at("2pc-after-home-leg", Path::PayerFirst, false).await;
 }
 
 #[tokio::test]
-async fn a_coordinator_dead_after_preparing_the_debit_shard_is_rolled_back() {
-    crash_at("2pc-after-prepare-debit", false).await;
+async fn a_coordinator_dead_after_preparing_the_credit_under_an_open_home_transaction_is_rolled_back(
+) {
+    crash_at("2pc-after-prepare-credit", Path::PayerFirst, false).await;
 }
 
 #[tokio::test]
-async fn a_coordinator_dead_after_preparing_the_credit_shard_is_rolled_back() {
-    crash_at("2pc-after-prepare-credit", false).await;
+async fn a_credit_prepared_first_whose_home_never_committed_is_tombstoned_and_rolled_back() {
+    crash_at("2pc-after-prepare-credit", Path::PayeeFirst, false).await;
 }
 
 #[tokio::test]
-async fn a_coordinator_dead_after_preparing_all_shards_is_rolled_back() {
-    crash_at("2pc-after-prepare-all", false).await;
+async fn a_coordinator_dead_just_before_the_home_commit_is_rolled_back() {
+    crash_at("2pc-before-decision", Path::PayeeFirst, false).await;
 }
 
 #[tokio::test]
-async fn a_coordinator_dead_just_before_the_decision_is_rolled_back() {
-    crash_at("2pc-before-decision", false).await;
+async fn a_coordinator_dead_after_the_home_commit_is_committed_by_recovery() {
+    crash_at("2pc-after-decision", Path::PayerFirst, true).await;
 }
 
 #[tokio::test]
-async fn a_coordinator_dead_after_deciding_is_committed_by_recovery() {
-    crash_at("2pc-after-decision", true).await;
-}
-
-#[tokio::test]
-async fn a_coordinator_dead_between_commit_prepared_calls_is_committed_by_recovery() {
-    crash_at("2pc-between-commit-prepared", true).await;
+async fn a_coordinator_dead_after_the_one_statement_home_commit_is_committed_by_recovery() {
+    crash_at("2pc-after-decision", Path::PayeeFirst, true).await;
 }
 
 #[tokio::test]
 async fn a_coordinator_dead_before_replying_has_committed_and_the_retry_replays() {
-    crash_at("2pc-before-reply", true).await;
+    crash_at("2pc-before-reply", Path::PayeeFirst, true).await;
+}
+
+#[tokio::test]
+async fn a_coordinator_dead_before_committing_the_open_home_transaction_is_rolled_back() {
+    crash_at("2pc-before-decision", Path::PayerFirst, false).await;
+}
+
+#[tokio::test]
+async fn a_coordinator_dead_before_replying_after_an_open_home_commit_replays() {
+    crash_at("2pc-before-reply", Path::PayerFirst, true).await;
+}
+
+/// A home leg refused by the home shard itself (here: the payer's row is locked
+/// past `lock_timeout`) rolled back for sure, so the payee's leg it prepared is
+/// rolled back at once instead of holding the payee's row until recovery.
+#[tokio::test]
+async fn a_home_leg_that_times_out_on_the_payer_releases_the_payee_at_once() {
+    let mut config = TestCluster::provision(4, test_limits()).await;
+    config.agent.lock_timeout_ms = 300;
+    // Recovery would settle the leg only after a minute: whatever happens within
+    // this test is the coordinator's doing.
+    config.limits.in_doubt_after_ms = 60_000;
+    let cluster = TestCluster::serve(config).await;
+    let routing = cluster.coordinator.cluster().routing();
+    let id = |n: &str| router::UserId::for_username(n);
+    let shard = |n: &str| routing.map.shard_of(&id(n));
+    let payee = (0..1000)
+        .map(|i| format!("payee{i}"))
+        .find(|n| shard(n) != shard("payer") && id(n).as_uuid() < id("payer").as_uuid())
+        .expect("a payee on another shard with the lower ID");
+    let http = Http::new(&cluster);
+    let payer_token = http.user("payer", Some("100.00")).await;
+    let payee_token = http.user(&payee, None).await;
+    let body = json!({"to": payee, "amount": "10.00", "currency": "USD"});
+
+    let dsn = |n: &str| {
+        cluster
+            .config
+            .shards
+            .iter()
+            .find(|s| s.id == shard(n))
+            .expect("the shard is configured")
+            .dsn
+            .clone()
+    };
+    let (holder, conn) = tokio_postgres::connect(&dsn("payer"), tokio_postgres::NoTls)
+        .await
+        .expect("connect to the payer's shard");
+    tokio::spawn(conn);
+    holder
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM accounts WHERE user_id = '{}' FOR UPDATE",
+            id("payer").as_uuid()
+        ))
+        .await
+        .expect("lock the payer's account");
+    let (status, _, busy) = http
+        .post(
+            "/v1/transfer",
+            Some(&payer_token),
+            Some("busy-key"),
+            body.clone(),
+        )
+        .await;
+    assert_eq!(
+        (status, busy["code"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("shard_busy")),
+        "{busy}"
+    );
+    let payee_agent = routing.agent(shard(&payee)).expect("payee's agent");
+    assert_eq!(
+        payee_agent.prepared_stats().await.expect("stats").count,
+        0,
+        "the payee's leg was rolled back by the coordinator"
+    );
+    holder.batch_execute("ROLLBACK").await.expect("release");
+
+    let (status, _, done) = http
+        .post("/v1/transfer", Some(&payer_token), Some("busy-key"), body)
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{done}");
+    assert_eq!(http.balance(&payer_token).await, "90.00");
+    assert_eq!(http.balance(&payee_token).await, "10.00");
+}
+
+// Slow path.
+
+#[tokio::test]
+async fn a_coordinator_dead_after_the_claim_leaves_an_abort_and_the_retry_commits() {
+    crash_at("2pc-after-claim", Path::Slow, false).await;
+}
+
+#[tokio::test]
+async fn a_coordinator_dead_after_preparing_the_debit_shard_is_rolled_back() {
+    crash_at("2pc-after-prepare-debit", Path::Slow, false).await;
+}
+
+#[tokio::test]
+async fn a_coordinator_dead_after_preparing_all_shards_is_rolled_back() {
+    crash_at("2pc-after-prepare-all", Path::Slow, false).await;
+}
+
+#[tokio::test]
+async fn a_coordinator_dead_between_commit_prepared_calls_is_committed_by_recovery() {
+    crash_at("2pc-between-commit-prepared", Path::Slow, true).await;
 }
 
 #[tokio::test]

@@ -34,6 +34,8 @@ pub struct RecoveryStatus {
     /// Deposits and withdrawals settled after their settling was cut.
     pub settled_external: u64,
     pub unknown: u64,
+    /// In-doubt legs whose home transaction was still running: retried next pass.
+    pub deferred: u64,
     pub errors: u64,
     /// Our prepared transactions per shard, young and old, at the last pass.
     pub prepared: BTreeMap<ShardId, PreparedStats>,
@@ -117,6 +119,7 @@ impl Recovery {
                             Ok(Resolution::Committed) => pass.committed += 1,
                             Ok(Resolution::RolledBack) => pass.rolled_back += 1,
                             Ok(Resolution::Unknown) => pass.unknown += 1,
+                            Ok(Resolution::Deferred) => pass.deferred += 1,
                             Err(e) => {
                                 warn!(gid = %leg.gid, %e, "recovery: could not resolve; will retry");
                                 pass.errors += 1;
@@ -182,6 +185,7 @@ impl Recovery {
         status.forwarded += pass.forwarded;
         status.settled_external += pass.settled_external;
         status.unknown += pass.unknown;
+        status.deferred += pass.deferred;
         status.errors += pass.errors;
         status.prepared = pass.prepared.clone();
         status.unreachable = pass.unreachable.clone();

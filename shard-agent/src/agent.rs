@@ -57,8 +57,12 @@ impl ShardAgent {
             shard: id,
             reason: format!("parse DSN: {e}"),
         })?;
+        // standard_conforming_strings is pinned: the one-message legs quote the
+        // values they splice by doubling single quotes, which is the whole escaping
+        // only under this setting (PostgreSQL's default since 9.1).
         pg.options(format!(
-            "-c lock_timeout={} -c statement_timeout={} -c idle_in_transaction_session_timeout=60000",
+            "-c lock_timeout={} -c statement_timeout={} -c idle_in_transaction_session_timeout=60000 \
+             -c standard_conforming_strings=on",
             config.lock_timeout_ms, config.statement_timeout_ms
         ));
         pg.connect_timeout(Duration::from_millis(config.connect_timeout_ms));

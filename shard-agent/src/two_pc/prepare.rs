@@ -60,7 +60,7 @@ fn rejection(code: &str) -> Option<FailureCode> {
 
 /// A SQL string literal. Standard-conforming strings are on (the default since
 /// PostgreSQL 9.1), so doubling single quotes is the whole escaping.
-fn literal(text: &str) -> String {
+pub(crate) fn literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 

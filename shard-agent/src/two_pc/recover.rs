@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tracing::{error, info, instrument, warn};
+use tracing::{info, instrument, warn};
 
 use crate::agent::ShardAgent;
 use crate::error::ShardResult;
@@ -17,6 +17,7 @@ use crate::gid::Gid;
 use crate::records::{FailureCode, TransferId, TransferState};
 use crate::two_pc::decide::Decision;
 use crate::two_pc::finish::Finished;
+use crate::two_pc::home::Tombstone;
 
 /// Bounds one recovery pass, so a backlog is worked off over several ticks.
 pub const RECOVERY_BATCH_MAX: i64 = 500;
@@ -41,8 +42,10 @@ pub struct PreparedStats {
 pub enum Resolution {
     Committed,
     RolledBack,
-    /// The home shard has no record of the transfer: left alone and reported.
+    /// The home shard is not in the catalog: left alone and reported.
     Unknown,
+    /// The home transaction is still running: tried again on the next pass.
+    Deferred,
 }
 
 impl ShardAgent {
@@ -140,11 +143,20 @@ pub async fn resolve_leg(
             Decision::Abort(FailureCode::CoordinatorTimeout),
         )
         .await?;
-    let Some(record) = decided else {
-        error!(shard = %participant.id(), "in-doubt leg whose transfer is unknown to its home shard; left prepared");
-        return Ok(Resolution::Unknown);
+    let state = match decided {
+        Some(record) => record.state,
+        // No record: a fast-path attempt whose home transaction has not committed
+        // (sql/shard/V5). The tombstone's compare-and-set decides it.
+        None => match home.tombstone(gid.transfer_id).await? {
+            Tombstone::Written => TransferState::Aborted,
+            Tombstone::Record(state) => state,
+            Tombstone::Busy => {
+                info!(shard = %participant.id(), "in-doubt leg whose home transaction is still running; retry later");
+                return Ok(Resolution::Deferred);
+            }
+        },
     };
-    let (resolution, finished) = match record.state {
+    let (resolution, finished) = match state {
         TransferState::Committed => (
             Resolution::Committed,
             participant.commit_prepared(gid).await?,
@@ -153,12 +165,8 @@ pub async fn resolve_leg(
             Resolution::RolledBack,
             participant.rollback_prepared(gid).await?,
         ),
-        TransferState::Preparing => {
-            return Err(home.corrupt(format!(
-                "transfer {} still preparing after decide",
-                gid.transfer_id
-            )));
-        }
+        // Claimed between our two reads: the next pass aborts it through decide.
+        TransferState::Preparing => return Ok(Resolution::Deferred),
     };
     info!(shard = %participant.id(), ?resolution, already = (finished == Finished::AlreadyFinished), "resolved in-doubt leg");
     Ok(resolution)
