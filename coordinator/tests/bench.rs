@@ -73,7 +73,31 @@ async fn a_small_bench_run_reports_every_scenario_and_passes_the_checker() {
             "{name} has a ratio to the single-node baseline"
         );
         assert_eq!(s["invariants_ok"], serde_json::json!(true), "{name}");
+        // Every committed transfer costs CPU and at least a share of a WAL flush.
+        assert!(
+            s["wal_syncs_per_transfer"]
+                .as_f64()
+                .expect("fsyncs per transfer")
+                > 0.0,
+            "{name}"
+        );
+        if s["protocol"] != "pgbench" && cfg!(target_os = "linux") {
+            assert!(
+                s["cpu_us_per_transfer"].as_f64().expect("CPU per transfer") > 0.0,
+                "{name}"
+            );
+        }
     }
+    // A cross-shard transfer commits on two servers, one of them twice (prepare,
+    // then COMMIT PREPARED): it cannot cost fewer flushes than a local one.
+    let flushes = |n: &str| {
+        scenarios
+            .iter()
+            .find(|s| s["name"] == n)
+            .and_then(|s| s["wal_syncs_per_transfer"].as_f64())
+            .expect("scenario ran")
+    };
+    assert!(flushes("2pc/uniform/in-process") > flushes("single-node/uniform/sql"));
     let http = scenarios
         .iter()
         .find(|s| s["via"] == "http")

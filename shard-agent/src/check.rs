@@ -60,6 +60,21 @@ pub struct EntryRow {
 }
 
 impl ShardAgent {
+    /// WAL flushes this shard's server has made since its statistics were reset
+    /// (`pg_stat_wal.wal_sync`, by backends and the WAL writer together): with the
+    /// number of transfers, the fsyncs each one cost.
+    pub async fn wal_syncs(&self) -> ShardResult<i64> {
+        self.timed("read WAL statistics", async {
+            let conn = self.conn().await?;
+            let row = conn
+                .query_one("SELECT wal_sync FROM pg_stat_wal", &[])
+                .await
+                .map_err(self.pg("read WAL statistics"))?;
+            Ok(row.get("wal_sync"))
+        })
+        .await
+    }
+
     /// One shard's audit. The prepared count is read first, and everything else in
     /// one REPEATABLE READ snapshot taken after it: so "nothing prepared" means every
     /// leg committed before the snapshot and the balances include it.

@@ -72,6 +72,15 @@ pub async fn load(
     Ok(dsn)
 }
 
+/// The baseline node's WAL flushes so far (`pg_stat_wal.wal_sync`).
+pub async fn wal_syncs(dsn: &str) -> anyhow::Result<i64> {
+    let client = connect(dsn).await?;
+    let row = client
+        .query_one("SELECT wal_sync FROM pg_stat_wal", &[])
+        .await?;
+    Ok(row.get("wal_sync"))
+}
+
 async fn connect(dsn: &str) -> anyhow::Result<Client> {
     let (client, connection) = tokio_postgres::connect(dsn, NoTls)
         .await
@@ -300,6 +309,8 @@ fn read_pgbench_logs(
         failed: BTreeMap::new(),
         window: duration,
         committed_total: ends.len() as u64,
+        // pgbench's window is read back from its log afterwards, not sampled.
+        cpu: None,
     })
 }
 

@@ -203,12 +203,65 @@ pub struct LoadResult {
     pub window: Duration,
     /// Committed transfers including the warm-up: what the checker must find.
     pub committed_total: u64,
+    /// The whole machine's CPU over the measured window (`None` off Linux).
+    pub cpu: Option<CpuWindow>,
 }
 
 impl LoadResult {
     pub fn transfers_per_s(&self) -> f64 {
         self.committed as f64 / self.window.as_secs_f64()
     }
+
+    /// Busy CPU time of the whole machine (every process: servers, coordinator,
+    /// load) per committed transfer, in microseconds. Unlike transfers/s it does
+    /// not drop when a noisy neighbour steals the host's cores.
+    pub fn cpu_us_per_transfer(&self) -> Option<f64> {
+        let cpu = self.cpu?;
+        (self.committed > 0).then(|| cpu.busy_s * 1e6 / self.committed as f64)
+    }
+}
+
+/// CPU seconds, summed over cores, spent busy and stolen by the hypervisor.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CpuWindow {
+    pub busy_s: f64,
+    pub steal_s: f64,
+}
+
+/// `/proc/stat`'s first line as (busy, steal) seconds. Its unit is USER_HZ, which
+/// Linux fixes at 100 for user space on every architecture it reports it for.
+fn cpu_now() -> Option<CpuWindow> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    parse_cpu_line(stat.lines().next()?)
+}
+
+fn parse_cpu_line(line: &str) -> Option<CpuWindow> {
+    const USER_HZ: f64 = 100.0;
+    let mut fields = line.split_whitespace();
+    if fields.next()? != "cpu" {
+        return None;
+    }
+    let v: Vec<u64> = fields.map(|f| f.parse().ok()).collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal (guest time is inside user).
+    let [user, nice, system, _idle, _iowait, irq, softirq, steal, ..] = v[..] else {
+        return None;
+    };
+    Some(CpuWindow {
+        busy_s: (user + nice + system + irq + softirq) as f64 / USER_HZ,
+        steal_s: steal as f64 / USER_HZ,
+    })
+}
+
+/// Samples the CPU counters at the start and the end of the measured window.
+async fn cpu_over(measure_from: Instant, stop_at: Instant) -> Option<CpuWindow> {
+    tokio::time::sleep_until(measure_from.into()).await;
+    let first = cpu_now()?;
+    tokio::time::sleep_until(stop_at.into()).await;
+    let last = cpu_now()?;
+    Some(CpuWindow {
+        busy_s: last.busy_s - first.busy_s,
+        steal_s: last.steal_s - first.steal_s,
+    })
 }
 
 /// Runs `spec.clients` closed loops against `driver` for warm-up plus duration.
@@ -217,6 +270,7 @@ pub async fn run<D: Driver>(driver: Arc<D>, picker: Arc<Picker>, spec: &LoadSpec
     let measure_from = start + spec.warmup;
     let stop_at = measure_from + spec.duration;
     let users = picker.users.clone();
+    let cpu = tokio::spawn(cpu_over(measure_from, stop_at));
     let mut tasks = Vec::with_capacity(spec.clients);
     for client in 0..spec.clients {
         let (driver, picker, users) = (driver.clone(), picker.clone(), users.clone());
@@ -252,6 +306,9 @@ pub async fn run<D: Driver>(driver: Arc<D>, picker: Arc<Picker>, spec: &LoadSpec
         failed: BTreeMap::new(),
         window: spec.duration,
         committed_total: 0,
+        cpu: cpu
+            .await
+            .expect("invariant: the CPU sampler does not panic"),
     };
     for t in tasks {
         let tally = t.await.expect("invariant: load clients do not panic");
@@ -310,6 +367,29 @@ impl ClientTally {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn cpu_counters_are_read_from_the_first_line_of_proc_stat() {
+        let w = parse_cpu_line("cpu  250432 7 88682 210051 10413 3 9828 25159 0 0")
+            .expect("a kernel's cpu line parses");
+        assert_eq!(
+            w,
+            CpuWindow {
+                busy_s: (250432 + 7 + 88682 + 3 + 9828) as f64 / 100.0,
+                steal_s: 251.59,
+            }
+        );
+        assert_eq!(
+            parse_cpu_line("cpu0 1 2 3 4 5 6 7 8"),
+            None,
+            "a per-core line"
+        );
+        assert_eq!(parse_cpu_line("cpu 1 2 3"), None, "too few fields");
+        assert_eq!(parse_cpu_line("cpu 1 x 3 4 5 6 7 8"), None);
+        if cfg!(target_os = "linux") {
+            assert!(cpu_now().is_some_and(|c| c.busy_s > 0.0));
+        }
+    }
     use router::UserId;
     use shard_agent::records::UserRow;
 

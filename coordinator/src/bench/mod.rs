@@ -264,6 +264,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
             placement,
             opts.seed,
         ));
+        let wal_before = wal_syncs(&cluster, &baseline_dsn).await;
         let result = match (scenario.protocol, scenario.via) {
             (Protocol::Pgbench, _) => {
                 baseline::pgbench(
@@ -308,6 +309,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
                 }
             }
         };
+        let wal_after = wal_syncs(&cluster, &baseline_dsn).await;
         let mut report = ScenarioReport::new(
             name.clone(),
             scenario.protocol.as_str(),
@@ -334,13 +336,28 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
             }
         };
         report.invariants_ok = report.violations.is_empty();
+        if let (Some(before), Some(after)) = (wal_before, wal_after) {
+            if result.committed_total > 0 {
+                report.wal_syncs_per_transfer =
+                    Some((after - before) as f64 / result.committed_total as f64);
+            }
+        }
         relate(&mut report, &reports);
         info!(scenario = %name, tps = report.transfers_per_s, p99_ms = report.p99_ms, "scenario done");
         println!(
-            "    {:.0} transfers/s, p50 {:.2} ms, p99 {:.2} ms, invariants {}",
+            "    {:.0} transfers/s, p50 {:.2} ms, p99 {:.2} ms, {} CPU µs and {} fsyncs per transfer (steal {}), invariants {}",
             report.transfers_per_s,
             report.p50_ms,
             report.p99_ms,
+            report
+                .cpu_us_per_transfer
+                .map_or("-".into(), |c| format!("{c:.0}")),
+            report
+                .wal_syncs_per_transfer
+                .map_or("-".into(), |w| format!("{w:.2}")),
+            report
+                .steal_pct
+                .map_or("-".into(), |p| format!("{p:.0}%")),
             if report.invariants_ok {
                 "ok"
             } else {
@@ -384,6 +401,16 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
 
 /// The invariant checker on a quiescent cluster, plus: every transfer a client saw
 /// committed is committed in the ledger.
+/// WAL flushes of every server of the run, shards and baseline node together
+/// (the idle ones add only their background flushes). `None` if one cannot be read.
+async fn wal_syncs(cluster: &BenchCluster, baseline_dsn: &str) -> Option<i64> {
+    let mut total = baseline::wal_syncs(baseline_dsn).await.ok()?;
+    for agent in &cluster.agents {
+        total += agent.wal_syncs().await.ok()?;
+    }
+    Some(total)
+}
+
 async fn check_cluster(cluster: &BenchCluster, acknowledged: u64) -> anyhow::Result<Vec<String>> {
     let snap = wait_quiescent(&cluster.agents, Duration::from_secs(60)).await?;
     let mut v = snap.violations(true);

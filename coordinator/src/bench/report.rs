@@ -29,6 +29,13 @@ pub struct ScenarioReport {
     pub p999_ms: f64,
     pub max_ms: f64,
     pub committed: u64,
+    /// Busy CPU of the whole machine per committed transfer (µs), and the share
+    /// of the window the hypervisor stole: see `LoadResult::cpu_us_per_transfer`.
+    pub cpu_us_per_transfer: Option<f64>,
+    pub steal_pct: Option<f64>,
+    /// WAL flushes (fsyncs) of all servers per committed transfer, warm-up
+    /// included (the whole scenario's flushes over its committed transfers).
+    pub wal_syncs_per_transfer: Option<f64>,
     pub rejected: BTreeMap<String, u64>,
     pub errors: BTreeMap<String, u64>,
     /// Transfers/s over the single-node baseline's with the same distribution.
@@ -66,6 +73,12 @@ impl ScenarioReport {
             p999_ms: ms(0.999),
             max_ms: r.latency_us.max() as f64 / 1000.0,
             committed: r.committed,
+            cpu_us_per_transfer: r.cpu_us_per_transfer(),
+            steal_pct: r.cpu.map(|c| {
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                100.0 * c.steal_s / (r.window.as_secs_f64() * cores as f64)
+            }),
+            wal_syncs_per_transfer: None,
             rejected: r.rejected.clone(),
             errors: r.failed.clone(),
             ratio_to_baseline: None,
@@ -229,9 +242,10 @@ impl Report {
             p.shards, p.users, p.clients, p.warmup_s, p.duration_s, p.seed, p.amounts
         );
         println!(
-            "{:<32} {:>10} {:>8} {:>8} {:>8} {:>9} {:>9} {:>7} {:>7} {:>8} {:>10}",
+            "{:<32} {:>10} {:>9} {:>8} {:>8} {:>8} {:>9} {:>9} {:>7} {:>7} {:>8} {:>10}",
             "scenario",
             "xfers/s",
+            "cpu µs/x",
             "p50 ms",
             "p99 ms",
             "p99.9",
@@ -244,9 +258,10 @@ impl Report {
         );
         for s in &self.scenarios {
             println!(
-                "{:<32} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>9.1} {:>9} {:>7} {:>7} {:>8} {:>10}",
+                "{:<32} {:>10.0} {:>9} {:>8.2} {:>8.2} {:>8.2} {:>9.1} {:>9} {:>7} {:>7} {:>8} {:>10}",
                 s.name,
                 s.transfers_per_s,
+                s.cpu_us_per_transfer.map_or("-".into(), |c| format!("{c:.0}")),
                 s.p50_ms,
                 s.p99_ms,
                 s.p999_ms,
