@@ -33,16 +33,22 @@ enum Path {
     Slow,
 }
 
-async fn crash_at(point: &'static str, path: Path, decided_commit: bool) {
-    let _serial = SERIAL.lock().await;
-    let mut config = TestCluster::provision(4, test_limits()).await;
-    config.agent.lock_timeout_ms = 500;
-    config.limits.in_doubt_after_ms = 1_000;
+/// "payer" with 100.00 and a payee with nothing, on two shards, the payer's user
+/// ID the lower or the higher as asked, and the body of a 10.00 transfer.
+struct TwoUsers {
+    cluster: TestCluster,
+    http: Http,
+    payee: String,
+    payer_token: String,
+    payee_token: String,
+    body: serde_json::Value,
+}
+
+async fn two_users(config: coordinator::config::Config, payer_lower: bool) -> TwoUsers {
     let cluster = TestCluster::serve(config).await;
     let routing = cluster.coordinator.cluster().routing();
     let id = |n: &str| router::UserId::for_username(n);
     let shard = |n: &str| routing.map.shard_of(&id(n));
-    let payer_lower = path == Path::PayerFirst;
     let payee = (0..1000)
         .map(|i| format!("payee{i}"))
         .find(|n| {
@@ -53,6 +59,29 @@ async fn crash_at(point: &'static str, path: Path, decided_commit: bool) {
     let payer_token = http.user("payer", Some("100.00")).await;
     let payee_token = http.user(&payee, None).await;
     let body = json!({"to": payee, "amount": "10.00", "currency": "USD"});
+    TwoUsers {
+        cluster,
+        http,
+        payee,
+        payer_token,
+        payee_token,
+        body,
+    }
+}
+
+async fn crash_at(point: &'static str, path: Path, decided_commit: bool) {
+    let _serial = SERIAL.lock().await;
+    let mut config = TestCluster::provision(4, test_limits()).await;
+    config.agent.lock_timeout_ms = 500;
+    config.limits.in_doubt_after_ms = 1_000;
+    let TwoUsers {
+        cluster,
+        http,
+        payer_token,
+        payee_token,
+        body,
+        ..
+    } = two_users(config, path == Path::PayerFirst).await;
 
     if path == Path::Slow {
         fail::cfg("shard-before-prepare-transaction", "return").expect("configure failpoint");
@@ -198,18 +227,17 @@ async fn a_home_leg_that_times_out_on_the_payer_releases_the_payee_at_once() {
     // Recovery would settle the leg only after a minute: whatever happens within
     // this test is the coordinator's doing.
     config.limits.in_doubt_after_ms = 60_000;
-    let cluster = TestCluster::serve(config).await;
+    let TwoUsers {
+        cluster,
+        http,
+        payee,
+        payer_token,
+        payee_token,
+        body,
+    } = two_users(config, false).await;
     let routing = cluster.coordinator.cluster().routing();
     let id = |n: &str| router::UserId::for_username(n);
     let shard = |n: &str| routing.map.shard_of(&id(n));
-    let payee = (0..1000)
-        .map(|i| format!("payee{i}"))
-        .find(|n| shard(n) != shard("payer") && id(n).as_uuid() < id("payer").as_uuid())
-        .expect("a payee on another shard with the lower ID");
-    let http = Http::new(&cluster);
-    let payer_token = http.user("payer", Some("100.00")).await;
-    let payee_token = http.user(&payee, None).await;
-    let body = json!({"to": payee, "amount": "10.00", "currency": "USD"});
 
     let dsn = |n: &str| {
         cluster

@@ -126,8 +126,9 @@ async fn payer_first(
             Ok(Some(Submitted::New(record)))
         }
         Decision::Abort(code) => {
+            // The payee's leg failed: undo the debit, then record the abort.
             open.rollback().await;
-            record_abort(home, remote, home_leg, credit, &prepared, code).await
+            home_decides(home, remote, home_leg, credit, &prepared, Some(code)).await
         }
     }
 }
@@ -148,28 +149,22 @@ async fn payee_first(
             Decision::Abort(code) => Some(code),
         };
     crash_point!("2pc-before-decision");
-    // The commit point; an error leaves the outcome to recovery, as above.
-    let outcome = match home.home_leg(home_leg, failure).await {
-        Ok(outcome) => outcome,
-        Err(e) => return Err(give_up(remote, credit, &prepared, e).await),
-    };
-    crash_point!("2pc-after-decision");
-    finish_credit(remote, credit, &prepared, &outcome).await;
-    crash_point!("2pc-before-reply");
-    answered(home, outcome)
+    home_decides(home, remote, home_leg, credit, &prepared, failure).await
 }
 
-/// Records an abort decided before the home transaction could commit (the
-/// payee's leg failed), then rolls the payee's leg back if it may be prepared.
-async fn record_abort(
+/// The payee's leg is settled: one statement on the home shard records the
+/// outcome (debiting unless `failure` already aborts the transfer), and its commit
+/// is the decision; then the payee's leg is finished the way it says. An error
+/// leaves the outcome to recovery, as above.
+async fn home_decides(
     home: &ShardAgent,
     remote: &ShardAgent,
     home_leg: &HomeLeg<'_>,
     credit: &Leg,
     prepared: &Result<Prepared, ShardError>,
-    code: FailureCode,
+    failure: Option<FailureCode>,
 ) -> Result<Option<Submitted>, CoordinatorError> {
-    let outcome = match home.home_leg(home_leg, Some(code)).await {
+    let outcome = match home.home_leg(home_leg, failure).await {
         Ok(outcome) => outcome,
         Err(e) => return Err(give_up(remote, credit, prepared, e).await),
     };
