@@ -59,9 +59,7 @@ pub struct Coordinator {
 
 impl Drop for Coordinator {
     fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
+        self.stop_background();
     }
 }
 
@@ -116,6 +114,15 @@ impl Coordinator {
             limits,
             tasks,
         })
+    }
+
+    /// Stops the epoch watch and the recovery loop now, even while other holders of
+    /// this coordinator (open HTTP connections) still exist: what a crash does to
+    /// them. Dropping the last holder does the same.
+    pub fn stop_background(&self) {
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 
     pub fn cluster(&self) -> &Arc<Cluster> {

@@ -164,6 +164,10 @@ impl TestCluster {
 
 impl Drop for TestCluster {
     fn drop(&mut self) {
+        // Open keep-alive connections hold the coordinator after the server task
+        // ends; its recovery loop must not outlive a restart, or it races the new
+        // coordinator's (a Redis-mode test saw the old one forward a credit).
+        self.coordinator.stop_background();
         self.server.abort();
     }
 }
