@@ -32,6 +32,8 @@ pub struct ClusterOptions {
     /// Where data and logs go; a fresh temporary directory when `None`.
     pub data_dir: Option<PathBuf>,
     pub lock_mode: LockMode,
+    /// The coordinator's `batch_max` (1: batching off).
+    pub batch_max: usize,
 }
 
 pub struct ChaosCluster {
@@ -103,6 +105,7 @@ impl ChaosCluster {
                 argon2_memory_kib: 256,
                 argon2_iterations: 1,
                 payment_timeout_ms: 300,
+                batch_max: opts.batch_max,
                 ..Limits::default()
             },
             admin_token: Some("chaos-admin".into()),

@@ -149,6 +149,7 @@ fn main() -> anyhow::Result<()> {
                         in_doubt_after_ms,
                         data_dir: data_dir.as_ref().map(|d| d.join(s.name.replace(':', "_"))),
                         lock_mode,
+                        batch_max: coordinator::config::Limits::default().batch_max,
                     },
                 };
                 let report = runtime.block_on(run(s, &opts))?;

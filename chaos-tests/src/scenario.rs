@@ -94,6 +94,17 @@ const ABORT_PERCENT: u32 = 2;
 pub const FAILPOINT_CRASHES_MAX: u32 = 4;
 
 impl Scenario {
+    /// Whether the coordinator batches transfers, as it does by default. The
+    /// unbatched protocol's failpoints, and the broken variants provoked through
+    /// them, need batching off to be reached.
+    pub fn batched(&self) -> bool {
+        match &self.kind {
+            Kind::Failpoint(name) => !name.starts_with("2pc-"),
+            Kind::Broken { .. } => false,
+            _ => true,
+        }
+    }
+
     pub fn expect_violations(&self) -> bool {
         matches!(self.kind, Kind::Broken { .. })
     }
@@ -124,11 +135,15 @@ impl Scenario {
 /// and the broken variants; Redis-lock mode adds lock expiry.
 pub fn all(mode: LockMode) -> Vec<Scenario> {
     let mut out = Vec::new();
-    let failpoints: &[&'static str] = match mode {
-        LockMode::TwoPc => &coordinator::two_pc::FAILPOINTS,
-        LockMode::Redis => &coordinator::redis_mode::FAILPOINTS,
+    let failpoints: Vec<&'static str> = match mode {
+        LockMode::TwoPc => coordinator::batch::FAILPOINTS
+            .iter()
+            .chain(&coordinator::two_pc::FAILPOINTS)
+            .copied()
+            .collect(),
+        LockMode::Redis => coordinator::redis_mode::FAILPOINTS.to_vec(),
     };
-    for name in failpoints.iter().copied() {
+    for name in failpoints {
         out.push(Scenario {
             name: format!("failpoint:{name}"),
             kind: Kind::Failpoint(name),

@@ -5,8 +5,9 @@
 //!
 //! Before the decision the outcome is abort (presumed abort); the retry then runs
 //! a fresh attempt, which commits. From the decision on, the outcome is commit and
-//! the retry replays it. Both paths of the protocol are crashed: the fast path in
-//! both lock orders, and the slow path a retry takes after a retryable abort.
+//! the retry replays it. Every path of the protocol is crashed: the batched
+//! protocol (the default), and with batching off the fast path in both lock
+//! orders and the slow path a retry takes after a retryable abort.
 
 use std::time::Duration;
 
@@ -31,6 +32,8 @@ enum Path {
     /// Slow path: the key exists (here: a first attempt failed with a retryable
     /// abort), so the retry claims it and prepares both legs.
     Slow,
+    /// Batched (coordinator/src/batch.rs): the transfer runs as a group of one.
+    Batched,
 }
 
 /// "payer" with 100.00 and a payee with nothing, on two shards, the payer's user
@@ -74,6 +77,9 @@ async fn crash_at(point: &'static str, path: Path, decided_commit: bool) {
     let mut config = TestCluster::provision(4, test_limits()).await;
     config.agent.lock_timeout_ms = 500;
     config.limits.in_doubt_after_ms = 1_000;
+    if path != Path::Batched {
+        config.limits.batch_max = 1;
+    }
     let TwoUsers {
         cluster,
         http,
@@ -169,6 +175,28 @@ async fn crash_at(point: &'static str, path: Path, decided_commit: bool) {
     assert_eq!(snap.violations(true), Vec::<String>::new(), "{point}");
 }
 
+// Batched.
+
+#[tokio::test]
+async fn a_coordinator_dead_after_checking_a_group_leaves_nothing() {
+    crash_at("batch-after-check", Path::Batched, false).await;
+}
+
+#[tokio::test]
+async fn a_group_prepared_without_its_decision_is_tombstoned_and_rolled_back() {
+    crash_at("batch-after-prepare", Path::Batched, false).await;
+}
+
+#[tokio::test]
+async fn a_group_whose_decision_committed_is_committed_by_recovery() {
+    crash_at("batch-after-decision", Path::Batched, true).await;
+}
+
+#[tokio::test]
+async fn a_coordinator_dead_before_answering_a_committed_group_replays() {
+    crash_at("batch-before-reply", Path::Batched, true).await;
+}
+
 // Fast path.
 
 #[tokio::test]
@@ -227,6 +255,8 @@ async fn a_home_leg_that_times_out_on_the_payer_releases_the_payee_at_once() {
     // Recovery would settle the leg only after a minute: whatever happens within
     // this test is the coordinator's doing.
     config.limits.in_doubt_after_ms = 60_000;
+    // The unbatched fast path's home leg is what this test times out.
+    config.limits.batch_max = 1;
     let TwoUsers {
         cluster,
         http,

@@ -27,6 +27,7 @@ fn options(seed: u64, duration: Duration, lock_mode: LockMode) -> RunOptions {
             in_doubt_after_ms: 2_000,
             data_dir: None,
             lock_mode,
+            batch_max: coordinator::config::Limits::default().batch_max,
         },
     }
 }

@@ -70,6 +70,12 @@ pub struct Limits {
     pub request_body_bytes_max: usize,
     /// Requests served at once; more wait (bounded by the HTTP server's backlog).
     pub concurrent_requests_max: usize,
+    /// Most transfers run together in one group (`crate::batch`); 1 turns
+    /// batching off (every transfer runs alone).
+    pub batch_max: usize,
+    /// Cross-shard groups running at once (a shard's same-shard groups run one
+    /// at a time).
+    pub batch_workers: usize,
 }
 
 impl Default for Limits {
@@ -85,6 +91,8 @@ impl Default for Limits {
             argon2_iterations: 2,
             request_body_bytes_max: 16 * 1024,
             concurrent_requests_max: 512,
+            batch_max: 32,
+            batch_workers: 2,
         }
     }
 }

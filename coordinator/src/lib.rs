@@ -16,6 +16,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod batch;
 pub mod bench;
 pub mod cluster;
 pub mod config;

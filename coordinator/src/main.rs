@@ -70,6 +70,12 @@ enum Command {
         warmup: std::time::Duration,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Most transfers the coordinator runs as one group (1: no batching).
+        #[arg(long, default_value_t = coordinator::config::Limits::default().batch_max as u64, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        batch_max: u64,
+        /// Groups of one lane running at once.
+        #[arg(long, default_value_t = coordinator::config::Limits::default().batch_workers as u64, value_parser = clap::value_parser!(u64).range(1..=64))]
+        batch_workers: u64,
         /// Run only the scenarios whose name contains this (repeatable).
         #[arg(long)]
         only: Vec<String>,
@@ -127,6 +133,8 @@ async fn main() -> anyhow::Result<()> {
             duration,
             warmup,
             seed,
+            batch_max,
+            batch_workers,
             only,
             json,
             svg,
@@ -141,6 +149,8 @@ async fn main() -> anyhow::Result<()> {
                 warmup,
                 duration,
                 seed,
+                batch_max: batch_max as usize,
+                batch_workers: batch_workers as usize,
                 only,
                 json,
                 svg,

@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, Instrument};
 
 use crate::auth::{new_token, token_hash, token_user, AuthError, PasswordPolicy};
+use crate::batch::Batcher;
 use crate::cluster::{Cluster, ClusterError};
 use crate::config::{Config, Limits, LockMode};
 use crate::error::CoordinatorError;
@@ -54,6 +55,8 @@ pub struct Coordinator {
     recovery: Arc<Recovery>,
     provider: Arc<dyn PaymentProvider>,
     limits: Limits,
+    /// `None` when `batch_max` is 1: every transfer runs alone.
+    batcher: Option<Arc<Batcher>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -104,8 +107,15 @@ impl Coordinator {
                     .run_forever(Duration::from_millis(limits.recovery_interval_ms)),
             ),
         ];
-        info!(lock_mode = config.lock_mode.as_str(), "coordinator started");
+        let batcher = (limits.batch_max > 1)
+            .then(|| Arc::new(Batcher::new(limits.batch_max, limits.batch_workers)));
+        info!(
+            lock_mode = config.lock_mode.as_str(),
+            batch_max = limits.batch_max,
+            "coordinator started"
+        );
         Ok(Coordinator {
+            batcher,
             cluster,
             lock_mode: config.lock_mode,
             locks,
@@ -299,15 +309,23 @@ impl Coordinator {
                 CoordinatorError::Corrupt("redis mode without a lock service".into())
             })?),
         };
-        let span = tracing::info_span!("transfer", from = %order.from, to = %order.to, key = %key.as_str());
+        let span = tracing::info_span!("transfer", from = %order.from, to = %order.to, key = %key.as_str(), transfer_id = tracing::field::Empty);
+        let batcher = self.batcher.clone();
         let task = tokio::spawn(
             async move {
                 let home = routing.agent_for(&order.from);
                 let remote = routing.agent_for(&order.to);
-                match locks {
-                    _ if home.id() == remote.id() => Ok(home.transfer_local(&order).await?),
-                    None => two_pc::transfer(home, remote, &order).await,
-                    Some(locks) => redis_mode::transfer(&locks, home, remote, &order).await,
+                let local = home.id() == remote.id();
+                match (locks, batcher) {
+                    // Batched: same-shard transfers in any lock mode, cross-shard
+                    // ones in 2PC mode.
+                    (None, Some(batcher)) => batcher.transfer(routing.clone(), order).await,
+                    (Some(_), Some(batcher)) if local => {
+                        batcher.transfer(routing.clone(), order).await
+                    }
+                    _ if local => Ok(home.transfer_local(&order).await?),
+                    (None, None) => two_pc::transfer(home, remote, &order).await,
+                    (Some(locks), _) => redis_mode::transfer(&locks, home, remote, &order).await,
                 }
             }
             .instrument(span),

@@ -243,7 +243,7 @@ fn may_be_prepared(r: Option<&Result<Prepared, ShardError>>) -> bool {
 }
 
 /// The slow path: the Idempotency-Key exists.
-async fn with_claim(
+pub(crate) async fn with_claim(
     home: &ShardAgent,
     remote: &ShardAgent,
     order: &TransferOrder,
@@ -418,7 +418,7 @@ fn broken_commit_anyway() -> bool {
 /// transaction) rolled back: this attempt can never commit, since its transfer ID
 /// is never sent again. Any other error (no answer, a lost connection, a row we
 /// could not read back) leaves the outcome unknown.
-fn nothing_committed(e: &ShardError) -> bool {
+pub(crate) fn nothing_committed(e: &ShardError) -> bool {
     matches!(
         e,
         ShardError::LockTimeout { .. } | ShardError::Database { .. }

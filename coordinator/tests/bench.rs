@@ -32,6 +32,8 @@ async fn a_small_bench_run_reports_every_scenario_and_passes_the_checker() {
         warmup: Duration::from_secs(1),
         duration: Duration::from_secs(2),
         seed: 7,
+        batch_max: 32,
+        batch_workers: 2,
         only: only.clone(),
         json: Some(json.clone()),
         svg: Some(svg.clone()),

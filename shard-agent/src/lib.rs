@@ -8,6 +8,7 @@
 //! - [`idempotency`]: step 1 of every money movement (claim the key, record the transfer).
 //! - [`transfer_local`]: a same-shard transfer as one local transaction.
 //! - [`two_pc`]: prepare, decide, finish and recover, one file per step.
+//! - [`batch`]: many concurrent transfers in one transaction per shard.
 //! - [`redis_legs`]: Redis-lock mode's fenced, idempotent legs and pending credits.
 //! - [`external`]: deposits and withdrawals through the shard's clearing account.
 //! - [`users`]: users, sessions, account and transfer views; [`bulk`]: loading
@@ -19,6 +20,7 @@
 //! - [`money`], [`gid`], [`records`]: the typed values all of the above exchange.
 
 pub mod agent;
+pub mod batch;
 pub mod bulk;
 pub mod catalog;
 pub mod check;

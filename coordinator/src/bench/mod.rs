@@ -43,6 +43,9 @@ pub struct BenchOptions {
     pub warmup: Duration,
     pub duration: Duration,
     pub seed: u64,
+    /// The coordinator's `batch_max` and `batch_workers` (config.rs `Limits`).
+    pub batch_max: usize,
+    pub batch_workers: usize,
     /// Run only scenarios whose name contains one of these (all when empty).
     pub only: Vec<String>,
     pub json: Option<PathBuf>,
@@ -223,7 +226,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
         if with_redis { " + redis" } else { "" },
         dir.display()
     );
-    let cluster = BenchCluster::start(&dir, opts.shards, opts.users, opening, with_redis)
+    let cluster = BenchCluster::start(&dir, &opts, opening, with_redis)
         .await
         .context("start the benchmark cluster")?;
     println!(
@@ -381,6 +384,8 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
             duration_s: opts.duration.as_secs_f64(),
             seed: opts.seed,
             amounts: "uniform 0.01-1.00 USD",
+            batch_max: opts.batch_max,
+            batch_workers: opts.batch_workers,
         },
         goals: Report::goals(&reports),
         scenarios: reports,

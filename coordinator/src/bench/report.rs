@@ -174,6 +174,10 @@ pub struct Parameters {
     pub duration_s: f64,
     pub seed: u64,
     pub amounts: &'static str,
+    /// The coordinator's batching: most transfers per group (1: off), groups
+    /// per lane at once.
+    pub batch_max: usize,
+    pub batch_workers: usize,
 }
 
 /// A goal from the issue, and whether this run met it.
@@ -238,8 +242,18 @@ impl Report {
         println!("postgres: {}", settings.join(" "));
         let p = &self.parameters;
         println!(
-            "load: {} shards, {} users, {} clients closed-loop, {}s warm-up + {}s measured per scenario, seed {}, amounts {}\n",
+            "load: {} shards, {} users, {} clients closed-loop, {}s warm-up + {}s measured per scenario, seed {}, amounts {}",
             p.shards, p.users, p.clients, p.warmup_s, p.duration_s, p.seed, p.amounts
+        );
+        println!(
+            "coordinator: groups of up to {} transfers, {} groups per lane at once{}\n",
+            p.batch_max,
+            p.batch_workers,
+            if p.batch_max <= 1 {
+                " (batching off)"
+            } else {
+                ""
+            }
         );
         println!(
             "{:<32} {:>10} {:>9} {:>8} {:>8} {:>8} {:>9} {:>9} {:>7} {:>7} {:>8} {:>10}",

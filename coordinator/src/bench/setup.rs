@@ -46,11 +46,11 @@ pub struct BenchCluster {
 impl BenchCluster {
     pub async fn start(
         dir: &Path,
-        shards: usize,
-        users: usize,
+        opts: &super::BenchOptions,
         opening_balance: Decimal,
         with_redis: bool,
     ) -> anyhow::Result<BenchCluster> {
+        let (shards, users) = (opts.shards, opts.users);
         let mut shard_servers = Vec::with_capacity(shards);
         for i in 0..shards {
             shard_servers.push(start_server(dir, &format!("shard{i}")).await?);
@@ -66,7 +66,11 @@ impl BenchCluster {
         };
         let refs: Vec<&PgServer> = shard_servers.iter().collect();
         let (catalog_dsn, entries) = provision(&refs, shards, "bench").await?;
-        let limits = Limits::default();
+        let limits = Limits {
+            batch_max: opts.batch_max,
+            batch_workers: opts.batch_workers,
+            ..Limits::default()
+        };
         let config = Config {
             listen: "127.0.0.1:0"
                 .parse()

@@ -1,0 +1,572 @@
+//! Batching (sql/shard/V6, `shard_agent::batch`): concurrent transfers with new
+//! Idempotency-Keys are grouped and run as one transaction per shard, which is
+//! how the wallet gets past one fsync and several round trips per transfer
+//! (issue 5). Each transfer is still decided on its own: a refused transfer is
+//! recorded as aborted and the rest of its group commits.
+//!
+//! Lanes: one per shard for same-shard transfers (one local statement per
+//! group, one group at a time), and one for cross-shard transfers (two-phase
+//! commit per group, up to `batch_workers` groups at once). Transfers that
+//! arrive while a lane is busy wait and form its next group, up to `batch_max`.
+//!
+//! A group never holds one payer twice, nor a payer that is also a payee: each
+//! leg's check then depends on its own account alone. Such a transfer waits for
+//! the next group.
+//!
+//! Cross-shard protocol for a group (every step has a failpoint):
+//! 1. claim keys, lock, check: on every shard at once with lock waits bounded
+//!    to 50 ms, and after such a wait ran out, again shard after shard in
+//!    shard-ID order (one global lock order, (shard, user ID), so groups never
+//!    wait on each other in a cycle; an unbatched transfer, which locks in
+//!    user-ID order, can, until `lock_timeout`);
+//! 2. every shard but the last applies and prepares, at once;
+//! 3. the last shard applies, inserts the group's decision row and commits: the
+//!    decision;
+//! 4. every prepared transaction is committed, then each client is answered.
+//!
+//! If step 1 fails on any shard, nothing was written: the open transactions are
+//! rolled back and each transfer runs alone through the unbatched protocol
+//! (`two_pc::transfer`), which reports its own outcome. A transfer whose key
+//! exists takes the unbatched slow path, which replays it.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use futures::future::join_all;
+use router::{ShardId, UserId};
+use shard_agent::batch::{BatchLeg, Finish, OpenBatch, Verdict};
+use shard_agent::transfer_local::{Submitted, TransferOrder};
+use shard_agent::{Gid, ShardAgent, ShardError, TransferId, TransferRecord, TransferState};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tracing::{info, warn, Instrument, Span};
+use uuid::Uuid;
+
+use crate::cluster::Routing;
+use crate::error::{crash_point, CoordinatorError};
+use crate::two_pc;
+
+/// The batched protocol's failpoints, in protocol order.
+pub const FAILPOINTS: [&str; 4] = [
+    "batch-after-check",
+    "batch-after-prepare",
+    "batch-after-decision",
+    "batch-before-reply",
+];
+
+type Reply = oneshot::Sender<Result<Submitted, CoordinatorError>>;
+
+struct Job {
+    order: TransferOrder,
+    routing: Arc<Routing>,
+    tid: TransferId,
+    span: Span,
+    reply: Reply,
+}
+
+impl Job {
+    fn home(&self) -> &ShardAgent {
+        self.routing.agent_for(&self.order.from)
+    }
+    fn remote(&self) -> &ShardAgent {
+        self.routing.agent_for(&self.order.to)
+    }
+
+    fn answer(self, result: Result<Submitted, CoordinatorError>) {
+        // The client may have gone; the transfer's outcome is recorded anyway.
+        let _ = self.reply.send(result);
+    }
+
+    /// Runs this transfer alone, through the unbatched protocol.
+    fn alone(self) {
+        tokio::spawn(async move {
+            let result = {
+                let (home, remote) = (self.home(), self.remote());
+                if home.id() == remote.id() {
+                    home.transfer_local(&self.order)
+                        .await
+                        .map_err(CoordinatorError::from)
+                } else {
+                    two_pc::transfer(home, remote, &self.order).await
+                }
+            };
+            self.answer(result);
+        });
+    }
+
+    /// The slow path after a batch found the key exists: replay it.
+    fn replay(self) {
+        tokio::spawn(async move {
+            let result = {
+                let (home, remote) = (self.home(), self.remote());
+                let span = self.span.clone();
+                async {
+                    if home.id() == remote.id() {
+                        home.transfer_local(&self.order)
+                            .await
+                            .map_err(CoordinatorError::from)
+                    } else {
+                        two_pc::with_claim(home, remote, &self.order).await
+                    }
+                }
+                .instrument(span)
+                .await
+            };
+            self.answer(result);
+        });
+    }
+
+    fn legs(&self) -> [BatchLeg; 2] {
+        let o = &self.order;
+        [
+            BatchLeg {
+                tid: self.tid,
+                debit: true,
+                user: o.from,
+                user_name: o.from_username.clone(),
+                party: o.to,
+                party_name: o.to_username.clone(),
+                amount: o.amount,
+                key: Some(o.key.clone()),
+            },
+            BatchLeg {
+                tid: self.tid,
+                debit: false,
+                user: o.to,
+                user_name: o.to_username.clone(),
+                party: o.from,
+                party_name: o.from_username.clone(),
+                amount: o.amount,
+                key: None,
+            },
+        ]
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Lane {
+    Local(ShardId),
+    Cross,
+}
+
+/// The coordinator's batching front: hands each transfer to its lane.
+pub struct Batcher {
+    lanes: Mutex<HashMap<Lane, mpsc::UnboundedSender<Job>>>,
+    max: usize,
+    workers: usize,
+}
+
+impl Batcher {
+    pub fn new(max: usize, workers: usize) -> Batcher {
+        Batcher {
+            lanes: Mutex::new(HashMap::new()),
+            max: max.max(1),
+            workers: workers.max(1),
+        }
+    }
+
+    /// Moves money as `two_pc::transfer` or `transfer_local` would, in a group.
+    pub async fn transfer(
+        &self,
+        routing: Arc<Routing>,
+        order: TransferOrder,
+    ) -> Result<Submitted, CoordinatorError> {
+        let (home, remote) = (
+            routing.agent_for(&order.from).id(),
+            routing.agent_for(&order.to).id(),
+        );
+        let lane = if home == remote {
+            Lane::Local(home)
+        } else {
+            Lane::Cross
+        };
+        let tid = TransferId::generate();
+        let span = Span::current();
+        span.record("transfer_id", tracing::field::display(tid));
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            order,
+            routing,
+            tid,
+            span,
+            reply,
+        };
+        self.lane(lane)
+            .send(job)
+            .map_err(|_| CoordinatorError::Corrupt("batch lane stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| CoordinatorError::Corrupt("batch ended without an answer".into()))?
+    }
+
+    fn lane(&self, lane: Lane) -> mpsc::UnboundedSender<Job> {
+        let mut lanes = self
+            .lanes
+            .lock()
+            .expect("invariant: no code panics while holding the lane map");
+        lanes
+            .entry(lane)
+            .or_insert_with(|| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                // A shard's same-shard groups run one at a time: there is a lane
+                // per shard, and a measured 0.85x against 0.76x with two.
+                let workers = match lane {
+                    Lane::Local(_) => 1,
+                    Lane::Cross => self.workers,
+                };
+                tokio::spawn(run_lane(lane, rx, self.max, workers));
+                tx
+            })
+            .clone()
+    }
+}
+
+/// Forms groups from what is waiting and runs up to `workers` at once. Ends when
+/// the batcher is dropped and the queue is empty.
+async fn run_lane(lane: Lane, mut rx: mpsc::UnboundedReceiver<Job>, max: usize, workers: usize) {
+    let slots = Arc::new(Semaphore::new(workers));
+    let mut waiting: VecDeque<Job> = VecDeque::new();
+    loop {
+        let slot = slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("invariant: the lane's semaphore is never closed");
+        if waiting.is_empty() {
+            match rx.recv().await {
+                Some(job) => waiting.push_back(job),
+                None => return,
+            }
+        }
+        while let Ok(job) = rx.try_recv() {
+            waiting.push_back(job);
+        }
+        let group = take_group(&mut waiting, max);
+        tokio::spawn(async move {
+            match lane {
+                Lane::Local(_) => run_local(group).await,
+                Lane::Cross => run_cross(group).await,
+            }
+            drop(slot);
+        });
+    }
+}
+
+/// The next group, in arrival order: a transfer whose payer is already in the
+/// group, or whose payee is a payer of it, or whose payer is a payee of it, waits.
+fn take_group(waiting: &mut VecDeque<Job>, max: usize) -> Vec<Job> {
+    let mut payers: HashSet<UserId> = HashSet::new();
+    let mut payees: HashSet<UserId> = HashSet::new();
+    let mut group = Vec::new();
+    let mut later = VecDeque::new();
+    while let Some(job) = waiting.pop_front() {
+        let (from, to) = (job.order.from, job.order.to);
+        let fits = group.len() < max
+            && !payers.contains(&from)
+            && !payees.contains(&from)
+            && !payers.contains(&to);
+        if fits {
+            payers.insert(from);
+            payees.insert(to);
+            group.push(job);
+        } else {
+            later.push_back(job);
+        }
+    }
+    *waiting = later;
+    group
+}
+
+/// Copies an error for each transfer of a group (errors are not `Clone`).
+fn each(e: &CoordinatorError) -> CoordinatorError {
+    match e {
+        CoordinatorError::Shard(ShardError::LockTimeout { shard }) => {
+            ShardError::LockTimeout { shard: *shard }.into()
+        }
+        CoordinatorError::Shard(s) => ShardError::Unavailable {
+            shard: s.shard(),
+            reason: s.to_string(),
+        }
+        .into(),
+        CoordinatorError::Crashed { at } => CoordinatorError::Crashed { at },
+        CoordinatorError::Corrupt(text) => CoordinatorError::Corrupt(text.clone()),
+    }
+}
+
+async fn run_local(group: Vec<Job>) {
+    let agent = group[0].home();
+    let legs: Vec<BatchLeg> = group.iter().flat_map(|j| j.legs()).collect();
+    let result = agent.transfer_local_batch(&legs).await;
+    match result {
+        Ok(records) => answer_all(group, records),
+        // Nothing was written: each transfer runs alone and reports its own outcome.
+        Err(e) => {
+            warn!(shard = %agent.id(), %e, transfers = group.len(), "local batch failed; running its transfers one by one");
+            group.into_iter().for_each(Job::alone);
+        }
+    }
+}
+
+/// Answers each transfer from its record; one without a record had a key that
+/// exists, and is replayed.
+fn answer_all(group: Vec<Job>, records: Vec<TransferRecord>) {
+    let mut by_tid: HashMap<TransferId, TransferRecord> =
+        records.into_iter().map(|r| (r.transfer_id, r)).collect();
+    for job in group {
+        match by_tid.remove(&job.tid) {
+            Some(record) => {
+                job.span.in_scope(|| {
+                    info!(state = ?record.state, code = ?record.failure_code, "transfer decided");
+                });
+                job.answer(Ok(Submitted::New(record)));
+            }
+            None => job.replay(),
+        }
+    }
+}
+
+/// One shard's part of a cross-shard group: its legs, and for each leg the
+/// index of its transfer in the group.
+struct Part<'a> {
+    agent: &'a ShardAgent,
+    legs: Vec<BatchLeg>,
+    owner: Vec<usize>,
+}
+
+async fn run_cross(group: Vec<Job>) {
+    let batch = Uuid::new_v4();
+    let span = tracing::info_span!("2pc batch", %batch, transfers = group.len(),
+        transfer_ids = %group.iter().map(|j| j.tid.to_string()).collect::<Vec<_>>().join(","));
+    let result = cross(batch, &group).instrument(span.clone()).await;
+    let _entered = span.enter();
+    match result {
+        Ok(Ran::Decided(records)) => answer_all(group, records),
+        Ok(Ran::NothingWritten(e)) => {
+            warn!(%e, "batch check failed; running its transfers one by one");
+            group.into_iter().for_each(Job::alone);
+        }
+        Err(e) => {
+            warn!(%e, "batch failed before its decision was known");
+            for job in group {
+                let e = each(&e);
+                job.answer(Err(e));
+            }
+        }
+    }
+}
+
+enum Ran {
+    Decided(Vec<TransferRecord>),
+    /// Step 1 failed: every transaction was rolled back.
+    NothingWritten(ShardError),
+}
+
+async fn cross(batch: Uuid, group: &[Job]) -> Result<Ran, CoordinatorError> {
+    // Each shard's legs, in shard-ID order (BTreeMap).
+    let mut parts: BTreeMap<ShardId, Part<'_>> = BTreeMap::new();
+    for (i, job) in group.iter().enumerate() {
+        let [debit, credit] = job.legs();
+        for (agent, leg) in [(job.home(), debit), (job.remote(), credit)] {
+            let part = parts.entry(agent.id()).or_insert_with(|| Part {
+                agent,
+                legs: Vec::new(),
+                owner: Vec::new(),
+            });
+            part.legs.push(leg);
+            part.owner.push(i);
+        }
+    }
+    let t0 = std::time::Instant::now();
+    // Step 1: every shard at once, each lock wait bounded tightly; when one
+    // waits too long (perhaps on another group checking in another order), all
+    // is rolled back and the check runs again shard after shard.
+    let (mut open, verdict) = match check_at_once(&parts, group.len()).await {
+        Checked::Open(checked) => checked,
+        Checked::Busy => match check_in_order(&parts, group.len()).await {
+            Ok(checked) => checked,
+            Err(e) => return Ok(Ran::NothingWritten(e)),
+        },
+        Checked::Failed(e) => return Ok(Ran::NothingWritten(e)),
+    };
+    crash_point!("batch-after-check");
+    let t1 = t0.elapsed();
+    // The highest shard decides: its transaction opened last.
+    let (decider, part_d) = open
+        .pop()
+        .expect("invariant: a cross-shard group spans at least two shards");
+    let gids: Vec<Gid> = open
+        .iter()
+        .map(|(_, p)| Gid::new(TransferId(batch), part_d.agent.id(), p.agent.id()))
+        .collect();
+    let participants: Vec<String> = gids.iter().map(|g| g.to_string()).collect();
+    let outcomes =
+        |part: &Part<'_>| -> Vec<Verdict> { part.owner.iter().map(|&i| verdict[i]).collect() };
+    // Step 2: every shard but the last prepares.
+    let prepared = join_all(open.into_iter().zip(&gids).map(|((txn, part), gid)| {
+        let outcomes = outcomes(part);
+        let participants = &participants;
+        async move {
+            let r = txn
+                .apply(
+                    batch,
+                    Finish::Prepare(*gid),
+                    participants,
+                    &part.legs,
+                    &outcomes,
+                )
+                .await;
+            (part.agent, *gid, r)
+        }
+    }))
+    .await;
+    let mut records = Vec::new();
+    let mut failed = None;
+    for (_, _, r) in &prepared {
+        match r {
+            Ok(_) => {}
+            Err(e) if failed.is_none() => failed = Some(e.to_string()),
+            Err(_) => {}
+        }
+    }
+    if let Some(reason) = failed {
+        // No decision: roll everything back. A prepare that returned an error may
+        // have prepared before its connection broke; recovery finishes what we
+        // cannot reach.
+        decider.rollback().await;
+        roll_back(&prepared).await;
+        return Err(ShardError::Unavailable {
+            shard: part_d.agent.id(),
+            reason: format!("batch {batch} not prepared everywhere: {reason}"),
+        }
+        .into());
+    }
+    crash_point!("batch-after-prepare");
+    let t2 = t0.elapsed();
+    // Step 3: the decision.
+    let decided = decider
+        .apply(
+            batch,
+            Finish::Decide,
+            &participants,
+            &part_d.legs,
+            &outcomes(part_d),
+        )
+        .await;
+    let decided = match decided {
+        Ok(r) => r,
+        Err(e) => {
+            if two_pc::nothing_committed(&e) {
+                roll_back(&prepared).await;
+            }
+            return Err(e.into());
+        }
+    };
+    crash_point!("batch-after-decision");
+    let t3 = t0.elapsed();
+    // Step 4: committed whatever happens here; recovery commits what we cannot.
+    join_all(prepared.iter().map(|(agent, gid, _)| async move {
+        if let Err(e) = agent.commit_prepared(gid).await {
+            warn!(%e, %gid, "commit prepared (batch) failed; recovery will finish it");
+        }
+    }))
+    .await;
+    crash_point!("batch-before-reply");
+    tracing::debug!(n = group.len(), ?t1, ?t2, ?t3, t4 = ?t0.elapsed(), "batch timing");
+    for (_, _, r) in prepared {
+        records.extend(r.expect("invariant: every prepare succeeded (checked above)"));
+    }
+    records.extend(decided);
+    debug_assert!(records.iter().all(|r| r.state != TransferState::Preparing));
+    Ok(Ran::Decided(records))
+}
+
+/// A shard's answer to step 2, with the GID it prepared under.
+type PrepareAnswer<'a> = (&'a ShardAgent, Gid, Result<Vec<TransferRecord>, ShardError>);
+
+/// How long a lock wait may last in a check that runs on every shard at once.
+/// Groups that lock in parallel can wait on each other in a cycle; this ends
+/// the cycle quickly, and the ordered check that follows cannot form one.
+const PARALLEL_LOCK_WAIT_MS: u64 = 50;
+
+enum Checked<'a> {
+    /// Every shard's transaction is open, in shard order, with each transfer's
+    /// verdict over all its legs.
+    Open(OpenChecked<'a>),
+    /// A lock wait ran out during a parallel check: everything was rolled back.
+    Busy,
+    Failed(ShardError),
+}
+
+async fn check_at_once<'a>(parts: &'a BTreeMap<ShardId, Part<'a>>, n: usize) -> Checked<'a> {
+    let answers = join_all(parts.values().map(|part| async move {
+        let prior = vec![Verdict::Pass; part.legs.len()];
+        let r = part
+            .agent
+            .open_batch(&part.legs, &prior, Some(PARALLEL_LOCK_WAIT_MS))
+            .await;
+        (part, r)
+    }))
+    .await;
+    let mut verdict = vec![Verdict::Pass; n];
+    let mut open = Vec::with_capacity(answers.len());
+    let mut failure = None;
+    for (part, r) in answers {
+        match r {
+            Ok((txn, found)) => {
+                for (&i, v) in part.owner.iter().zip(found) {
+                    verdict[i] = verdict[i].merge(v);
+                }
+                open.push((txn, part));
+            }
+            Err(e) => failure = Some(e),
+        }
+    }
+    match failure {
+        None => Checked::Open((open, verdict)),
+        Some(e) => {
+            join_all(open.into_iter().map(|(txn, _)| txn.rollback())).await;
+            match e {
+                ShardError::LockTimeout { .. } => Checked::Busy,
+                e => Checked::Failed(e),
+            }
+        }
+    }
+}
+
+/// Every shard's transactions open, in shard order, with each transfer's verdict.
+type OpenChecked<'a> = (Vec<(OpenBatch<'a>, &'a Part<'a>)>, Vec<Verdict>);
+
+async fn check_in_order<'a>(
+    parts: &'a BTreeMap<ShardId, Part<'a>>,
+    n: usize,
+) -> Result<OpenChecked<'a>, ShardError> {
+    let mut verdict = vec![Verdict::Pass; n];
+    let mut open = Vec::with_capacity(parts.len());
+    for part in parts.values() {
+        let prior: Vec<Verdict> = part.owner.iter().map(|&i| verdict[i]).collect();
+        match part.agent.open_batch(&part.legs, &prior, None).await {
+            Ok((txn, found)) => {
+                for (&i, v) in part.owner.iter().zip(found) {
+                    verdict[i] = verdict[i].merge(v);
+                }
+                open.push((txn, part));
+            }
+            Err(e) => {
+                join_all(open.into_iter().map(|(txn, _)| txn.rollback())).await;
+                return Err(e);
+            }
+        }
+    }
+    Ok((open, verdict))
+}
+
+async fn roll_back(prepared: &[PrepareAnswer<'_>]) {
+    join_all(prepared.iter().map(|(agent, gid, r)| async move {
+        let may_be_prepared = !matches!(r, Err(e) if two_pc::nothing_committed(e));
+        if may_be_prepared {
+            if let Err(e) = agent.rollback_prepared(gid).await {
+                warn!(%e, %gid, "rollback prepared (batch) failed; recovery will finish it");
+            }
+        }
+    }))
+    .await;
+}

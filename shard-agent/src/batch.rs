@@ -1,0 +1,365 @@
+//! Batched transfers (sql/shard/V6): one transaction per shard for a whole group
+//! of concurrent transfers, each transfer still decided on its own (one refused
+//! transfer never sinks its group).
+//!
+//! - A same-shard group is one statement ([`ShardAgent::transfer_local_batch`]).
+//! - A cross-shard group takes two steps per shard. [`ShardAgent::open_batch`]
+//!   (shard after shard, in shard order) claims the payers' keys, locks the
+//!   group's accounts and checks every leg, leaving its transaction open.
+//!   [`OpenBatch::apply`] (every shard at once) then moves the money of the
+//!   transfers that passed everywhere and records every payer's transfer, and
+//!   either prepares the transaction or, on the deciding shard, inserts the
+//!   group's decision row and commits: that commit decides the whole group.
+//!
+//! Crash rule: until the deciding shard commits there is no decision row, and
+//! recovery rolls back the group's prepared transactions through the same
+//! tombstone compare-and-set as a single transfer's (their GID names the group's
+//! ID and the deciding shard). After it commits, recovery commits them.
+
+use router::UserId;
+use rust_decimal::Decimal;
+use tokio_postgres::types::ToSql;
+use tracing::instrument;
+use uuid::Uuid;
+
+use crate::agent::{Conn, ShardAgent};
+use crate::error::{ShardError, ShardResult};
+use crate::gid::Gid;
+use crate::idempotency::{broken_skip_idempotency, IdempotencyKey};
+use crate::money::Amount;
+use crate::records::{FailureCode, TransferId, TransferRecord, TRANSFER_COLUMNS};
+
+/// SQLSTATE the batch functions raise when a payer has no account.
+const PAYER_MISSING: &str = "WL008";
+/// The verdict text of a leg whose payer's Idempotency-Key exists.
+const KEY_EXISTS: &str = "key_exists";
+
+/// One transfer's leg on one shard. A same-shard transfer has two legs on its
+/// shard, debit first; a cross-shard transfer has one on each.
+#[derive(Clone, Debug)]
+pub struct BatchLeg {
+    pub tid: TransferId,
+    /// The payer's leg (which also claims the key and carries the record).
+    pub debit: bool,
+    pub user: UserId,
+    pub user_name: String,
+    /// The other side of the transfer.
+    pub party: UserId,
+    pub party_name: String,
+    pub amount: Amount,
+    /// The payer's Idempotency-Key, on the debit leg.
+    pub key: Option<IdempotencyKey>,
+}
+
+/// What a leg's check found, and then a transfer's outcome over all its legs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    Refused(FailureCode),
+    /// The payer's key exists: nothing of this transfer was written; replay it.
+    KeyExists,
+}
+
+impl Verdict {
+    fn as_sql(self) -> Option<&'static str> {
+        match self {
+            Verdict::Pass => None,
+            Verdict::Refused(code) => Some(code.as_str()),
+            Verdict::KeyExists => Some(KEY_EXISTS),
+        }
+    }
+
+    fn from_sql(agent: &ShardAgent, text: Option<&str>) -> ShardResult<Verdict> {
+        match text {
+            None => Ok(Verdict::Pass),
+            Some(KEY_EXISTS) => Ok(Verdict::KeyExists),
+            Some(code) => code
+                .parse::<FailureCode>()
+                .map(Verdict::Refused)
+                .map_err(|_| agent.corrupt(format!("batch check answered {code:?}"))),
+        }
+    }
+
+    /// The transfer's outcome from its legs' verdicts: a key that exists wins
+    /// (the transfer is not this attempt's to decide: it is replayed), then the
+    /// first refusal.
+    pub fn merge(self, other: Verdict) -> Verdict {
+        match (self, other) {
+            (Verdict::KeyExists, _) | (_, Verdict::KeyExists) => Verdict::KeyExists,
+            (Verdict::Pass, other) => other,
+            (refused, _) => refused,
+        }
+    }
+}
+
+/// How a cross-shard group's transaction on one shard ends.
+#[derive(Clone, Copy, Debug)]
+pub enum Finish {
+    /// Prepared under this GID; the deciding shard's commit decides it.
+    Prepare(Gid),
+    /// The deciding shard: insert the group's decision row, then commit.
+    Decide,
+}
+
+/// The group's transaction on one shard after its check: open, holding the
+/// claimed keys and the account locks. Dropped without [`OpenBatch::apply`], its
+/// connection is closed and PostgreSQL rolls it back.
+pub struct OpenBatch<'a> {
+    agent: &'a ShardAgent,
+    conn: Conn,
+}
+
+/// The legs as the column arrays the batch functions take.
+struct Columns {
+    tid: Vec<Uuid>,
+    debit: Vec<bool>,
+    user: Vec<Uuid>,
+    amount: Vec<Decimal>,
+    currency: Vec<&'static str>,
+    key_user: Vec<Option<Uuid>>,
+    key: Vec<Option<String>>,
+    fingerprint: Vec<Option<Vec<u8>>>,
+    user_name: Vec<String>,
+    party: Vec<Uuid>,
+    party_name: Vec<String>,
+}
+
+impl Columns {
+    fn of(legs: &[BatchLeg]) -> Columns {
+        let keys: Vec<Option<IdempotencyKey>> = legs
+            .iter()
+            .map(|l| l.key.as_ref().map(broken_skip_idempotency))
+            .collect();
+        Columns {
+            tid: legs.iter().map(|l| l.tid.0).collect(),
+            debit: legs.iter().map(|l| l.debit).collect(),
+            user: legs.iter().map(|l| l.user.0).collect(),
+            amount: legs.iter().map(|l| l.amount.value()).collect(),
+            currency: legs.iter().map(|l| l.amount.currency().code()).collect(),
+            key_user: keys.iter().map(|k| k.as_ref().map(|k| k.user.0)).collect(),
+            key: keys
+                .iter()
+                .map(|k| k.as_ref().map(|k| k.key.clone()))
+                .collect(),
+            fingerprint: keys
+                .iter()
+                .map(|k| k.as_ref().map(|k| k.fingerprint.clone()))
+                .collect(),
+            user_name: legs.iter().map(|l| l.user_name.clone()).collect(),
+            party: legs.iter().map(|l| l.party.0).collect(),
+            party_name: legs.iter().map(|l| l.party_name.clone()).collect(),
+        }
+    }
+}
+
+impl ShardAgent {
+    /// A same-shard group in one autocommitted statement. Returns the record of
+    /// every transfer whose key was new; a transfer without one had a key that
+    /// exists (nothing of it was written).
+    #[instrument(skip_all, fields(shard = %self.id(), transfers = legs.len() / 2))]
+    pub async fn transfer_local_batch(
+        &self,
+        legs: &[BatchLeg],
+    ) -> ShardResult<Vec<TransferRecord>> {
+        self.timed("local batch", async {
+            let c = Columns::of(legs);
+            let conn = self.conn().await?;
+            let stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT {TRANSFER_COLUMNS} FROM wallet_batch_local($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+                ))
+                .await
+                .map_err(self.pg("prepare local batch"))?;
+            let params: [&(dyn ToSql + Sync); 11] = [
+                &c.tid,
+                &c.debit,
+                &c.user,
+                &c.amount,
+                &c.currency,
+                &c.key_user,
+                &c.key,
+                &c.fingerprint,
+                &c.user_name,
+                &c.party,
+                &c.party_name,
+            ];
+            let rows = conn
+                .query(&stmt, &params)
+                .await
+                .map_err(|e| self.batch_error("local batch", e))?;
+            rows.iter()
+                .map(|r| TransferRecord::from_row(self.id(), r))
+                .collect()
+        })
+        .await
+    }
+
+    /// Step 1 of a cross-shard group on this shard: opens a transaction, claims
+    /// the payers' keys, locks the legs' accounts in user-ID order and checks each
+    /// leg. `prior` is each leg's transfer's verdict from the shards before this
+    /// one (a refused transfer only has its key claimed here). `lock_wait_ms`
+    /// bounds each lock wait of this transaction below the agent's lock_timeout
+    /// (a wait past it is [`ShardError::LockTimeout`]). Returns the open
+    /// transaction and each leg's verdict so far.
+    #[instrument(skip_all, fields(shard = %self.id(), legs = legs.len()))]
+    pub async fn open_batch(
+        &self,
+        legs: &[BatchLeg],
+        prior: &[Verdict],
+        lock_wait_ms: Option<u64>,
+    ) -> ShardResult<(OpenBatch<'_>, Vec<Verdict>)> {
+        self.timed("open batch", async {
+            let c = Columns::of(legs);
+            let prior: Vec<Option<&str>> = prior.iter().map(|v| v.as_sql()).collect();
+            let mut conn = self.conn().await?;
+            let stmt = conn
+                .prepare_cached("SELECT wallet_batch_check($1, $2, $3, $4, $5, $6, $7, $8, $9)")
+                .await
+                .map_err(self.pg("prepare batch check"))?;
+            let params: [&(dyn ToSql + Sync); 9] = [
+                &c.tid,
+                &c.debit,
+                &c.user,
+                &c.amount,
+                &c.currency,
+                &c.key_user,
+                &c.key,
+                &c.fingerprint,
+                &prior,
+            ];
+            conn.mark_in_txn();
+            let begin = match lock_wait_ms {
+                // Read committed, whatever the server's default: the deciding
+                // statement must see a tombstone recovery committed after BEGIN.
+                Some(ms) => {
+                    format!("BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL lock_timeout = {ms}")
+                }
+                None => "BEGIN ISOLATION LEVEL READ COMMITTED".to_owned(),
+            };
+            // Pipelined: BEGIN and the check go out together.
+            let (begun, checked) =
+                tokio::join!(conn.batch_execute(&begin), conn.query_one(&stmt, &params));
+            begun.map_err(self.pg("begin batch"))?;
+            let row = checked.map_err(|e| self.batch_error("batch check", e))?;
+            let verdicts: Vec<Option<String>> = row.get(0);
+            let verdicts = verdicts
+                .iter()
+                .map(|v| Verdict::from_sql(self, v.as_deref()))
+                .collect::<ShardResult<Vec<_>>>()?;
+            if verdicts.len() != legs.len() {
+                return Err(self.corrupt(format!(
+                    "batch check answered {} verdicts for {} legs",
+                    verdicts.len(),
+                    legs.len()
+                )));
+            }
+            Ok((OpenBatch { agent: self, conn }, verdicts))
+        })
+        .await
+    }
+
+    fn batch_error(&self, context: &'static str, e: tokio_postgres::Error) -> ShardError {
+        match e.code().map(|c| c.code()) {
+            Some(PAYER_MISSING) => self.corrupt(format!("{context}: a payer has no account")),
+            _ => ShardError::from_pg(self.id(), context, e),
+        }
+    }
+}
+
+impl OpenBatch<'_> {
+    /// Step 2: applies the legs whose transfer's `outcome` is a pass, records the
+    /// transfers whose payer is here (committed, or aborted with the refusal), and
+    /// prepares or decides as `finish` says. Returns the records. An error leaves
+    /// the transaction's outcome unknown unless the shard answered it
+    /// ([`ShardError::Database`], [`ShardError::LockTimeout`]): then nothing of it
+    /// is prepared or committed. WL010 (a `Database` error): recovery aborted the
+    /// group first.
+    #[instrument(skip_all, fields(shard = %self.agent.id(), batch = %batch))]
+    pub async fn apply(
+        mut self,
+        batch: Uuid,
+        finish: Finish,
+        participants: &[String],
+        legs: &[BatchLeg],
+        outcomes: &[Verdict],
+    ) -> ShardResult<Vec<TransferRecord>> {
+        let agent = self.agent;
+        agent
+            .timed("apply batch", async {
+                let c = Columns::of(legs);
+                let outcomes: Vec<Option<&str>> = outcomes.iter().map(|v| v.as_sql()).collect();
+                let stmt = self
+                    .conn
+                    .prepare_cached(&format!(
+                        "SELECT {TRANSFER_COLUMNS} FROM wallet_batch_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+                    ))
+                    .await
+                    .map_err(agent.pg("prepare batch apply"))?;
+                let decide = matches!(finish, Finish::Decide);
+                // The mode column's text for Mode::TwoPc (cross-shard groups only).
+                let mode = "2pc";
+                let params: [&(dyn ToSql + Sync); 13] = [
+                    &batch,
+                    &decide,
+                    &participants,
+                    &mode,
+                    &c.tid,
+                    &c.debit,
+                    &c.user,
+                    &c.amount,
+                    &c.currency,
+                    &c.user_name,
+                    &c.party,
+                    &c.party_name,
+                    &outcomes,
+                ];
+                let end = match finish {
+                    Finish::Prepare(gid) => format!("PREPARE TRANSACTION '{gid}'"),
+                    Finish::Decide => "COMMIT".to_owned(),
+                };
+                // Pipelined: if the apply fails, PostgreSQL turns the PREPARE or
+                // COMMIT that follows it into a rollback.
+                let (rows, ended) = tokio::join!(
+                    self.conn.query(&stmt, &params),
+                    self.conn.batch_execute(&end)
+                );
+                let rows = rows.map_err(|e| agent.batch_error("batch apply", e))?;
+                ended.map_err(agent.pg("end batch"))?;
+                self.conn.ended();
+                rows.iter()
+                    .map(|r| TransferRecord::from_row(agent.id(), r))
+                    .collect()
+            })
+            .await
+    }
+
+    /// Rolls the group's transaction back, bounded by the call timeout (a
+    /// connection that does not answer is closed, which rolls back as well).
+    pub async fn rollback(mut self) {
+        let agent = self.agent;
+        let _ = agent
+            .timed("roll back batch", async {
+                self.conn.rollback_quietly().await;
+                Ok(())
+            })
+            .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_that_exists_wins_any_merge_and_otherwise_the_first_refusal() {
+        let funds = Verdict::Refused(FailureCode::InsufficientFunds);
+        let nobody = Verdict::Refused(FailureCode::RecipientNotFound);
+        // The payee's shard (lower) refused; the payer's found the key taken.
+        assert_eq!(nobody.merge(Verdict::KeyExists), Verdict::KeyExists);
+        assert_eq!(Verdict::KeyExists.merge(nobody), Verdict::KeyExists);
+        assert_eq!(Verdict::Pass.merge(funds), funds);
+        assert_eq!(funds.merge(nobody), funds);
+        assert_eq!(nobody.merge(Verdict::Pass), nobody);
+        assert_eq!(Verdict::Pass.merge(Verdict::Pass), Verdict::Pass);
+    }
+}

@@ -1,0 +1,356 @@
+//! Batched transfers against real PostgreSQL (sql/shard/V6): one transaction per
+//! shard for a whole group, each transfer decided on its own, and a cross-shard
+//! group that recovery commits or rolls back as a whole from its decision row.
+
+mod common;
+
+use common::{balance, key, pair, usd, user};
+use router::UserId;
+use rust_decimal::Decimal;
+use shard_agent::batch::{BatchLeg, Finish, Verdict};
+use shard_agent::two_pc::home::Tombstone;
+use shard_agent::two_pc::recover::{resolve_leg, Resolution};
+use shard_agent::{FailureCode, Gid, TransferId, TransferRecord, TransferState};
+use uuid::Uuid;
+
+/// The debit and the credit leg of one transfer.
+fn legs(tid: TransferId, from: UserId, to: UserId, amount: &str, k: &str) -> [BatchLeg; 2] {
+    [
+        BatchLeg {
+            tid,
+            debit: true,
+            user: from,
+            user_name: "payer".into(),
+            party: to,
+            party_name: "payee".into(),
+            amount: usd(amount),
+            key: Some(key(from, k)),
+        },
+        BatchLeg {
+            tid,
+            debit: false,
+            user: to,
+            user_name: "payee".into(),
+            party: from,
+            party_name: "payer".into(),
+            amount: usd(amount),
+            key: None,
+        },
+    ]
+}
+
+fn state(
+    records: &[TransferRecord],
+    tid: TransferId,
+) -> Option<(TransferState, Option<FailureCode>)> {
+    records
+        .iter()
+        .find(|r| r.transfer_id == tid)
+        .map(|r| (r.state, r.failure_code))
+}
+
+#[tokio::test]
+async fn a_same_shard_group_decides_each_transfer_on_its_own_in_one_statement() {
+    let p = pair().await;
+    let rich = user(&p.a, "rich", "100").await;
+    let poor = user(&p.a, "poor", "1").await;
+    let merchant = user(&p.a, "merchant", "0").await;
+    let replayer = user(&p.a, "replayer", "50").await;
+    let ghost = UserId::for_username("ghost");
+    // The replayer's key is taken by an earlier transfer.
+    let first = TransferId::generate();
+    let done =
+        p.a.transfer_local_batch(&legs(first, replayer, merchant, "5", "taken"))
+            .await
+            .expect("first batch");
+    assert_eq!(state(&done, first), Some((TransferState::Committed, None)));
+
+    let (ok, refused, missing, replay) = (
+        TransferId::generate(),
+        TransferId::generate(),
+        TransferId::generate(),
+        TransferId::generate(),
+    );
+    let mut group = Vec::new();
+    group.extend(legs(ok, rich, merchant, "30", "a"));
+    group.extend(legs(refused, poor, merchant, "2", "b"));
+    group.extend(legs(missing, rich, ghost, "1", "c"));
+    group.extend(legs(replay, replayer, merchant, "5", "taken"));
+    let records = p.a.transfer_local_batch(&group).await.expect("batch");
+
+    assert_eq!(state(&records, ok), Some((TransferState::Committed, None)));
+    assert_eq!(
+        state(&records, refused),
+        Some((TransferState::Aborted, Some(FailureCode::InsufficientFunds)))
+    );
+    assert_eq!(
+        state(&records, missing),
+        Some((TransferState::Aborted, Some(FailureCode::RecipientNotFound)))
+    );
+    assert_eq!(
+        state(&records, replay),
+        None,
+        "a key that exists writes nothing"
+    );
+    assert_eq!(balance(&p.a, rich).await, Decimal::from(70));
+    assert_eq!(balance(&p.a, poor).await, Decimal::from(1));
+    assert_eq!(balance(&p.a, merchant).await, Decimal::from(35));
+    assert_eq!(balance(&p.a, replayer).await, Decimal::from(45));
+    assert!(p.a.transfer(replay).await.expect("read").is_none());
+    // The refusals are recorded with their keys, so a retry replays them.
+    let again = TransferId::generate();
+    let records =
+        p.a.transfer_local_batch(&legs(again, poor, merchant, "2", "b"))
+            .await
+            .expect("retry");
+    assert!(records.is_empty(), "the key exists: replayed the slow way");
+}
+
+/// A cross-shard group of three transfers from shard a to shard b: one that
+/// passes, one the payer cannot afford, one to nobody. Shard a prepares, shard b
+/// (the higher) decides.
+struct Cross {
+    ok: TransferId,
+    refused: TransferId,
+    missing: TransferId,
+    batch: Uuid,
+    gid: Gid,
+    payer: UserId,
+    poor: UserId,
+    payer2: UserId,
+    payee: UserId,
+}
+
+async fn cross_group(p: &common::Pair) -> (Cross, Vec<BatchLeg>, Vec<BatchLeg>) {
+    let payer = user(&p.a, "payer", "10").await;
+    let poor = user(&p.a, "poor", "1").await;
+    let payer2 = user(&p.a, "payer2", "10").await;
+    let payee = user(&p.b, "payee", "0").await;
+    let ghost = UserId::for_username("ghost");
+    let (ok, refused, missing) = (
+        TransferId::generate(),
+        TransferId::generate(),
+        TransferId::generate(),
+    );
+    let (mut on_a, mut on_b) = (Vec::new(), Vec::new());
+    for (tid, from, to, amount, k) in [
+        (ok, payer, payee, "4", "ok"),
+        (refused, poor, payee, "2", "refused"),
+        (missing, payer2, ghost, "3", "missing"),
+    ] {
+        let [d, c] = legs(tid, from, to, amount, k);
+        on_a.push(d);
+        on_b.push(c);
+    }
+    let batch = Uuid::new_v4();
+    let gid = Gid::new(TransferId(batch), p.b.id(), p.a.id());
+    (
+        Cross {
+            ok,
+            refused,
+            missing,
+            batch,
+            gid,
+            payer,
+            poor,
+            payer2,
+            payee,
+        },
+        on_a,
+        on_b,
+    )
+}
+
+#[tokio::test]
+async fn a_cross_shard_group_commits_by_its_decision_row_and_records_every_refusal() {
+    let p = pair().await;
+    let (g, on_a, on_b) = cross_group(&p).await;
+
+    let (txn_a, found_a) =
+        p.a.open_batch(&on_a, &[Verdict::Pass; 3], None)
+            .await
+            .expect("check a");
+    assert_eq!(
+        found_a,
+        vec![
+            Verdict::Pass,
+            Verdict::Refused(FailureCode::InsufficientFunds),
+            Verdict::Pass
+        ]
+    );
+    let (txn_b, found_b) =
+        p.b.open_batch(&on_b, &found_a, None)
+            .await
+            .expect("check b");
+    let outcome: Vec<Verdict> = found_a
+        .iter()
+        .zip(&found_b)
+        .map(|(a, b)| a.merge(*b))
+        .collect();
+    assert_eq!(
+        outcome,
+        vec![
+            Verdict::Pass,
+            Verdict::Refused(FailureCode::InsufficientFunds),
+            Verdict::Refused(FailureCode::RecipientNotFound)
+        ]
+    );
+    let participants = vec![g.gid.to_string()];
+    let records_a = txn_a
+        .apply(
+            g.batch,
+            Finish::Prepare(g.gid),
+            &participants,
+            &on_a,
+            &outcome,
+        )
+        .await
+        .expect("prepare a");
+    assert_eq!(records_a.len(), 3, "every payer's transfer is recorded");
+    assert_eq!(p.a.prepared_stats().await.expect("stats").count, 1);
+    // Prepared, not decided: recovery would find no decision yet.
+    assert!(p.a.transfer(g.ok).await.expect("read").is_none());
+    let records_b = txn_b
+        .apply(g.batch, Finish::Decide, &participants, &on_b, &outcome)
+        .await
+        .expect("decide on b");
+    assert!(records_b.is_empty(), "no payer lives on b");
+    // The decision row answers recovery: the prepared transaction commits.
+    assert_eq!(
+        p.b.tombstone(TransferId(g.batch)).await.expect("tombstone"),
+        Tombstone::Record(TransferState::Committed)
+    );
+    assert_eq!(
+        resolve_leg(&p.a, &p.b, &g.gid).await.expect("resolve"),
+        Resolution::Committed
+    );
+    let a = &p.a;
+    let read = |tid| async move { a.transfer(tid).await.expect("read").expect("recorded") };
+    let ok = read(g.ok).await;
+    assert_eq!(
+        (ok.state, ok.participants),
+        (TransferState::Committed, participants)
+    );
+    assert_eq!(
+        read(g.refused).await.failure_code,
+        Some(FailureCode::InsufficientFunds)
+    );
+    assert_eq!(
+        read(g.missing).await.failure_code,
+        Some(FailureCode::RecipientNotFound)
+    );
+    assert_eq!(balance(&p.a, g.payer).await, Decimal::from(6));
+    assert_eq!(balance(&p.a, g.poor).await, Decimal::from(1));
+    assert_eq!(balance(&p.b, g.payee).await, Decimal::from(4));
+}
+
+#[tokio::test]
+async fn a_group_prepared_without_a_decision_is_tombstoned_and_its_decision_refused() {
+    let p = pair().await;
+    let (g, on_a, on_b) = cross_group(&p).await;
+    let (txn_a, found_a) =
+        p.a.open_batch(&on_a, &[Verdict::Pass; 3], None)
+            .await
+            .expect("check a");
+    let (txn_b, found_b) =
+        p.b.open_batch(&on_b, &found_a, None)
+            .await
+            .expect("check b");
+    let outcome: Vec<Verdict> = found_a
+        .iter()
+        .zip(&found_b)
+        .map(|(a, b)| a.merge(*b))
+        .collect();
+    let participants = vec![g.gid.to_string()];
+    txn_a
+        .apply(
+            g.batch,
+            Finish::Prepare(g.gid),
+            &participants,
+            &on_a,
+            &outcome,
+        )
+        .await
+        .expect("prepare a");
+    // b's transaction is still open (it holds the payee's row): recovery, on
+    // another connection, finds no decision and tombstones the group.
+    assert_eq!(
+        resolve_leg(&p.a, &p.b, &g.gid).await.expect("resolve"),
+        Resolution::RolledBack
+    );
+    let refused = txn_b
+        .apply(g.batch, Finish::Decide, &participants, &on_b, &outcome)
+        .await
+        .expect_err("the tombstone refuses the decision");
+    assert!(refused.to_string().contains("WL010"), "{refused}");
+    for tid in [g.ok, g.refused, g.missing] {
+        assert!(p.a.transfer(tid).await.expect("read").is_none());
+    }
+    assert_eq!(balance(&p.a, g.payer).await, Decimal::from(10));
+    assert_eq!(balance(&p.b, g.payee).await, Decimal::ZERO);
+    assert_eq!(p.a.prepared_stats().await.expect("stats").count, 0);
+    // The keys are free again: the same transfers can run.
+    let (txn, found) =
+        p.a.open_batch(&on_a, &[Verdict::Pass; 3], None)
+            .await
+            .expect("check again");
+    assert_eq!(found[0], Verdict::Pass);
+    txn.rollback().await;
+}
+
+#[tokio::test]
+async fn a_key_that_exists_is_left_to_the_slow_path_and_the_rest_of_the_group_runs() {
+    let p = pair().await;
+    let (g, on_a, on_b) = cross_group(&p).await;
+    // Someone else holds the "ok" transfer's key already.
+    let earlier = TransferId::generate();
+    let mut taken = legs(earlier, g.payer, g.payee, "1", "ok").to_vec();
+    taken[1].user = g.payer2; // a same-shard transfer on a, with the same key
+    taken[1].party = g.payer;
+    let done = p.a.transfer_local_batch(&taken).await.expect("earlier");
+    assert_eq!(done.len(), 1);
+
+    let (txn_a, found_a) =
+        p.a.open_batch(&on_a, &[Verdict::Pass; 3], None)
+            .await
+            .expect("check a");
+    assert_eq!(found_a[0], Verdict::KeyExists);
+    let (txn_b, found_b) =
+        p.b.open_batch(&on_b, &found_a, None)
+            .await
+            .expect("check b");
+    assert_eq!(found_b[0], Verdict::KeyExists, "not checked again");
+    let outcome: Vec<Verdict> = found_a
+        .iter()
+        .zip(&found_b)
+        .map(|(a, b)| a.merge(*b))
+        .collect();
+    let participants = vec![g.gid.to_string()];
+    let records = txn_a
+        .apply(
+            g.batch,
+            Finish::Prepare(g.gid),
+            &participants,
+            &on_a,
+            &outcome,
+        )
+        .await
+        .expect("prepare a");
+    txn_b
+        .apply(g.batch, Finish::Decide, &participants, &on_b, &outcome)
+        .await
+        .expect("decide");
+    p.a.commit_prepared(&g.gid).await.expect("commit prepared");
+    assert_eq!(state(&records, g.ok), None);
+    assert!(p.a.transfer(g.ok).await.expect("read").is_none());
+    assert_eq!(
+        balance(&p.b, g.payee).await,
+        Decimal::ZERO,
+        "no credit for it"
+    );
+    assert_eq!(
+        balance(&p.a, g.payer).await,
+        Decimal::from(9),
+        "the earlier transfer only"
+    );
+}
