@@ -7,7 +7,9 @@
 //! Lanes: one per shard for same-shard transfers (one local statement per
 //! group, one group at a time), and one for cross-shard transfers (two-phase
 //! commit per group, up to `batch_workers` groups at once). Transfers that
-//! arrive while a lane is busy wait and form its next group, up to `batch_max`.
+//! arrive while a lane is busy wait and form its next group, up to `batch_max`;
+//! a lane about to start a group first yields to the scheduler for as long as
+//! transfers keep arriving (the clients of the group that just finished).
 //!
 //! A group never holds one payer twice, nor a payer that is also a payee: each
 //! leg's check then depends on its own account alone. Such a transfer waits for
@@ -220,6 +222,9 @@ impl Batcher {
     }
 }
 
+/// Most scheduler turns a lane lingers for more transfers before it starts a group.
+const LINGER_YIELDS_MAX: usize = 16;
+
 /// Forms groups from what is waiting and runs up to `workers` at once. Ends when
 /// the batcher is dropped and the queue is empty.
 async fn run_lane(lane: Lane, mut rx: mpsc::UnboundedReceiver<Job>, max: usize, workers: usize) {
@@ -239,6 +244,23 @@ async fn run_lane(lane: Lane, mut rx: mpsc::UnboundedReceiver<Job>, max: usize, 
         }
         while let Ok(job) = rx.try_recv() {
             waiting.push_back(job);
+        }
+        // Linger while transfers keep arriving: the clients of the group that
+        // just finished come back one after another, and the first of them
+        // should not leave in a group of one while the others are a scheduler
+        // turn away. Yields, never sleeps: a lone transfer waits microseconds.
+        for _ in 0..LINGER_YIELDS_MAX {
+            if waiting.len() >= max {
+                break;
+            }
+            tokio::task::yield_now().await;
+            let before = waiting.len();
+            while let Ok(job) = rx.try_recv() {
+                waiting.push_back(job);
+            }
+            if waiting.len() == before {
+                break;
+            }
         }
         let group = take_group(&mut waiting, max);
         tokio::spawn(async move {

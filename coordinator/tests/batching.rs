@@ -1,0 +1,117 @@
+//! Batching through the API (coordinator/src/batch.rs): a burst of concurrent
+//! transfers, same-shard and cross-shard, with refusals, a payer who is also a
+//! payee, and a duplicate, is grouped however the lanes form their groups, and
+//! every transfer still gets its own answer: refused ones do not sink the others,
+//! the duplicate replays, and the money adds up.
+
+mod common;
+
+use common::Api;
+use coordinator::testkit::{test_limits, TestCluster};
+use futures::future::join_all;
+use reqwest::StatusCode;
+
+#[tokio::test]
+async fn a_burst_of_transfers_is_decided_transfer_by_transfer() {
+    let cluster = TestCluster::start(4, test_limits()).await;
+    let api = Api::new(&cluster);
+    let merchant = api.user("merchant", "USD").await;
+    let mut rich = Vec::new();
+    for i in 0..6 {
+        let t = api.user(&format!("rich{i}"), "USD").await;
+        api.deposit(&t, "50.00", "USD").await;
+        rich.push(t);
+    }
+    let mut poor = Vec::new();
+    for i in 0..2 {
+        let t = api.user(&format!("poor{i}"), "USD").await;
+        api.deposit(&t, "1.00", "USD").await;
+        poor.push(t);
+    }
+
+    for round in 0..3 {
+        // (expected, payer, key, payee, amount)
+        let mut plan: Vec<(&str, &String, String, &str, &str)> = Vec::new();
+        // rich0..rich3 pay the merchant; rich0 is also paid by rich5.
+        for (i, t) in rich.iter().enumerate().take(4) {
+            plan.push(("paid", t, format!("m{i}"), "merchant", "10.00"));
+        }
+        plan.push(("paid", &rich[5], "r5".into(), "rich0", "5.00"));
+        for (i, t) in poor.iter().enumerate() {
+            plan.push(("refused", t, format!("p{i}"), "merchant", "10.00"));
+        }
+        plan.push(("nobody", &rich[4], "ghost".into(), "ghost", "1.00"));
+        // The same request twice at once: one transfer.
+        plan.push(("dup", &rich[4], "dup".into(), "merchant", "2.00"));
+        plan.push(("dup", &rich[4], "dup".into(), "merchant", "2.00"));
+        let keys: Vec<String> = plan.iter().map(|p| format!("r{round}-{}", p.2)).collect();
+        let replies = join_all(
+            plan.iter()
+                .zip(&keys)
+                .map(|(p, key)| api.transfer(p.1, key, p.3, p.4, "USD")),
+        )
+        .await;
+        let kinds: Vec<&str> = plan.iter().map(|p| p.0).collect();
+
+        let mut dup_ids = Vec::new();
+        let mut dup_replayed = 0;
+        for (kind, r) in kinds.iter().zip(&replies) {
+            match *kind {
+                "paid" => {
+                    assert_eq!(r.status, StatusCode::CREATED, "round {round}: {:?}", r.body);
+                    assert_eq!(r.body["status"], "committed");
+                }
+                "refused" => {
+                    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{:?}", r.body);
+                    assert_eq!(r.code(), "insufficient_funds");
+                }
+                "nobody" => {
+                    assert_eq!(r.status, StatusCode::NOT_FOUND, "{:?}", r.body);
+                    assert_eq!(r.code(), "recipient_not_found");
+                }
+                _ => {
+                    assert_eq!(r.status, StatusCode::CREATED, "duplicate: {:?}", r.body);
+                    dup_ids.push(r.body["transfer_id"].clone());
+                    dup_replayed += usize::from(r.headers.contains_key("idempotent-replayed"));
+                }
+            }
+        }
+        assert_eq!(
+            dup_ids[0], dup_ids[1],
+            "round {round}: one transfer for one key"
+        );
+        assert_eq!(
+            dup_replayed, 1,
+            "round {round}: the second answer is a replay"
+        );
+    }
+
+    let rounds = 3;
+    assert_eq!(
+        api.balance(&merchant).await,
+        format!("{}.00", rounds * (4 * 10 + 2))
+    );
+    assert_eq!(
+        api.balance(&rich[0]).await,
+        format!("{}.00", 50 - rounds * 10 + rounds * 5)
+    );
+    assert_eq!(
+        api.balance(&rich[1]).await,
+        format!("{}.00", 50 - rounds * 10)
+    );
+    assert_eq!(
+        api.balance(&rich[4]).await,
+        format!("{}.00", 50 - rounds * 2)
+    );
+    assert_eq!(
+        api.balance(&rich[5]).await,
+        format!("{}.00", 50 - rounds * 5)
+    );
+    for t in &poor {
+        assert_eq!(
+            api.balance(t).await,
+            "1.00",
+            "refused transfers moved nothing"
+        );
+    }
+}
