@@ -33,6 +33,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::future::join_all;
 use router::{ShardId, UserId};
@@ -155,14 +156,16 @@ pub struct Batcher {
     lanes: Mutex<HashMap<Lane, mpsc::UnboundedSender<Job>>>,
     max: usize,
     workers: usize,
+    linger: Duration,
 }
 
 impl Batcher {
-    pub fn new(max: usize, workers: usize) -> Batcher {
+    pub fn new(max: usize, workers: usize, linger: Duration) -> Batcher {
         Batcher {
             lanes: Mutex::new(HashMap::new()),
             max: max.max(1),
             workers: workers.max(1),
+            linger,
         }
     }
 
@@ -215,7 +218,14 @@ impl Batcher {
                     Lane::Local(_) => 1,
                     Lane::Cross => self.workers,
                 };
-                tokio::spawn(run_lane(lane, rx, self.max, workers));
+                // Only the cross-shard lane waits for returning clients: it is the
+                // one lane every cross-shard transfer comes back to, while a
+                // client's next same-shard transfer may go to any shard's lane.
+                let linger = match lane {
+                    Lane::Local(_) => Duration::ZERO,
+                    Lane::Cross => self.linger,
+                };
+                tokio::spawn(run_lane(lane, rx, self.max, workers, linger));
                 tx
             })
             .clone()
@@ -227,15 +237,28 @@ const LINGER_YIELDS_MAX: usize = 16;
 
 /// Forms groups from what is waiting and runs up to `workers` at once. Ends when
 /// the batcher is dropped and the queue is empty.
-async fn run_lane(lane: Lane, mut rx: mpsc::UnboundedReceiver<Job>, max: usize, workers: usize) {
+async fn run_lane(
+    lane: Lane,
+    mut rx: mpsc::UnboundedReceiver<Job>,
+    max: usize,
+    workers: usize,
+    linger: Duration,
+) {
     let slots = Arc::new(Semaphore::new(workers));
     let mut waiting: VecDeque<Job> = VecDeque::new();
+    let mut last_group = 0;
     loop {
         let slot = slots
             .clone()
             .acquire_owned()
             .await
             .expect("invariant: the lane's semaphore is never closed");
+        while let Ok(job) = rx.try_recv() {
+            waiting.push_back(job);
+        }
+        // What waited through the last group, plus that group's clients, who
+        // are likely on their way back: the size the next group may reach soon.
+        let expected = (waiting.len() + last_group).min(max);
         if waiting.is_empty() {
             match rx.recv().await {
                 Some(job) => waiting.push_back(job),
@@ -262,7 +285,26 @@ async fn run_lane(lane: Lane, mut rx: mpsc::UnboundedReceiver<Job>, max: usize, 
                 break;
             }
         }
+        // Clients behind a network (HTTP) take longer than a scheduler turn to
+        // come back; wait up to `linger` for them, never for more than the last
+        // group brought. A lone client is never kept waiting: its next transfer
+        // is the whole expected group.
+        if waiting.len() < expected && !linger.is_zero() {
+            let deadline = tokio::time::Instant::now() + linger;
+            while waiting.len() < expected {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(job)) => {
+                        waiting.push_back(job);
+                        while let Ok(job) = rx.try_recv() {
+                            waiting.push_back(job);
+                        }
+                    }
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
         let group = take_group(&mut waiting, max);
+        last_group = group.len();
         tokio::spawn(async move {
             match lane {
                 Lane::Local(_) => run_local(group).await,

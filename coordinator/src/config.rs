@@ -79,6 +79,11 @@ pub struct Limits {
     /// throughput at 15 % more CPU per transfer in-process, and less over HTTP,
     /// where staggered arrivals start many small groups.
     pub batch_workers: usize,
+    /// How long the cross-shard lane may wait for the clients of its last group
+    /// to come back before it starts the next group with fewer (0: never
+    /// waits). The wallet bench over HTTP, 2PC: 0.46x of in-process with no
+    /// wait, 0.58x with 1 ms, 0.67-0.74x with 2 ms; in-process unchanged.
+    pub batch_linger_us: u64,
 }
 
 impl Default for Limits {
@@ -96,6 +101,7 @@ impl Default for Limits {
             concurrent_requests_max: 512,
             batch_max: 32,
             batch_workers: 1,
+            batch_linger_us: 2_000,
         }
     }
 }

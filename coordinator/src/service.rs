@@ -107,8 +107,13 @@ impl Coordinator {
                     .run_forever(Duration::from_millis(limits.recovery_interval_ms)),
             ),
         ];
-        let batcher = (limits.batch_max > 1)
-            .then(|| Arc::new(Batcher::new(limits.batch_max, limits.batch_workers)));
+        let batcher = (limits.batch_max > 1).then(|| {
+            Arc::new(Batcher::new(
+                limits.batch_max,
+                limits.batch_workers,
+                Duration::from_micros(limits.batch_linger_us),
+            ))
+        });
         info!(
             lock_mode = config.lock_mode.as_str(),
             batch_max = limits.batch_max,
