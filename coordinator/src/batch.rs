@@ -81,37 +81,33 @@ impl Job {
 
     /// Runs this transfer alone, through the unbatched protocol.
     fn alone(self) {
-        tokio::spawn(async move {
-            let result = {
-                let (home, remote) = (self.home(), self.remote());
-                if home.id() == remote.id() {
-                    home.transfer_local(&self.order)
-                        .await
-                        .map_err(CoordinatorError::from)
-                } else {
-                    two_pc::transfer(home, remote, &self.order).await
-                }
-            };
-            self.answer(result);
-        });
+        self.unbatched(false);
     }
 
     /// The slow path after a batch found the key exists: replay it.
     fn replay(self) {
+        self.unbatched(true);
+    }
+
+    /// Same-shard: `transfer_local`, whose fast path refuses a key that exists
+    /// and falls back to its replay. Cross-shard: the whole unbatched protocol,
+    /// or, when the key is known to exist, its slow path directly.
+    fn unbatched(self, key_exists: bool) {
         tokio::spawn(async move {
             let result = {
                 let (home, remote) = (self.home(), self.remote());
-                let span = self.span.clone();
                 async {
                     if home.id() == remote.id() {
                         home.transfer_local(&self.order)
                             .await
                             .map_err(CoordinatorError::from)
-                    } else {
+                    } else if key_exists {
                         two_pc::with_claim(home, remote, &self.order).await
+                    } else {
+                        two_pc::transfer(home, remote, &self.order).await
                     }
                 }
-                .instrument(span)
+                .instrument(self.span.clone())
                 .await
             };
             self.answer(result);
