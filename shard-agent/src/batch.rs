@@ -125,6 +125,20 @@ struct Columns {
 }
 
 impl Columns {
+    /// The leading parameters of `wallet_batch_check` and `wallet_batch_local`.
+    fn check_params(&self) -> [&(dyn ToSql + Sync); 8] {
+        [
+            &self.tid,
+            &self.debit,
+            &self.user,
+            &self.amount,
+            &self.currency,
+            &self.key_user,
+            &self.key,
+            &self.fingerprint,
+        ]
+    }
+
     fn of(legs: &[BatchLeg]) -> Columns {
         let keys: Vec<Option<IdempotencyKey>> = legs
             .iter()
@@ -170,19 +184,8 @@ impl ShardAgent {
                 ))
                 .await
                 .map_err(self.pg("prepare local batch"))?;
-            let params: [&(dyn ToSql + Sync); 11] = [
-                &c.tid,
-                &c.debit,
-                &c.user,
-                &c.amount,
-                &c.currency,
-                &c.key_user,
-                &c.key,
-                &c.fingerprint,
-                &c.user_name,
-                &c.party,
-                &c.party_name,
-            ];
+            let mut params = c.check_params().to_vec();
+            params.extend([&c.user_name as &(dyn ToSql + Sync), &c.party, &c.party_name]);
             let rows = conn
                 .query(&stmt, &params)
                 .await
@@ -216,17 +219,8 @@ impl ShardAgent {
                 .prepare_cached("SELECT wallet_batch_check($1, $2, $3, $4, $5, $6, $7, $8, $9)")
                 .await
                 .map_err(self.pg("prepare batch check"))?;
-            let params: [&(dyn ToSql + Sync); 9] = [
-                &c.tid,
-                &c.debit,
-                &c.user,
-                &c.amount,
-                &c.currency,
-                &c.key_user,
-                &c.key,
-                &c.fingerprint,
-                &prior,
-            ];
+            let mut params = c.check_params().to_vec();
+            params.push(&prior);
             conn.mark_in_txn();
             let begin = match lock_wait_ms {
                 // Read committed, whatever the server's default: the deciding
