@@ -32,6 +32,7 @@
 //! exists takes the unbatched slow path, which replays it.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -153,6 +154,65 @@ pub struct Batcher {
     max: usize,
     workers: usize,
     linger: Duration,
+    counts: Arc<GroupCounts>,
+}
+
+/// Groups started and the transfers in them since the batcher started, for
+/// same-shard and cross-shard lanes: the bench reports transfers per group,
+/// the figure batching lives by.
+#[derive(Debug, Default)]
+struct GroupCounts {
+    local_groups: AtomicU64,
+    local_transfers: AtomicU64,
+    cross_groups: AtomicU64,
+    cross_transfers: AtomicU64,
+}
+
+/// A snapshot of [`GroupCounts`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GroupStats {
+    pub local_groups: u64,
+    pub local_transfers: u64,
+    pub cross_groups: u64,
+    pub cross_transfers: u64,
+}
+
+impl GroupStats {
+    /// What happened between `earlier` and `self`.
+    pub fn since(self, earlier: GroupStats) -> GroupStats {
+        GroupStats {
+            local_groups: self.local_groups - earlier.local_groups,
+            local_transfers: self.local_transfers - earlier.local_transfers,
+            cross_groups: self.cross_groups - earlier.cross_groups,
+            cross_transfers: self.cross_transfers - earlier.cross_transfers,
+        }
+    }
+
+    /// Mean transfers per group over both kinds of lane (`None` without groups).
+    pub fn transfers_per_group(self) -> Option<f64> {
+        let groups = self.local_groups + self.cross_groups;
+        (groups > 0).then(|| (self.local_transfers + self.cross_transfers) as f64 / groups as f64)
+    }
+}
+
+impl GroupCounts {
+    fn record(&self, lane: Lane, transfers: usize) {
+        let (groups, total) = match lane {
+            Lane::Local(_) => (&self.local_groups, &self.local_transfers),
+            Lane::Cross => (&self.cross_groups, &self.cross_transfers),
+        };
+        groups.fetch_add(1, Ordering::Relaxed);
+        total.fetch_add(transfers as u64, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> GroupStats {
+        GroupStats {
+            local_groups: self.local_groups.load(Ordering::Relaxed),
+            local_transfers: self.local_transfers.load(Ordering::Relaxed),
+            cross_groups: self.cross_groups.load(Ordering::Relaxed),
+            cross_transfers: self.cross_transfers.load(Ordering::Relaxed),
+        }
+    }
 }
 
 impl Batcher {
@@ -162,7 +222,13 @@ impl Batcher {
             max: max.max(1),
             workers: workers.max(1),
             linger,
+            counts: Arc::default(),
         }
+    }
+
+    /// Groups and their transfers since the batcher started.
+    pub fn stats(&self) -> GroupStats {
+        self.counts.snapshot()
     }
 
     /// Moves money as `two_pc::transfer` or `transfer_local` would, in a group.
@@ -221,7 +287,14 @@ impl Batcher {
                     Lane::Local(_) => Duration::ZERO,
                     Lane::Cross => self.linger,
                 };
-                tokio::spawn(run_lane(lane, rx, self.max, workers, linger));
+                tokio::spawn(run_lane(
+                    lane,
+                    rx,
+                    self.max,
+                    workers,
+                    linger,
+                    self.counts.clone(),
+                ));
                 tx
             })
             .clone()
@@ -239,6 +312,7 @@ async fn run_lane(
     max: usize,
     workers: usize,
     linger: Duration,
+    counts: Arc<GroupCounts>,
 ) {
     let slots = Arc::new(Semaphore::new(workers));
     let mut waiting: VecDeque<Job> = VecDeque::new();
@@ -301,6 +375,7 @@ async fn run_lane(
         }
         let group = take_group(&mut waiting, max);
         last_group = group.len();
+        counts.record(lane, group.len());
         tokio::spawn(async move {
             match lane {
                 Lane::Local(_) => run_local(group).await,
@@ -629,4 +704,24 @@ async fn roll_back(prepared: &[PrepareAnswer<'_>]) {
         }
     }))
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_stats_give_the_mean_group_size_between_two_snapshots() {
+        let counts = GroupCounts::default();
+        let before = GroupStats::default();
+        assert_eq!(before.transfers_per_group(), None, "no group yet");
+        counts.record(Lane::Local(ShardId(0)), 3);
+        counts.record(Lane::Cross, 16);
+        let mid = counts.snapshot();
+        assert_eq!(mid.transfers_per_group(), Some(9.5));
+        counts.record(Lane::Local(ShardId(1)), 1);
+        let since = counts.snapshot().since(mid);
+        assert_eq!((since.local_groups, since.local_transfers), (1, 1));
+        assert_eq!(since.transfers_per_group(), Some(1.0));
+    }
 }

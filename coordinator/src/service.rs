@@ -131,6 +131,11 @@ impl Coordinator {
         })
     }
 
+    /// Batching's groups so far (`None` when batching is off).
+    pub fn batch_stats(&self) -> Option<crate::batch::GroupStats> {
+        self.batcher.as_ref().map(|b| b.stats())
+    }
+
     /// Stops the epoch watch and the recovery loop now, even while other holders of
     /// this coordinator (open HTTP connections) still exist: what a crash does to
     /// them. Dropping the last holder does the same.

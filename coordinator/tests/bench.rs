@@ -83,6 +83,13 @@ async fn a_small_bench_run_reports_every_scenario_and_passes_the_checker() {
                 > 0.0,
             "{name}"
         );
+        // Batched scenarios report their mean group size; baselines and Redis
+        // mode's cross-shard transfers (never batched) report none.
+        let batched = s["protocol"] == "same-shard" || s["protocol"] == "2pc";
+        match s["transfers_per_group"].as_f64() {
+            Some(g) => assert!(batched && g >= 1.0, "{name}: {g} transfers per group"),
+            None => assert!(!batched, "{name} reports its group size"),
+        }
         if s["protocol"] != "pgbench" && cfg!(target_os = "linux") {
             assert!(
                 s["cpu_us_per_transfer"].as_f64().expect("CPU per transfer") > 0.0,

@@ -268,6 +268,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
             opts.seed,
         ));
         let wal_before = wal_syncs(&cluster, &baseline_dsn).await;
+        let (mut groups_before, mut coordinator) = (None, None);
         let result = match (scenario.protocol, scenario.via) {
             (Protocol::Pgbench, _) => {
                 baseline::pgbench(
@@ -297,6 +298,8 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
                         e.insert(Front::start(&config).await?)
                     }
                 };
+                groups_before = front.coordinator.batch_stats();
+                coordinator = Some(front.coordinator.clone());
                 match via {
                     Via::Http => {
                         let base = front.http_base(&config).await?;
@@ -311,6 +314,10 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
                     }
                 }
             }
+        };
+        let groups = match (groups_before, coordinator.and_then(|c| c.batch_stats())) {
+            (Some(before), Some(after)) => after.since(before).transfers_per_group(),
+            _ => None,
         };
         let wal_after = wal_syncs(&cluster, &baseline_dsn).await;
         let mut report = ScenarioReport::new(
@@ -339,6 +346,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
             }
         };
         report.invariants_ok = report.violations.is_empty();
+        report.transfers_per_group = groups;
         if let (Some(before), Some(after)) = (wal_before, wal_after) {
             if result.committed_total > 0 {
                 report.wal_syncs_per_transfer =
@@ -348,7 +356,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
         relate(&mut report, &reports);
         info!(scenario = %name, tps = report.transfers_per_s, p99_ms = report.p99_ms, "scenario done");
         println!(
-            "    {:.0} transfers/s, p50 {:.2} ms, p99 {:.2} ms, {} CPU µs and {} fsyncs per transfer (steal {}), invariants {}",
+            "    {:.0} transfers/s, p50 {:.2} ms, p99 {:.2} ms, {} CPU µs and {} fsyncs per transfer (steal {}), {} transfers per group, invariants {}",
             report.transfers_per_s,
             report.p50_ms,
             report.p99_ms,
@@ -361,6 +369,9 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
             report
                 .steal_pct
                 .map_or("-".into(), |p| format!("{p:.0}%")),
+            report
+                .transfers_per_group
+                .map_or("-".into(), |g| format!("{g:.1}")),
             if report.invariants_ok {
                 "ok"
             } else {

@@ -36,6 +36,9 @@ pub struct ScenarioReport {
     /// WAL flushes (fsyncs) of all servers per committed transfer, warm-up
     /// included (the whole scenario's flushes over its committed transfers).
     pub wal_syncs_per_transfer: Option<f64>,
+    /// Mean transfers per batch group over the scenario, warm-up included
+    /// (`None` when nothing was batched).
+    pub transfers_per_group: Option<f64>,
     pub rejected: BTreeMap<String, u64>,
     pub errors: BTreeMap<String, u64>,
     /// Transfers/s over the single-node baseline's with the same distribution.
@@ -79,6 +82,7 @@ impl ScenarioReport {
                 100.0 * c.steal_s / (r.window.as_secs_f64() * cores as f64)
             }),
             wal_syncs_per_transfer: None,
+            transfers_per_group: None,
             rejected: r.rejected.clone(),
             errors: r.failed.clone(),
             ratio_to_baseline: None,
@@ -256,10 +260,11 @@ impl Report {
             }
         );
         println!(
-            "{:<32} {:>10} {:>9} {:>8} {:>8} {:>8} {:>9} {:>9} {:>7} {:>7} {:>8} {:>10}",
+            "{:<32} {:>10} {:>9} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>7} {:>7} {:>8} {:>10}",
             "scenario",
             "xfers/s",
             "cpu µs/x",
+            "x/group",
             "p50 ms",
             "p99 ms",
             "p99.9",
@@ -272,10 +277,11 @@ impl Report {
         );
         for s in &self.scenarios {
             println!(
-                "{:<32} {:>10.0} {:>9} {:>8.2} {:>8.2} {:>8.2} {:>9.1} {:>9} {:>7} {:>7} {:>8} {:>10}",
+                "{:<32} {:>10.0} {:>9} {:>8} {:>8.2} {:>8.2} {:>8.2} {:>9.1} {:>9} {:>7} {:>7} {:>8} {:>10}",
                 s.name,
                 s.transfers_per_s,
                 s.cpu_us_per_transfer.map_or("-".into(), |c| format!("{c:.0}")),
+                s.transfers_per_group.map_or("-".into(), |g| format!("{g:.1}")),
                 s.p50_ms,
                 s.p99_ms,
                 s.p999_ms,
