@@ -47,6 +47,7 @@ use uuid::Uuid;
 
 use crate::cluster::Routing;
 use crate::error::{crash_point, CoordinatorError};
+use crate::service::verify_payer;
 use crate::two_pc;
 
 /// The batched protocol's failpoints, in protocol order.
@@ -61,6 +62,8 @@ type Reply = oneshot::Sender<Result<Submitted, CoordinatorError>>;
 
 struct Job {
     order: TransferOrder,
+    /// The payer's token hash while their session is unread (`Payer::Claimed`).
+    session: Option<Vec<u8>>,
     routing: Arc<Routing>,
     tid: TransferId,
     span: Span,
@@ -92,12 +95,16 @@ impl Job {
 
     /// Same-shard: `transfer_local`, whose fast path refuses a key that exists
     /// and falls back to its replay. Cross-shard: the whole unbatched protocol,
-    /// or, when the key is known to exist, its slow path directly.
+    /// or, when the key is known to exist, its slow path directly. An unread
+    /// session is read first, as for any unbatched transfer.
     fn unbatched(self, key_exists: bool) {
         tokio::spawn(async move {
             let result = {
                 let (home, remote) = (self.home(), self.remote());
                 async {
+                    if let Some(token_hash) = &self.session {
+                        verify_payer(home, &self.order, token_hash).await?;
+                    }
                     if home.id() == remote.id() {
                         home.transfer_local(&self.order)
                             .await
@@ -127,6 +134,7 @@ impl Job {
                 party_name: o.to_username.clone(),
                 amount: o.amount,
                 key: Some(o.key.clone()),
+                session: self.session.clone(),
             },
             BatchLeg {
                 tid: self.tid,
@@ -137,6 +145,7 @@ impl Job {
                 party_name: o.from_username.clone(),
                 amount: o.amount,
                 key: None,
+                session: None,
             },
         ]
     }
@@ -232,10 +241,13 @@ impl Batcher {
     }
 
     /// Moves money as `two_pc::transfer` or `transfer_local` would, in a group.
+    /// `session`: the payer's token hash when their session is unread; the
+    /// group's check reads it on the payer's shard.
     pub async fn transfer(
         &self,
         routing: Arc<Routing>,
         order: TransferOrder,
+        session: Option<Vec<u8>>,
     ) -> Result<Submitted, CoordinatorError> {
         let (home, remote) = (
             routing.agent_for(&order.from).id(),
@@ -252,6 +264,7 @@ impl Batcher {
         let (reply, answer) = oneshot::channel();
         let job = Job {
             order,
+            session,
             routing,
             tid,
             span,
@@ -424,6 +437,10 @@ fn each(e: &CoordinatorError) -> CoordinatorError {
         .into(),
         CoordinatorError::Crashed { at } => CoordinatorError::Crashed { at },
         CoordinatorError::Corrupt(text) => CoordinatorError::Corrupt(text.clone()),
+        CoordinatorError::Unauthorized => CoordinatorError::Unauthorized,
+        CoordinatorError::PayerCurrency { holds } => {
+            CoordinatorError::PayerCurrency { holds: *holds }
+        }
     }
 }
 
@@ -442,7 +459,8 @@ async fn run_local(group: Vec<Job>) {
 }
 
 /// Answers each transfer from its record; one without a record had a key that
-/// exists, and is replayed.
+/// exists or an unverified payer, and runs alone (which replays the key, or
+/// reads the session and answers 401 or 422).
 fn answer_all(group: Vec<Job>, records: Vec<TransferRecord>) {
     let mut by_tid: HashMap<TransferId, TransferRecord> =
         records.into_iter().map(|r| (r.transfer_id, r)).collect();

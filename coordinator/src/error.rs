@@ -1,6 +1,6 @@
 //! Errors at the coordinator's boundary (the API maps each to problem+json).
 
-use shard_agent::ShardError;
+use shard_agent::{Currency, ShardError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
@@ -11,6 +11,13 @@ pub enum CoordinatorError {
     Crashed { at: &'static str },
     #[error("stored transfer record is invalid: {0}")]
     Corrupt(String),
+    /// A transfer's payer, named by their token and read only when the transfer
+    /// ran, has no live session (`service::Payer::Claimed`).
+    #[error("the payer's session is not live")]
+    Unauthorized,
+    /// A transfer's payer, read when the transfer ran, holds another currency.
+    #[error("the payer's account holds {holds}")]
+    PayerCurrency { holds: Currency },
 }
 
 /// A named failpoint that stops the protocol at this step as a crash would.

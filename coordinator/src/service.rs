@@ -12,7 +12,7 @@ use shard_agent::idempotency::IdempotencyKey;
 use shard_agent::records::UserRow;
 use shard_agent::transfer_local::{Submitted, TransferOrder};
 use shard_agent::users::{AccountView, Created, NewUser};
-use shard_agent::{Amount, Currency, ShardError, TransferId, TransferRecord};
+use shard_agent::{Amount, Currency, ShardAgent, ShardError, TransferId, TransferRecord};
 use tokio::task::JoinHandle;
 use tracing::{info, Instrument};
 
@@ -34,6 +34,31 @@ pub enum StartError {
     Cluster(#[from] ClusterError),
     #[error("invalid configuration: {0}")]
     Config(String),
+}
+
+/// Who pays for a transfer.
+pub enum Payer {
+    /// Read from their session already (the API's `Auth`), or trusted
+    /// (in-process callers).
+    Verified(UserRow),
+    /// Named by a token whose session has not been read. It is read on the
+    /// payer's shard: inside the group's check when the transfer runs batched
+    /// (sql/shard/V7), which saves a round trip per request, or just before an
+    /// unbatched transfer runs. Either way nothing moves without a live session.
+    Claimed {
+        username: Username,
+        /// SHA-256 of the token, as the sessions table stores it.
+        token_hash: Vec<u8>,
+    },
+}
+
+impl Payer {
+    pub fn username(&self) -> &str {
+        match self {
+            Payer::Verified(user) => &user.username,
+            Payer::Claimed { username, .. } => username.as_str(),
+        }
+    }
 }
 
 pub struct Session {
@@ -231,7 +256,10 @@ impl Coordinator {
             return Ok(None);
         }
         let Some(user) = user else { return Ok(None) };
-        let token = new_token(user.user_id);
+        let name = Username::parse(&user.username).map_err(|e| {
+            CoordinatorError::Corrupt(format!("stored username {:?}: {e}", user.username))
+        })?;
+        let token = new_token(&name);
         let ttl = chrono::Duration::seconds(self.limits.session_ttl_s as i64);
         let expires_at = Utc::now() + ttl;
         self.cluster
@@ -290,19 +318,30 @@ impl Coordinator {
     /// that hangs up cannot cut the protocol short.
     pub async fn transfer(
         &self,
-        payer: &UserRow,
+        payer: Payer,
         to: &Username,
         amount: Amount,
         key: &IdemKey,
     ) -> Result<Submitted, CoordinatorError> {
+        let (from, from_username, session) = match payer {
+            Payer::Verified(user) => (user.user_id, user.username, None),
+            Payer::Claimed {
+                username,
+                token_hash,
+            } => (
+                username.user_id(),
+                username.as_str().to_owned(),
+                Some(token_hash),
+            ),
+        };
         let order = TransferOrder {
-            from: payer.user_id,
-            from_username: payer.username.clone(),
+            from,
+            from_username,
             to: to.user_id(),
             to_username: to.as_str().to_owned(),
             amount,
             key: IdempotencyKey {
-                user: payer.user_id,
+                user: from,
                 key: key.as_str().to_owned(),
                 fingerprint: fingerprint(&[
                     "transfer",
@@ -328,14 +367,23 @@ impl Coordinator {
                 let local = home.id() == remote.id();
                 match (locks, batcher) {
                     // Batched: same-shard transfers in any lock mode, cross-shard
-                    // ones in 2PC mode.
-                    (None, Some(batcher)) => batcher.transfer(routing.clone(), order).await,
-                    (Some(_), Some(batcher)) if local => {
-                        batcher.transfer(routing.clone(), order).await
+                    // ones in 2PC mode. The group's check reads a claimed session.
+                    (None, Some(batcher)) => {
+                        batcher.transfer(routing.clone(), order, session).await
                     }
-                    _ if local => Ok(home.transfer_local(&order).await?),
-                    (None, None) => two_pc::transfer(home, remote, &order).await,
-                    (Some(locks), _) => redis_mode::transfer(&locks, home, remote, &order).await,
+                    (Some(_), Some(batcher)) if local => {
+                        batcher.transfer(routing.clone(), order, session).await
+                    }
+                    (locks, _) => {
+                        if let Some(token_hash) = &session {
+                            verify_payer(home, &order, token_hash).await?;
+                        }
+                        match locks {
+                            _ if local => Ok(home.transfer_local(&order).await?),
+                            None => two_pc::transfer(home, remote, &order).await,
+                            Some(locks) => redis_mode::transfer(&locks, home, remote, &order).await,
+                        }
+                    }
                 }
             }
             .instrument(span),
@@ -409,6 +457,27 @@ impl Coordinator {
             .transfer_for_party(user, tid)
             .await?)
     }
+}
+
+/// Reads the session of a [`Payer::Claimed`] before a transfer runs unbatched:
+/// the answers the API's `Auth` and its currency check give on other routes (401;
+/// 422 currency_mismatch), and nothing is stored for them.
+pub(crate) async fn verify_payer(
+    home: &ShardAgent,
+    order: &TransferOrder,
+    token_hash: &[u8],
+) -> Result<(), CoordinatorError> {
+    let user = home
+        .session_user(token_hash)
+        .await?
+        .filter(|u| u.user_id == order.from)
+        .ok_or(CoordinatorError::Unauthorized)?;
+    if user.currency != order.amount.currency() {
+        return Err(CoordinatorError::PayerCurrency {
+            holds: user.currency,
+        });
+    }
+    Ok(())
 }
 
 /// A digest of an operation's parameters: the same Idempotency-Key with a different

@@ -147,6 +147,7 @@ async fn protected_routes_return_401_without_a_valid_token() {
         None,
         Some("garbage"),
         Some("0123456789abcdef0123456789abcdef.forged"),
+        Some("nobody~forged"),
     ] {
         let r = api.get("/v1/account", token).await;
         assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{token:?}");
@@ -156,6 +157,58 @@ async fn protected_routes_return_401_without_a_valid_token() {
             .transfer(token.unwrap_or(""), "k1", "someone", "1.00", "USD")
             .await;
         assert_eq!(t.status, StatusCode::UNAUTHORIZED);
+    }
+}
+
+/// A transfer's token is read where the transfer runs: in the group's check when
+/// batched, just before it otherwise. Both answer alike, and move nothing.
+#[tokio::test]
+async fn a_transfer_moves_nothing_without_a_live_session_batched_or_not() {
+    for batch_max in [32, 1] {
+        let limits = coordinator::config::Limits {
+            batch_max,
+            ..test_limits()
+        };
+        let c = TestCluster::start(4, limits).await;
+        let api = Api::new(&c);
+        api.user("euro_payee", "EUR").await;
+        for same in [true, false] {
+            let tag = format!("{}{batch_max}", if same { "s" } else { "x" });
+            let (a, b) = pair(&c, &tag, same);
+            let ta = api.user(&a, "USD").await;
+            let tb = api.user(&b, "USD").await;
+            api.deposit(&ta, "10.00", "USD").await;
+            let old = api.login(&a).await;
+            let r = api.send("POST", "/v1/logout", Some(&old), None, None).await;
+            assert_eq!(r.status, StatusCode::NO_CONTENT);
+            // a's name with b's secret: a token no session was issued for.
+            let secret = tb.split_once('~').expect("a current-format token").1;
+            let forged = format!("{a}~{secret}");
+            for (why, token) in [("logged out", &old), ("forged", &forged)] {
+                let r = api.transfer(token, "k1", &b, "1.00", "USD").await;
+                assert_eq!(
+                    (r.status, r.code()),
+                    (StatusCode::UNAUTHORIZED, "unauthorized"),
+                    "{tag} {why}: {:?}",
+                    r.body
+                );
+            }
+            // The payer's own currency is checked with the session, and such a
+            // refusal is not stored: the key then works for a valid request.
+            let r = api.transfer(&ta, "k1", "euro_payee", "1.00", "EUR").await;
+            assert_eq!(
+                (r.status, r.code()),
+                (StatusCode::UNPROCESSABLE_ENTITY, "currency_mismatch"),
+                "{tag}: {:?}",
+                r.body
+            );
+            assert_eq!(r.body["detail"], "your account holds USD", "{tag}");
+            assert_eq!(api.balance(&ta).await, "10.00", "{tag}: nothing moved");
+            let r = api.transfer(&ta, "k1", &b, "1.00", "USD").await;
+            assert_eq!(r.status, StatusCode::CREATED, "{tag}: {:?}", r.body);
+            assert_eq!(api.balance(&ta).await, "9.00", "{tag}");
+            assert_eq!(api.balance(&tb).await, "1.00", "{tag}");
+        }
     }
 }
 

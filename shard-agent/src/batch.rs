@@ -33,6 +33,8 @@ use crate::records::{FailureCode, TransferId, TransferRecord, TRANSFER_COLUMNS};
 const PAYER_MISSING: &str = "WL008";
 /// The verdict text of a leg whose payer's Idempotency-Key exists.
 const KEY_EXISTS: &str = "key_exists";
+/// The verdict text of a leg whose payer's session did not pass the check.
+const UNVERIFIED: &str = "unverified";
 
 /// One transfer's leg on one shard. A same-shard transfer has two legs on its
 /// shard, debit first; a cross-shard transfer has one on each.
@@ -49,6 +51,9 @@ pub struct BatchLeg {
     pub amount: Amount,
     /// The payer's Idempotency-Key, on the debit leg.
     pub key: Option<IdempotencyKey>,
+    /// On the debit leg of a payer the coordinator has not verified: the SHA-256
+    /// of their session token, which the check reads on this shard (sql/shard/V7).
+    pub session: Option<Vec<u8>>,
 }
 
 /// What a leg's check found, and then a transfer's outcome over all its legs.
@@ -58,6 +63,10 @@ pub enum Verdict {
     Refused(FailureCode),
     /// The payer's key exists: nothing of this transfer was written; replay it.
     KeyExists,
+    /// The payer's session is not live, or their account holds another currency
+    /// than the transfer: nothing of it was written; run it alone, whose own
+    /// checks answer the client (401 or 422, unstored).
+    Unverified,
 }
 
 impl Verdict {
@@ -66,6 +75,7 @@ impl Verdict {
             Verdict::Pass => None,
             Verdict::Refused(code) => Some(code.as_str()),
             Verdict::KeyExists => Some(KEY_EXISTS),
+            Verdict::Unverified => Some(UNVERIFIED),
         }
     }
 
@@ -73,6 +83,7 @@ impl Verdict {
         match text {
             None => Ok(Verdict::Pass),
             Some(KEY_EXISTS) => Ok(Verdict::KeyExists),
+            Some(UNVERIFIED) => Ok(Verdict::Unverified),
             Some(code) => code
                 .parse::<FailureCode>()
                 .map(Verdict::Refused)
@@ -80,11 +91,12 @@ impl Verdict {
         }
     }
 
-    /// The transfer's outcome from its legs' verdicts: a key that exists wins
-    /// (the transfer is not this attempt's to decide: it is replayed), then the
-    /// first refusal.
+    /// The transfer's outcome from its legs' verdicts: an unverified payer wins
+    /// (nothing may be written for them), then a key that exists (the transfer
+    /// is not this attempt's to decide: it is replayed), then the first refusal.
     pub fn merge(self, other: Verdict) -> Verdict {
         match (self, other) {
+            (Verdict::Unverified, _) | (_, Verdict::Unverified) => Verdict::Unverified,
             (Verdict::KeyExists, _) | (_, Verdict::KeyExists) => Verdict::KeyExists,
             (Verdict::Pass, other) => other,
             (refused, _) => refused,
@@ -119,6 +131,7 @@ struct Columns {
     key_user: Vec<Option<Uuid>>,
     key: Vec<Option<String>>,
     fingerprint: Vec<Option<Vec<u8>>>,
+    session: Vec<Option<Vec<u8>>>,
     user_name: Vec<String>,
     party: Vec<Uuid>,
     party_name: Vec<String>,
@@ -126,7 +139,7 @@ struct Columns {
 
 impl Columns {
     /// The leading parameters of `wallet_batch_check` and `wallet_batch_local`.
-    fn check_params(&self) -> [&(dyn ToSql + Sync); 8] {
+    fn check_params(&self) -> [&(dyn ToSql + Sync); 9] {
         [
             &self.tid,
             &self.debit,
@@ -136,6 +149,7 @@ impl Columns {
             &self.key_user,
             &self.key,
             &self.fingerprint,
+            &self.session,
         ]
     }
 
@@ -159,6 +173,7 @@ impl Columns {
                 .iter()
                 .map(|k| k.as_ref().map(|k| k.fingerprint.clone()))
                 .collect(),
+            session: legs.iter().map(|l| l.session.clone()).collect(),
             user_name: legs.iter().map(|l| l.user_name.clone()).collect(),
             party: legs.iter().map(|l| l.party.0).collect(),
             party_name: legs.iter().map(|l| l.party_name.clone()).collect(),
@@ -169,7 +184,7 @@ impl Columns {
 impl ShardAgent {
     /// A same-shard group in one autocommitted statement. Returns the record of
     /// every transfer whose key was new; a transfer without one had a key that
-    /// exists (nothing of it was written).
+    /// exists or an unverified payer (nothing of it was written).
     #[instrument(skip_all, fields(shard = %self.id(), transfers = legs.len() / 2))]
     pub async fn transfer_local_batch(
         &self,
@@ -180,7 +195,7 @@ impl ShardAgent {
             let conn = self.conn().await?;
             let stmt = conn
                 .prepare_cached(&format!(
-                    "SELECT {TRANSFER_COLUMNS} FROM wallet_batch_local($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+                    "SELECT {TRANSFER_COLUMNS} FROM wallet_batch_local($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
                 ))
                 .await
                 .map_err(self.pg("prepare local batch"))?;
@@ -216,7 +231,9 @@ impl ShardAgent {
             let prior: Vec<Option<&str>> = prior.iter().map(|v| v.as_sql()).collect();
             let mut conn = self.conn().await?;
             let stmt = conn
-                .prepare_cached("SELECT wallet_batch_check($1, $2, $3, $4, $5, $6, $7, $8, $9)")
+                .prepare_cached(
+                    "SELECT wallet_batch_check($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                )
                 .await
                 .map_err(self.pg("prepare batch check"))?;
             let mut params = c.check_params().to_vec();
@@ -355,5 +372,18 @@ mod tests {
         assert_eq!(funds.merge(nobody), funds);
         assert_eq!(nobody.merge(Verdict::Pass), nobody);
         assert_eq!(Verdict::Pass.merge(Verdict::Pass), Verdict::Pass);
+    }
+
+    #[test]
+    fn an_unverified_payer_wins_every_merge() {
+        for other in [
+            Verdict::Pass,
+            Verdict::KeyExists,
+            Verdict::Refused(FailureCode::InsufficientFunds),
+            Verdict::Unverified,
+        ] {
+            assert_eq!(Verdict::Unverified.merge(other), Verdict::Unverified);
+            assert_eq!(other.merge(Verdict::Unverified), Verdict::Unverified);
+        }
     }
 }

@@ -1,6 +1,7 @@
-//! Batched transfers against real PostgreSQL (sql/shard/V6): one transaction per
-//! shard for a whole group, each transfer decided on its own, and a cross-shard
-//! group that recovery commits or rolls back as a whole from its decision row.
+//! Batched transfers against real PostgreSQL (sql/shard/V6, V7): one transaction
+//! per shard for a whole group, each transfer decided on its own, a cross-shard
+//! group that recovery commits or rolls back as a whole from its decision row,
+//! and payers whose session the group's check reads.
 
 mod common;
 
@@ -10,7 +11,7 @@ use rust_decimal::Decimal;
 use shard_agent::batch::{BatchLeg, Finish, Verdict};
 use shard_agent::two_pc::home::Tombstone;
 use shard_agent::two_pc::recover::{resolve_leg, Resolution};
-use shard_agent::{FailureCode, Gid, TransferId, TransferRecord, TransferState};
+use shard_agent::{Amount, Currency, FailureCode, Gid, TransferId, TransferRecord, TransferState};
 use uuid::Uuid;
 
 /// The debit and the credit leg of one transfer.
@@ -25,6 +26,7 @@ fn legs(tid: TransferId, from: UserId, to: UserId, amount: &str, k: &str) -> [Ba
             party_name: "payee".into(),
             amount: usd(amount),
             key: Some(key(from, k)),
+            session: None,
         },
         BatchLeg {
             tid,
@@ -35,6 +37,7 @@ fn legs(tid: TransferId, from: UserId, to: UserId, amount: &str, k: &str) -> [Ba
             party_name: "payer".into(),
             amount: usd(amount),
             key: None,
+            session: None,
         },
     ]
 }
@@ -353,4 +356,130 @@ async fn a_key_that_exists_is_left_to_the_slow_path_and_the_rest_of_the_group_ru
         Decimal::from(9),
         "the earlier transfer only"
     );
+}
+
+/// A session for `user` on `agent`, live for an hour, or already expired;
+/// returns its token hash.
+async fn session(agent: &shard_agent::ShardAgent, user: UserId, live: bool) -> Vec<u8> {
+    let hash = Uuid::new_v4().as_bytes().to_vec();
+    let expires_at = chrono::Utc::now() + chrono::Duration::hours(if live { 1 } else { -1 });
+    agent
+        .create_session(user, &hash, expires_at)
+        .await
+        .expect("create session");
+    hash
+}
+
+#[tokio::test]
+async fn a_payer_whose_session_is_not_live_gets_nothing_written_and_the_group_runs_on() {
+    let p = pair().await;
+    let merchant = user(&p.a, "merchant", "0").await;
+    let names = ["live", "trusted", "forged", "revoked", "expired", "euros"];
+    let mut payers = Vec::new();
+    for name in names {
+        payers.push(user(&p.a, name, "10").await);
+    }
+    let [live, trusted, forged, revoked, expired, euros] = payers[..] else {
+        unreachable!("six payers")
+    };
+    let live_hash = session(&p.a, live, true).await;
+    let revoked_hash = session(&p.a, revoked, true).await;
+    assert!(p.a.revoke_session(&revoked_hash).await.expect("revoke"));
+    let expired_hash = session(&p.a, expired, false).await;
+    let euros_hash = session(&p.a, euros, true).await;
+    // The forged token is live, but another user's session.
+    let sessions = [
+        (live, Some(live_hash.clone())),
+        (trusted, None),
+        (forged, Some(live_hash.clone())),
+        (revoked, Some(revoked_hash)),
+        (expired, Some(expired_hash)),
+        (euros, Some(euros_hash.clone())),
+    ];
+    let mut group = Vec::new();
+    let mut tids = Vec::new();
+    for (payer, session) in sessions {
+        let tid = TransferId::generate();
+        let mut l = legs(tid, payer, merchant, "3", "k");
+        if payer == euros {
+            // USD accounts, a EUR transfer: the payer's currency is checked too.
+            let eur = Amount::parse("3", Currency::Eur).expect("valid amount");
+            l[0].amount = eur;
+            l[1].amount = eur;
+        }
+        l[0].session = session;
+        group.extend(l);
+        tids.push(tid);
+    }
+    let records = p.a.transfer_local_batch(&group).await.expect("batch");
+
+    assert_eq!(
+        state(&records, tids[0]),
+        Some((TransferState::Committed, None))
+    );
+    assert_eq!(
+        state(&records, tids[1]),
+        Some((TransferState::Committed, None))
+    );
+    for (i, name) in names.iter().enumerate().skip(2) {
+        assert_eq!(state(&records, tids[i]), None, "{name}: nothing recorded");
+        assert!(
+            p.a.transfer(tids[i]).await.expect("read").is_none(),
+            "{name}"
+        );
+        assert_eq!(balance(&p.a, payers[i]).await, Decimal::from(10), "{name}");
+    }
+    assert_eq!(balance(&p.a, merchant).await, Decimal::from(6));
+    // No key was claimed for them: with a live session the same key runs.
+    let again = TransferId::generate();
+    let mut retry = legs(again, revoked, merchant, "3", "k").to_vec();
+    retry[0].session = Some(session(&p.a, revoked, true).await);
+    let records = p.a.transfer_local_batch(&retry).await.expect("retry");
+    assert_eq!(
+        state(&records, again),
+        Some((TransferState::Committed, None))
+    );
+}
+
+#[tokio::test]
+async fn an_unverified_payer_in_a_cross_shard_group_credits_nobody() {
+    let p = pair().await;
+    let (g, mut on_a, on_b) = cross_group(&p).await;
+    // The "ok" transfer's payer shows a token hash with no session behind it.
+    on_a[0].session = Some(vec![7; 32]);
+    let (txn_a, found_a) =
+        p.a.open_batch(&on_a, &[Verdict::Pass; 3], None)
+            .await
+            .expect("check a");
+    assert_eq!(found_a[0], Verdict::Unverified);
+    let (txn_b, found_b) =
+        p.b.open_batch(&on_b, &found_a, None)
+            .await
+            .expect("check b");
+    let outcome: Vec<Verdict> = found_a
+        .iter()
+        .zip(&found_b)
+        .map(|(a, b)| a.merge(*b))
+        .collect();
+    assert_eq!(outcome[0], Verdict::Unverified);
+    let participants = vec![g.gid.to_string()];
+    let records = txn_a
+        .apply(
+            g.batch,
+            Finish::Prepare(g.gid),
+            &participants,
+            &on_a,
+            &outcome,
+        )
+        .await
+        .expect("prepare a");
+    txn_b
+        .apply(g.batch, Finish::Decide, &participants, &on_b, &outcome)
+        .await
+        .expect("decide");
+    p.a.commit_prepared(&g.gid).await.expect("commit prepared");
+    assert_eq!(state(&records, g.ok), None, "not recorded");
+    assert_eq!(records.len(), 2, "the other two transfers are");
+    assert_eq!(balance(&p.a, g.payer).await, Decimal::from(10));
+    assert_eq!(balance(&p.b, g.payee).await, Decimal::ZERO);
 }

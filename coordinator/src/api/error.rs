@@ -209,6 +209,11 @@ impl From<CoordinatorError> for ApiError {
                 ErrorCode::ShardUnavailable,
                 format!("coordinator stopped at {at}"),
             ),
+            CoordinatorError::Unauthorized => ApiError::new(ErrorCode::Unauthorized),
+            CoordinatorError::PayerCurrency { holds } => ApiError::detail(
+                ErrorCode::CurrencyMismatch,
+                format!("your account holds {holds}"),
+            ),
             other => {
                 tracing::error!(error = %other, "internal error");
                 ApiError::new(ErrorCode::Internal)

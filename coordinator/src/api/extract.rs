@@ -9,7 +9,9 @@ use shard_agent::records::UserRow;
 
 use super::error::{ApiError, ErrorCode};
 use super::AppState;
+use crate::auth::{token_hash, token_username};
 use crate::inputs::IdemKey;
+use crate::service::Payer;
 
 /// The session cookie `POST /v1/login` sets (an alternative to the Bearer header).
 pub const SESSION_COOKIE: &str = "wallet_session";
@@ -70,6 +72,35 @@ impl FromRequestParts<AppState> for Auth {
         let token = session_token(parts).ok_or_else(|| ApiError::new(ErrorCode::Unauthorized))?;
         match state.coordinator.authenticate(&token).await? {
             Some(user) => Ok(Auth { user, token }),
+            None => Err(ApiError::new(ErrorCode::Unauthorized)),
+        }
+    }
+}
+
+/// The payer of `POST /v1/transfer`. A token that names its user is not read
+/// here: its session is read on the payer's shard when the transfer runs, in
+/// the group's own check when it is batched (saving a round trip per request).
+/// A token of the earlier format is read now, as by [`Auth`]. Either way a
+/// request without a live session moves nothing and gets 401; a body that
+/// fails validation may get its 400 first.
+pub struct TransferPayer(pub Payer);
+
+impl FromRequestParts<AppState> for TransferPayer {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let token = session_token(parts).ok_or_else(|| ApiError::new(ErrorCode::Unauthorized))?;
+        if let Some(username) = token_username(&token) {
+            return Ok(TransferPayer(Payer::Claimed {
+                username,
+                token_hash: token_hash(&token),
+            }));
+        }
+        match state.coordinator.authenticate(&token).await? {
+            Some(user) => Ok(TransferPayer(Payer::Verified(user))),
             None => Err(ApiError::new(ErrorCode::Unauthorized)),
         }
     }

@@ -13,9 +13,10 @@ use shard_agent::{Amount, Currency, TransferKind, TransferRecord, TransferState}
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ApiResult, ErrorCode, Problem};
-use super::extract::{ApiJson, Auth, IdempotencyKeyHeader};
+use super::extract::{ApiJson, Auth, IdempotencyKeyHeader, TransferPayer};
 use super::AppState;
 use crate::inputs::Username;
+use crate::service::Payer;
 
 pub const ACCOUNT_PAGE_DEFAULT: i64 = 50;
 
@@ -201,21 +202,21 @@ fn payer_currency_matches(user: &UserRow, amount: &Amount) -> ApiResult<()> {
     ))]
 pub async fn transfer(
     State(state): State<AppState>,
-    auth: Auth,
+    TransferPayer(payer): TransferPayer,
     IdempotencyKeyHeader(key): IdempotencyKeyHeader,
     ApiJson(req): ApiJson<TransferRequest>,
 ) -> ApiResult<Response> {
     let amount = parse_money(&req.amount, &req.currency)?;
     let to = Username::parse(&req.to)
         .map_err(|_| ApiError::detail(ErrorCode::RecipientNotFound, "no such user"))?;
-    if to.as_str() == auth.user.username {
+    if to.as_str() == payer.username() {
         return Err(ApiError::new(ErrorCode::SameAccount));
     }
-    payer_currency_matches(&auth.user, &amount)?;
-    let submitted = state
-        .coordinator
-        .transfer(&auth.user, &to, amount, &key)
-        .await?;
+    // A payer not read yet has their currency checked with their session.
+    if let Payer::Verified(user) = &payer {
+        payer_currency_matches(user, &amount)?;
+    }
+    let submitted = state.coordinator.transfer(payer, &to, amount, &key).await?;
     submitted_response(submitted)
 }
 

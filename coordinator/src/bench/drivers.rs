@@ -14,7 +14,7 @@ use super::load::{Driver, Outcome};
 use super::setup::{BenchUser, CURRENCY};
 use crate::api::error::ApiError;
 use crate::inputs::{IdemKey, Username};
-use crate::service::Coordinator;
+use crate::service::{Coordinator, Payer};
 
 pub struct InProcess {
     pub coordinator: Arc<Coordinator>,
@@ -40,7 +40,10 @@ impl Driver for InProcess {
             ) else {
                 return Outcome::Failed("invalid input".into());
             };
-            match coordinator.transfer(&payer, &to, amount, &key).await {
+            match coordinator
+                .transfer(Payer::Verified(payer), &to, amount, &key)
+                .await
+            {
                 Ok(Submitted::New(r) | Submitted::Replayed(r)) => outcome_of(&r),
                 Ok(Submitted::InProgress(_)) => Outcome::Failed("request_in_progress".into()),
                 Ok(Submitted::KeyReused) => Outcome::Failed("idempotency_key_reused".into()),

@@ -18,6 +18,7 @@ use crate::auth::{new_token, token_hash, PasswordPolicy};
 use crate::cluster::Cluster;
 use crate::config::{Config, Limits, LockMode};
 use crate::dev::provision;
+use crate::inputs::Username;
 use crate::redis_lock::RedisConfig;
 
 /// Every bench user's password; the users can log in with it.
@@ -153,7 +154,9 @@ async fn load_users(
         let name = username(i);
         let user_id = UserId::for_username(&name);
         let shard = map.shard_of(&user_id);
-        let token = new_token(user_id);
+        let token = new_token(
+            &Username::parse(&name).expect("invariant: bench usernames are valid usernames"),
+        );
         per_shard.entry(shard).or_default().push(BulkUser {
             user_id,
             bucket: bucket_of(&user_id),
