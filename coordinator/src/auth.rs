@@ -116,7 +116,11 @@ pub fn token_user(token: &str) -> Option<UserId> {
         return Some(name.user_id());
     }
     let (user, secret) = token.split_once('.')?;
-    if user.len() != 32 || secret.is_empty() || secret.len() > TOKEN_SECRET_LEN_MAX {
+    if user.len() != 32
+        || secret.is_empty()
+        || secret.len() > TOKEN_SECRET_LEN_MAX
+        || secret.contains(TOKEN_SEPARATOR)
+    {
         return None;
     }
     uuid::Uuid::try_parse(user).ok().map(UserId)
@@ -167,6 +171,7 @@ mod tests {
             "abc~b~c",
             "abc~s3cr.t",
             "0123456789abcdef0123456789abcdef.",
+            "0123456789abcdef0123456789abcdef.a~b",
             "not-hex-not-hex-not-hex-not-hex!.abc",
         ] {
             assert_eq!(token_user(bad), None, "{bad:?}");

@@ -449,7 +449,7 @@ async fn run_local(group: Vec<Job>) {
     let legs: Vec<BatchLeg> = group.iter().flat_map(|j| j.legs()).collect();
     let result = agent.transfer_local_batch(&legs).await;
     match result {
-        Ok(records) => answer_all(group, records),
+        Ok(records) => answer_all(group, records, &[]),
         // Nothing was written: each transfer runs alone and reports its own outcome.
         Err(e) => {
             warn!(shard = %agent.id(), %e, transfers = group.len(), "local batch failed; running its transfers one by one");
@@ -458,13 +458,18 @@ async fn run_local(group: Vec<Job>) {
     }
 }
 
-/// Answers each transfer from its record; one without a record had a key that
-/// exists or an unverified payer, and runs alone (which replays the key, or
-/// reads the session and answers 401 or 422).
-fn answer_all(group: Vec<Job>, records: Vec<TransferRecord>) {
+/// Answers each transfer from its record. One without a record had a key that
+/// exists or an unverified payer (`unverified[i]`, where the caller knows), and
+/// runs alone: which replays the key, or reads the session and answers 401 or
+/// 422.
+fn answer_all(group: Vec<Job>, records: Vec<TransferRecord>, unverified: &[bool]) {
     let mut by_tid: HashMap<TransferId, TransferRecord> =
         records.into_iter().map(|r| (r.transfer_id, r)).collect();
-    for job in group {
+    for (i, job) in group.into_iter().enumerate() {
+        if unverified.get(i) == Some(&true) {
+            job.alone();
+            continue;
+        }
         match by_tid.remove(&job.tid) {
             Some(record) => {
                 job.span.in_scope(|| {
@@ -489,19 +494,28 @@ async fn run_cross(group: Vec<Job>) {
     let batch = Uuid::new_v4();
     let span = tracing::info_span!("2pc batch", %batch, transfers = group.len(),
         transfer_ids = %group.iter().map(|j| j.tid.to_string()).collect::<Vec<_>>().join(","));
-    let result = cross(batch, &group).instrument(span.clone()).await;
+    let mut unverified = vec![false; group.len()];
+    let result = cross(batch, &group, &mut unverified)
+        .instrument(span.clone())
+        .await;
     let _entered = span.enter();
     match result {
-        Ok(Ran::Decided(records)) => answer_all(group, records),
+        Ok(Ran::Decided(records)) => answer_all(group, records, &unverified),
         Ok(Ran::NothingWritten(e)) => {
             warn!(%e, "batch check failed; running its transfers one by one");
             group.into_iter().for_each(Job::alone);
         }
         Err(e) => {
             warn!(%e, "batch failed before its decision was known");
-            for job in group {
-                let e = each(&e);
-                job.answer(Err(e));
+            for (job, unverified) in group.into_iter().zip(unverified) {
+                // Nothing of an unverified payer's transfer was written
+                // anywhere: it runs alone, which answers 401 or 422.
+                if unverified {
+                    job.alone();
+                } else {
+                    let e = each(&e);
+                    job.answer(Err(e));
+                }
             }
         }
     }
@@ -513,7 +527,12 @@ enum Ran {
     NothingWritten(ShardError),
 }
 
-async fn cross(batch: Uuid, group: &[Job]) -> Result<Ran, CoordinatorError> {
+/// `unverified[i]` is set once the check found transfer `i`'s payer unverified.
+async fn cross(
+    batch: Uuid,
+    group: &[Job],
+    unverified: &mut [bool],
+) -> Result<Ran, CoordinatorError> {
     // Each shard's legs, in shard-ID order (BTreeMap).
     let mut parts: BTreeMap<ShardId, Part<'_>> = BTreeMap::new();
     for (i, job) in group.iter().enumerate() {
@@ -540,6 +559,18 @@ async fn cross(batch: Uuid, group: &[Job]) -> Result<Ran, CoordinatorError> {
         },
         Checked::Failed(e) => return Ok(Ran::NothingWritten(e)),
     };
+    for (flag, v) in unverified.iter_mut().zip(&verdict) {
+        *flag = *v == Verdict::Unverified;
+    }
+    // Nothing to write (every key exists or every payer is unverified): no
+    // prepared transaction, no decision row.
+    if verdict
+        .iter()
+        .all(|v| matches!(v, Verdict::KeyExists | Verdict::Unverified))
+    {
+        join_all(open.into_iter().map(|(txn, _)| txn.rollback())).await;
+        return Ok(Ran::Decided(Vec::new()));
+    }
     crash_point!("batch-after-check");
     let t1 = t0.elapsed();
     // The highest shard decides: its transaction opened last.

@@ -148,6 +148,7 @@ async fn protected_routes_return_401_without_a_valid_token() {
         Some("garbage"),
         Some("0123456789abcdef0123456789abcdef.forged"),
         Some("nobody~forged"),
+        Some("Nobody~forged"),
     ] {
         let r = api.get("/v1/account", token).await;
         assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{token:?}");
@@ -161,19 +162,24 @@ async fn protected_routes_return_401_without_a_valid_token() {
 }
 
 /// A transfer's token is read where the transfer runs: in the group's check when
-/// batched, just before it otherwise. Both answer alike, and move nothing.
+/// batched, just before it otherwise (batching off, or Redis mode's cross-shard
+/// transfers). Every way answers alike, moves nothing, and replays nothing.
 #[tokio::test]
 async fn a_transfer_moves_nothing_without_a_live_session_batched_or_not() {
-    for batch_max in [32, 1] {
+    for (mode, batch_max) in [("2pc", 32), ("2pc", 1), ("redis", 32)] {
         let limits = coordinator::config::Limits {
             batch_max,
             ..test_limits()
         };
-        let c = TestCluster::start(4, limits).await;
+        let c = if mode == "redis" {
+            TestCluster::start_redis(4, limits).await
+        } else {
+            TestCluster::start(4, limits).await
+        };
         let api = Api::new(&c);
         api.user("euro_payee", "EUR").await;
         for same in [true, false] {
-            let tag = format!("{}{batch_max}", if same { "s" } else { "x" });
+            let tag = format!("{mode}{batch_max}{}", if same { "s" } else { "x" });
             let (a, b) = pair(&c, &tag, same);
             let ta = api.user(&a, "USD").await;
             let tb = api.user(&b, "USD").await;
@@ -184,14 +190,27 @@ async fn a_transfer_moves_nothing_without_a_live_session_batched_or_not() {
             // a's name with b's secret: a token no session was issued for.
             let secret = tb.split_once('~').expect("a current-format token").1;
             let forged = format!("{a}~{secret}");
-            for (why, token) in [("logged out", &old), ("forged", &forged)] {
-                let r = api.transfer(token, "k1", &b, "1.00", "USD").await;
+            let shouted = format!("{}~{secret}", a.to_uppercase());
+            let dead = [
+                ("logged out", &old),
+                ("forged", &forged),
+                ("not canonical", &shouted),
+            ];
+            let refused = |why: &str, r: &common::Reply| {
                 assert_eq!(
                     (r.status, r.code()),
                     (StatusCode::UNAUTHORIZED, "unauthorized"),
                     "{tag} {why}: {:?}",
                     r.body
                 );
+                assert!(
+                    r.headers.get("idempotent-replayed").is_none(),
+                    "{tag} {why}"
+                );
+                assert!(r.body.get("transfer_id").is_none(), "{tag} {why}");
+            };
+            for (why, token) in dead {
+                refused(why, &api.transfer(token, "k1", &b, "1.00", "USD").await);
             }
             // The payer's own currency is checked with the session, and such a
             // refusal is not stored: the key then works for a valid request.
@@ -206,9 +225,47 @@ async fn a_transfer_moves_nothing_without_a_live_session_batched_or_not() {
             assert_eq!(api.balance(&ta).await, "10.00", "{tag}: nothing moved");
             let r = api.transfer(&ta, "k1", &b, "1.00", "USD").await;
             assert_eq!(r.status, StatusCode::CREATED, "{tag}: {:?}", r.body);
+            // Once the key holds an outcome, a dead token does not replay it.
+            for (why, token) in dead {
+                refused(why, &api.transfer(token, "k1", &b, "1.00", "USD").await);
+            }
             assert_eq!(api.balance(&ta).await, "9.00", "{tag}");
             assert_eq!(api.balance(&tb).await, "1.00", "{tag}");
         }
+    }
+}
+
+/// Sessions issued before tokens named their user (`<user id>.<secret>`) keep
+/// working: such a token is read before the transfer runs.
+#[tokio::test]
+async fn a_token_of_the_earlier_format_still_pays() {
+    let (c, api) = cluster().await;
+    for same in [true, false] {
+        let (a, b) = pair(&c, if same { "olds" } else { "oldx" }, same);
+        let ta = api.user(&a, "USD").await;
+        let tb = api.user(&b, "USD").await;
+        api.deposit(&ta, "5.00", "USD").await;
+        let user = router::UserId::for_username(&a);
+        let old = format!(
+            "{}.{}",
+            user.as_uuid().simple(),
+            coordinator::auth::random_secret()
+        );
+        let agent = c.coordinator.cluster().routing().agent_for(&user).clone();
+        agent
+            .create_session(
+                user,
+                &coordinator::auth::token_hash(&old),
+                chrono::Utc::now() + chrono::Duration::hours(1),
+            )
+            .await
+            .expect("an old-format session");
+        let r = api.transfer(&old, "k1", &b, "2.00", "USD").await;
+        assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+        let r = api.transfer(&old, "k2", &b, "2.00", "EUR").await;
+        assert_eq!(r.code(), "currency_mismatch");
+        assert_eq!(api.balance(&ta).await, "3.00");
+        assert_eq!(api.balance(&tb).await, "2.00");
     }
 }
 

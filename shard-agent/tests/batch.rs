@@ -483,3 +483,62 @@ async fn an_unverified_payer_in_a_cross_shard_group_credits_nobody() {
     assert_eq!(balance(&p.a, g.payer).await, Decimal::from(10));
     assert_eq!(balance(&p.b, g.payee).await, Decimal::ZERO);
 }
+
+/// In the ordered check the payee's shard may go first and refuse; the payer's
+/// shard then still reads the session first, and an unverified payer's refusal
+/// is neither claimed nor recorded. A key that exists is not replayed to them.
+#[tokio::test]
+async fn an_unverified_payer_wins_over_a_refusal_found_first_and_over_a_key_that_exists() {
+    let p = pair().await;
+    let (g, mut on_a, on_b) = cross_group(&p).await;
+    // "ok" has a key taken earlier; "missing" pays a nobody on b. Both payers
+    // show token hashes with no session behind them.
+    let earlier = TransferId::generate();
+    let mut taken = legs(earlier, g.payer, g.payee, "1", "ok").to_vec();
+    taken[1].user = g.payer2;
+    taken[1].party = g.payer;
+    assert_eq!(
+        p.a.transfer_local_batch(&taken)
+            .await
+            .expect("earlier")
+            .len(),
+        1
+    );
+    on_a[0].session = Some(vec![1; 32]);
+    on_a[2].session = Some(vec![2; 32]);
+
+    let (txn_b, found_b) =
+        p.b.open_batch(&on_b, &[Verdict::Pass; 3], None)
+            .await
+            .expect("check b first");
+    assert_eq!(found_b[2], Verdict::Refused(FailureCode::RecipientNotFound));
+    let (txn_a, found_a) =
+        p.a.open_batch(&on_a, &found_b, None)
+            .await
+            .expect("check a");
+    assert_eq!(
+        found_a,
+        vec![
+            Verdict::Unverified,
+            Verdict::Refused(FailureCode::InsufficientFunds),
+            Verdict::Unverified
+        ]
+    );
+    txn_a.rollback().await;
+    txn_b.rollback().await;
+    // Nothing was claimed for the unverified "missing": its key is still free.
+    let (txn, found) =
+        p.a.open_batch(&on_a[2..], &[Verdict::Pass], None)
+            .await
+            .expect("again");
+    assert_eq!(found, vec![Verdict::Unverified]);
+    txn.rollback().await;
+    let mut live = on_a[2].clone();
+    live.session = None;
+    let (txn, found) =
+        p.a.open_batch(&[live], &[Verdict::Pass], None)
+            .await
+            .expect("verified");
+    assert_eq!(found, vec![Verdict::Pass], "the key was free");
+    txn.rollback().await;
+}

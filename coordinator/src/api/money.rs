@@ -194,7 +194,7 @@ fn payer_currency_matches(user: &UserRow, amount: &Amount) -> ApiResult<()> {
     responses(
         (status = 201, description = "Committed (a replay also carries `Idempotent-Replayed: true`)", body = TransferBody),
         (status = 400, description = "`invalid_request`, `invalid_amount`, `unsupported_currency`, `missing_idempotency_key`, `invalid_idempotency_key`", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthorized`", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: the session is read on the payer's shard where the transfer runs, so a malformed body may get its 400 first", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`recipient_not_found`", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`request_in_progress`", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`same_account`, `currency_mismatch`, `insufficient_funds`, `idempotency_key_reused`", body = Problem, content_type = "application/problem+json"),
