@@ -21,8 +21,9 @@
 //!    shard-ID order (one global lock order, (shard, user ID), so groups never
 //!    wait on each other in a cycle; an unbatched transfer, which locks in
 //!    user-ID order, can, until `lock_timeout`);
-//! 2. every shard but the last applies and prepares, at once;
-//! 3. the last shard applies, inserts the group's decision row and commits: the
+//! 2. every shard but the last applies and prepares, at once, while the last
+//!    one applies and keeps its transaction open;
+//! 3. the last shard inserts the group's decision row and commits: the
 //!    decision;
 //! 4. every prepared transaction is committed, then each client is answered.
 //!
@@ -38,7 +39,7 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use router::{ShardId, UserId};
-use shard_agent::batch::{BatchLeg, Finish, OpenBatch, Verdict};
+use shard_agent::batch::{BatchLeg, OpenBatch, Verdict};
 use shard_agent::transfer_local::{Submitted, TransferOrder};
 use shard_agent::{Gid, ShardAgent, ShardError, TransferId, TransferRecord, TransferState};
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -574,7 +575,7 @@ async fn cross(
     crash_point!("batch-after-check");
     let t1 = t0.elapsed();
     // The highest shard decides: its transaction opened last.
-    let (decider, part_d) = open
+    let (mut decider, part_d) = open
         .pop()
         .expect("invariant: a cross-shard group spans at least two shards");
     let gids: Vec<Gid> = open
@@ -584,31 +585,25 @@ async fn cross(
     let participants: Vec<String> = gids.iter().map(|g| g.to_string()).collect();
     let outcomes =
         |part: &Part<'_>| -> Vec<Verdict> { part.owner.iter().map(|&i| verdict[i]).collect() };
-    // Step 2: every shard but the last prepares.
-    let prepared = join_all(open.into_iter().zip(&gids).map(|((txn, part), gid)| {
+    // Step 2: every shard but the last prepares; the last applies meanwhile,
+    // so that step 3 is only the decision.
+    let prepares = join_all(open.into_iter().zip(&gids).map(|((txn, part), gid)| {
         let outcomes = outcomes(part);
         let participants = &participants;
         async move {
             let r = txn
-                .apply(
-                    batch,
-                    Finish::Prepare(*gid),
-                    participants,
-                    &part.legs,
-                    &outcomes,
-                )
+                .prepare(batch, *gid, participants, &part.legs, &outcomes)
                 .await;
             (part.agent, *gid, r)
         }
-    }))
-    .await;
-    let mut records = Vec::new();
-    let mut failed = None;
+    }));
+    let outcomes_d = outcomes(part_d);
+    let applied_d = decider.apply_undecided(batch, &participants, &part_d.legs, &outcomes_d);
+    let (prepared, applied_d) = tokio::join!(prepares, applied_d);
+    let mut failed = applied_d.as_ref().err().map(|e| e.to_string());
     for (_, _, r) in &prepared {
-        match r {
-            Ok(_) => {}
-            Err(e) if failed.is_none() => failed = Some(e.to_string()),
-            Err(_) => {}
+        if let (Err(e), None) = (r, &failed) {
+            failed = Some(e.to_string());
         }
     }
     if let Some(reason) = failed {
@@ -623,27 +618,17 @@ async fn cross(
         }
         .into());
     }
+    let decided =
+        applied_d.expect("invariant: the deciding shard's apply succeeded (checked above)");
     crash_point!("batch-after-prepare");
     let t2 = t0.elapsed();
     // Step 3: the decision.
-    let decided = decider
-        .apply(
-            batch,
-            Finish::Decide,
-            &participants,
-            &part_d.legs,
-            &outcomes(part_d),
-        )
-        .await;
-    let decided = match decided {
-        Ok(r) => r,
-        Err(e) => {
-            if two_pc::nothing_committed(&e) {
-                roll_back(&prepared).await;
-            }
-            return Err(e.into());
+    if let Err(e) = decider.decide(batch).await {
+        if two_pc::nothing_committed(&e) {
+            roll_back(&prepared).await;
         }
-    };
+        return Err(e.into());
+    }
     crash_point!("batch-after-decision");
     let t3 = t0.elapsed();
     // Step 4: committed whatever happens here; recovery commits what we cannot.
@@ -655,6 +640,7 @@ async fn cross(
     .await;
     crash_point!("batch-before-reply");
     tracing::debug!(n = group.len(), ?t1, ?t2, ?t3, t4 = ?t0.elapsed(), "batch timing");
+    let mut records = Vec::new();
     for (_, _, r) in prepared {
         records.extend(r.expect("invariant: every prepare succeeded (checked above)"));
     }

@@ -1,15 +1,16 @@
-//! Batched transfers (sql/shard/V6): one transaction per shard for a whole group
-//! of concurrent transfers, each transfer still decided on its own (one refused
-//! transfer never sinks its group).
+//! Batched transfers (sql/shard/V6-V8): one transaction per shard for a whole
+//! group of concurrent transfers, each transfer still decided on its own (one
+//! refused transfer never sinks its group).
 //!
 //! - A same-shard group is one statement ([`ShardAgent::transfer_local_batch`]).
-//! - A cross-shard group takes two steps per shard. [`ShardAgent::open_batch`]
-//!   (shard after shard, in shard order) claims the payers' keys, locks the
-//!   group's accounts and checks every leg, leaving its transaction open.
-//!   [`OpenBatch::apply`] (every shard at once) then moves the money of the
-//!   transfers that passed everywhere and records every payer's transfer, and
-//!   either prepares the transaction or, on the deciding shard, inserts the
-//!   group's decision row and commits: that commit decides the whole group.
+//! - A cross-shard group takes three steps. [`ShardAgent::open_batch`] claims
+//!   the payers' keys, locks the group's accounts and checks every leg, leaving
+//!   its transaction open. Then, on every shard at once, the transfers that
+//!   passed everywhere move their money and every payer's transfer is recorded:
+//!   [`OpenBatch::prepare`] prepares the transaction, except on the deciding
+//!   shard, whose [`OpenBatch::apply_undecided`] leaves it open. Last,
+//!   [`OpenBatch::decide`] inserts the group's decision row there and commits:
+//!   that commit decides the whole group.
 //!
 //! Crash rule: until the deciding shard commits there is no decision row, and
 //! recovery rolls back the group's prepared transactions through the same
@@ -104,17 +105,8 @@ impl Verdict {
     }
 }
 
-/// How a cross-shard group's transaction on one shard ends.
-#[derive(Clone, Copy, Debug)]
-pub enum Finish {
-    /// Prepared under this GID; the deciding shard's commit decides it.
-    Prepare(Gid),
-    /// The deciding shard: insert the group's decision row, then commit.
-    Decide,
-}
-
 /// The group's transaction on one shard after its check: open, holding the
-/// claimed keys and the account locks. Dropped without [`OpenBatch::apply`], its
+/// claimed keys and the account locks. Dropped without [`OpenBatch::prepare`] or [`OpenBatch::decide`], its
 /// connection is closed and PostgreSQL rolls it back.
 pub struct OpenBatch<'a> {
     agent: &'a ShardAgent,
@@ -278,21 +270,80 @@ impl ShardAgent {
 }
 
 impl OpenBatch<'_> {
-    /// Step 2: applies the legs whose transfer's `outcome` is a pass, records the
-    /// transfers whose payer is here (committed, or aborted with the refusal), and
-    /// prepares or decides as `finish` says. Returns the records. An error leaves
-    /// the transaction's outcome unknown unless the shard answered it
-    /// ([`ShardError::Database`], [`ShardError::LockTimeout`]): then nothing of it
-    /// is prepared or committed. WL010 (a `Database` error): recovery aborted the
-    /// group first.
+    /// Step 2 on every shard but the deciding one: applies the legs whose
+    /// transfer's `outcome` is a pass, records the transfers whose payer is here
+    /// (committed, or aborted with the refusal), and prepares under `gid`.
+    /// Returns the records. An error leaves the transaction's outcome unknown
+    /// unless the shard answered it ([`ShardError::Database`],
+    /// [`ShardError::LockTimeout`]): then nothing of it is prepared.
     #[instrument(skip_all, fields(shard = %self.agent.id(), batch = %batch))]
-    pub async fn apply(
+    pub async fn prepare(
         mut self,
         batch: Uuid,
-        finish: Finish,
+        gid: Gid,
         participants: &[String],
         legs: &[BatchLeg],
         outcomes: &[Verdict],
+    ) -> ShardResult<Vec<TransferRecord>> {
+        let end = format!("PREPARE TRANSACTION '{gid}'");
+        let records = self
+            .apply(batch, participants, legs, outcomes, Some(&end))
+            .await?;
+        self.conn.ended();
+        Ok(records)
+    }
+
+    /// Step 2 on the deciding shard, while the others prepare: the same apply,
+    /// leaving the transaction open for [`OpenBatch::decide`]. Returns the
+    /// records; they count only once the decision commits.
+    #[instrument(skip_all, fields(shard = %self.agent.id(), batch = %batch))]
+    pub async fn apply_undecided(
+        &mut self,
+        batch: Uuid,
+        participants: &[String],
+        legs: &[BatchLeg],
+        outcomes: &[Verdict],
+    ) -> ShardResult<Vec<TransferRecord>> {
+        self.apply(batch, participants, legs, outcomes, None).await
+    }
+
+    /// Step 3, once every other shard has prepared: the group's decision row,
+    /// under the group's advisory lock, and `COMMIT`. That commit decides the
+    /// whole group. An error leaves the decision unknown unless the shard
+    /// answered it; WL010 (a `Database` error): recovery aborted the group first.
+    #[instrument(skip_all, fields(shard = %self.agent.id(), batch = %batch))]
+    pub async fn decide(mut self, batch: Uuid) -> ShardResult<()> {
+        let agent = self.agent;
+        agent
+            .timed("decide batch", async {
+                let stmt = self
+                    .conn
+                    .prepare_cached("SELECT wallet_batch_decide($1)")
+                    .await
+                    .map_err(agent.pg("prepare batch decision"))?;
+                // Pipelined: if the decision fails, the COMMIT rolls back.
+                let params: [&(dyn ToSql + Sync); 1] = [&batch];
+                let (decided, committed) = tokio::join!(
+                    self.conn.execute(&stmt, &params),
+                    self.conn.batch_execute("COMMIT")
+                );
+                decided.map_err(|e| agent.batch_error("batch decision", e))?;
+                committed.map_err(agent.pg("commit batch decision"))?;
+                self.conn.ended();
+                Ok(())
+            })
+            .await
+    }
+
+    /// `wallet_batch_apply` without its decision (V8 decides apart), followed
+    /// in the same message by `end`, if any.
+    async fn apply(
+        &mut self,
+        batch: Uuid,
+        participants: &[String],
+        legs: &[BatchLeg],
+        outcomes: &[Verdict],
+        end: Option<&str>,
     ) -> ShardResult<Vec<TransferRecord>> {
         let agent = self.agent;
         agent
@@ -302,16 +353,14 @@ impl OpenBatch<'_> {
                 let stmt = self
                     .conn
                     .prepare_cached(&format!(
-                        "SELECT {TRANSFER_COLUMNS} FROM wallet_batch_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+                        "SELECT {TRANSFER_COLUMNS} FROM wallet_batch_apply($1, false, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
                     ))
                     .await
                     .map_err(agent.pg("prepare batch apply"))?;
-                let decide = matches!(finish, Finish::Decide);
                 // The mode column's text for Mode::TwoPc (cross-shard groups only).
                 let mode = "2pc";
-                let params: [&(dyn ToSql + Sync); 13] = [
+                let params: [&(dyn ToSql + Sync); 12] = [
                     &batch,
-                    &decide,
                     &participants,
                     &mode,
                     &c.tid,
@@ -324,19 +373,24 @@ impl OpenBatch<'_> {
                     &c.party_name,
                     &outcomes,
                 ];
-                let end = match finish {
-                    Finish::Prepare(gid) => format!("PREPARE TRANSACTION '{gid}'"),
-                    Finish::Decide => "COMMIT".to_owned(),
+                let rows = match end {
+                    // Pipelined: if the apply fails, PostgreSQL turns the
+                    // statement that follows it into a rollback.
+                    Some(end) => {
+                        let (rows, ended) = tokio::join!(
+                            self.conn.query(&stmt, &params),
+                            self.conn.batch_execute(end)
+                        );
+                        let rows = rows.map_err(|e| agent.batch_error("batch apply", e))?;
+                        ended.map_err(agent.pg("end batch"))?;
+                        rows
+                    }
+                    None => self
+                        .conn
+                        .query(&stmt, &params)
+                        .await
+                        .map_err(|e| agent.batch_error("batch apply", e))?,
                 };
-                // Pipelined: if the apply fails, PostgreSQL turns the PREPARE or
-                // COMMIT that follows it into a rollback.
-                let (rows, ended) = tokio::join!(
-                    self.conn.query(&stmt, &params),
-                    self.conn.batch_execute(&end)
-                );
-                let rows = rows.map_err(|e| agent.batch_error("batch apply", e))?;
-                ended.map_err(agent.pg("end batch"))?;
-                self.conn.ended();
                 rows.iter()
                     .map(|r| TransferRecord::from_row(agent.id(), r))
                     .collect()

@@ -8,9 +8,10 @@ mod common;
 use common::{balance, key, pair, usd, user};
 use router::UserId;
 use rust_decimal::Decimal;
-use shard_agent::batch::{BatchLeg, Finish, Verdict};
+use shard_agent::batch::{BatchLeg, OpenBatch, Verdict};
 use shard_agent::two_pc::home::Tombstone;
 use shard_agent::two_pc::recover::{resolve_leg, Resolution};
+use shard_agent::ShardResult;
 use shard_agent::{Amount, Currency, FailureCode, Gid, TransferId, TransferRecord, TransferState};
 use uuid::Uuid;
 
@@ -40,6 +41,21 @@ fn legs(tid: TransferId, from: UserId, to: UserId, amount: &str, k: &str) -> [Ba
             session: None,
         },
     ]
+}
+
+/// Steps 2 and 3 on the deciding shard: apply its legs, then decide.
+async fn decide(
+    mut txn: OpenBatch<'_>,
+    batch: Uuid,
+    participants: &[String],
+    legs: &[BatchLeg],
+    outcome: &[Verdict],
+) -> ShardResult<Vec<TransferRecord>> {
+    let records = txn
+        .apply_undecided(batch, participants, legs, outcome)
+        .await?;
+    txn.decide(batch).await?;
+    Ok(records)
 }
 
 fn state(
@@ -200,21 +216,14 @@ async fn a_cross_shard_group_commits_by_its_decision_row_and_records_every_refus
     );
     let participants = vec![g.gid.to_string()];
     let records_a = txn_a
-        .apply(
-            g.batch,
-            Finish::Prepare(g.gid),
-            &participants,
-            &on_a,
-            &outcome,
-        )
+        .prepare(g.batch, g.gid, &participants, &on_a, &outcome)
         .await
         .expect("prepare a");
     assert_eq!(records_a.len(), 3, "every payer's transfer is recorded");
     assert_eq!(p.a.prepared_stats().await.expect("stats").count, 1);
     // Prepared, not decided: recovery would find no decision yet.
     assert!(p.a.transfer(g.ok).await.expect("read").is_none());
-    let records_b = txn_b
-        .apply(g.batch, Finish::Decide, &participants, &on_b, &outcome)
+    let records_b = decide(txn_b, g.batch, &participants, &on_b, &outcome)
         .await
         .expect("decide on b");
     assert!(records_b.is_empty(), "no payer lives on b");
@@ -266,13 +275,7 @@ async fn a_group_prepared_without_a_decision_is_tombstoned_and_its_decision_refu
         .collect();
     let participants = vec![g.gid.to_string()];
     txn_a
-        .apply(
-            g.batch,
-            Finish::Prepare(g.gid),
-            &participants,
-            &on_a,
-            &outcome,
-        )
+        .prepare(g.batch, g.gid, &participants, &on_a, &outcome)
         .await
         .expect("prepare a");
     // b's transaction is still open (it holds the payee's row): recovery, on
@@ -281,8 +284,7 @@ async fn a_group_prepared_without_a_decision_is_tombstoned_and_its_decision_refu
         resolve_leg(&p.a, &p.b, &g.gid).await.expect("resolve"),
         Resolution::RolledBack
     );
-    let refused = txn_b
-        .apply(g.batch, Finish::Decide, &participants, &on_b, &outcome)
+    let refused = decide(txn_b, g.batch, &participants, &on_b, &outcome)
         .await
         .expect_err("the tombstone refuses the decision");
     assert!(refused.to_string().contains("WL010"), "{refused}");
@@ -330,17 +332,10 @@ async fn a_key_that_exists_is_left_to_the_slow_path_and_the_rest_of_the_group_ru
         .collect();
     let participants = vec![g.gid.to_string()];
     let records = txn_a
-        .apply(
-            g.batch,
-            Finish::Prepare(g.gid),
-            &participants,
-            &on_a,
-            &outcome,
-        )
+        .prepare(g.batch, g.gid, &participants, &on_a, &outcome)
         .await
         .expect("prepare a");
-    txn_b
-        .apply(g.batch, Finish::Decide, &participants, &on_b, &outcome)
+    decide(txn_b, g.batch, &participants, &on_b, &outcome)
         .await
         .expect("decide");
     p.a.commit_prepared(&g.gid).await.expect("commit prepared");
@@ -464,17 +459,10 @@ async fn an_unverified_payer_in_a_cross_shard_group_credits_nobody() {
     assert_eq!(outcome[0], Verdict::Unverified);
     let participants = vec![g.gid.to_string()];
     let records = txn_a
-        .apply(
-            g.batch,
-            Finish::Prepare(g.gid),
-            &participants,
-            &on_a,
-            &outcome,
-        )
+        .prepare(g.batch, g.gid, &participants, &on_a, &outcome)
         .await
         .expect("prepare a");
-    txn_b
-        .apply(g.batch, Finish::Decide, &participants, &on_b, &outcome)
+    decide(txn_b, g.batch, &participants, &on_b, &outcome)
         .await
         .expect("decide");
     p.a.commit_prepared(&g.gid).await.expect("commit prepared");
