@@ -303,7 +303,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
                 match via {
                     Via::Http => {
                         let base = front.http_base(&config).await?;
-                        let driver = Arc::new(drivers::Http::new(base, opts.clients)?);
+                        let driver = Arc::new(drivers::Http::new(&base, opts.clients)?);
                         load::run(driver, picker, &spec).await
                     }
                     _ => {
