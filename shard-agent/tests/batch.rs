@@ -530,3 +530,29 @@ async fn an_unverified_payer_wins_over_a_refusal_found_first_and_over_a_key_that
     assert_eq!(found, vec![Verdict::Pass], "the key was free");
     txn.rollback().await;
 }
+
+/// A payee credited several times in one group gets one entry per credit, in
+/// the group's order, each with the balance right after it.
+#[tokio::test]
+async fn several_credits_in_one_group_each_record_their_running_balance() {
+    let p = pair().await;
+    let merchant = user(&p.a, "merchant", "0").await;
+    let mut group = Vec::new();
+    for (i, amount) in ["1", "2", "3"].iter().enumerate() {
+        let payer = user(&p.a, &format!("payer{i}"), "10").await;
+        group.extend(legs(TransferId::generate(), payer, merchant, amount, "k"));
+    }
+    let records = p.a.transfer_local_batch(&group).await.expect("batch");
+    assert!(records.iter().all(|r| r.state == TransferState::Committed));
+    let view =
+        p.a.account_view(merchant, 10, None)
+            .await
+            .expect("read")
+            .expect("account");
+    let after: Vec<Decimal> = view.entries.iter().rev().map(|e| e.balance_after).collect();
+    assert_eq!(
+        after,
+        ["1", "3", "6"].map(|d| d.parse::<Decimal>().expect("decimal"))
+    );
+    assert_eq!(view.balance, Decimal::from(6));
+}
