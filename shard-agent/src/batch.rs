@@ -327,9 +327,14 @@ impl OpenBatch<'_> {
                     self.conn.execute(&stmt, &params),
                     self.conn.batch_execute("COMMIT")
                 );
+                // The COMMIT answered: the transaction is over either way (a
+                // refused decision turned it into a rollback), and the
+                // connection can go back to the pool.
+                if committed.is_ok() {
+                    self.conn.ended();
+                }
                 decided.map_err(|e| agent.batch_error("batch decision", e))?;
                 committed.map_err(agent.pg("commit batch decision"))?;
-                self.conn.ended();
                 Ok(())
             })
             .await

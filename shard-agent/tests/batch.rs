@@ -264,7 +264,7 @@ async fn a_group_prepared_without_a_decision_is_tombstoned_and_its_decision_refu
         p.a.open_batch(&on_a, &[Verdict::Pass; 3], None)
             .await
             .expect("check a");
-    let (txn_b, found_b) =
+    let (mut txn_b, found_b) =
         p.b.open_batch(&on_b, &found_a, None)
             .await
             .expect("check b");
@@ -278,13 +278,19 @@ async fn a_group_prepared_without_a_decision_is_tombstoned_and_its_decision_refu
         .prepare(g.batch, g.gid, &participants, &on_a, &outcome)
         .await
         .expect("prepare a");
-    // b's transaction is still open (it holds the payee's row): recovery, on
-    // another connection, finds no decision and tombstones the group.
+    // b has applied its legs and not decided yet (it holds the payee's row):
+    // recovery, on another connection, finds no decision and tombstones the
+    // group.
+    txn_b
+        .apply_undecided(g.batch, &participants, &on_b, &outcome)
+        .await
+        .expect("apply on b");
     assert_eq!(
         resolve_leg(&p.a, &p.b, &g.gid).await.expect("resolve"),
         Resolution::RolledBack
     );
-    let refused = decide(txn_b, g.batch, &participants, &on_b, &outcome)
+    let refused = txn_b
+        .decide(g.batch)
         .await
         .expect_err("the tombstone refuses the decision");
     assert!(refused.to_string().contains("WL010"), "{refused}");

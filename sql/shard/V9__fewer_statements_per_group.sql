@@ -13,7 +13,7 @@
 --          balance_after runs in leg order (a payee may be credited several
 --          times in a group).
 -- Measured with pgbench on one shard (4 clients, groups of 3 same-shard
--- transfers, generic plans, see the end of this file): 359-374 -> 299-309
+-- transfers, generic plans: see the end of this file): 359-374 -> 299-309
 -- CPU µs per transfer. In wallet bench (8 s runs, alternating builds): 2PC
 -- 411-429 -> 394-397 CPU µs per transfer, same-shard 345-362 -> 346-349.
 
@@ -23,7 +23,7 @@ CREATE OR REPLACE FUNCTION wallet_batch_check(
     p_currency text[], p_key_user uuid[], p_key text[], p_fingerprint bytea[],
     p_session bytea[], p_failure text[]
 ) RETURNS text[]
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     n int := coalesce(array_length(p_transfer, 1), 0);
     v_out text[] := p_failure;
@@ -110,7 +110,7 @@ CREATE OR REPLACE FUNCTION wallet_batch_apply(
     p_currency text[], p_user_name text[], p_party uuid[], p_party_name text[],
     p_outcome text[]
 ) RETURNS SETOF transfers
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     n int := coalesce(array_length(p_transfer, 1), 0);
     v_delta numeric[] := array_fill(NULL::numeric, ARRAY[n]);
@@ -184,18 +184,17 @@ BEGIN
 END
 $$;
 
--- PL/pgSQL plans each statement afresh on every call while it judges a custom
--- plan (one built for the call's array values) cheaper than a generic one,
--- which with array parameters it keeps doing: planning then costs more than
--- running. Every statement above is written to be index-driven whatever the
--- arrays hold, so the generic plan is the right one. Measured with pgbench
--- (groups of 3): 337-371 -> 299-309 CPU µs per transfer.
-ALTER FUNCTION wallet_batch_check(uuid[], boolean[], uuid[], numeric[], text[], uuid[], text[],
-                                  bytea[], bytea[], text[])
-    SET plan_cache_mode = force_generic_plan;
-ALTER FUNCTION wallet_batch_apply(uuid, boolean, text[], text, uuid[], boolean[], uuid[],
-                                  numeric[], text[], text[], uuid[], text[], text[])
-    SET plan_cache_mode = force_generic_plan;
+-- Generic plans (the SET on the two functions above, and here on V7's
+-- wallet_batch_local): PL/pgSQL plans a statement afresh on every call while
+-- it judges a custom plan (one built for the call's array values) cheaper than
+-- a generic one, which with array parameters it keeps doing, and planning then
+-- costs more than running. Every statement above is written to stay on its
+-- index whatever the arrays hold, so the generic plan is the right one. A
+-- generic plan is built once per connection, from the table statistics of the
+-- moment: a bulk import must be followed by ANALYZE (`bulk_load_users` runs
+-- VACUUM ANALYZE). Measured with pgbench (groups of 3): these functions with
+-- the planner's default choice 361-380 CPU µs per transfer, slower than V7's
+-- 359-374; with generic plans 299-309.
 ALTER FUNCTION wallet_batch_local(uuid[], boolean[], uuid[], numeric[], text[], uuid[], text[],
                                   bytea[], bytea[], text[], uuid[], text[])
     SET plan_cache_mode = force_generic_plan;
