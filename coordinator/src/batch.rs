@@ -198,6 +198,16 @@ impl GroupStats {
         }
     }
 
+    /// Both periods' groups together (`self` and `other` do not overlap).
+    pub fn plus(self, other: GroupStats) -> GroupStats {
+        GroupStats {
+            local_groups: self.local_groups + other.local_groups,
+            local_transfers: self.local_transfers + other.local_transfers,
+            cross_groups: self.cross_groups + other.cross_groups,
+            cross_transfers: self.cross_transfers + other.cross_transfers,
+        }
+    }
+
     /// Mean transfers per group over both kinds of lane (`None` without groups).
     pub fn transfers_per_group(self) -> Option<f64> {
         let groups = self.local_groups + self.cross_groups;
@@ -778,6 +788,9 @@ mod tests {
         let since = counts.snapshot().since(mid);
         assert_eq!((since.local_groups, since.local_transfers), (1, 1));
         assert_eq!(since.transfers_per_group(), Some(1.0));
+        let both = mid.plus(since);
+        assert_eq!((both.local_groups, both.cross_groups), (2, 1));
+        assert_eq!(both.transfers_per_group(), Some(20.0 / 3.0));
     }
 
     #[test]

@@ -62,11 +62,11 @@ enum Command {
         /// Concurrent closed-loop clients.
         #[arg(long, default_value_t = 16)]
         clients: usize,
-        /// Measured time per scenario, e.g. 15s.
-        #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+        /// Measured time per scenario and round, e.g. 5s.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         duration: std::time::Duration,
-        /// Unmeasured time before each scenario's measurement.
-        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        /// Unmeasured time before each scenario's measurement, every round.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         warmup: std::time::Duration,
         #[arg(long, default_value_t = 1)]
         seed: u64,
@@ -76,6 +76,14 @@ enum Command {
         /// Groups of one lane running at once.
         #[arg(long, default_value_t = coordinator::config::Limits::default().batch_workers as u64, value_parser = clap::value_parser!(u64).range(1..=64))]
         batch_workers: u64,
+        /// Longest wait, in microseconds, of the cross-shard lane for the
+        /// clients of its last group (0: never waits).
+        #[arg(long, default_value_t = coordinator::config::Limits::default().batch_linger_us, value_parser = clap::value_parser!(u64).range(0..=100_000))]
+        batch_linger_us: u64,
+        /// Times the whole list of scenarios runs; every figure is over the
+        /// rounds together, and the ratios are also given round by round.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
+        rounds: u64,
         /// Run only the scenarios whose name contains this (repeatable).
         #[arg(long)]
         only: Vec<String>,
@@ -135,6 +143,8 @@ async fn main() -> anyhow::Result<()> {
             seed,
             batch_max,
             batch_workers,
+            batch_linger_us,
+            rounds,
             only,
             json,
             svg,
@@ -151,6 +161,8 @@ async fn main() -> anyhow::Result<()> {
                 seed,
                 batch_max: batch_max as usize,
                 batch_workers: batch_workers as usize,
+                batch_linger_us,
+                rounds: rounds as usize,
                 only,
                 json,
                 svg,

@@ -34,6 +34,8 @@ async fn a_small_bench_run_reports_every_scenario_and_passes_the_checker() {
         seed: 7,
         batch_max: 32,
         batch_workers: 2,
+        batch_linger_us: 2_000,
+        rounds: 2,
         only: only.clone(),
         json: Some(json.clone()),
         svg: Some(svg.clone()),
@@ -75,6 +77,27 @@ async fn a_small_bench_run_reports_every_scenario_and_passes_the_checker() {
             "{name} has a ratio to the single-node baseline"
         );
         assert_eq!(s["invariants_ok"], serde_json::json!(true), "{name}");
+        // Two rounds, merged: the scenario's figure lies between its rounds'.
+        let rounds: Vec<f64> = s["round_transfers_per_s"]
+            .as_array()
+            .expect("round_transfers_per_s")
+            .iter()
+            .map(|r| r.as_f64().expect("a number"))
+            .collect();
+        assert_eq!(rounds.len(), 2, "{name}: one figure per round");
+        let tps = s["transfers_per_s"].as_f64().expect("transfers_per_s");
+        let (lo, hi) = (rounds[0].min(rounds[1]), rounds[0].max(rounds[1]));
+        assert!(
+            lo * 0.999 <= tps && tps <= hi * 1.001,
+            "{name}: {tps} transfers/s over rounds {rounds:?}"
+        );
+        if s["protocol"] != "single-node" {
+            assert_eq!(
+                s["round_ratios_to_baseline"].as_array().map(Vec::len),
+                Some(2),
+                "{name}: a ratio per round"
+            );
+        }
         // Every committed transfer costs CPU and at least a share of a WAL flush.
         assert!(
             s["wal_syncs_per_transfer"]
@@ -119,6 +142,11 @@ async fn a_small_bench_run_reports_every_scenario_and_passes_the_checker() {
         .find(|s| s["via"] == "http")
         .expect("an HTTP scenario");
     assert!(http["ratio_to_in_process"].as_f64().is_some());
+    assert_eq!(
+        http["round_ratios_to_in_process"].as_array().map(Vec::len),
+        Some(2)
+    );
+    assert_eq!(report["parameters"]["rounds"], 2);
     assert!(report["machine"]["cores"].as_u64().unwrap_or(0) >= 1);
     assert_eq!(report["machine"]["postgres"]["fsync"], "on");
     assert_eq!(report["machine"]["postgres"]["synchronous_commit"], "on");

@@ -227,7 +227,11 @@ pub async fn pgbench(
             String::from_utf8_lossy(&init.stderr)
         );
     }
+    // A fresh log directory: a later round must not read an earlier one's log.
     let log_dir = work_dir.join("pgbench-log");
+    if log_dir.exists() {
+        std::fs::remove_dir_all(&log_dir)?;
+    }
     std::fs::create_dir_all(&log_dir)?;
     let prefix = log_dir.join("tx");
     let total_s = (warmup + duration).as_secs().max(1).to_string();

@@ -219,6 +219,31 @@ impl LoadResult {
         let cpu = self.cpu?;
         (self.committed > 0).then(|| cpu.busy_s * 1e6 / self.committed as f64)
     }
+
+    /// Adds another run of the same scenario (a later round): its windows,
+    /// counts, latencies and CPU add up, so the merged figures are over the
+    /// rounds' measured windows together. CPU is known only if every round's is.
+    pub fn merge(&mut self, other: LoadResult) {
+        self.latency_us
+            .add(&other.latency_us)
+            .expect("invariant: every histogram of the bench has the same bounds (new_histogram)");
+        self.committed += other.committed;
+        for (k, v) in other.rejected {
+            *self.rejected.entry(k).or_default() += v;
+        }
+        for (k, v) in other.failed {
+            *self.failed.entry(k).or_default() += v;
+        }
+        self.window += other.window;
+        self.committed_total += other.committed_total;
+        self.cpu = match (self.cpu, other.cpu) {
+            (Some(a), Some(b)) => Some(CpuWindow {
+                busy_s: a.busy_s + b.busy_s,
+                steal_s: a.steal_s + b.steal_s,
+            }),
+            _ => None,
+        };
+    }
 }
 
 /// CPU seconds, summed over cores, spent busy and stolen by the hypervisor.
@@ -390,6 +415,49 @@ mod tests {
             assert!(cpu_now().is_some_and(|c| c.busy_s > 0.0));
         }
     }
+
+    fn one_round(latencies_us: &[u64], window_s: u64, busy_s: Option<f64>) -> LoadResult {
+        let mut latency_us = new_histogram();
+        for &l in latencies_us {
+            latency_us.record(l).expect("within the histogram's bounds");
+        }
+        LoadResult {
+            latency_us,
+            committed: latencies_us.len() as u64,
+            rejected: BTreeMap::from([("insufficient_funds".to_owned(), 1)]),
+            failed: BTreeMap::new(),
+            window: Duration::from_secs(window_s),
+            committed_total: latencies_us.len() as u64 + 10,
+            cpu: busy_s.map(|busy_s| CpuWindow {
+                busy_s,
+                steal_s: 0.5,
+            }),
+        }
+    }
+
+    #[test]
+    fn rounds_merge_into_one_result_over_their_windows_together() {
+        let mut r = one_round(&[1_000, 2_000, 3_000], 2, Some(3.0));
+        r.merge(one_round(&[10_000], 1, Some(1.0)));
+        assert_eq!(r.committed, 4);
+        assert_eq!(r.committed_total, 24);
+        assert_eq!(r.window, Duration::from_secs(3));
+        assert!((r.transfers_per_s() - 4.0 / 3.0).abs() < 1e-9);
+        assert_eq!(r.latency_us.len(), 4);
+        assert!(r.latency_us.max() >= 10_000);
+        assert_eq!(r.rejected["insufficient_funds"], 2);
+        assert_eq!(
+            r.cpu,
+            Some(CpuWindow {
+                busy_s: 4.0,
+                steal_s: 1.0
+            })
+        );
+        assert_eq!(r.cpu_us_per_transfer(), Some(1e6));
+        r.merge(one_round(&[500], 1, None));
+        assert_eq!(r.cpu, None, "one round without CPU counters: no CPU figure");
+    }
+
     use router::UserId;
     use shard_agent::records::UserRow;
 

@@ -28,10 +28,11 @@ use shard_agent::invariants::wait_quiescent;
 use tracing::info;
 
 use crate::api::{self, AppState};
+use crate::batch::GroupStats;
 use crate::config::{Config, LockMode};
 use crate::payments::Sandbox;
 use crate::service::Coordinator;
-use load::{Distribution, LoadSpec, Picker, Placement};
+use load::{Distribution, LoadResult, LoadSpec, Picker, Placement};
 use report::{Machine, Parameters, Report, ScenarioReport};
 use setup::BenchCluster;
 
@@ -43,9 +44,14 @@ pub struct BenchOptions {
     pub warmup: Duration,
     pub duration: Duration,
     pub seed: u64,
-    /// The coordinator's `batch_max` and `batch_workers` (config.rs `Limits`).
+    /// The coordinator's `batch_max`, `batch_workers` and `batch_linger_us`
+    /// (config.rs `Limits`).
     pub batch_max: usize,
     pub batch_workers: usize,
+    pub batch_linger_us: u64,
+    /// Times the whole list of scenarios runs; each scenario's figures are over
+    /// its rounds together, its ratios also given round by round.
+    pub rounds: usize,
     /// Run only scenarios whose name contains one of these (all when empty).
     pub only: Vec<String>,
     pub json: Option<PathBuf>,
@@ -114,8 +120,10 @@ impl Scenario {
     }
 }
 
-/// The scenarios, in the order they run: the baselines first, so every later
-/// scenario has its ratio.
+/// The scenarios, in the order each round runs them: each next to what its
+/// ratio compares it with (the single-node baseline of its distribution; an
+/// HTTP scenario's in-process twin), so a host whose speed drifts over minutes
+/// moves both sides of a ratio alike.
 fn scenarios() -> Vec<Scenario> {
     use Distribution::*;
     use Protocol::*;
@@ -127,20 +135,20 @@ fn scenarios() -> Vec<Scenario> {
     };
     vec![
         s(SingleNode, Uniform, Sql),
-        s(SingleNode, Zipf, Sql),
-        s(SingleNode, Hot, Sql),
-        s(Pgbench, Uniform, Sql),
         s(SameShard, Uniform, InProcess),
-        s(SameShard, Zipf, InProcess),
-        s(TwoPc, Uniform, InProcess),
-        s(TwoPc, Zipf, InProcess),
-        s(TwoPc, Hot, InProcess),
-        s(Redis, Uniform, InProcess),
-        s(Redis, Zipf, InProcess),
-        s(Redis, Hot, InProcess),
         s(SameShard, Uniform, Http),
+        s(TwoPc, Uniform, InProcess),
         s(TwoPc, Uniform, Http),
+        s(Redis, Uniform, InProcess),
         s(Redis, Uniform, Http),
+        s(Pgbench, Uniform, Sql),
+        s(SingleNode, Zipf, Sql),
+        s(SameShard, Zipf, InProcess),
+        s(TwoPc, Zipf, InProcess),
+        s(Redis, Zipf, InProcess),
+        s(SingleNode, Hot, Sql),
+        s(TwoPc, Hot, InProcess),
+        s(Redis, Hot, InProcess),
     ]
 }
 
@@ -239,146 +247,185 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
     let machine = Machine::read(&dir, postgres);
 
     let mut fronts: BTreeMap<&'static str, Front> = BTreeMap::new();
-    let mut reports: Vec<ScenarioReport> = Vec::new();
+    // Each scenario's rounds, merged as they come.
+    let mut runs: Vec<Option<ScenarioRuns>> = selected.iter().map(|_| None).collect();
     let mut committed_cluster = 0u64;
     let mut committed_baseline = 0u64;
-    for (i, scenario) in selected.iter().enumerate() {
-        let name = scenario.name();
-        println!("[{}/{}] {name}…", i + 1, selected.len());
-        if scenario.protocol == Protocol::Pgbench && baseline::pgbench_binary().is_none() {
-            println!("    skipped: pgbench is not installed next to initdb");
-            continue;
-        }
-        let spec = LoadSpec {
-            clients: opts.clients,
-            warmup: opts.warmup,
-            duration: opts.duration,
-            seed: opts.seed.wrapping_add(i as u64),
-            key_prefix: format!("bench{i}"),
-        };
-        let placement = match scenario.protocol {
-            Protocol::SameShard => Placement::SameShard,
-            Protocol::TwoPc | Protocol::Redis => Placement::CrossShard,
-            Protocol::SingleNode | Protocol::Pgbench => Placement::Any,
-        };
-        let picker = Arc::new(Picker::new(
-            cluster.users.clone(),
-            scenario.distribution,
-            placement,
-            opts.seed,
-        ));
-        let wal_before = wal_syncs(&cluster, &baseline_dsn).await;
-        let (mut groups_before, mut coordinator) = (None, None);
-        let result = match (scenario.protocol, scenario.via) {
-            (Protocol::Pgbench, _) => {
-                baseline::pgbench(
-                    &cluster.baseline_server,
-                    &dir,
-                    opts.clients,
-                    opts.warmup,
-                    opts.duration,
-                )
-                .await?
+    let rounds = opts.rounds.max(1);
+    for round in 0..rounds {
+        for (i, scenario) in selected.iter().enumerate() {
+            let name = scenario.name();
+            println!(
+                "[round {}/{rounds}, {}/{}] {name}…",
+                round + 1,
+                i + 1,
+                selected.len()
+            );
+            if scenario.protocol == Protocol::Pgbench && baseline::pgbench_binary().is_none() {
+                println!("    skipped: pgbench is not installed next to initdb");
+                continue;
             }
-            (Protocol::SingleNode, _) => {
-                let driver =
-                    Arc::new(baseline::Baseline::connect(&baseline_dsn, opts.clients).await?);
-                load::run(driver, picker, &spec).await
-            }
-            (protocol, via) => {
-                let mode = if protocol == Protocol::Redis {
-                    LockMode::Redis
-                } else {
-                    LockMode::TwoPc
-                };
-                let config = cluster.config_for(mode);
-                let front = match fronts.entry(mode.as_str()) {
-                    std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-                    std::collections::btree_map::Entry::Vacant(e) => {
-                        e.insert(Front::start(&config).await?)
-                    }
-                };
-                groups_before = front.coordinator.batch_stats();
-                coordinator = Some(front.coordinator.clone());
-                match via {
-                    Via::Http => {
-                        let base = front.http_base(&config).await?;
-                        let driver = Arc::new(drivers::Http::new(&base, opts.clients)?);
-                        load::run(driver, picker, &spec).await
-                    }
-                    _ => {
-                        let driver = Arc::new(drivers::InProcess {
-                            coordinator: front.coordinator.clone(),
-                        });
-                        load::run(driver, picker, &spec).await
+            let spec = LoadSpec {
+                clients: opts.clients,
+                warmup: opts.warmup,
+                duration: opts.duration,
+                seed: opts
+                    .seed
+                    .wrapping_add(i as u64)
+                    .wrapping_add((round as u64) << 32),
+                key_prefix: format!("bench{i}r{round}"),
+            };
+            let placement = match scenario.protocol {
+                Protocol::SameShard => Placement::SameShard,
+                Protocol::TwoPc | Protocol::Redis => Placement::CrossShard,
+                Protocol::SingleNode | Protocol::Pgbench => Placement::Any,
+            };
+            let picker = Arc::new(Picker::new(
+                cluster.users.clone(),
+                scenario.distribution,
+                placement,
+                opts.seed,
+            ));
+            let wal_before = wal_syncs(&cluster, &baseline_dsn).await;
+            let (mut groups_before, mut coordinator) = (None, None);
+            let result = match (scenario.protocol, scenario.via) {
+                (Protocol::Pgbench, _) => {
+                    baseline::pgbench(
+                        &cluster.baseline_server,
+                        &dir,
+                        opts.clients,
+                        opts.warmup,
+                        opts.duration,
+                    )
+                    .await?
+                }
+                (Protocol::SingleNode, _) => {
+                    let driver =
+                        Arc::new(baseline::Baseline::connect(&baseline_dsn, opts.clients).await?);
+                    load::run(driver, picker, &spec).await
+                }
+                (protocol, via) => {
+                    let mode = if protocol == Protocol::Redis {
+                        LockMode::Redis
+                    } else {
+                        LockMode::TwoPc
+                    };
+                    let config = cluster.config_for(mode);
+                    let front = match fronts.entry(mode.as_str()) {
+                        std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::btree_map::Entry::Vacant(e) => {
+                            e.insert(Front::start(&config).await?)
+                        }
+                    };
+                    groups_before = front.coordinator.batch_stats();
+                    coordinator = Some(front.coordinator.clone());
+                    match via {
+                        Via::Http => {
+                            let base = front.http_base(&config).await?;
+                            let driver = Arc::new(drivers::Http::new(&base, opts.clients)?);
+                            load::run(driver, picker, &spec).await
+                        }
+                        _ => {
+                            let driver = Arc::new(drivers::InProcess {
+                                coordinator: front.coordinator.clone(),
+                            });
+                            load::run(driver, picker, &spec).await
+                        }
                     }
                 }
-            }
-        };
-        let groups = match (groups_before, coordinator.and_then(|c| c.batch_stats())) {
-            (Some(before), Some(after)) => after.since(before).transfers_per_group(),
-            _ => None,
-        };
-        let wal_after = wal_syncs(&cluster, &baseline_dsn).await;
-        let mut report = ScenarioReport::new(
-            name.clone(),
-            scenario.protocol.as_str(),
-            scenario.distribution.as_str(),
-            scenario.via.as_str(),
-            opts.clients,
-            &result,
-        );
-        report.violations = match scenario.protocol {
-            Protocol::Pgbench => Vec::new(),
-            Protocol::SingleNode => {
-                committed_baseline += result.committed_total;
-                baseline::check(
-                    &baseline_dsn,
-                    cluster.users.len(),
-                    opening,
-                    committed_baseline,
-                )
-                .await?
-            }
-            _ => {
-                committed_cluster += result.committed_total;
-                check_cluster(&cluster, committed_cluster).await?
-            }
-        };
-        report.invariants_ok = report.violations.is_empty();
-        report.transfers_per_group = groups;
-        if let (Some(before), Some(after)) = (wal_before, wal_after) {
-            if result.committed_total > 0 {
-                report.wal_syncs_per_transfer =
-                    Some((after - before) as f64 / result.committed_total as f64);
-            }
+            };
+            let groups = match (groups_before, coordinator.and_then(|c| c.batch_stats())) {
+                (Some(before), Some(after)) => Some(after.since(before)),
+                _ => None,
+            };
+            let wal_after = wal_syncs(&cluster, &baseline_dsn).await;
+            let violations = match scenario.protocol {
+                Protocol::Pgbench => Vec::new(),
+                Protocol::SingleNode => {
+                    committed_baseline += result.committed_total;
+                    baseline::check(
+                        &baseline_dsn,
+                        cluster.users.len(),
+                        opening,
+                        committed_baseline,
+                    )
+                    .await?
+                }
+                _ => {
+                    committed_cluster += result.committed_total;
+                    check_cluster(&cluster, committed_cluster).await?
+                }
+            };
+            let wal = match (wal_before, wal_after) {
+                (Some(before), Some(after)) => Some(after - before),
+                _ => None,
+            };
+            let tps = result.transfers_per_s();
+            info!(scenario = %name, round, tps, "scenario round done");
+            println!(
+                "    {:.0} transfers/s, p50 {:.2} ms, p99 {:.2} ms, {} CPU µs and {} fsyncs per transfer (steal {}), {} transfers per group, invariants {}",
+                tps,
+                result.latency_us.value_at_quantile(0.5) as f64 / 1000.0,
+                result.latency_us.value_at_quantile(0.99) as f64 / 1000.0,
+                result
+                    .cpu_us_per_transfer()
+                    .map_or("-".into(), |c| format!("{c:.0}")),
+                match wal {
+                    Some(w) if result.committed_total > 0 =>
+                        format!("{:.2}", w as f64 / result.committed_total as f64),
+                    _ => "-".into(),
+                },
+                result.cpu.map_or("-".into(), |c| format!(
+                    "{:.0}%",
+                    100.0 * c.steal_s / (result.window.as_secs_f64() * machine.cores.max(1) as f64)
+                )),
+                groups
+                    .and_then(|g| g.transfers_per_group())
+                    .map_or("-".into(), |g| format!("{g:.1}")),
+                if violations.is_empty() { "ok" } else { "VIOLATED" }
+            );
+            let this = ScenarioRuns {
+                result,
+                groups,
+                wal,
+                round_tps: vec![tps],
+                violations,
+            };
+            runs[i] = Some(match runs[i].take() {
+                None => this,
+                Some(earlier) => earlier.merge(this),
+            });
         }
-        relate(&mut report, &reports);
-        info!(scenario = %name, tps = report.transfers_per_s, p99_ms = report.p99_ms, "scenario done");
-        println!(
-            "    {:.0} transfers/s, p50 {:.2} ms, p99 {:.2} ms, {} CPU µs and {} fsyncs per transfer (steal {}), {} transfers per group, invariants {}",
-            report.transfers_per_s,
-            report.p50_ms,
-            report.p99_ms,
-            report
-                .cpu_us_per_transfer
-                .map_or("-".into(), |c| format!("{c:.0}")),
-            report
-                .wal_syncs_per_transfer
-                .map_or("-".into(), |w| format!("{w:.2}")),
-            report
-                .steal_pct
-                .map_or("-".into(), |p| format!("{p:.0}%")),
-            report
-                .transfers_per_group
-                .map_or("-".into(), |g| format!("{g:.1}")),
-            if report.invariants_ok {
-                "ok"
-            } else {
-                "VIOLATED"
+    }
+    let mut reports: Vec<ScenarioReport> = selected
+        .iter()
+        .zip(runs)
+        .filter_map(|(scenario, runs)| {
+            let runs = runs?;
+            let mut report = ScenarioReport::new(
+                scenario.name(),
+                scenario.protocol.as_str(),
+                scenario.distribution.as_str(),
+                scenario.via.as_str(),
+                opts.clients,
+                &runs.result,
+            );
+            report.invariants_ok = runs.violations.is_empty();
+            report.violations = runs.violations;
+            report.transfers_per_group = runs.groups.and_then(|g| g.transfers_per_group());
+            if let Some(w) = runs.wal {
+                if runs.result.committed_total > 0 {
+                    report.wal_syncs_per_transfer =
+                        Some(w as f64 / runs.result.committed_total as f64);
+                }
             }
-        );
-        reports.push(report);
+            report.round_transfers_per_s = runs.round_tps;
+            Some(report)
+        })
+        .collect();
+    let all = reports.clone();
+    for report in &mut reports {
+        relate(report, &all);
     }
     drop(fronts);
     let invariants_ok = reports.iter().all(|r| r.invariants_ok);
@@ -397,6 +444,8 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
             amounts: "uniform 0.01-1.00 USD",
             batch_max: opts.batch_max,
             batch_workers: opts.batch_workers,
+            batch_linger_us: opts.batch_linger_us,
+            rounds,
         },
         goals: Report::goals(&reports),
         scenarios: reports,
@@ -413,6 +462,34 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
     }
     drop(cluster);
     Ok(invariants_ok)
+}
+
+/// A scenario's rounds so far, merged.
+struct ScenarioRuns {
+    result: LoadResult,
+    groups: Option<GroupStats>,
+    /// WAL flushes of every server over the rounds.
+    wal: Option<i64>,
+    /// Transfers/s of each round, in order.
+    round_tps: Vec<f64>,
+    violations: Vec<String>,
+}
+
+impl ScenarioRuns {
+    fn merge(mut self, later: ScenarioRuns) -> ScenarioRuns {
+        self.result.merge(later.result);
+        self.groups = match (self.groups, later.groups) {
+            (Some(a), Some(b)) => Some(a.plus(b)),
+            _ => None,
+        };
+        self.wal = match (self.wal, later.wal) {
+            (Some(a), Some(b)) => Some(a + b),
+            _ => None,
+        };
+        self.round_tps.extend(later.round_tps);
+        self.violations.extend(later.violations);
+        self
+    }
 }
 
 /// The invariant checker on a quiescent cluster, plus: every transfer a client saw
@@ -444,16 +521,30 @@ async fn check_cluster(cluster: &BenchCluster, acknowledged: u64) -> anyhow::Res
 }
 
 /// Ratios: to the single-node baseline with the same distribution, and for HTTP
-/// scenarios to the same scenario in-process.
-fn relate(report: &mut ScenarioReport, earlier: &[ScenarioReport]) {
+/// scenarios to the same scenario in-process; overall, and round by round.
+fn relate(report: &mut ScenarioReport, all: &[ScenarioReport]) {
+    // Each round's ratio, when both sides ran every round.
+    let per_round = |base: &ScenarioReport| -> Vec<f64> {
+        if base.round_transfers_per_s.len() != report.round_transfers_per_s.len() {
+            return Vec::new();
+        }
+        report
+            .round_transfers_per_s
+            .iter()
+            .zip(&base.round_transfers_per_s)
+            .filter(|(_, b)| **b > 0.0)
+            .map(|(r, b)| r / b)
+            .collect()
+    };
     if report.protocol != "single-node" {
-        if let Some(b) = earlier
+        if let Some(b) = all
             .iter()
             .find(|b| b.protocol == "single-node" && b.distribution == report.distribution)
         {
             // A baseline that completed nothing gives no ratio, not an infinite one.
             if b.transfers_per_s > 0.0 {
                 report.ratio_to_baseline = Some(report.transfers_per_s / b.transfers_per_s);
+                report.round_ratios_to_baseline = per_round(b);
                 report.baseline = Some(b.name.clone());
             }
         }
@@ -462,13 +553,14 @@ fn relate(report: &mut ScenarioReport, earlier: &[ScenarioReport]) {
         report.baseline = Some(report.name.clone());
     }
     if report.via == "http" {
-        if let Some(inproc) = earlier.iter().find(|b| {
+        if let Some(inproc) = all.iter().find(|b| {
             b.via == "in-process"
                 && b.protocol == report.protocol
                 && b.distribution == report.distribution
         }) {
             if inproc.transfers_per_s > 0.0 {
                 report.ratio_to_in_process = Some(report.transfers_per_s / inproc.transfers_per_s);
+                report.round_ratios_to_in_process = per_round(inproc);
             }
         }
     }

@@ -46,6 +46,12 @@ pub struct ScenarioReport {
     pub baseline: Option<String>,
     /// HTTP scenarios: transfers/s over the same scenario in-process.
     pub ratio_to_in_process: Option<f64>,
+    /// Transfers/s of each round, and the two ratios round by round (each
+    /// round's scenarios run minutes apart at most, so these show how far the
+    /// host's speed moved a ratio).
+    pub round_transfers_per_s: Vec<f64>,
+    pub round_ratios_to_baseline: Vec<f64>,
+    pub round_ratios_to_in_process: Vec<f64>,
     pub invariants_ok: bool,
     pub violations: Vec<String>,
     /// (percentile, ms) points for the plot.
@@ -88,10 +94,24 @@ impl ScenarioReport {
             ratio_to_baseline: None,
             baseline: None,
             ratio_to_in_process: None,
+            round_transfers_per_s: Vec::new(),
+            round_ratios_to_baseline: Vec::new(),
+            round_ratios_to_in_process: Vec::new(),
             invariants_ok: false,
             violations: Vec::new(),
             curve: curve(&r.latency_us),
         }
+    }
+}
+
+/// " (rounds 0.61-0.68x)" when there was more than one round.
+fn spread(ratios: &[f64]) -> String {
+    let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if ratios.len() > 1 {
+        format!(" (rounds {lo:.2}-{hi:.2}x)")
+    } else {
+        String::new()
     }
 }
 
@@ -179,9 +199,14 @@ pub struct Parameters {
     pub seed: u64,
     pub amounts: &'static str,
     /// The coordinator's batching: most transfers per group (1: off), groups
-    /// per lane at once.
+    /// per lane at once, and the cross-shard lane's longest wait for returning
+    /// clients.
     pub batch_max: usize,
     pub batch_workers: usize,
+    pub batch_linger_us: u64,
+    /// Rounds of the whole scenario list; `duration_s` and `warmup_s` are per
+    /// scenario per round.
+    pub rounds: usize,
 }
 
 /// A goal from the issue, and whether this run met it.
@@ -217,7 +242,11 @@ impl Report {
                         Some(m) => format!("{name}: >= {min}x single-node, p99 < {m} ms"),
                         None => format!("{name}: >= {min}x single-node"),
                     },
-                    measured: format!("{ratio:.2}x, p99 {:.1} ms", s.p99_ms),
+                    measured: format!(
+                        "{ratio:.2}x{}, p99 {:.1} ms",
+                        spread(&s.round_ratios_to_baseline),
+                        s.p99_ms
+                    ),
                     met: ratio >= min && p99_ok,
                 });
             }
@@ -228,7 +257,7 @@ impl Report {
             if let Some(r) = s.ratio_to_in_process {
                 goals.push(Goal {
                     goal: format!("{}: >= 0.7x in-process", s.name),
-                    measured: format!("{r:.2}x"),
+                    measured: format!("{r:.2}x{}", spread(&s.round_ratios_to_in_process)),
                     met: r >= 0.7,
                 });
             }
@@ -246,13 +275,14 @@ impl Report {
         println!("postgres: {}", settings.join(" "));
         let p = &self.parameters;
         println!(
-            "load: {} shards, {} users, {} clients closed-loop, {}s warm-up + {}s measured per scenario, seed {}, amounts {}",
-            p.shards, p.users, p.clients, p.warmup_s, p.duration_s, p.seed, p.amounts
+            "load: {} shards, {} users, {} clients closed-loop, {} rounds of every scenario, each {}s warm-up + {}s measured, seed {}, amounts {}",
+            p.shards, p.users, p.clients, p.rounds, p.warmup_s, p.duration_s, p.seed, p.amounts
         );
         println!(
-            "coordinator: groups of up to {} transfers, {} groups per lane at once{}\n",
+            "coordinator: groups of up to {} transfers, {} groups per lane at once, cross-shard lane waits up to {} µs for returning clients{}\n",
             p.batch_max,
             p.batch_workers,
+            p.batch_linger_us,
             if p.batch_max <= 1 {
                 " (batching off)"
             } else {

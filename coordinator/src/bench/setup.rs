@@ -70,6 +70,7 @@ impl BenchCluster {
         let limits = Limits {
             batch_max: opts.batch_max,
             batch_workers: opts.batch_workers,
+            batch_linger_us: opts.batch_linger_us,
             ..Limits::default()
         };
         let config = Config {
