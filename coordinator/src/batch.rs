@@ -35,7 +35,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use router::{ShardId, UserId};
@@ -69,6 +69,8 @@ struct Job {
     tid: TransferId,
     span: Span,
     reply: Reply,
+    /// When the transfer was handed to its lane.
+    queued: Instant,
 }
 
 impl Job {
@@ -280,6 +282,7 @@ impl Batcher {
             tid,
             span,
             reply,
+            queued: Instant::now(),
         };
         self.lane(lane)
             .send(job)
@@ -340,6 +343,48 @@ const LINGER_YIELDS_MAX: usize = 16;
 /// of single-node; cross-shard groups over HTTP still 15.8 transfers.
 const LINGER_SKIP_WHEN_PRESENT: (usize, usize) = (3, 4);
 
+/// When a lane's latest group began to answer its clients.
+///
+/// A transfer queued before then waited through that group; one queued after
+/// may be one of its clients already back. The lane counts the latter once,
+/// in the group they came from, when it estimates the next group's size.
+struct AnswerMark {
+    epoch: Instant,
+    /// Nanoseconds from `epoch`; 0 before any group answered.
+    at_ns: AtomicU64,
+}
+
+impl AnswerMark {
+    fn new() -> AnswerMark {
+        AnswerMark {
+            epoch: Instant::now(),
+            at_ns: AtomicU64::new(0),
+        }
+    }
+
+    /// Called by a group just before it answers.
+    fn mark(&self) {
+        let ns = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.at_ns.fetch_max(ns, Ordering::Relaxed);
+    }
+
+    /// Whether a transfer queued at `queued` did so before the latest answers.
+    fn waited_through(&self, queued: Instant) -> bool {
+        let ns = u64::try_from(queued.saturating_duration_since(self.epoch).as_nanos())
+            .unwrap_or(u64::MAX);
+        ns < self.at_ns.load(Ordering::Relaxed)
+    }
+}
+
+/// The size the next group may soon reach: the transfers that waited through
+/// the last group (`carried`), plus that group's clients, who are likely on
+/// their way back or already here. A returning client's transfer already
+/// waiting is counted once, in `last_group`: counted twice, the lane would
+/// wait for a transfer nobody is sending and always linger to its deadline.
+fn expected_group(carried: usize, last_group: usize, max: usize) -> usize {
+    (carried + last_group).min(max)
+}
+
 /// Whether a lane holding `waiting` transfers, expecting `expected`, should
 /// wait up to `linger` for more before it starts a group.
 fn should_linger(waiting: usize, expected: usize, linger: Duration) -> bool {
@@ -359,6 +404,7 @@ async fn run_lane(
     counts: Arc<GroupCounts>,
 ) {
     let slots = Arc::new(Semaphore::new(workers));
+    let answered = Arc::new(AnswerMark::new());
     let mut waiting: VecDeque<Job> = VecDeque::new();
     let mut last_group = 0;
     loop {
@@ -370,9 +416,11 @@ async fn run_lane(
         while let Ok(job) = rx.try_recv() {
             waiting.push_back(job);
         }
-        // What waited through the last group, plus that group's clients, who
-        // are likely on their way back: the size the next group may reach soon.
-        let expected = (waiting.len() + last_group).min(max);
+        let carried = waiting
+            .iter()
+            .filter(|j| answered.waited_through(j.queued))
+            .count();
+        let expected = expected_group(carried, last_group, max);
         if waiting.is_empty() {
             match rx.recv().await {
                 Some(job) => waiting.push_back(job),
@@ -420,10 +468,11 @@ async fn run_lane(
         let group = take_group(&mut waiting, max);
         last_group = group.len();
         counts.record(lane, group.len());
+        let answered = answered.clone();
         tokio::spawn(async move {
             match lane {
-                Lane::Local(_) => run_local(group).await,
-                Lane::Cross => run_cross(group).await,
+                Lane::Local(_) => run_local(group, &answered).await,
+                Lane::Cross => run_cross(group, &answered).await,
             }
             drop(slot);
         });
@@ -475,10 +524,11 @@ fn each(e: &CoordinatorError) -> CoordinatorError {
     }
 }
 
-async fn run_local(group: Vec<Job>) {
+async fn run_local(group: Vec<Job>, answered: &AnswerMark) {
     let agent = group[0].home();
     let legs: Vec<BatchLeg> = group.iter().flat_map(|j| j.legs()).collect();
     let result = agent.transfer_local_batch(&legs).await;
+    answered.mark();
     match result {
         Ok(records) => answer_all(group, records, &[]),
         // Nothing was written: each transfer runs alone and reports its own outcome.
@@ -521,7 +571,7 @@ struct Part<'a> {
     owner: Vec<usize>,
 }
 
-async fn run_cross(group: Vec<Job>) {
+async fn run_cross(group: Vec<Job>, answered: &AnswerMark) {
     let batch = Uuid::new_v4();
     let span = tracing::info_span!("2pc batch", %batch, transfers = group.len(),
         transfer_ids = %group.iter().map(|j| j.tid.to_string()).collect::<Vec<_>>().join(","));
@@ -529,6 +579,7 @@ async fn run_cross(group: Vec<Job>) {
     let result = cross(batch, &group, &mut unverified)
         .instrument(span.clone())
         .await;
+    answered.mark();
     let _entered = span.enter();
     match result {
         Ok(Ran::Decided(records)) => answer_all(group, records, &unverified),
@@ -791,6 +842,26 @@ mod tests {
         let both = mid.plus(since);
         assert_eq!((both.local_groups, both.cross_groups), (2, 1));
         assert_eq!(both.transfers_per_group(), Some(20.0 / 3.0));
+    }
+
+    #[test]
+    fn a_returning_client_already_waiting_is_expected_once() {
+        let mark = AnswerMark::new();
+        let carried = Instant::now();
+        assert!(!mark.waited_through(carried), "no group has answered yet");
+        std::thread::sleep(Duration::from_millis(1));
+        mark.mark();
+        std::thread::sleep(Duration::from_millis(1));
+        let returned = Instant::now();
+        assert!(mark.waited_through(carried));
+        assert!(!mark.waited_through(returned));
+        // 16 clients, all in the last group; one is back already: still 16.
+        let waiting = [returned];
+        let n = waiting.iter().filter(|&&q| mark.waited_through(q)).count();
+        assert_eq!(expected_group(n, 16, 32), 16);
+        // 4 waited through a group of 12: all 16 are expected.
+        assert_eq!(expected_group(4, 12, 32), 16);
+        assert_eq!(expected_group(30, 16, 32), 32, "never more than a group");
     }
 
     #[test]
