@@ -356,6 +356,10 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
                     check_cluster(&cluster, committed_cluster).await?
                 }
             };
+            let violations: Vec<String> = violations
+                .into_iter()
+                .map(|v| format!("round {}: {v}", round + 1))
+                .collect();
             let wal = match (wal_before, wal_after) {
                 (Some(before), Some(after)) => Some(after - before),
                 _ => None,
@@ -523,8 +527,9 @@ async fn check_cluster(cluster: &BenchCluster, acknowledged: u64) -> anyhow::Res
 /// Ratios: to the single-node baseline with the same distribution, and for HTTP
 /// scenarios to the same scenario in-process; overall, and round by round.
 fn relate(report: &mut ScenarioReport, all: &[ScenarioReport]) {
-    // Each round's ratio, when both sides ran every round.
-    let per_round = |base: &ScenarioReport| -> Vec<f64> {
+    // Each round's ratio, when both sides ran every round; `None` for a round
+    // whose other side completed nothing.
+    let per_round = |base: &ScenarioReport| -> Vec<Option<f64>> {
         if base.round_transfers_per_s.len() != report.round_transfers_per_s.len() {
             return Vec::new();
         }
@@ -532,8 +537,7 @@ fn relate(report: &mut ScenarioReport, all: &[ScenarioReport]) {
             .round_transfers_per_s
             .iter()
             .zip(&base.round_transfers_per_s)
-            .filter(|(_, b)| **b > 0.0)
-            .map(|(r, b)| r / b)
+            .map(|(r, b)| (*b > 0.0).then(|| r / b))
             .collect()
     };
     if report.protocol != "single-node" {

@@ -50,8 +50,9 @@ pub struct ScenarioReport {
     /// round's scenarios run minutes apart at most, so these show how far the
     /// host's speed moved a ratio).
     pub round_transfers_per_s: Vec<f64>,
-    pub round_ratios_to_baseline: Vec<f64>,
-    pub round_ratios_to_in_process: Vec<f64>,
+    /// `null` for a round whose baseline or in-process twin completed nothing.
+    pub round_ratios_to_baseline: Vec<Option<f64>>,
+    pub round_ratios_to_in_process: Vec<Option<f64>>,
     pub invariants_ok: bool,
     pub violations: Vec<String>,
     /// (percentile, ms) points for the plot.
@@ -105,10 +106,16 @@ impl ScenarioReport {
 }
 
 /// " (rounds 0.61-0.68x)" when there was more than one round.
-fn spread(ratios: &[f64]) -> String {
-    let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    if ratios.len() > 1 {
+/// A round without a ratio shows as such.
+fn spread(ratios: &[Option<f64>]) -> String {
+    let known = ratios.iter().flatten().copied();
+    let lo = known.clone().fold(f64::INFINITY, f64::min);
+    let hi = known.fold(f64::NEG_INFINITY, f64::max);
+    if !ratios.is_empty() && ratios.iter().all(Option::is_none) {
+        " (no round has a ratio)".into()
+    } else if ratios.iter().any(Option::is_none) {
+        format!(" (rounds {lo:.2}-{hi:.2}x; a round without a ratio)")
+    } else if ratios.len() > 1 {
         format!(" (rounds {lo:.2}-{hi:.2}x)")
     } else {
         String::new()
@@ -451,4 +458,24 @@ impl Report {
 
 fn plot_err<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow::anyhow!("plot: {e}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::spread;
+
+    #[test]
+    fn round_ratios_show_their_range_and_any_round_without_one() {
+        assert_eq!(spread(&[]), "");
+        assert_eq!(spread(&[Some(0.7)]), "", "one round: the ratio says it all");
+        assert_eq!(
+            spread(&[Some(0.72), Some(0.61), Some(0.68)]),
+            " (rounds 0.61-0.72x)"
+        );
+        assert_eq!(
+            spread(&[Some(0.72), None, Some(0.68)]),
+            " (rounds 0.68-0.72x; a round without a ratio)"
+        );
+        assert_eq!(spread(&[None, None]), " (no round has a ratio)");
+    }
 }
