@@ -364,36 +364,30 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
                 (Some(before), Some(after)) => Some(after - before),
                 _ => None,
             };
-            let tps = result.transfers_per_s();
-            info!(scenario = %name, round, tps, "scenario round done");
-            println!(
-                "    {:.0} transfers/s, p50 {:.2} ms, p99 {:.2} ms, {} CPU µs and {} fsyncs per transfer (steal {}), {} transfers per group, invariants {}",
-                tps,
-                result.latency_us.value_at_quantile(0.5) as f64 / 1000.0,
-                result.latency_us.value_at_quantile(0.99) as f64 / 1000.0,
-                result
-                    .cpu_us_per_transfer()
-                    .map_or("-".into(), |c| format!("{c:.0}")),
-                match wal {
-                    Some(w) if result.committed_total > 0 =>
-                        format!("{:.2}", w as f64 / result.committed_total as f64),
-                    _ => "-".into(),
-                },
-                result.cpu.map_or("-".into(), |c| format!(
-                    "{:.0}%",
-                    100.0 * c.steal_s / (result.window.as_secs_f64() * machine.cores.max(1) as f64)
-                )),
-                groups
-                    .and_then(|g| g.transfers_per_group())
-                    .map_or("-".into(), |g| format!("{g:.1}")),
-                if violations.is_empty() { "ok" } else { "VIOLATED" }
+            let mut this_round = ScenarioReport::new(
+                name.clone(),
+                scenario.protocol.as_str(),
+                scenario.distribution.as_str(),
+                scenario.via.as_str(),
+                opts.clients,
+                &result,
             );
+            fill(
+                &mut this_round,
+                groups,
+                wal,
+                result.committed_total,
+                violations,
+            );
+            let tps = this_round.transfers_per_s;
+            info!(scenario = %name, round, tps, "scenario round done");
+            print_round(&this_round);
             let this = ScenarioRuns {
                 result,
                 groups,
                 wal,
                 round_tps: vec![tps],
-                violations,
+                violations: this_round.violations,
             };
             runs[i] = Some(match runs[i].take() {
                 None => this,
@@ -414,15 +408,13 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
                 opts.clients,
                 &runs.result,
             );
-            report.invariants_ok = runs.violations.is_empty();
-            report.violations = runs.violations;
-            report.transfers_per_group = runs.groups.and_then(|g| g.transfers_per_group());
-            if let Some(w) = runs.wal {
-                if runs.result.committed_total > 0 {
-                    report.wal_syncs_per_transfer =
-                        Some(w as f64 / runs.result.committed_total as f64);
-                }
-            }
+            fill(
+                &mut report,
+                runs.groups,
+                runs.wal,
+                runs.result.committed_total,
+                runs.violations,
+            );
             report.round_transfers_per_s = runs.round_tps;
             Some(report)
         })
@@ -466,6 +458,52 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
     }
     drop(cluster);
     Ok(invariants_ok)
+}
+
+/// What a scenario's report takes from outside its load result: the checker's
+/// verdict, its batch groups, and its WAL flushes (over `committed_total`, the
+/// committed transfers warm-up included).
+fn fill(
+    report: &mut ScenarioReport,
+    groups: Option<GroupStats>,
+    wal: Option<i64>,
+    committed_total: u64,
+    violations: Vec<String>,
+) {
+    report.invariants_ok = violations.is_empty();
+    report.violations = violations;
+    report.transfers_per_group = groups.and_then(|g| g.transfers_per_group());
+    report.wal_syncs_per_transfer = match wal {
+        Some(w) if committed_total > 0 => Some(w as f64 / committed_total as f64),
+        _ => None,
+    };
+}
+
+/// One scenario's line as a round ends.
+fn print_round(report: &ScenarioReport) {
+    println!(
+        "    {:.0} transfers/s, p50 {:.2} ms, p99 {:.2} ms, {} CPU µs and {} fsyncs per transfer (steal {}), {} transfers per group, invariants {}",
+        report.transfers_per_s,
+        report.p50_ms,
+        report.p99_ms,
+        report
+            .cpu_us_per_transfer
+            .map_or("-".into(), |c| format!("{c:.0}")),
+        report
+            .wal_syncs_per_transfer
+            .map_or("-".into(), |w| format!("{w:.2}")),
+        report
+            .steal_pct
+            .map_or("-".into(), |p| format!("{p:.0}%")),
+        report
+            .transfers_per_group
+            .map_or("-".into(), |g| format!("{g:.1}")),
+        if report.invariants_ok {
+            "ok"
+        } else {
+            "VIOLATED"
+        }
+    );
 }
 
 /// A scenario's rounds so far, merged.
