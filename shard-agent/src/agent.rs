@@ -36,6 +36,33 @@ impl Default for AgentConfig {
     }
 }
 
+/// The settings every connection to a shard starts with, whatever the server's
+/// or the database's defaults say:
+/// - `default_transaction_isolation = read committed`: every compare-and-set of
+///   the protocol (the decision, recovery's tombstone, the guarded debit) must
+///   see what a transaction it waited on committed. Under `repeatable read` the
+///   loser of such a race reads its old snapshot and commits as well.
+/// - `default_transaction_read_only = off`, so a server default cannot turn a
+///   decision into an error after the legs were prepared.
+/// - `standard_conforming_strings = on`: the one-message legs quote the values
+///   they splice by doubling single quotes, which is the whole escaping only
+///   under this setting (PostgreSQL's default since 9.1).
+/// - the lock and statement bounds of `AgentConfig`, and a bound on a session
+///   left idle inside a transaction.
+fn session_options(config: &AgentConfig) -> String {
+    format!(
+        "-c default_transaction_isolation=read\\ committed -c default_transaction_read_only=off \
+         -c standard_conforming_strings=on -c lock_timeout={} -c statement_timeout={} \
+         -c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS}",
+        config.lock_timeout_ms, config.statement_timeout_ms
+    )
+}
+
+/// A connection left inside a transaction this long (a coordinator that froze
+/// mid-protocol) is closed by the server, which rolls the transaction back and
+/// frees its row locks. Prepared transactions are not affected.
+const IDLE_IN_TRANSACTION_MS: u64 = 60_000;
+
 /// Sends SQL to one shard. Cloning is cheap (the pool is shared).
 #[derive(Clone)]
 pub struct ShardAgent {
@@ -57,14 +84,7 @@ impl ShardAgent {
             shard: id,
             reason: format!("parse DSN: {e}"),
         })?;
-        // standard_conforming_strings is pinned: the one-message legs quote the
-        // values they splice by doubling single quotes, which is the whole escaping
-        // only under this setting (PostgreSQL's default since 9.1).
-        pg.options(format!(
-            "-c lock_timeout={} -c statement_timeout={} -c idle_in_transaction_session_timeout=60000 \
-             -c standard_conforming_strings=on",
-            config.lock_timeout_ms, config.statement_timeout_ms
-        ));
+        pg.options(session_options(&config));
         pg.connect_timeout(Duration::from_millis(config.connect_timeout_ms));
         pg.keepalives(true);
         pg.keepalives_idle(Duration::from_secs(10));
@@ -115,6 +135,19 @@ impl ShardAgent {
                 .await
                 .map_err(self.pg("ping"))?;
             Ok(())
+        })
+        .await
+    }
+
+    /// The isolation level a new transaction on this agent's connections gets.
+    pub async fn session_isolation(&self) -> ShardResult<String> {
+        self.timed("read isolation", async {
+            let conn = self.conn().await?;
+            let row = conn
+                .query_one("SHOW default_transaction_isolation", &[])
+                .await
+                .map_err(self.pg("read isolation"))?;
+            Ok(row.get(0))
         })
         .await
     }

@@ -18,6 +18,16 @@ pub struct Pair {
 }
 
 pub async fn pair() -> Pair {
+    pair_with(None).await
+}
+
+/// A pair whose databases default to `repeatable read` (`ALTER DATABASE … SET`),
+/// as an operator's server might: the protocol must not depend on the default.
+pub async fn pair_repeatable_read() -> Pair {
+    pair_with(Some("repeatable read")).await
+}
+
+async fn pair_with(default_isolation: Option<&str>) -> Pair {
     let servers = servers_async().await;
     let prefix = unique_prefix();
     let mut dsns = Vec::new();
@@ -28,6 +38,13 @@ pub async fn pair() -> Pair {
             .expect("create test database");
         let dsn = server.dsn(&db);
         migrate_shard(&dsn).await.expect("migrate test shard");
+        if let Some(level) = default_isolation {
+            sql(
+                &dsn,
+                &format!("ALTER DATABASE {db} SET default_transaction_isolation = '{level}'"),
+            )
+            .await;
+        }
         dsns.push(dsn);
     }
     let config = AgentConfig {
