@@ -61,6 +61,11 @@ pub struct Limits {
     /// still be working on them. Must exceed the slowest live prepare.
     pub in_doubt_after_ms: u64,
     pub recovery_interval_ms: u64,
+    /// A recovery pass first asks every shard, at once, for its prepared
+    /// transactions; a shard silent this long is skipped for the whole pass.
+    pub recovery_probe_timeout_ms: u64,
+    /// A recovery pass running longer is cut; the next pass goes on.
+    pub recovery_pass_max_ms: u64,
     /// How often each coordinator checks the catalog epoch for a new bucket map.
     pub epoch_poll_ms: u64,
     pub session_ttl_s: u64,
@@ -91,6 +96,8 @@ impl Default for Limits {
         Limits {
             in_doubt_after_ms: 10_000,
             recovery_interval_ms: 1_000,
+            recovery_probe_timeout_ms: 500,
+            recovery_pass_max_ms: 5_000,
             epoch_poll_ms: 2_000,
             session_ttl_s: 24 * 3600,
             payment_timeout_ms: 2_000,
@@ -156,6 +163,12 @@ impl Config {
             if r.lock_ttl_ms <= r.lock_wait_ms || r.lock_ttl_ms == 0 {
                 return Err("redis.lock_ttl_ms must exceed redis.lock_wait_ms".into());
             }
+        }
+        if self.limits.recovery_probe_timeout_ms == 0 || self.limits.recovery_pass_max_ms == 0 {
+            return Err(
+                "limits.recovery_probe_timeout_ms and limits.recovery_pass_max_ms must be positive"
+                    .into(),
+            );
         }
         if self.agent.pool_size_max == 0 {
             return Err("agent.pool_size_max must be at least 1".into());

@@ -23,7 +23,7 @@ use crate::config::{Config, Limits, LockMode};
 use crate::error::CoordinatorError;
 use crate::inputs::{Email, IdemKey, Password, Username};
 use crate::payments::{call_for, PaymentProvider};
-use crate::recovery::Recovery;
+use crate::recovery::{Recovery, RecoveryLimits};
 use crate::redis_lock::LockService;
 use crate::redis_mode;
 use crate::two_pc;
@@ -118,7 +118,11 @@ impl Coordinator {
                 provider.clone(),
                 Duration::from_millis(limits.payment_timeout_ms),
             )),
-            Duration::from_millis(limits.in_doubt_after_ms),
+            RecoveryLimits {
+                in_doubt_after: Duration::from_millis(limits.in_doubt_after_ms),
+                probe_timeout: Duration::from_millis(limits.recovery_probe_timeout_ms),
+                pass_max: Duration::from_millis(limits.recovery_pass_max_ms),
+            },
         ));
         let tasks = vec![
             tokio::spawn(

@@ -19,7 +19,8 @@ use crate::two_pc::decide::Decision;
 use crate::two_pc::finish::Finished;
 use crate::two_pc::home::Tombstone;
 
-/// Bounds one recovery pass, so a backlog is worked off over several ticks.
+/// Bounds what one recovery pass reads of one list (per home shard, for in-doubt
+/// legs), so a backlog is worked off over several ticks.
 pub const RECOVERY_BATCH_MAX: i64 = 500;
 
 /// A prepared transaction of ours, as `pg_prepared_xacts` shows it.
@@ -49,18 +50,25 @@ pub enum Resolution {
 }
 
 impl ShardAgent {
-    /// Our prepared transactions on this shard older than `older_than`, oldest first.
+    /// Our prepared transactions on this shard older than `older_than`, oldest
+    /// first, at most [`RECOVERY_BATCH_MAX`] per home shard: legs whose home
+    /// cannot answer never crowd out the legs of another home.
     pub async fn in_doubt(&self, older_than: Duration) -> ShardResult<Vec<InDoubt>> {
         self.timed("list in-doubt", async {
             let conn = self.conn().await?;
             let rows = conn
                 .query(
-                    "SELECT gid, prepared,
-                            (extract(epoch FROM now() - prepared) * 1000)::bigint AS age_ms
-                     FROM pg_prepared_xacts
-                     WHERE database = current_database() AND gid LIKE $1
-                       AND prepared < now() - make_interval(secs => $2)
-                     ORDER BY prepared LIMIT $3",
+                    "SELECT gid, prepared, age_ms FROM (
+                         SELECT gid, prepared,
+                                (extract(epoch FROM now() - prepared) * 1000)::bigint AS age_ms,
+                                row_number() OVER (
+                                    PARTITION BY substring(gid FROM '_h([0-9]+)_p') ORDER BY prepared
+                                ) AS nth
+                         FROM pg_prepared_xacts
+                         WHERE database = current_database() AND gid LIKE $1
+                           AND prepared < now() - make_interval(secs => $2)) t
+                     WHERE nth <= $3
+                     ORDER BY prepared",
                     &[
                         &Gid::like_pattern(),
                         &older_than.as_secs_f64(),
