@@ -267,3 +267,184 @@ async fn a_redis_restart_under_load_keeps_every_invariant() {
     assert!(acked > 0);
     assert_eq!(check(&snap, &records, &users), Vec::<String>::new());
 }
+
+/// Sets the cluster's fencing high-water key in `redis` to `value`, as a Redis
+/// that came back from a failover or a restore with another state would hold.
+async fn set_fence_key(cluster: &TestCluster, redis: &RedisServer, value: i64) {
+    let prefix = &cluster
+        .config
+        .redis
+        .as_ref()
+        .expect("redis mode")
+        .key_prefix;
+    let client = redis::Client::open(redis.url()).expect("redis client");
+    let mut c = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to redis");
+    redis::cmd("SET")
+        .arg(format!("{prefix}fence"))
+        .arg(value)
+        .query_async::<()>(&mut c)
+        .await
+        .expect("set the fence key");
+}
+
+/// Waits until the coordinator's Redis connection is back after a restart (its
+/// first command on the old connection fails, as a client's retry would see).
+async fn wait_redis_ok(http: &Http) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while http.get("/readyz", None).await["redis_ok"] != true {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Redis never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn now_us() -> i64 {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("invariant: the clock is after 1970");
+    i64::try_from(since_epoch.as_micros()).expect("invariant: microseconds since 1970 fit in i64")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fencing_survives_a_redis_restart_with_its_fence_state_ahead_or_behind() {
+    let _serial = SERIAL.lock().await;
+    let (cluster, mut redis) = cluster_with_own_redis().await;
+    let http = Http::new(&cluster);
+    let (payer, payee) = cross_pair(&cluster, "ahead");
+    let a = http.user(&payer, Some("100.00")).await;
+    let b = http.user(&payee, None).await;
+    // A second payer who has never been fenced, on another shard than the payee.
+    let routing = cluster.coordinator.cluster().routing();
+    let payee_shard = routing.map.shard_of(&router::UserId::for_username(&payee));
+    let fresh = (0..1000)
+        .map(|i| format!("behind_payer{i}"))
+        .find(|n| routing.map.shard_of(&router::UserId::for_username(n)) != payee_shard)
+        .expect("a payer elsewhere");
+    let c = http.user(&fresh, Some("100.00")).await;
+
+    // Tokens an hour ahead of the clock get stored on both accounts.
+    set_fence_key(&cluster, &redis, now_us() + 3_600_000_000).await;
+    let (s, _, body) = http.transfer(&a, "ahead-1", &payee, "10.00").await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+
+    // Redis restarts empty: its clock is an hour behind the stored fences. The
+    // token source is seeded from the shards before it grants anything, so the
+    // next transfer's debit and credit both pass their fences.
+    tokio::task::block_in_place(|| redis.restart()).expect("restart redis");
+    wait_redis_ok(&http).await;
+    let (s, _, body) = http.transfer(&a, "after-restart", &payee, "5.00").await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    assert_eq!(
+        (http.balance(&a).await, http.balance(&b).await),
+        ("85.00".into(), "15.00".into()),
+        "the credit landed at once"
+    );
+
+    // Redis comes back with its high-water key present but behind the payee's
+    // fence. The fresh payer's debit passes; the payee's credit is refused by
+    // its fence: the transfer is committed, the credit in doubt. It is never
+    // silent and recovery lands it, once the floor was raised.
+    set_fence_key(&cluster, &redis, 1).await;
+    let (s, _, body) = http.transfer(&c, "behind-1", &payee, "2.00").await;
+    assert_eq!(s, StatusCode::CREATED, "committed at the debit: {body}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while http.balance(&b).await != "17.00" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the refused credit never landed: payee at {}",
+            http.balance(&b).await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(http.balance(&c).await, "98.00");
+    let status = cluster.coordinator.recovery().status();
+    assert!(status.forwarded >= 1, "{status:?}");
+
+    // The floor stays raised: the next transfer lands at once.
+    let (s, _, body) = http.transfer(&a, "after-behind", &payee, "1.00").await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    assert_eq!(http.balance(&b).await, "18.00");
+    let snap = wait_quiescent(&cluster.agents(), Duration::from_secs(20))
+        .await
+        .expect("read shards");
+    assert_eq!(snap.violations(true), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_credit_that_cannot_land_is_shown_in_doubt_and_lands_once_redis_is_back() {
+    let _serial = SERIAL.lock().await;
+    let (cluster, mut redis) = cluster_with_own_redis().await;
+    let http = Http::new(&cluster);
+    let (payer, payee) = cross_pair(&cluster, "shown");
+    let a = http.user(&payer, Some("50.00")).await;
+    let b = http.user(&payee, None).await;
+    // The payer's fence an hour ahead, then the token source behind it: the
+    // debit is refused, a definite 503 with nothing moved, and the floor is
+    // raised above the payer's fence, so a retry with the same key passes.
+    set_fence_key(&cluster, &redis, now_us() + 3_600_000_000).await;
+    let (s, _, body) = http.transfer(&a, "ahead", &payee, "1.00").await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    set_fence_key(&cluster, &redis, 1).await;
+    let (s, _, body) = http.transfer(&a, "retry-me", &payee, "2.00").await;
+    assert_eq!(
+        (s, body["code"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("lock_unavailable")),
+        "{body}"
+    );
+    let (s, _, body) = http.transfer(&a, "retry-me", &payee, "2.00").await;
+    assert_eq!(s, StatusCode::CREATED, "the retry passes: {body}");
+    assert_eq!(
+        (http.balance(&a).await, http.balance(&b).await),
+        ("47.00".into(), "3.00".into())
+    );
+
+    // A credit cut after its debit (the coordinator's reply is lost), then Redis
+    // goes down: recovery cannot lock the payee, so the credit stays pending.
+    fail::cfg("redis-between-legs", "return").expect("arm failpoint");
+    let (s, _, body) = http.transfer(&a, "cut", &payee, "4.00").await;
+    fail::remove("redis-between-legs");
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    redis.kill9();
+    let admin = "test-admin-token";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let view = loop {
+        let view = http.get("/v1/admin/in-doubt", Some(admin)).await;
+        if view["pending_credits_in_doubt"] == 1 {
+            break view;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stuck credit never showed as in doubt: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let failing: i64 = view["recovery"]["pending_credits"]
+        .as_object()
+        .expect("per-shard pending credits")
+        .values()
+        .map(|s| s["failing"].as_i64().unwrap_or(0))
+        .sum();
+    assert_eq!(failing, 1, "its failed attempt is counted: {view}");
+    assert_eq!(http.balance(&b).await, "3.00");
+
+    // Redis is back, empty: the token source is seeded from the shards and
+    // recovery lands the credit.
+    tokio::task::block_in_place(|| redis.restart()).expect("restart redis");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while http.balance(&b).await != "7.00" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pending credit never landed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let snap = wait_quiescent(&cluster.agents(), Duration::from_secs(20))
+        .await
+        .expect("read shards");
+    assert_eq!(snap.violations(true), Vec::<String>::new());
+}

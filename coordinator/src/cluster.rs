@@ -10,6 +10,8 @@ use shard_agent::catalog::{Catalog, CatalogError, ShardEntry};
 use shard_agent::{AgentConfig, ShardAgent, ShardError};
 use tracing::{info, warn};
 
+use crate::redis_lock::FenceFloor;
+
 /// One consistent snapshot: every user routes through the same map.
 #[derive(Debug)]
 pub struct Routing {
@@ -103,6 +105,24 @@ impl Cluster {
                 warn!(%e, "could not check the catalog epoch; keeping the current map");
             }
         }
+    }
+}
+
+/// The fencing floor is read from every shard the current map knows; one shard
+/// that cannot answer means no floor, so the lock service grants nothing.
+impl FenceFloor for Cluster {
+    fn highest_fence(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<i64, String>> + Send + '_>> {
+        Box::pin(async move {
+            let routing = self.routing();
+            let reads = futures::future::join_all(routing.agents.values().map(|a| a.max_fence()));
+            let mut highest = 0;
+            for read in reads.await {
+                highest = highest.max(read.map_err(|e| format!("read the highest fence: {e}"))?);
+            }
+            Ok(highest)
+        })
     }
 }
 

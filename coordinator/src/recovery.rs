@@ -15,12 +15,13 @@ use tracing::{info, warn};
 
 use shard_agent::external::ExternalOrder;
 use shard_agent::idempotency::IdempotencyKey;
-use shard_agent::redis_legs::{Credited, FencedLeg};
-use shard_agent::{Amount, ShardAgent, ShardError};
+use shard_agent::redis_legs::{Credited, FencedLeg, PendingStats};
+use shard_agent::{Amount, ShardAgent, ShardError, TransferId};
 
 use crate::cluster::{Cluster, Routing};
 use crate::payments::{call_for, PaymentProvider};
 use crate::redis_lock::LockService;
+use crate::redis_mode::raise_floor;
 
 /// For `/v1/admin/in-doubt` and the logs: counters since this coordinator started,
 /// and the prepared transactions the last pass saw.
@@ -41,14 +42,25 @@ pub struct RecoveryStatus {
     /// In-doubt legs left for a later pass because their home shard (or their
     /// own shard) stopped answering during this one.
     pub skipped: u64,
+    /// Redis-lock mode: pending credits refused by their fence (the floor is
+    /// raised and they are retried).
+    pub fence_rejected: u64,
     /// Passes cut at `recovery_pass_max_ms`.
     pub passes_cut: u64,
     /// Our prepared transactions per shard, young and old, at the last pass.
     pub prepared: BTreeMap<ShardId, PreparedStats>,
+    /// Pending credits older than `in_doubt_after` per home shard (Redis-lock
+    /// mode's in-doubt transfers), at the last pass.
+    pub pending_credits: BTreeMap<ShardId, PendingStats>,
     pub unreachable: Vec<ShardId>,
 }
 
 impl RecoveryStatus {
+    /// Pending credits in doubt, over every shard.
+    pub fn pending_credit_count(&self) -> i64 {
+        self.pending_credits.values().map(|s| s.count).sum()
+    }
+
     pub fn in_doubt_count(&self) -> i64 {
         self.prepared.values().map(|s| s.count).sum()
     }
@@ -240,6 +252,16 @@ impl Recovery {
         if let Some(locks) = &self.locks {
             self.forward_pending(agent, routing, locks, pass).await;
         }
+        match agent.pending_stats(self.limits.in_doubt_after).await {
+            Ok(stats) if stats.count > 0 => pass.count(|s| {
+                s.pending_credits.insert(agent.id(), stats);
+            }),
+            Ok(_) => {}
+            Err(e) => {
+                warn!(shard = %agent.id(), %e, "recovery: could not count pending credits");
+                pass.failed(&e);
+            }
+        }
         if let Some((provider, timeout)) = &self.payments {
             self.settle_external(agent, provider.clone(), *timeout, pass)
                 .await;
@@ -338,8 +360,10 @@ impl Recovery {
         status.unknown += pass.unknown;
         status.deferred += pass.deferred;
         status.skipped += pass.skipped;
+        status.fence_rejected += pass.fence_rejected;
         status.errors += pass.errors;
         status.prepared = pass.prepared.clone();
+        status.pending_credits = pass.pending_credits.clone();
         status.unreachable = pass.unreachable.clone();
     }
 
@@ -372,6 +396,8 @@ impl Recovery {
                 Err(e) => {
                     warn!(transfer_id = %p.transfer_id, %e, "recovery: no lock for a pending credit; will retry");
                     pass.count(|s| s.errors += 1);
+                    self.note_failed(home, p.transfer_id, &e.to_string(), pass)
+                        .await;
                     continue;
                 }
             };
@@ -380,7 +406,9 @@ impl Recovery {
                 user: p.to_user,
                 amount: p.amount,
                 currency: p.currency,
-                fence: held.fence(p.to_user).unwrap_or_default(),
+                fence: held
+                    .fence(p.to_user)
+                    .expect("invariant: acquire returns a lock on every user it was given"),
                 counterparty: p.from_username.clone(),
             };
             let applied = payee.credit_fenced(&leg).await;
@@ -395,12 +423,34 @@ impl Recovery {
                         }
                     }
                 }
-                Ok(Credited::FenceRejected) => pass.count(|s| s.errors += 1),
+                Ok(Credited::FenceRejected { last_fence }) => {
+                    warn!(
+                        transfer_id = %p.transfer_id,
+                        fence = leg.fence,
+                        last_fence,
+                        "recovery: pending credit refused by its fence; floor raised, will retry"
+                    );
+                    pass.count(|s| s.fence_rejected += 1);
+                    raise_floor(locks, last_fence).await;
+                    self.note_failed(home, p.transfer_id, "refused by its fence", pass)
+                        .await;
+                }
                 Err(e) => {
                     warn!(transfer_id = %p.transfer_id, %e, "recovery: could not apply a pending credit; will retry");
                     pass.failed(&e);
+                    self.note_failed(home, p.transfer_id, &e.to_string(), pass)
+                        .await;
                 }
             }
+        }
+    }
+
+    /// Counts a failed attempt on a pending credit's row (the admin view shows
+    /// it; the least recently tried credits go first next time).
+    async fn note_failed(&self, home: &ShardAgent, tid: TransferId, reason: &str, pass: &Pass) {
+        if let Err(e) = home.pending_credit_failed(tid, reason).await {
+            warn!(transfer_id = %tid, %e, "recovery: could not record a failed credit attempt");
+            pass.failed(&e);
         }
     }
 

@@ -5,11 +5,22 @@
 //! by compare-and-delete (a holder whose lock expired cannot release its
 //! successor's). Each grant returns a fencing token that every shard write checks.
 //!
-//! Tokens are the Redis server's clock in microseconds, forced strictly above the
-//! last token issued. Redis here keeps nothing on disk, so a restart forgets the
-//! last token; the clock keeps new tokens above every earlier one anyway, as long
-//! as the Redis host's clock does not step back across the restart.
+//! Tokens are the Redis server's clock in microseconds, forced strictly above
+//! the high-water key `<prefix>fence`, the last token issued. Tokens must never
+//! go backwards, yet Redis may lose that key (a restart without persistence, a
+//! flush, a failover to a replica that had not seen it) and its clock may be
+//! behind the one that issued the stored tokens. So:
+//! - no lock is granted while the high-water key is missing: it is first seeded
+//!   above the largest fence stored on every shard ([`FenceFloor`]), and a shard
+//!   that cannot be read means no grant (503), never a guess;
+//! - a write refused by its fence reports the account's fence, and the caller
+//!   raises the high-water key above it ([`LockService::raise_floor`]), so a
+//!   key that came back behind costs one refused (and retried) write, not a
+//!   credit stranded forever.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
@@ -19,16 +30,32 @@ use router::UserId;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
+/// Grants a lock and its token, `false` when the lock is held, or `-1` when the
+/// high-water key is missing (nothing granted: it must be seeded first).
 const ACQUIRE_LUA: &str = r"
+local stored = redis.call('GET', KEYS[2])
+if not stored then
+  return -1
+end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  local last = tonumber(redis.call('GET', KEYS[2]) or '0')
+  local last = tonumber(stored)
   local fence = math.max(now, last + 1)
   redis.call('SET', KEYS[2], string.format('%.0f', fence))
   return fence
 end
 return false
+";
+
+/// Raises the high-water key to at least ARGV[1]; never lowers it.
+const RAISE_LUA: &str = r"
+local floor = tonumber(ARGV[1])
+local last = tonumber(redis.call('GET', KEYS[1]) or '-1')
+if last < floor then
+  redis.call('SET', KEYS[1], string.format('%.0f', floor))
+end
+return 1
 ";
 
 const RELEASE_LUA: &str = r"
@@ -63,10 +90,23 @@ impl Default for RedisConfig {
     }
 }
 
+/// Where the lock service learns the largest fencing token already stored,
+/// before it grants anything after losing its high-water key.
+pub trait FenceFloor: Send + Sync {
+    /// The largest fence stored on any shard; an error if any shard cannot say.
+    fn highest_fence(&self) -> Pin<Box<dyn Future<Output = Result<i64, String>> + Send + '_>>;
+}
+
+/// Attempts at a grant that keeps finding the high-water key missing (each
+/// finding seeds it): Redis being flushed over and over is an outage.
+const SEED_ATTEMPTS_MAX: u32 = 3;
+
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     #[error("Redis is unreachable: {0}")]
     Unavailable(String),
+    #[error("fencing token source not seeded: {0}")]
+    Unseeded(String),
     #[error("lock on {user} not granted within {waited_ms} ms")]
     NotGranted { user: UserId, waited_ms: u64 },
 }
@@ -94,11 +134,13 @@ pub struct LockService {
     /// start while Redis is down.
     conn: Mutex<Option<ConnectionManager>>,
     acquire: Script,
+    raise: Script,
     release: Script,
+    floor: Arc<dyn FenceFloor>,
 }
 
 impl LockService {
-    pub fn new(config: RedisConfig) -> Result<LockService, LockError> {
+    pub fn new(config: RedisConfig, floor: Arc<dyn FenceFloor>) -> Result<LockService, LockError> {
         let client = redis::Client::open(config.url.as_str())
             .map_err(|e| LockError::Unavailable(e.to_string()))?;
         Ok(LockService {
@@ -106,7 +148,9 @@ impl LockService {
             config,
             conn: Mutex::new(None),
             acquire: Script::new(ACQUIRE_LUA),
+            raise: Script::new(RAISE_LUA),
             release: Script::new(RELEASE_LUA),
+            floor,
         })
     }
 
@@ -142,6 +186,37 @@ impl LockService {
         Ok(())
     }
 
+    fn fence_key(&self) -> String {
+        format!("{}fence", self.config.key_prefix)
+    }
+
+    /// Raises the high-water key to at least `fence`, so the next token is
+    /// above it. Called with the account's fence when a write was refused by it.
+    pub async fn raise_floor(&self, fence: i64) -> Result<(), LockError> {
+        let mut c = self.conn().await?;
+        self.raise
+            .key(self.fence_key())
+            .arg(fence)
+            .invoke_async::<i64>(&mut c)
+            .await
+            .map_err(|e| LockError::Unavailable(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Seeds a missing high-water key above every fence stored on the shards.
+    async fn seed(&self) -> Result<(), LockError> {
+        let floor = self
+            .floor
+            .highest_fence()
+            .await
+            .map_err(LockError::Unseeded)?;
+        tracing::warn!(
+            floor,
+            "fencing high-water key missing in Redis (restart, flush or failover): seeded from the shards"
+        );
+        self.raise_floor(floor).await
+    }
+
     fn key(&self, user: UserId) -> String {
         format!("{}lock:{}", self.config.key_prefix, user)
     }
@@ -169,7 +244,8 @@ impl LockService {
 
     async fn acquire_one(&self, user: UserId) -> Result<(String, i64), LockError> {
         let owner = uuid::Uuid::new_v4().simple().to_string();
-        let fence_key = format!("{}fence", self.config.key_prefix);
+        let fence_key = self.fence_key();
+        let mut seeds = 0;
         let deadline =
             tokio::time::Instant::now() + Duration::from_millis(self.config.lock_wait_ms);
         let mut c = self.conn().await?;
@@ -183,8 +259,19 @@ impl LockService {
                 .invoke_async(&mut c)
                 .await
                 .map_err(|e| LockError::Unavailable(e.to_string()))?;
-            if let Some(fence) = granted {
-                return Ok((owner, fence));
+            match granted {
+                Some(-1) if seeds < SEED_ATTEMPTS_MAX => {
+                    seeds += 1;
+                    self.seed().await?;
+                    continue;
+                }
+                Some(-1) => {
+                    return Err(LockError::Unseeded(format!(
+                        "high-water key still missing after {SEED_ATTEMPTS_MAX} seedings"
+                    )))
+                }
+                Some(fence) => return Ok((owner, fence)),
+                None => {}
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(LockError::NotGranted {

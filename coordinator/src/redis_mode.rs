@@ -47,7 +47,7 @@ pub async fn transfer(
                 return abort(home, &record, FailureCode::LockUnavailable).await;
             }
         };
-        let outcome = locked(home, remote, order, &record, &held).await;
+        let outcome = locked(locks, home, remote, order, &record, &held).await;
         locks.release(held).await;
         outcome
     }
@@ -56,6 +56,7 @@ pub async fn transfer(
 }
 
 async fn locked(
+    locks: &LockService,
     home: &ShardAgent,
     remote: &ShardAgent,
     order: &TransferOrder,
@@ -91,8 +92,13 @@ async fn locked(
     let committed = match home.debit_fenced(&debit, &pending).await? {
         Debited::Yes(r) => r,
         Debited::Rejected(r) | Debited::AlreadyDecided(r) => return Ok(Submitted::New(r)),
-        Debited::FenceRejected => {
-            warn!("debit refused: our lock expired and a newer holder wrote the account");
+        Debited::FenceRejected { last_fence } => {
+            warn!(
+                fence = debit.fence,
+                last_fence,
+                "debit refused by its fence (our lock expired, or the token source is behind); aborted, nothing moved"
+            );
+            raise_floor(locks, last_fence).await;
             return abort(home, record, FailureCode::LockUnavailable).await;
         }
     };
@@ -111,12 +117,37 @@ async fn locked(
                 warn!(%e, "pending credit not cleared; recovery will");
             }
         }
-        Ok(Credited::FenceRejected) => warn!("credit refused by its fence; recovery will apply it"),
-        Err(e) => warn!(%e, "credit failed; recovery will apply it"),
+        Ok(Credited::FenceRejected { last_fence }) => {
+            warn!(
+                fence = credit.fence,
+                last_fence, "credit refused by its fence; in doubt until recovery applies it"
+            );
+            raise_floor(locks, last_fence).await;
+            note_failed_credit(home, record, "refused by its fence").await;
+        }
+        Err(e) => {
+            warn!(%e, "credit failed; in doubt until recovery applies it");
+            note_failed_credit(home, record, &e.to_string()).await;
+        }
     }
     crash_point!("redis-before-reply");
     info!("transfer committed");
     Ok(Submitted::New(committed))
+}
+
+/// Raises the token source above a fence that refused a write, so the retry
+/// (the client's, or recovery's) gets a token that passes it.
+pub(crate) async fn raise_floor(locks: &LockService, last_fence: i64) {
+    if let Err(e) = locks.raise_floor(last_fence).await {
+        warn!(%e, last_fence, "could not raise the fencing floor; the next refusal will try again");
+    }
+}
+
+/// Counts a failed credit on its pending row, so the admin view shows it.
+async fn note_failed_credit(home: &ShardAgent, record: &TransferRecord, reason: &str) {
+    if let Err(e) = home.pending_credit_failed(record.transfer_id, reason).await {
+        warn!(%e, "could not record the failed credit attempt");
+    }
 }
 
 /// Aborts a transfer that moved nothing, through the decision's compare-and-set

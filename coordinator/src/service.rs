@@ -107,7 +107,8 @@ impl Coordinator {
         // 2PC mode, so switching modes never strands a Redis-mode transfer.
         let locks = match &config.redis {
             Some(r) => Some(Arc::new(
-                LockService::new(r.clone()).map_err(|e| StartError::Config(e.to_string()))?,
+                LockService::new(r.clone(), cluster.clone())
+                    .map_err(|e| StartError::Config(e.to_string()))?,
             )),
             None => None,
         };

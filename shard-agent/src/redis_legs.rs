@@ -55,15 +55,29 @@ pub enum Debited {
     Rejected(TransferRecord),
     /// Someone (recovery) decided the transfer first; this is their decision.
     AlreadyDecided(TransferRecord),
-    /// The lock's fencing token is older than the account's: nothing written.
-    FenceRejected,
+    /// The lock's fencing token is not above the account's: nothing written.
+    /// `last_fence` is the account's, so the token source can be raised above it.
+    FenceRejected { last_fence: i64 },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Credited {
     Yes,
     AlreadyApplied,
-    FenceRejected,
+    /// As for [`Debited::FenceRejected`]: nothing written; the account's fence.
+    FenceRejected {
+        last_fence: i64,
+    },
+}
+
+/// Pending credits of one home shard older than `in_doubt_after`: in doubt until
+/// recovery applies them.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct PendingStats {
+    pub count: i64,
+    pub oldest_age_ms: i64,
+    /// How many of them failed at least one attempt (a fence, a shard).
+    pub failing: i64,
 }
 
 const DEBIT_SQL: &str = "WITH a AS (
@@ -206,8 +220,9 @@ impl ShardAgent {
                 )
                 .await
                 .map_err(self.pg("diagnose fenced debit"))?;
-            if enforce && row.get::<_, i64>("last_fence") >= leg.fence {
-                return Ok(Some(Debited::FenceRejected));
+            let last_fence: i64 = row.get("last_fence");
+            if enforce && last_fence >= leg.fence {
+                return Ok(Some(Debited::FenceRejected { last_fence }));
             }
             let row = conn
                 .query_one(
@@ -280,7 +295,21 @@ impl ShardAgent {
                 }
                 Ok(None) => {
                     conn.rollback_quietly().await;
-                    Ok(Credited::FenceRejected)
+                    let row = conn
+                        .query_opt(
+                            "SELECT last_fence FROM accounts WHERE user_id = $1",
+                            &[leg.user.as_uuid()],
+                        )
+                        .await
+                        .map_err(self.pg("diagnose fenced credit"))?;
+                    // The recipient was checked before the debit committed and
+                    // accounts are never deleted, so a missing row is corruption.
+                    let row = row.ok_or_else(|| {
+                        self.corrupt(format!("credit to {} found no account", leg.user))
+                    })?;
+                    Ok(Credited::FenceRejected {
+                        last_fence: row.get(0),
+                    })
                 }
                 // A concurrent applier won the race to the ledger's unique key.
                 Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
@@ -310,7 +339,64 @@ impl ShardAgent {
         .await
     }
 
-    /// Pending credits of this home shard older than `older_than`, oldest first.
+    /// Records a failed attempt at a pending credit, with its reason.
+    pub async fn pending_credit_failed(&self, tid: TransferId, reason: &str) -> ShardResult<()> {
+        self.timed("record pending credit attempt", async {
+            let conn = self.conn().await?;
+            conn.execute(
+                "UPDATE pending_credits
+                 SET attempts = attempts + 1, last_error = $2, last_attempt_at = now()
+                 WHERE transfer_id = $1",
+                &[&tid.0, &reason],
+            )
+            .await
+            .map_err(self.pg("record pending credit attempt"))?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Count, oldest age and failing count of the pending credits older than
+    /// `older_than`: Redis mode's in-doubt figure.
+    pub async fn pending_stats(&self, older_than: Duration) -> ShardResult<PendingStats> {
+        self.timed("pending credit stats", async {
+            let conn = self.conn().await?;
+            let row = conn
+                .query_one(
+                    "SELECT count(*) AS n,
+                            coalesce(max((extract(epoch FROM now() - created_at) * 1000)::bigint), 0) AS oldest,
+                            count(*) FILTER (WHERE attempts > 0) AS failing
+                     FROM pending_credits WHERE created_at < now() - make_interval(secs => $1)",
+                    &[&older_than.as_secs_f64()],
+                )
+                .await
+                .map_err(self.pg("pending credit stats"))?;
+            Ok(PendingStats {
+                count: row.get("n"),
+                oldest_age_ms: row.get("oldest"),
+                failing: row.get("failing"),
+            })
+        })
+        .await
+    }
+
+    /// The highest fencing token stored on this shard: the floor below which a
+    /// Redis token source that lost its state must never grant.
+    pub async fn max_fence(&self) -> ShardResult<i64> {
+        self.timed("read highest fence", async {
+            let conn = self.conn().await?;
+            let row = conn
+                .query_one("SELECT coalesce(max(last_fence), 0) FROM accounts", &[])
+                .await
+                .map_err(self.pg("read highest fence"))?;
+            Ok(row.get(0))
+        })
+        .await
+    }
+
+    /// Pending credits of this home shard older than `older_than`, never tried
+    /// first, then the least recently tried, so credits that keep failing never
+    /// crowd out newer ones.
     pub async fn pending_credits(&self, older_than: Duration) -> ShardResult<Vec<PendingCredit>> {
         self.timed("list pending credits", async {
             let conn = self.conn().await?;
@@ -318,7 +404,7 @@ impl ShardAgent {
                 .query(
                     "SELECT transfer_id, to_user, to_username, from_username, amount, currency
                      FROM pending_credits WHERE created_at < now() - make_interval(secs => $1)
-                     ORDER BY created_at LIMIT $2",
+                     ORDER BY last_attempt_at NULLS FIRST, created_at LIMIT $2",
                     &[
                         &older_than.as_secs_f64(),
                         &crate::two_pc::recover::RECOVERY_BATCH_MAX,

@@ -76,7 +76,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 /// In-doubt prepared transactions, as the last recovery pass saw them.
 #[utoipa::path(get, path = "/v1/admin/in-doubt", tag = "ops", security(("admin" = [])),
     responses(
-        (status = 200, description = "Recovery status: per-shard count and oldest age of our prepared transactions"),
+        (status = 200, description = "Recovery status: per-shard count and oldest age of our prepared transactions, and (Redis-lock mode) of pending credits older than in_doubt_after, with how many failed an attempt"),
         (status = 401, description = "`unauthorized`", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`not_found`: no admin token configured", body = Problem, content_type = "application/problem+json"),
     ))]
@@ -95,6 +95,7 @@ pub async fn in_doubt(State(state): State<AppState>, headers: HeaderMap) -> ApiR
     Ok(axum::Json(serde_json::json!({
         "in_doubt": status.in_doubt_count(),
         "oldest_in_doubt_ms": status.oldest_age_ms(),
+        "pending_credits_in_doubt": status.pending_credit_count(),
         "recovery": status,
     }))
     .into_response())
