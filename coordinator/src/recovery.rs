@@ -228,45 +228,53 @@ impl Recovery {
         pass
     }
 
-    /// Everything one shard needs: its in-doubt legs (each home shard's at once),
-    /// then, as a home shard, its pending credits, cut payments and stale records.
+    /// Everything one shard needs, each part at once so that a part waiting on
+    /// a slow shard holds up none of the others: its in-doubt legs (each home
+    /// shard's at once) and, as a home shard, its pending credits, cut payments
+    /// and stale records.
     async fn recover_shard(&self, agent: &ShardAgent, routing: &Routing, pass: &Pass) {
-        match agent.in_doubt(self.limits.in_doubt_after).await {
-            Ok(legs) => {
-                let mut by_home: BTreeMap<ShardId, Vec<InDoubt>> = BTreeMap::new();
-                for leg in legs {
-                    by_home.entry(leg.gid.home).or_default().push(leg);
+        let legs = async {
+            match agent.in_doubt(self.limits.in_doubt_after).await {
+                Ok(legs) => {
+                    let mut by_home: BTreeMap<ShardId, Vec<InDoubt>> = BTreeMap::new();
+                    for leg in legs {
+                        by_home.entry(leg.gid.home).or_default().push(leg);
+                    }
+                    join_all(
+                        by_home.into_iter().map(|(home, legs)| {
+                            self.resolve_legs(agent, home, legs, routing, pass)
+                        }),
+                    )
+                    .await;
                 }
-                join_all(
-                    by_home
-                        .into_iter()
-                        .map(|(home, legs)| self.resolve_legs(agent, home, legs, routing, pass)),
-                )
-                .await;
+                Err(e) => {
+                    warn!(shard = %agent.id(), %e, "recovery: could not list prepared transactions");
+                    pass.failed(&e);
+                }
             }
-            Err(e) => {
-                warn!(shard = %agent.id(), %e, "recovery: could not list prepared transactions");
-                pass.failed(&e);
+        };
+        let credits = async {
+            if let Some(locks) = &self.locks {
+                self.forward_pending(agent, routing, locks, pass).await;
             }
-        }
-        if let Some(locks) = &self.locks {
-            self.forward_pending(agent, routing, locks, pass).await;
-        }
-        match agent.pending_stats(self.limits.in_doubt_after).await {
-            Ok(stats) if stats.count > 0 => pass.count(|s| {
-                s.pending_credits.insert(agent.id(), stats);
-            }),
-            Ok(_) => {}
-            Err(e) => {
-                warn!(shard = %agent.id(), %e, "recovery: could not count pending credits");
-                pass.failed(&e);
+            match agent.pending_stats(self.limits.in_doubt_after).await {
+                Ok(stats) if stats.count > 0 => pass.count(|s| {
+                    s.pending_credits.insert(agent.id(), stats);
+                }),
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(shard = %agent.id(), %e, "recovery: could not count pending credits");
+                    pass.failed(&e);
+                }
             }
-        }
-        if let Some((provider, timeout)) = &self.payments {
-            self.settle_external(agent, provider.clone(), *timeout, pass)
-                .await;
-        }
-        self.abort_stale(agent, pass).await;
+        };
+        let payments = async {
+            if let Some((provider, timeout)) = &self.payments {
+                self.settle_external(agent, provider.clone(), *timeout, pass)
+                    .await;
+            }
+        };
+        tokio::join!(legs, credits, payments, self.abort_stale(agent, pass));
     }
 
     /// Resolves `participant`'s in-doubt legs whose decision lives on `home`, one

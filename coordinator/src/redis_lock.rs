@@ -48,11 +48,19 @@ end
 return false
 ";
 
-/// Raises the high-water key to at least ARGV[1]; never lowers it.
+/// Raises the high-water key to at least ARGV[1]; never lowers it. A missing
+/// key is created only when ARGV[2] is '1' (seeding from every shard's fences):
+/// one account's fence alone is no floor for the others.
 const RAISE_LUA: &str = r"
 local floor = tonumber(ARGV[1])
-local last = tonumber(redis.call('GET', KEYS[1]) or '-1')
-if last < floor then
+local stored = redis.call('GET', KEYS[1])
+if not stored then
+  if ARGV[2] ~= '1' then
+    return 0
+  end
+  stored = '-1'
+end
+if tonumber(stored) < floor then
   redis.call('SET', KEYS[1], string.format('%.0f', floor))
 end
 return 1
@@ -137,6 +145,7 @@ pub struct LockService {
     raise: Script,
     release: Script,
     floor: Arc<dyn FenceFloor>,
+    seeding: Mutex<()>,
 }
 
 impl LockService {
@@ -151,6 +160,7 @@ impl LockService {
             raise: Script::new(RAISE_LUA),
             release: Script::new(RELEASE_LUA),
             floor,
+            seeding: Mutex::new(()),
         })
     }
 
@@ -192,11 +202,17 @@ impl LockService {
 
     /// Raises the high-water key to at least `fence`, so the next token is
     /// above it. Called with the account's fence when a write was refused by it.
+    /// A missing key is left missing: the next grant seeds it from every shard.
     pub async fn raise_floor(&self, fence: i64) -> Result<(), LockError> {
+        self.raise_key(fence, false).await
+    }
+
+    async fn raise_key(&self, fence: i64, create: bool) -> Result<(), LockError> {
         let mut c = self.conn().await?;
         self.raise
             .key(self.fence_key())
             .arg(fence)
+            .arg(if create { "1" } else { "0" })
             .invoke_async::<i64>(&mut c)
             .await
             .map_err(|e| LockError::Unavailable(e.to_string()))?;
@@ -204,7 +220,19 @@ impl LockService {
     }
 
     /// Seeds a missing high-water key above every fence stored on the shards.
+    /// One seeding at a time per coordinator: the requests that found the key
+    /// missing meanwhile find it seeded and read no shard.
     async fn seed(&self) -> Result<(), LockError> {
+        let _one_at_a_time = self.seeding.lock().await;
+        let mut c = self.conn().await?;
+        let present: bool = redis::cmd("EXISTS")
+            .arg(self.fence_key())
+            .query_async(&mut c)
+            .await
+            .map_err(|e| LockError::Unavailable(e.to_string()))?;
+        if present {
+            return Ok(());
+        }
         let floor = self
             .floor
             .highest_fence()
@@ -214,7 +242,7 @@ impl LockService {
             floor,
             "fencing high-water key missing in Redis (restart, flush or failover): seeded from the shards"
         );
-        self.raise_floor(floor).await
+        self.raise_key(floor, true).await
     }
 
     fn key(&self, user: UserId) -> String {
