@@ -162,10 +162,12 @@ enum Lane {
 
 /// The coordinator's batching front: hands each transfer to its lane.
 pub struct Batcher {
-    lanes: Mutex<HashMap<Lane, mpsc::UnboundedSender<Job>>>,
+    lanes: Mutex<HashMap<Lane, mpsc::Sender<Job>>>,
     max: usize,
     workers: usize,
     linger: Duration,
+    /// Transfers that may wait for one lane; see [`LANE_QUEUE_MAX`].
+    queue_max: usize,
     counts: Arc<GroupCounts>,
 }
 
@@ -238,12 +240,13 @@ impl GroupCounts {
 }
 
 impl Batcher {
-    pub fn new(max: usize, workers: usize, linger: Duration) -> Batcher {
+    pub fn new(max: usize, workers: usize, linger: Duration, queue_max: usize) -> Batcher {
         Batcher {
             lanes: Mutex::new(HashMap::new()),
             max: max.max(1),
             workers: workers.max(1),
             linger,
+            queue_max: queue_max.max(1),
             counts: Arc::default(),
         }
     }
@@ -284,15 +287,23 @@ impl Batcher {
             reply,
             queued: Instant::now(),
         };
-        self.lane(lane)
-            .send(job)
-            .map_err(|_| CoordinatorError::Corrupt("batch lane stopped".into()))?;
+        self.lane(lane).try_send(job).map_err(|e| match e {
+            // Nothing of the transfer was claimed or written: a retry with the
+            // same key runs it afresh.
+            mpsc::error::TrySendError::Full(_) => CoordinatorError::Overloaded {
+                queue: "batch lane",
+                queued_max: self.queue_max,
+            },
+            mpsc::error::TrySendError::Closed(_) => {
+                CoordinatorError::Corrupt("batch lane stopped".into())
+            }
+        })?;
         answer
             .await
             .map_err(|_| CoordinatorError::Corrupt("batch ended without an answer".into()))?
     }
 
-    fn lane(&self, lane: Lane) -> mpsc::UnboundedSender<Job> {
+    fn lane(&self, lane: Lane) -> mpsc::Sender<Job> {
         let mut lanes = self
             .lanes
             .lock()
@@ -300,7 +311,7 @@ impl Batcher {
         lanes
             .entry(lane)
             .or_insert_with(|| {
-                let (tx, rx) = mpsc::unbounded_channel();
+                let (tx, rx) = mpsc::channel(self.queue_max);
                 // A shard's same-shard groups run one at a time: there is a lane
                 // per shard, and a measured 0.85x against 0.76x with two.
                 let workers = match lane {
@@ -327,6 +338,13 @@ impl Batcher {
             .clone()
     }
 }
+
+/// The default of `batch_queue_max`: transfers that may wait for one lane (one
+/// shard's same-shard lane, or the cross-shard lane) beyond the group it is
+/// running, 32 groups of the default `batch_max`. Past it a transfer is refused
+/// at once with 503 `shard_busy` rather than queued without bound behind a lane
+/// that cannot keep up.
+pub const LANE_QUEUE_MAX: usize = 1024;
 
 /// Most scheduler turns a lane lingers for more transfers before it starts a group.
 const LINGER_YIELDS_MAX: usize = 16;
@@ -397,7 +415,7 @@ fn should_linger(waiting: usize, expected: usize, linger: Duration) -> bool {
 /// the batcher is dropped and the queue is empty.
 async fn run_lane(
     lane: Lane,
-    mut rx: mpsc::UnboundedReceiver<Job>,
+    mut rx: mpsc::Receiver<Job>,
     max: usize,
     workers: usize,
     linger: Duration,
@@ -521,6 +539,10 @@ fn each(e: &CoordinatorError) -> CoordinatorError {
         CoordinatorError::PayerCurrency { holds } => {
             CoordinatorError::PayerCurrency { holds: *holds }
         }
+        CoordinatorError::Overloaded { queue, queued_max } => CoordinatorError::Overloaded {
+            queue,
+            queued_max: *queued_max,
+        },
     }
 }
 

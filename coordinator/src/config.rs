@@ -89,6 +89,9 @@ pub struct Limits {
     /// waits). The wallet bench over HTTP, 2PC: 0.46x of in-process with no
     /// wait, 0.58x with 1 ms, 0.67-0.74x with 2 ms; in-process unchanged.
     pub batch_linger_us: u64,
+    /// Transfers that may wait for one batch lane; more get 503 `shard_busy`
+    /// at once (nothing claimed, so a retry with the same key runs afresh).
+    pub batch_queue_max: usize,
 }
 
 impl Default for Limits {
@@ -109,6 +112,7 @@ impl Default for Limits {
             batch_max: 32,
             batch_workers: 1,
             batch_linger_us: 2_000,
+            batch_queue_max: crate::batch::LANE_QUEUE_MAX,
         }
     }
 }
@@ -169,6 +173,9 @@ impl Config {
                 "limits.recovery_probe_timeout_ms and limits.recovery_pass_max_ms must be positive"
                     .into(),
             );
+        }
+        if self.limits.batch_queue_max == 0 {
+            return Err("limits.batch_queue_max must be at least 1".into());
         }
         if self.agent.pool_size_max == 0 {
             return Err("agent.pool_size_max must be at least 1".into());

@@ -15,6 +15,12 @@ pub enum CoordinatorError {
     /// ran, has no live session (`service::Payer::Claimed`).
     #[error("the payer's session is not live")]
     Unauthorized,
+    /// A bounded queue is full: nothing was claimed or written, retry later.
+    #[error("{queue} is full ({queued_max} waiting)")]
+    Overloaded {
+        queue: &'static str,
+        queued_max: usize,
+    },
     /// A transfer's payer, read when the transfer ran, holds another currency.
     #[error("the payer's account holds {holds}")]
     PayerCurrency { holds: Currency },

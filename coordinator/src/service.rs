@@ -142,6 +142,7 @@ impl Coordinator {
                 limits.batch_max,
                 limits.batch_workers,
                 Duration::from_micros(limits.batch_linger_us),
+                limits.batch_queue_max,
             ))
         });
         info!(

@@ -115,3 +115,106 @@ async fn a_burst_of_transfers_is_decided_transfer_by_transfer() {
         );
     }
 }
+
+/// A lane's queue is bounded (`batch_queue_max`): while its group is stuck
+/// behind a row lock, one more transfer waits and the rest are refused at once
+/// with 503 `shard_busy`, having claimed and written nothing, so their retries
+/// with the same keys run afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_lane_answers_503_shard_busy_and_the_retry_with_the_same_key_runs() {
+    use shard_agent::two_pc::prepare::{Leg, Side};
+    use shard_agent::{Currency, Gid, TransferId};
+
+    let limits = coordinator::config::Limits {
+        batch_queue_max: 1,
+        ..test_limits()
+    };
+    let cluster = TestCluster::start(4, limits).await;
+    let api = Api::new(&cluster);
+    let routing = cluster.coordinator.cluster().routing();
+    let shard = |n: &str| routing.map.shard_of(&router::UserId::for_username(n));
+    api.user("merchant", "USD").await;
+    // Payers on other shards than the merchant's: all in the cross-shard lane.
+    let names: Vec<String> = (0..200)
+        .map(|i| format!("payer{i}"))
+        .filter(|n| shard(n) != shard("merchant"))
+        .take(8)
+        .collect();
+    let mut payers = Vec::new();
+    for n in &names {
+        let t = api.user(n, "USD").await;
+        api.deposit(&t, "5.00", "USD").await;
+        payers.push(t);
+    }
+
+    // An in-doubt leg holds the merchant's row, as a stalled coordinator's would.
+    let merchant_shard = routing.agent_for(&router::UserId::for_username("merchant"));
+    let gid = Gid::new(
+        TransferId::generate(),
+        merchant_shard.id(),
+        merchant_shard.id(),
+    );
+    merchant_shard
+        .prepare_leg(&Leg {
+            gid,
+            side: Side::Credit,
+            user: router::UserId::for_username("merchant"),
+            amount: rust_decimal::Decimal::ONE,
+            currency: Currency::Usd,
+            counterparty: "someone".into(),
+        })
+        .await
+        .expect("prepare a leg holding the merchant's row");
+
+    // The first transfer's group is stuck on that lock; then the rest arrive.
+    let first = api.transfer(&payers[0], "k0", "merchant", "1.00", "USD");
+    let keys: Vec<String> = (1..payers.len()).map(|i| format!("k{i}")).collect();
+    let rest = async {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        join_all(
+            payers[1..]
+                .iter()
+                .zip(&keys)
+                .map(|(t, k)| api.transfer(t, k, "merchant", "1.00", "USD")),
+        )
+        .await
+    };
+    let release = async {
+        tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+        merchant_shard
+            .rollback_prepared(&gid)
+            .await
+            .expect("release the merchant's row");
+    };
+    let (first, rest, ()) = tokio::join!(first, rest, release);
+    let busy: Vec<usize> = rest
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.status == StatusCode::SERVICE_UNAVAILABLE)
+        .map(|(i, _)| i + 1)
+        .collect();
+    for r in std::iter::once(&first).chain(&rest) {
+        assert!(
+            r.status == StatusCode::CREATED
+                || (r.status == StatusCode::SERVICE_UNAVAILABLE
+                    && r.code() == "shard_busy"
+                    && r.headers.get("retry-after").is_some()),
+            "{:?} {:?}",
+            r.status,
+            r.body
+        );
+    }
+    assert!(
+        busy.len() >= rest.len() - 2,
+        "behind a stuck group, at most one transfer waits in a queue of one (and one may \
+         have joined the group): {busy:?}"
+    );
+    for &i in &busy {
+        let r = api
+            .transfer(&payers[i], &format!("k{i}"), "merchant", "1.00", "USD")
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "retry of k{i}: {:?}", r.body);
+    }
+    let merchant = api.login("merchant").await;
+    assert_eq!(api.balance(&merchant).await, "8.00", "every transfer once");
+}

@@ -205,6 +205,13 @@ impl From<CoordinatorError> for ApiError {
                     format!("shard {} is unavailable", e.shard()),
                 )
             }
+            CoordinatorError::Overloaded { queue, queued_max } => {
+                tracing::warn!(queue, queued_max, "request refused: queue full");
+                ApiError::detail(
+                    ErrorCode::ShardBusy,
+                    format!("too many transfers waiting ({queue})"),
+                )
+            }
             CoordinatorError::Crashed { at } => ApiError::detail(
                 ErrorCode::ShardUnavailable,
                 format!("coordinator stopped at {at}"),
