@@ -41,7 +41,9 @@ use futures::future::join_all;
 use router::{ShardId, UserId};
 use shard_agent::batch::{BatchLeg, OpenBatch, Verdict};
 use shard_agent::transfer_local::{Submitted, TransferOrder};
-use shard_agent::{Gid, ShardAgent, ShardError, TransferId, TransferRecord, TransferState};
+use shard_agent::{
+    FailureCode, Gid, ShardAgent, ShardError, TransferId, TransferRecord, TransferState,
+};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tracing::{info, warn, Instrument, Span};
 use uuid::Uuid;
@@ -49,6 +51,7 @@ use uuid::Uuid;
 use crate::cluster::Routing;
 use crate::error::{crash_point, CoordinatorError};
 use crate::service::verify_payer;
+use crate::suspects::{Suspect, Suspects};
 use crate::two_pc;
 
 /// The batched protocol's failpoints, in protocol order.
@@ -63,6 +66,8 @@ type Reply = oneshot::Sender<Result<Submitted, CoordinatorError>>;
 
 struct Job {
     order: TransferOrder,
+    /// Shared by every job of the batcher: faults met mark what they touched.
+    suspects: Arc<Suspects>,
     /// The payer's token hash while their session is unread (`Payer::Claimed`).
     session: Option<Vec<u8>>,
     routing: Arc<Routing>,
@@ -121,8 +126,34 @@ impl Job {
                 .instrument(self.span.clone())
                 .await
             };
+            self.note_fault(&result);
             self.answer(result);
         });
+    }
+
+    /// Marks what a fault met by this transfer alone touched, so the next
+    /// transfers touching it run alone too instead of stalling a group: both
+    /// users after a row-lock timeout, the shard that did not answer.
+    fn note_fault(&self, result: &Result<Submitted, CoordinatorError>) {
+        let users = [Suspect::User(self.order.from), Suspect::User(self.order.to)];
+        let busy = match result {
+            Err(CoordinatorError::Shard(ShardError::LockTimeout { .. })) => true,
+            Ok(Submitted::New(r)) => r.failure_code == Some(FailureCode::ShardBusy),
+            Err(CoordinatorError::Shard(e @ ShardError::Unavailable { .. })) => {
+                self.span.in_scope(|| warn!(shard = %e.shard(), "shard did not answer; its transfers run alone for a while"));
+                self.suspects.mark([Suspect::Shard(e.shard())]);
+                false
+            }
+            _ => false,
+        };
+        if busy {
+            self.span.in_scope(|| {
+                warn!(
+                    "row lock held outside any group; these users' transfers run alone for a while"
+                )
+            });
+            self.suspects.mark(users);
+        }
     }
 
     fn legs(&self) -> [BatchLeg; 2] {
@@ -169,6 +200,7 @@ pub struct Batcher {
     /// Transfers that may wait for one lane; see [`LANE_QUEUE_MAX`].
     queue_max: usize,
     counts: Arc<GroupCounts>,
+    suspects: Arc<Suspects>,
 }
 
 /// Groups started and the transfers in them since the batcher started, for
@@ -248,6 +280,7 @@ impl Batcher {
             linger,
             queue_max: queue_max.max(1),
             counts: Arc::default(),
+            suspects: Arc::default(),
         }
     }
 
@@ -278,8 +311,15 @@ impl Batcher {
         let span = Span::current();
         span.record("transfer_id", tracing::field::display(tid));
         let (reply, answer) = oneshot::channel();
+        let suspect = self.suspects.any([
+            Suspect::User(order.from),
+            Suspect::User(order.to),
+            Suspect::Shard(home),
+            Suspect::Shard(remote),
+        ]);
         let job = Job {
             order,
+            suspects: self.suspects.clone(),
             session,
             routing,
             tid,
@@ -287,6 +327,14 @@ impl Batcher {
             reply,
             queued: Instant::now(),
         };
+        if suspect {
+            // A fault met recently on this user or shard: only this transfer
+            // waits for it, outside the lanes.
+            job.alone();
+            return answer.await.map_err(|_| {
+                CoordinatorError::Corrupt("transfer ended without an answer".into())
+            })?;
+        }
         self.lane(lane).try_send(job).map_err(|e| match e {
             // Nothing of the transfer was claimed or written: a retry with the
             // same key runs it afresh.
@@ -431,9 +479,7 @@ async fn run_lane(
             .acquire_owned()
             .await
             .expect("invariant: the lane's semaphore is never closed");
-        while let Ok(job) = rx.try_recv() {
-            waiting.push_back(job);
-        }
+        pull(&mut rx, &mut waiting, max);
         let carried = waiting
             .iter()
             .filter(|j| answered.waited_through(j.queued))
@@ -445,9 +491,7 @@ async fn run_lane(
                 None => return,
             }
         }
-        while let Ok(job) = rx.try_recv() {
-            waiting.push_back(job);
-        }
+        pull(&mut rx, &mut waiting, max);
         // Linger while transfers keep arriving: the clients of the group that
         // just finished come back one after another, and the first of them
         // should not leave in a group of one while the others are a scheduler
@@ -458,9 +502,7 @@ async fn run_lane(
             }
             tokio::task::yield_now().await;
             let before = waiting.len();
-            while let Ok(job) = rx.try_recv() {
-                waiting.push_back(job);
-            }
+            pull(&mut rx, &mut waiting, max);
             if waiting.len() == before {
                 break;
             }
@@ -475,9 +517,7 @@ async fn run_lane(
                 match tokio::time::timeout_at(deadline, rx.recv()).await {
                     Ok(Some(job)) => {
                         waiting.push_back(job);
-                        while let Ok(job) = rx.try_recv() {
-                            waiting.push_back(job);
-                        }
+                        pull(&mut rx, &mut waiting, max);
                     }
                     Ok(None) | Err(_) => break,
                 }
@@ -494,6 +534,18 @@ async fn run_lane(
             }
             drop(slot);
         });
+    }
+}
+
+/// Moves what is queued into `waiting` until it holds a full group: the rest
+/// stays in the bounded channel, so `batch_queue_max` bounds a lane's backlog
+/// (the channel) plus at most one group's worth here.
+fn pull(rx: &mut mpsc::Receiver<Job>, waiting: &mut VecDeque<Job>, max: usize) {
+    while waiting.len() < max {
+        match rx.try_recv() {
+            Ok(job) => waiting.push_back(job),
+            Err(_) => return,
+        }
     }
 }
 
@@ -556,8 +608,17 @@ async fn run_local(group: Vec<Job>, answered: &AnswerMark) {
         // Nothing was written: each transfer runs alone and reports its own outcome.
         Err(e) => {
             warn!(shard = %agent.id(), %e, transfers = group.len(), "local batch failed; running its transfers one by one");
+            mark_unanswered(&group, &e);
             group.into_iter().for_each(Job::alone);
         }
+    }
+}
+
+/// A group that failed because a shard did not answer marks that shard, so its
+/// transfers run alone until the mark expires (their members run alone now).
+fn mark_unanswered(group: &[Job], e: &ShardError) {
+    if let (ShardError::Unavailable { .. }, Some(job)) = (e, group.first()) {
+        job.suspects.mark([Suspect::Shard(e.shard())]);
     }
 }
 
@@ -607,6 +668,7 @@ async fn run_cross(group: Vec<Job>, answered: &AnswerMark) {
         Ok(Ran::Decided(records)) => answer_all(group, records, &unverified),
         Ok(Ran::NothingWritten(e)) => {
             warn!(%e, "batch check failed; running its transfers one by one");
+            mark_unanswered(&group, &e);
             group.into_iter().for_each(Job::alone);
         }
         Err(e) => {
@@ -760,6 +822,18 @@ type PrepareAnswer<'a> = (&'a ShardAgent, Gid, Result<Vec<TransferRecord>, Shard
 /// the cycle quickly, and the ordered check that follows cannot form one.
 const PARALLEL_LOCK_WAIT_MS: u64 = 50;
 
+/// How long a lock wait may last in the ordered check that follows. The
+/// ordered check cannot wait on another group in a cycle, so a wait this long
+/// is a row held outside any group (an in-doubt leg, a slow transaction): the
+/// group gives up and its members run alone, where only the blocked one waits
+/// (up to `lock_timeout`), instead of the whole group and every group behind.
+const ORDERED_LOCK_WAIT_MS: u64 = 200;
+
+/// How long one shard may take to answer a group's check. A shard silent this
+/// long is taken as unreachable: the group's members run alone and the shard
+/// is marked (`crate::suspects`), so it stalls one group, not the lane.
+pub const GROUP_CHECK_TIMEOUT_MS: u64 = 500;
+
 enum Checked<'a> {
     /// Every shard's transaction is open, in shard order, with each transfer's
     /// verdict over all its legs.
@@ -772,10 +846,7 @@ enum Checked<'a> {
 async fn check_at_once<'a>(parts: &'a BTreeMap<ShardId, Part<'a>>, n: usize) -> Checked<'a> {
     let answers = join_all(parts.values().map(|part| async move {
         let prior = vec![Verdict::Pass; part.legs.len()];
-        let r = part
-            .agent
-            .open_batch(&part.legs, &prior, Some(PARALLEL_LOCK_WAIT_MS))
-            .await;
+        let r = open_bounded(part, &prior, PARALLEL_LOCK_WAIT_MS).await;
         (part, r)
     }))
     .await;
@@ -805,6 +876,29 @@ async fn check_at_once<'a>(parts: &'a BTreeMap<ShardId, Part<'a>>, n: usize) -> 
     }
 }
 
+/// Step 1 on one shard, bounded: each lock wait by `lock_wait_ms`, the whole
+/// call by [`GROUP_CHECK_TIMEOUT_MS`] (a shard that does not answer by then
+/// is `Unavailable`; its connection is dropped, which rolls its part back).
+async fn open_bounded<'a>(
+    part: &'a Part<'a>,
+    prior: &[Verdict],
+    lock_wait_ms: u64,
+) -> Result<(OpenBatch<'a>, Vec<Verdict>), ShardError> {
+    let bound = Duration::from_millis(GROUP_CHECK_TIMEOUT_MS);
+    match tokio::time::timeout(
+        bound,
+        part.agent.open_batch(&part.legs, prior, Some(lock_wait_ms)),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => Err(ShardError::Unavailable {
+            shard: part.agent.id(),
+            reason: format!("batch check: no answer within {GROUP_CHECK_TIMEOUT_MS} ms"),
+        }),
+    }
+}
+
 /// Every shard's transactions open, in shard order, with each transfer's verdict.
 type OpenChecked<'a> = (Vec<(OpenBatch<'a>, &'a Part<'a>)>, Vec<Verdict>);
 
@@ -816,7 +910,7 @@ async fn check_in_order<'a>(
     let mut open = Vec::with_capacity(parts.len());
     for part in parts.values() {
         let prior: Vec<Verdict> = part.owner.iter().map(|&i| verdict[i]).collect();
-        match part.agent.open_batch(&part.legs, &prior, None).await {
+        match open_bounded(part, &prior, ORDERED_LOCK_WAIT_MS).await {
             Ok((txn, found)) => {
                 for (&i, v) in part.owner.iter().zip(found) {
                     verdict[i] = verdict[i].merge(v);

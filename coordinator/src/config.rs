@@ -174,6 +174,14 @@ impl Config {
                     .into(),
             );
         }
+        if self.agent.call_timeout_ms <= self.agent.lock_timeout_ms {
+            // A lock wait must end as a lock timeout (the row's trouble), not as
+            // a call timeout, which reads as the whole shard not answering.
+            return Err("agent.call_timeout_ms must exceed agent.lock_timeout_ms".into());
+        }
+        if self.agent.statement_timeout_ms <= self.agent.lock_timeout_ms {
+            return Err("agent.statement_timeout_ms must exceed agent.lock_timeout_ms".into());
+        }
         if self.limits.batch_queue_max == 0 {
             return Err("limits.batch_queue_max must be at least 1".into());
         }

@@ -29,5 +29,6 @@ pub mod redis_lock;
 pub mod redis_mode;
 pub mod serve;
 pub mod service;
+pub mod suspects;
 pub mod testkit;
 pub mod two_pc;

@@ -626,6 +626,7 @@ async fn an_unreachable_shard_gives_503_shard_unavailable_with_retry_after() {
     config.shards[3].dsn = format!("host=127.0.0.1 port={dead_port} user=postgres dbname=gone");
     config.agent.connect_timeout_ms = 300;
     config.agent.call_timeout_ms = 1_000;
+    config.agent.lock_timeout_ms = 500;
     let c = TestCluster::serve(config).await;
     let api = Api::new(&c);
     let routing = c.coordinator.cluster().routing();

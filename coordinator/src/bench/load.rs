@@ -160,6 +160,22 @@ impl Picker {
     }
 }
 
+/// Chooses each transfer's payer and payee, as indexes into `users()`.
+pub trait Pick: Send + Sync + 'static {
+    fn users(&self) -> &Arc<Vec<BenchUser>>;
+    fn pick(&self, rng: &mut StdRng) -> (usize, usize);
+}
+
+impl Pick for Picker {
+    fn users(&self) -> &Arc<Vec<BenchUser>> {
+        &self.users
+    }
+
+    fn pick(&self, rng: &mut StdRng) -> (usize, usize) {
+        Picker::pick(self, rng)
+    }
+}
+
 /// The answer to one transfer.
 #[derive(Clone, Debug)]
 pub enum Outcome {
@@ -290,11 +306,15 @@ async fn cpu_over(measure_from: Instant, stop_at: Instant) -> Option<CpuWindow> 
 }
 
 /// Runs `spec.clients` closed loops against `driver` for warm-up plus duration.
-pub async fn run<D: Driver>(driver: Arc<D>, picker: Arc<Picker>, spec: &LoadSpec) -> LoadResult {
+pub async fn run<D: Driver, P: Pick>(
+    driver: Arc<D>,
+    picker: Arc<P>,
+    spec: &LoadSpec,
+) -> LoadResult {
     let start = Instant::now();
     let measure_from = start + spec.warmup;
     let stop_at = measure_from + spec.duration;
-    let users = picker.users.clone();
+    let users = picker.users().clone();
     let cpu = tokio::spawn(cpu_over(measure_from, stop_at));
     let mut tasks = Vec::with_capacity(spec.clients);
     for client in 0..spec.clients {

@@ -9,10 +9,12 @@
 //!
 //! - [`setup`]: servers and bulk load; [`load`]: the load generator and its
 //!   account pickers; [`drivers`]: in-process and HTTP; [`baseline`]: the
-//!   single-node peers; [`report`]: table, JSON and SVG.
+//!   single-node peers; [`isolation`]: healthy traffic beside a frozen shard
+//!   or a locked account; [`report`]: table, JSON and SVG.
 
 pub mod baseline;
 pub mod drivers;
+pub mod isolation;
 pub mod load;
 pub mod report;
 pub mod setup;
@@ -214,7 +216,15 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
                 || (s.protocol == Protocol::SingleNode && distributions.contains(&s.distribution))
         })
         .collect();
-    anyhow::ensure!(!selected.is_empty(), "no scenario matches {:?}", opts.only);
+    let faults: Vec<isolation::Fault> = isolation::Fault::ALL
+        .into_iter()
+        .filter(|f| opts.only.is_empty() || opts.only.iter().any(|o| f.name().contains(o.as_str())))
+        .collect();
+    anyhow::ensure!(
+        !selected.is_empty() || !faults.is_empty(),
+        "no scenario matches {:?}",
+        opts.only
+    );
     let temp;
     let dir = match &opts.data_dir {
         Some(d) => {
@@ -395,6 +405,37 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
             });
         }
     }
+    let mut isolated = Vec::with_capacity(faults.len());
+    for (i, fault) in faults.into_iter().enumerate() {
+        println!("[isolation {}] {}…", i + 1, fault.name());
+        let config = cluster.config_for(LockMode::TwoPc);
+        let front = match fronts.entry(LockMode::TwoPc.as_str()) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(e) => e.insert(Front::start(&config).await?),
+        };
+        let mut report = isolation::run(
+            fault,
+            &cluster,
+            front.coordinator.clone(),
+            &opts,
+            opts.seed.wrapping_add(1000 + i as u64),
+        )
+        .await?;
+        committed_cluster += report.committed_total;
+        report.violations = check_cluster(&cluster, committed_cluster).await?;
+        println!(
+            "    healthy {:.0} -> {:.0} transfers/s ({:.2}x), p99 {:.1} -> {:.1} ms; victims {} committed, {} failed; {}",
+            report.healthy_tps_before,
+            report.healthy_tps_during,
+            report.ratio,
+            report.healthy_p99_ms_before,
+            report.healthy_p99_ms_during,
+            report.victim_committed_during,
+            report.victim_failed_during,
+            if report.violations.is_empty() { "invariants hold" } else { "INVARIANTS VIOLATED" }
+        );
+        isolated.push(report);
+    }
     let mut reports: Vec<ScenarioReport> = selected
         .iter()
         .zip(runs)
@@ -424,7 +465,8 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
         relate(report, &all);
     }
     drop(fronts);
-    let invariants_ok = reports.iter().all(|r| r.invariants_ok);
+    let invariants_ok =
+        reports.iter().all(|r| r.invariants_ok) && isolated.iter().all(|r| r.violations.is_empty());
     let report = Report {
         started_at: chrono::Utc::now().to_rfc3339(),
         command: opts.command.clone(),
@@ -443,8 +485,9 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
             batch_linger_us: opts.batch_linger_us,
             rounds,
         },
-        goals: Report::goals(&reports),
+        goals: Report::goals(&reports, &isolated),
         scenarios: reports,
+        isolation: isolated,
         invariants_ok,
     };
     report.print();

@@ -231,12 +231,17 @@ pub struct Report {
     pub machine: Machine,
     pub parameters: Parameters,
     pub scenarios: Vec<ScenarioReport>,
+    /// Healthy traffic beside one fault (`wallet bench --only isolation`).
+    pub isolation: Vec<super::isolation::IsolationReport>,
     pub goals: Vec<Goal>,
     pub invariants_ok: bool,
 }
 
 impl Report {
-    pub fn goals(scenarios: &[ScenarioReport]) -> Vec<Goal> {
+    pub fn goals(
+        scenarios: &[ScenarioReport],
+        isolation: &[super::isolation::IsolationReport],
+    ) -> Vec<Goal> {
         let find = |name: &str| scenarios.iter().find(|s| s.name == name);
         let mut goals = Vec::new();
         let mut ratio_goal = |name: &str, min: f64, p99_max: Option<f64>| {
@@ -268,6 +273,16 @@ impl Report {
                     met: r >= 0.7,
                 });
             }
+        }
+        for i in isolation {
+            goals.push(Goal {
+                goal: format!("{}: {}", i.name, i.goal),
+                measured: format!(
+                    "{:.2}x, p99 {:.1} ms (before: p99 {:.1} ms)",
+                    i.ratio, i.healthy_p99_ms_during, i.healthy_p99_ms_before
+                ),
+                met: i.met,
+            });
         }
         goals
     }

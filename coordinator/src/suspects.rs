@@ -1,0 +1,116 @@
+//! Accounts and shards that recently stalled a transfer, so that their next
+//! transfers run alone instead of in a group.
+//!
+//! A group waits for all its members. One member whose account row is held
+//! outside any group (an in-doubt prepared leg, a slow transaction) or whose
+//! shard does not answer would hold up every other member, and every group
+//! after it. So a fault met by a transfer marks what it touched: the users on
+//! a row-lock timeout, the shard on "no answer". Until the mark expires,
+//! transfers touching a marked user or shard skip the batch lanes and run
+//! alone, where only they wait. A mark is refreshed each time a transfer meets
+//! the same fault, and expires `SUSPECT_FOR` after the last one; then the next
+//! transfer tries a group again.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use router::{ShardId, UserId};
+
+/// How long a fault keeps its user or shard out of the groups.
+pub const SUSPECT_FOR: Duration = Duration::from_secs(5);
+
+/// Most marks kept at once; past it the expired ones are swept, and if all
+/// are live the new mark is not kept (those transfers then take their chance
+/// in a group, as without marks).
+pub const SUSPECTS_MAX: usize = 10_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Suspect {
+    User(UserId),
+    Shard(ShardId),
+}
+
+#[derive(Debug, Default)]
+pub struct Suspects {
+    until: Mutex<HashMap<Suspect, Instant>>,
+    /// False while no mark may be live: every transfer asks, and in the usual
+    /// case (no fault) the answer needs no lock.
+    maybe_any: AtomicBool,
+}
+
+impl Suspects {
+    /// Marks `who` for `SUSPECT_FOR` from now.
+    pub fn mark(&self, who: impl IntoIterator<Item = Suspect>) {
+        let now = Instant::now();
+        let mut until = self
+            .until
+            .lock()
+            .expect("invariant: the suspects lock is never held across a panic");
+        for s in who {
+            if until.len() >= SUSPECTS_MAX && !until.contains_key(&s) {
+                until.retain(|_, t| *t > now);
+                if until.len() >= SUSPECTS_MAX {
+                    continue;
+                }
+            }
+            until.insert(s, now + SUSPECT_FOR);
+            self.maybe_any.store(true, Ordering::Release);
+        }
+    }
+
+    /// Whether any of `who` is marked and its mark has not expired.
+    pub fn any(&self, who: impl IntoIterator<Item = Suspect>) -> bool {
+        if !self.maybe_any.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut until = self
+            .until
+            .lock()
+            .expect("invariant: the suspects lock is never held across a panic");
+        let now = Instant::now();
+        if until.values().all(|t| *t <= now) {
+            until.clear();
+            self.maybe_any.store(false, Ordering::Release);
+            return false;
+        }
+        who.into_iter()
+            .any(|s| until.get(&s).is_some_and(|t| *t > now))
+    }
+
+    /// Marks currently live, for the logs and tests.
+    pub fn live(&self) -> usize {
+        let now = Instant::now();
+        self.until
+            .lock()
+            .expect("invariant: the suspects lock is never held across a panic")
+            .values()
+            .filter(|t| **t > now)
+            .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mark_covers_its_user_or_shard_only() {
+        let s = Suspects::default();
+        let (alice, bob) = (UserId::for_username("alice"), UserId::for_username("bob"));
+        assert!(!s.any([Suspect::User(alice)]));
+        s.mark([Suspect::User(alice), Suspect::Shard(ShardId(2))]);
+        assert!(s.any([Suspect::User(bob), Suspect::User(alice)]));
+        assert!(s.any([Suspect::Shard(ShardId(2))]));
+        assert!(!s.any([Suspect::User(bob), Suspect::Shard(ShardId(1))]));
+        assert_eq!(s.live(), 2);
+    }
+
+    #[test]
+    fn marks_are_bounded() {
+        let s = Suspects::default();
+        s.mark((0..SUSPECTS_MAX as u16 + 10).map(|i| Suspect::Shard(ShardId(i))));
+        assert_eq!(s.live(), SUSPECTS_MAX);
+    }
+}
