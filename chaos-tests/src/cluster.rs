@@ -43,6 +43,8 @@ pub struct ChaosCluster {
     pub proxies: Vec<Proxy>,
     /// Agents that bypass the proxies, for the checker.
     pub direct: Vec<ShardAgent>,
+    /// Their DSNs, for faults made with SQL (`Fault::HoldRows`).
+    pub direct_dsns: Vec<String>,
     pub config: Config,
     /// Redis-lock mode only.
     pub redis: Option<RedisServer>,
@@ -126,6 +128,7 @@ impl ChaosCluster {
             servers,
             proxies,
             direct,
+            direct_dsns: direct_entries.iter().map(|e| e.dsn.clone()).collect(),
             config,
             redis,
             config_path,

@@ -244,6 +244,22 @@ async fn apply(
             tokio::time::sleep(hold).await;
             tokio::task::block_in_place(|| cluster.servers[shard].restart())?;
         }
+        Fault::HoldRows => {
+            let (client, conn) =
+                tokio_postgres::connect(&cluster.direct_dsns[shard], tokio_postgres::NoTls).await?;
+            let conn = tokio::spawn(conn);
+            client
+                .batch_execute(
+                    "BEGIN; SELECT 1 FROM accounts WHERE user_id IN (
+                         SELECT user_id FROM accounts WHERE kind = 'user' ORDER BY random() LIMIT 3)
+                     FOR UPDATE",
+                )
+                .await?;
+            tokio::time::sleep(hold).await;
+            client.batch_execute("ROLLBACK").await?;
+            drop(client);
+            conn.abort();
+        }
         Fault::PauseShard => {
             cluster.servers[shard].pause()?;
             tokio::time::sleep(hold).await;

@@ -19,10 +19,13 @@ pub enum Fault {
     SlowLinks,
     /// Redis-lock mode: kill -9 of redis-server (every lock is lost), then restart.
     KillRedis,
+    /// A few users' account rows held by a transaction outside the wallet (as an
+    /// in-doubt leg or a slow statement would), then released.
+    HoldRows,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 7] = [
+    pub const ALL: [Fault; 8] = [
         Fault::KillCoordinator,
         Fault::KillShard,
         Fault::PauseShard,
@@ -30,6 +33,7 @@ impl Fault {
         Fault::DropLinks,
         Fault::SlowLinks,
         Fault::KillRedis,
+        Fault::HoldRows,
     ];
 
     /// The faults that make sense in `mode` (no Redis to kill in 2PC mode).
@@ -49,6 +53,7 @@ impl Fault {
             Fault::DropLinks => "drop-links",
             Fault::SlowLinks => "slow-links",
             Fault::KillRedis => "kill-redis",
+            Fault::HoldRows => "hold-rows",
         }
     }
 
@@ -57,7 +62,9 @@ impl Fault {
         let ms = match self {
             Fault::KillCoordinator => rng.gen_range(100..400),
             Fault::KillShard | Fault::KillRedis => rng.gen_range(300..1_500),
-            Fault::PauseShard | Fault::Partition | Fault::SlowLinks => rng.gen_range(800..2_500),
+            Fault::PauseShard | Fault::Partition | Fault::SlowLinks | Fault::HoldRows => {
+                rng.gen_range(800..2_500)
+            }
             Fault::DropLinks => rng.gen_range(200..800),
         };
         Duration::from_millis(ms)
@@ -159,6 +166,9 @@ pub fn all(mode: LockMode) -> Vec<Scenario> {
             Fault::DropLinks => "reset every connection to a shard and refuse new ones, then heal",
             Fault::SlowLinks => "delay every chunk to and from a shard by 20-100 ms",
             Fault::KillRedis => "kill -9 of redis-server (every lock lost), then restart",
+            Fault::HoldRows => {
+                "hold 3 random users' account rows in an open transaction, then roll back"
+            }
         };
         out.push(Scenario {
             name: fault.name().into(),

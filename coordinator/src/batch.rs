@@ -64,6 +64,55 @@ pub const FAILPOINTS: [&str; 4] = [
 
 type Reply = oneshot::Sender<Result<Submitted, CoordinatorError>>;
 
+/// A fault a lone transfer met, as far as it tells (`Job::fault_of`).
+enum Fault {
+    None,
+    /// A row of one of these users is held outside any group.
+    RowHeld([UserId; 2]),
+    /// One of these shards may not answer.
+    ShardSilent(Vec<ShardAgent>),
+}
+
+/// How long a shard may take to answer a ping before a fault report against
+/// it is believed and the shard marked. A report alone may be a busy pool or
+/// a slow statement; a shard that cannot answer a ping is taken as silent.
+const PROBE_MS: u64 = 300;
+
+/// Most transfers running alone at once because a user or shard they touch is
+/// marked; more get 503 `shard_busy` at once (nothing claimed).
+pub const ALONE_MAX: usize = 256;
+
+/// Marks what `fault` points at (`crate::suspects`), so the next transfers
+/// touching it run alone instead of stalling a group.
+async fn settle_fault(suspects: &Suspects, fault: Fault) {
+    match fault {
+        Fault::None => {}
+        Fault::RowHeld(users) => {
+            warn!("row lock held outside any group; these users' transfers run alone for a while");
+            suspects.mark(users.map(Suspect::User));
+        }
+        Fault::ShardSilent(agents) => mark_silent(suspects, agents).await,
+    }
+}
+
+/// Marks each of `agents` whose shard does not answer a ping within
+/// [`PROBE_MS`].
+async fn mark_silent(suspects: &Suspects, agents: Vec<ShardAgent>) {
+    let probes = join_all(agents.into_iter().map(|a| async move {
+        let answered = tokio::time::timeout(Duration::from_millis(PROBE_MS), a.ping())
+            .await
+            .is_ok_and(|r| r.is_ok());
+        (a.id(), answered)
+    }))
+    .await;
+    for (shard, answered) in probes {
+        if !answered {
+            warn!(%shard, "shard does not answer; its transfers run alone for a while");
+            suspects.mark([Suspect::Shard(shard)]);
+        }
+    }
+}
+
 struct Job {
     order: TransferOrder,
     /// Shared by every job of the batcher: faults met mark what they touched.
@@ -126,33 +175,34 @@ impl Job {
                 .instrument(self.span.clone())
                 .await
             };
-            self.note_fault(&result);
+            let fault = self.fault_of(&result);
+            let (suspects, span) = (self.suspects.clone(), self.span.clone());
             self.answer(result);
+            settle_fault(&suspects, fault).instrument(span).await;
         });
     }
 
-    /// Marks what a fault met by this transfer alone touched, so the next
-    /// transfers touching it run alone too instead of stalling a group: both
-    /// users after a row-lock timeout, the shard that did not answer.
-    fn note_fault(&self, result: &Result<Submitted, CoordinatorError>) {
-        let users = [Suspect::User(self.order.from), Suspect::User(self.order.to)];
-        let busy = match result {
-            Err(CoordinatorError::Shard(ShardError::LockTimeout { .. })) => true,
-            Ok(Submitted::New(r)) => r.failure_code == Some(FailureCode::ShardBusy),
-            Err(CoordinatorError::Shard(e @ ShardError::Unavailable { .. })) => {
-                self.span.in_scope(|| warn!(shard = %e.shard(), "shard did not answer; its transfers run alone for a while"));
-                self.suspects.mark([Suspect::Shard(e.shard())]);
-                false
+    /// What this transfer's lone run says about the users and shards it
+    /// touched: a row-lock timeout points at its users' rows; "shard
+    /// unavailable" at one of its two shards, to be confirmed by a probe.
+    fn fault_of(&self, result: &Result<Submitted, CoordinatorError>) -> Fault {
+        let shards = || vec![self.home().clone(), self.remote().clone()];
+        match result {
+            Err(CoordinatorError::Shard(ShardError::LockTimeout { .. })) => {
+                Fault::RowHeld([self.order.from, self.order.to])
             }
-            _ => false,
-        };
-        if busy {
-            self.span.in_scope(|| {
-                warn!(
-                    "row lock held outside any group; these users' transfers run alone for a while"
-                )
-            });
-            self.suspects.mark(users);
+            Err(CoordinatorError::Shard(e @ ShardError::Unavailable { .. })) => Fault::ShardSilent(
+                shards()
+                    .into_iter()
+                    .filter(|a| a.id() == e.shard())
+                    .collect(),
+            ),
+            Ok(Submitted::New(r)) => match r.failure_code {
+                Some(FailureCode::ShardBusy) => Fault::RowHeld([self.order.from, self.order.to]),
+                Some(FailureCode::ShardUnavailable) => Fault::ShardSilent(shards()),
+                _ => Fault::None,
+            },
+            _ => Fault::None,
         }
     }
 
@@ -201,6 +251,8 @@ pub struct Batcher {
     queue_max: usize,
     counts: Arc<GroupCounts>,
     suspects: Arc<Suspects>,
+    /// Bounds the transfers running alone because of a mark ([`ALONE_MAX`]).
+    alone_slots: Arc<Semaphore>,
 }
 
 /// Groups started and the transfers in them since the batcher started, for
@@ -281,6 +333,7 @@ impl Batcher {
             queue_max: queue_max.max(1),
             counts: Arc::default(),
             suspects: Arc::default(),
+            alone_slots: Arc::new(Semaphore::new(ALONE_MAX)),
         }
     }
 
@@ -330,6 +383,12 @@ impl Batcher {
         if suspect {
             // A fault met recently on this user or shard: only this transfer
             // waits for it, outside the lanes.
+            let Ok(_slot) = self.alone_slots.clone().try_acquire_owned() else {
+                return Err(CoordinatorError::Overloaded {
+                    queue: "transfers running alone",
+                    queued_max: ALONE_MAX,
+                });
+            };
             job.alone();
             return answer.await.map_err(|_| {
                 CoordinatorError::Corrupt("transfer ended without an answer".into())
@@ -614,11 +673,42 @@ async fn run_local(group: Vec<Job>, answered: &AnswerMark) {
     }
 }
 
-/// A group that failed because a shard did not answer marks that shard, so its
-/// transfers run alone until the mark expires (their members run alone now).
+/// What a group that failed at its check marks (`crate::suspects`), so the
+/// next transfers touching it run alone instead of stalling another group
+/// (the group's own members run alone now):
+/// - a lock wait that ran out on a shard: every user with a leg on that shard
+///   (which row was held is not known; one of them is the culprit, and the
+///   others' next transfers merely run alone for a while);
+/// - a shard that did not answer: the shard, once a ping confirms it.
 fn mark_unanswered(group: &[Job], e: &ShardError) {
-    if let (ShardError::Unavailable { .. }, Some(job)) = (e, group.first()) {
-        job.suspects.mark([Suspect::Shard(e.shard())]);
+    let Some(suspects) = group.first().map(|j| j.suspects.clone()) else {
+        return;
+    };
+    match e {
+        ShardError::LockTimeout { shard } => {
+            let users: Vec<Suspect> = group
+                .iter()
+                .flat_map(|j| {
+                    [(j.home(), j.order.from), (j.remote(), j.order.to)]
+                        .into_iter()
+                        .filter(|(a, _)| a.id() == *shard)
+                        .map(|(_, u)| Suspect::User(u))
+                })
+                .collect();
+            warn!(%shard, users = users.len(), "a group waited on a row held outside it; its users' transfers run alone for a while");
+            suspects.mark(users);
+        }
+        ShardError::Unavailable { shard, .. } => {
+            let agent = group
+                .iter()
+                .flat_map(|j| [j.home(), j.remote()])
+                .find(|a| a.id() == *shard)
+                .cloned();
+            if let Some(agent) = agent {
+                tokio::spawn(async move { mark_silent(&suspects, vec![agent]).await });
+            }
+        }
+        _ => {}
     }
 }
 
@@ -832,7 +922,7 @@ const ORDERED_LOCK_WAIT_MS: u64 = 200;
 /// How long one shard may take to answer a group's check. A shard silent this
 /// long is taken as unreachable: the group's members run alone and the shard
 /// is marked (`crate::suspects`), so it stalls one group, not the lane.
-pub const GROUP_CHECK_TIMEOUT_MS: u64 = 500;
+pub const GROUP_CHECK_TIMEOUT_MS: u64 = 1_000;
 
 enum Checked<'a> {
     /// Every shard's transaction is open, in shard order, with each transfer's

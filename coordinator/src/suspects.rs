@@ -26,6 +26,14 @@ pub const SUSPECT_FOR: Duration = Duration::from_secs(5);
 /// in a group, as without marks).
 pub const SUSPECTS_MAX: usize = 10_000;
 
+/// The marks, and when the last of them expires: past that, all are stale and
+/// are dropped at once instead of scanned.
+#[derive(Debug, Default)]
+struct Marks {
+    until: HashMap<Suspect, Instant>,
+    last: Option<Instant>,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Suspect {
     User(UserId),
@@ -34,7 +42,7 @@ pub enum Suspect {
 
 #[derive(Debug, Default)]
 pub struct Suspects {
-    until: Mutex<HashMap<Suspect, Instant>>,
+    until: Mutex<Marks>,
     /// False while no mark may be live: every transfer asks, and in the usual
     /// case (no fault) the answer needs no lock.
     maybe_any: AtomicBool,
@@ -44,18 +52,17 @@ impl Suspects {
     /// Marks `who` for `SUSPECT_FOR` from now.
     pub fn mark(&self, who: impl IntoIterator<Item = Suspect>) {
         let now = Instant::now();
-        let mut until = self
-            .until
-            .lock()
-            .expect("invariant: the suspects lock is never held across a panic");
+        let expires = now + SUSPECT_FOR;
+        let mut marks = self.lock();
         for s in who {
-            if until.len() >= SUSPECTS_MAX && !until.contains_key(&s) {
-                until.retain(|_, t| *t > now);
-                if until.len() >= SUSPECTS_MAX {
+            if marks.until.len() >= SUSPECTS_MAX && !marks.until.contains_key(&s) {
+                marks.until.retain(|_, t| *t > now);
+                if marks.until.len() >= SUSPECTS_MAX {
                     continue;
                 }
             }
-            until.insert(s, now + SUSPECT_FOR);
+            marks.until.insert(s, expires);
+            marks.last = Some(expires);
             self.maybe_any.store(true, Ordering::Release);
         }
     }
@@ -65,29 +72,28 @@ impl Suspects {
         if !self.maybe_any.load(Ordering::Acquire) {
             return false;
         }
-        let mut until = self
-            .until
-            .lock()
-            .expect("invariant: the suspects lock is never held across a panic");
+        let mut marks = self.lock();
         let now = Instant::now();
-        if until.values().all(|t| *t <= now) {
-            until.clear();
+        if marks.last.is_none_or(|last| last <= now) {
+            marks.until.clear();
+            marks.last = None;
             self.maybe_any.store(false, Ordering::Release);
             return false;
         }
         who.into_iter()
-            .any(|s| until.get(&s).is_some_and(|t| *t > now))
+            .any(|s| marks.until.get(&s).is_some_and(|t| *t > now))
     }
 
     /// Marks currently live, for the logs and tests.
     pub fn live(&self) -> usize {
         let now = Instant::now();
+        self.lock().until.values().filter(|t| **t > now).count()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Marks> {
         self.until
             .lock()
             .expect("invariant: the suspects lock is never held across a panic")
-            .values()
-            .filter(|t| **t > now)
-            .count()
     }
 }
 

@@ -116,29 +116,44 @@ async fn a_burst_of_transfers_is_decided_transfer_by_transfer() {
     }
 }
 
-/// A lane's queue is bounded (`batch_queue_max`): while its group is stuck
-/// behind a row lock, one more transfer waits and the rest are refused at once
-/// with 503 `shard_busy`, having claimed and written nothing, so their retries
-/// with the same keys run afresh.
+/// A lane's queue is bounded (`batch_queue_max`): while its group waits on a
+/// shard that does not answer, one more transfer waits in the queue and the
+/// rest are refused at once with 503 `shard_busy`, having claimed and written
+/// nothing, so their retries with the same keys run afresh.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_lane_answers_503_shard_busy_and_the_retry_with_the_same_key_runs() {
-    use shard_agent::two_pc::prepare::{Leg, Side};
-    use shard_agent::{Currency, Gid, TransferId};
-
     let limits = coordinator::config::Limits {
         batch_queue_max: 1,
         ..test_limits()
     };
-    let cluster = TestCluster::start(4, limits).await;
+    let mut config = TestCluster::provision(4, limits).await;
+    // Shard 3 never answers: a group with a transfer to it waits for its
+    // check's bound (1 s), and the cross-shard lane with it.
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the black hole");
+    config.shards[3].dsn = format!(
+        "postgres://postgres@127.0.0.1:{}/gone",
+        hole.local_addr().expect("addr").port()
+    );
+    config.agent.call_timeout_ms = 20_000;
+    config.agent.connect_timeout_ms = 20_000;
+    let cluster = TestCluster::serve(config).await;
     let api = Api::new(&cluster);
     let routing = cluster.coordinator.cluster().routing();
-    let shard = |n: &str| routing.map.shard_of(&router::UserId::for_username(n));
-    api.user("merchant", "USD").await;
-    // Payers on other shards than the merchant's: all in the cross-shard lane.
-    let names: Vec<String> = (0..200)
+    let shard = |n: &str| routing.map.shard_of(&router::UserId::for_username(n)).0;
+    let payee = (0..1000)
+        .map(|i| format!("payee{i}"))
+        .find(|n| shard(n) == 1)
+        .expect("a payee on shard 1");
+    api.user(&payee, "USD").await;
+    let ghost = (0..1000)
+        .map(|i| format!("ghost{i}"))
+        .find(|n| shard(n) == 3)
+        .expect("a name on the dead shard");
+    // Payers on shard 0 or 2: every transfer below is in the cross-shard lane.
+    let names: Vec<String> = (0..400)
         .map(|i| format!("payer{i}"))
-        .filter(|n| shard(n) != shard("merchant"))
-        .take(8)
+        .filter(|n| shard(n) == 0 || shard(n) == 2)
+        .take(20)
         .collect();
     let mut payers = Vec::new();
     for n in &names {
@@ -147,74 +162,51 @@ async fn a_full_lane_answers_503_shard_busy_and_the_retry_with_the_same_key_runs
         payers.push(t);
     }
 
-    // An in-doubt leg holds the merchant's row, as a stalled coordinator's would.
-    let merchant_shard = routing.agent_for(&router::UserId::for_username("merchant"));
-    let gid = Gid::new(
-        TransferId::generate(),
-        merchant_shard.id(),
-        merchant_shard.id(),
-    );
-    merchant_shard
-        .prepare_leg(&Leg {
-            gid,
-            side: Side::Credit,
-            user: router::UserId::for_username("merchant"),
-            amount: rust_decimal::Decimal::ONE,
-            currency: Currency::Usd,
-            counterparty: "someone".into(),
+    let stuck = {
+        let api = Api::new(&cluster);
+        let (token, ghost) = (payers[0].clone(), ghost.clone());
+        tokio::spawn(async move {
+            api.transfer(&token, "to-ghost", &ghost, "1.00", "USD")
+                .await
         })
-        .await
-        .expect("prepare a leg holding the merchant's row");
-
-    // The first transfer's group is stuck on that lock; then the rest arrive.
-    let first = api.transfer(&payers[0], "k0", "merchant", "1.00", "USD");
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let keys: Vec<String> = (1..payers.len()).map(|i| format!("k{i}")).collect();
-    let rest = async {
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        join_all(
-            payers[1..]
-                .iter()
-                .zip(&keys)
-                .map(|(t, k)| api.transfer(t, k, "merchant", "1.00", "USD")),
-        )
-        .await
-    };
-    let release = async {
-        tokio::time::sleep(std::time::Duration::from_millis(800)).await;
-        merchant_shard
-            .rollback_prepared(&gid)
-            .await
-            .expect("release the merchant's row");
-    };
-    let (first, rest, ()) = tokio::join!(first, rest, release);
-    let busy: Vec<usize> = rest
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| r.status == StatusCode::SERVICE_UNAVAILABLE)
-        .map(|(i, _)| i + 1)
-        .collect();
-    for r in std::iter::once(&first).chain(&rest) {
-        assert!(
-            r.status == StatusCode::CREATED
-                || (r.status == StatusCode::SERVICE_UNAVAILABLE
-                    && r.code() == "shard_busy"
-                    && r.headers.get("retry-after").is_some()),
-            "{:?} {:?}",
-            r.status,
-            r.body
-        );
+    let replies = join_all(
+        payers[1..]
+            .iter()
+            .zip(&keys)
+            .map(|(t, k)| api.transfer(t, k, &payee, "1.00", "USD")),
+    )
+    .await;
+    let mut busy = Vec::new();
+    for (i, r) in replies.iter().enumerate() {
+        match (r.status, r.code()) {
+            (StatusCode::CREATED, _) => {}
+            (StatusCode::SERVICE_UNAVAILABLE, "shard_busy") => {
+                assert!(r.headers.get("retry-after").is_some());
+                busy.push(i + 1);
+            }
+            _ => panic!("k{}: {:?} {:?}", i + 1, r.status, r.body),
+        }
     }
     assert!(
-        busy.len() >= rest.len() - 2,
-        "behind a stuck group, at most one transfer waits in a queue of one (and one may \
-         have joined the group): {busy:?}"
+        busy.len() >= replies.len() - 2,
+        "behind a group stuck for a second, a queue of one refuses nearly all of 19 \
+         transfers sent at once: {busy:?}"
     );
     for &i in &busy {
         let r = api
-            .transfer(&payers[i], &format!("k{i}"), "merchant", "1.00", "USD")
+            .transfer(&payers[i], &format!("k{i}"), &payee, "1.00", "USD")
             .await;
         assert_eq!(r.status, StatusCode::CREATED, "retry of k{i}: {:?}", r.body);
     }
-    let merchant = api.login("merchant").await;
-    assert_eq!(api.balance(&merchant).await, "8.00", "every transfer once");
+    let payee_token = api.login(&payee).await;
+    assert_eq!(
+        api.balance(&payee_token).await,
+        "19.00",
+        "every transfer once"
+    );
+    stuck.abort();
+    drop(hole);
 }

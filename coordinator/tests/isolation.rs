@@ -102,10 +102,27 @@ async fn a_shard_that_never_answers_stalls_only_the_transfers_that_touch_it() {
     for v in victims {
         v.abort();
     }
-    // The mark keeps the dead shard's transfers out of the lanes; healthy
-    // traffic keeps flowing.
+    // The dead shard is marked now: its next transfer runs alone, outside the
+    // lanes (no group counts it), and healthy traffic keeps flowing.
+    let groups_before = cluster.coordinator.batch_stats().expect("batching on");
+    let late = {
+        let api = Api::new(&cluster);
+        let (token, ghost) = (payers[0].0.clone(), ghost.clone());
+        tokio::spawn(async move {
+            api.transfer(&token, "victim-late", &ghost, "1.00", "USD")
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let groups_after = cluster.coordinator.batch_stats().expect("batching on");
+    assert_eq!(
+        groups_after.since(groups_before).cross_transfers,
+        0,
+        "a transfer to the marked shard joined a group"
+    );
     let took = healthy_round(&api, &payers[2..], &payee, "again").await;
     assert!(took < HEALTHY_WITHIN, "{took:?}");
+    late.abort();
     drop(hole);
 }
 

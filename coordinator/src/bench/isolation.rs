@@ -70,6 +70,10 @@ pub struct IsolationReport {
     pub healthy_failed_during: u64,
     pub victim_committed_during: u64,
     pub victim_failed_during: u64,
+    /// Victim transfers refused by a business rule (the locked account's owner
+    /// runs out of money in a long reference phase), before and during.
+    pub victim_rejected_before: u64,
+    pub victim_rejected_during: u64,
     pub goal: String,
     pub met: bool,
     /// The invariant checker's findings on the quiescent cluster afterwards.
@@ -288,6 +292,8 @@ fn report(
         healthy_failed_during: during.0.failed.values().sum(),
         victim_committed_during: during.1.committed,
         victim_failed_during: during.1.failed.values().sum(),
+        victim_rejected_before: before.1.rejected.values().sum(),
+        victim_rejected_during: during.1.rejected.values().sum(),
         goal: match p99_max {
             Some(m) => format!("healthy transfers keep >= {min}x, p99 < {m} ms"),
             None => format!("healthy transfers keep >= {min}x"),

@@ -424,7 +424,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
         committed_cluster += report.committed_total;
         report.violations = check_cluster(&cluster, committed_cluster).await?;
         println!(
-            "    healthy {:.0} -> {:.0} transfers/s ({:.2}x), p99 {:.1} -> {:.1} ms; victims {} committed, {} failed; {}",
+            "    healthy {:.0} -> {:.0} transfers/s ({:.2}x), p99 {:.1} -> {:.1} ms; victims during: {} committed, {} failed, {} refused (before: {} refused); {}",
             report.healthy_tps_before,
             report.healthy_tps_during,
             report.ratio,
@@ -432,6 +432,8 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
             report.healthy_p99_ms_during,
             report.victim_committed_during,
             report.victim_failed_during,
+            report.victim_rejected_during,
+            report.victim_rejected_before,
             if report.violations.is_empty() { "invariants hold" } else { "INVARIANTS VIOLATED" }
         );
         isolated.push(report);
@@ -485,7 +487,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
             batch_linger_us: opts.batch_linger_us,
             rounds,
         },
-        goals: Report::goals(&reports, &isolated),
+        goals: Report::goals(&reports, &isolated, opts.clients),
         scenarios: reports,
         isolation: isolated,
         invariants_ok,
