@@ -342,6 +342,11 @@ impl Batcher {
         self.counts.snapshot()
     }
 
+    /// Users and shards marked now (`crate::suspects`), for logs and tests.
+    pub fn marked(&self) -> usize {
+        self.suspects.live()
+    }
+
     /// Moves money as `two_pc::transfer` or `transfer_local` would, in a group.
     /// `session`: the payer's token hash when their session is unread; the
     /// group's check reads it on the payer's shard.

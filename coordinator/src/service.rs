@@ -167,6 +167,11 @@ impl Coordinator {
         self.batcher.as_ref().map(|b| b.stats())
     }
 
+    /// Users and shards whose transfers run alone for now (`crate::suspects`).
+    pub fn marked(&self) -> usize {
+        self.batcher.as_ref().map_or(0, |b| b.marked())
+    }
+
     /// Stops the epoch watch and the recovery loop now, even while other holders of
     /// this coordinator (open HTTP connections) still exist: what a crash does to
     /// them. Dropping the last holder does the same.

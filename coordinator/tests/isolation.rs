@@ -102,8 +102,14 @@ async fn a_shard_that_never_answers_stalls_only_the_transfers_that_touch_it() {
     for v in victims {
         v.abort();
     }
-    // The dead shard is marked now: its next transfer runs alone, outside the
-    // lanes (no group counts it), and healthy traffic keeps flowing.
+    // The dead shard is marked once a ping confirms it is silent: its next
+    // transfer runs alone, outside the lanes (no group counts it), and healthy
+    // traffic keeps flowing.
+    let deadline = Instant::now() + HEALTHY_WITHIN;
+    while cluster.coordinator.marked() == 0 {
+        assert!(Instant::now() < deadline, "the dead shard was never marked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let groups_before = cluster.coordinator.batch_stats().expect("batching on");
     let late = {
         let api = Api::new(&cluster);
