@@ -51,7 +51,7 @@ use uuid::Uuid;
 use crate::cluster::Routing;
 use crate::error::{crash_point, CoordinatorError};
 use crate::service::verify_payer;
-use crate::suspects::{Suspect, Suspects};
+use crate::suspects::{mark_silent, settle_fault, Fault, Suspect, Suspects};
 use crate::two_pc;
 
 /// The batched protocol's failpoints, in protocol order.
@@ -64,54 +64,9 @@ pub const FAILPOINTS: [&str; 4] = [
 
 type Reply = oneshot::Sender<Result<Submitted, CoordinatorError>>;
 
-/// A fault a lone transfer met, as far as it tells (`Job::fault_of`).
-enum Fault {
-    None,
-    /// A row of one of these users is held outside any group.
-    RowHeld([UserId; 2]),
-    /// One of these shards may not answer.
-    ShardSilent(Vec<ShardAgent>),
-}
-
-/// How long a shard may take to answer a ping before a fault report against
-/// it is believed and the shard marked. A report alone may be a busy pool or
-/// a slow statement; a shard that cannot answer a ping is taken as silent.
-const PROBE_MS: u64 = 300;
-
 /// Most transfers running alone at once because a user or shard they touch is
 /// marked; more get 503 `shard_busy` at once (nothing claimed).
 pub const ALONE_MAX: usize = 256;
-
-/// Marks what `fault` points at (`crate::suspects`), so the next transfers
-/// touching it run alone instead of stalling a group.
-async fn settle_fault(suspects: &Suspects, fault: Fault) {
-    match fault {
-        Fault::None => {}
-        Fault::RowHeld(users) => {
-            warn!("row lock held outside any group; these users' transfers run alone for a while");
-            suspects.mark(users.map(Suspect::User));
-        }
-        Fault::ShardSilent(agents) => mark_silent(suspects, agents).await,
-    }
-}
-
-/// Marks each of `agents` whose shard does not answer a ping within
-/// [`PROBE_MS`].
-async fn mark_silent(suspects: &Suspects, agents: Vec<ShardAgent>) {
-    let probes = join_all(agents.into_iter().map(|a| async move {
-        let answered = tokio::time::timeout(Duration::from_millis(PROBE_MS), a.ping())
-            .await
-            .is_ok_and(|r| r.is_ok());
-        (a.id(), answered)
-    }))
-    .await;
-    for (shard, answered) in probes {
-        if !answered {
-            warn!(%shard, "shard does not answer; its transfers run alone for a while");
-            suspects.mark([Suspect::Shard(shard)]);
-        }
-    }
-}
 
 struct Job {
     order: TransferOrder,

@@ -16,7 +16,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use futures::future::join_all;
 use router::{ShardId, UserId};
+use shard_agent::ShardAgent;
+use tracing::warn;
 
 /// How long a fault keeps its user or shard out of the groups.
 pub const SUSPECT_FOR: Duration = Duration::from_secs(5);
@@ -94,6 +97,51 @@ impl Suspects {
         self.until
             .lock()
             .expect("invariant: the suspects lock is never held across a panic")
+    }
+}
+
+/// A fault a lone transfer met, as far as it tells (`batch::Job::fault_of`).
+pub(crate) enum Fault {
+    None,
+    /// A row of one of these users is held outside any group.
+    RowHeld([UserId; 2]),
+    /// One of these shards may not answer.
+    ShardSilent(Vec<ShardAgent>),
+}
+
+/// How long a shard may take to answer a ping before a fault report against
+/// it is believed and the shard marked. A report alone may be a busy pool or
+/// a slow statement; a shard that cannot answer a ping is taken as silent.
+const PROBE_MS: u64 = 300;
+
+/// Marks what `fault` points at (`crate::suspects`), so the next transfers
+/// touching it run alone instead of stalling a group.
+pub(crate) async fn settle_fault(suspects: &Suspects, fault: Fault) {
+    match fault {
+        Fault::None => {}
+        Fault::RowHeld(users) => {
+            warn!("row lock held outside any group; these users' transfers run alone for a while");
+            suspects.mark(users.map(Suspect::User));
+        }
+        Fault::ShardSilent(agents) => mark_silent(suspects, agents).await,
+    }
+}
+
+/// Marks each of `agents` whose shard does not answer a ping within
+/// [`PROBE_MS`].
+pub(crate) async fn mark_silent(suspects: &Suspects, agents: Vec<ShardAgent>) {
+    let probes = join_all(agents.into_iter().map(|a| async move {
+        let answered = tokio::time::timeout(Duration::from_millis(PROBE_MS), a.ping())
+            .await
+            .is_ok_and(|r| r.is_ok());
+        (a.id(), answered)
+    }))
+    .await;
+    for (shard, answered) in probes {
+        if !answered {
+            warn!(%shard, "shard does not answer; its transfers run alone for a while");
+            suspects.mark([Suspect::Shard(shard)]);
+        }
     }
 }
 

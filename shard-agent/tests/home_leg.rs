@@ -7,25 +7,13 @@ mod common;
 
 use std::time::Duration;
 
-use common::{balance, key, pair, usd, user, Pair};
-use router::UserId;
+use common::{balance, order, pair, user, Pair};
 use rust_decimal::Decimal;
 use shard_agent::transfer_local::TransferOrder;
 use shard_agent::two_pc::home::{HomeLeg, HomeOutcome, Opened, Tombstone};
 use shard_agent::two_pc::prepare::{Leg, Prepared, Side};
 use shard_agent::two_pc::recover::{resolve_leg, Resolution};
 use shard_agent::{FailureCode, Gid, TransferId, TransferState};
-
-fn order(payer: UserId, payee: UserId, amount: &str, k: &str) -> TransferOrder {
-    TransferOrder {
-        from: payer,
-        from_username: "payer".into(),
-        to: payee,
-        to_username: "payee".into(),
-        amount: usd(amount),
-        key: key(payer, k),
-    }
-}
 
 /// A fresh attempt of `order`: its home leg on `p.a` and its payee leg on `p.b`.
 fn attempt<'a>(p: &Pair, order: &'a TransferOrder) -> (HomeLeg<'a>, Leg) {

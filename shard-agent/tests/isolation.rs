@@ -11,24 +11,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::{balance, hold_rows, key, pair_repeatable_read, usd, user};
-use router::UserId;
+use common::{balance, hold_rows, order, pair_repeatable_read, user};
 use rust_decimal::Decimal;
-use shard_agent::transfer_local::{Submitted, TransferOrder};
+use shard_agent::transfer_local::Submitted;
 use shard_agent::two_pc::home::{HomeLeg, HomeOutcome};
 use shard_agent::two_pc::prepare::{Leg, Side};
 use shard_agent::{Gid, TransferId, TransferState};
-
-fn order(payer: UserId, payee: UserId, amount: &str, k: &str) -> TransferOrder {
-    TransferOrder {
-        from: payer,
-        from_username: "payer".into(),
-        to: payee,
-        to_username: "payee".into(),
-        amount: usd(amount),
-        key: key(payer, k),
-    }
-}
 
 async fn raw(dsn: &str) -> tokio_postgres::Client {
     let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)

@@ -7,6 +7,7 @@ use shard_agent::external::{Direction, ExternalOrder, ProviderVerdict};
 use shard_agent::idempotency::IdempotencyKey;
 use shard_agent::local::testing::{create_database, servers_async, unique_prefix};
 use shard_agent::migrate::migrate_shard;
+use shard_agent::transfer_local::TransferOrder;
 use shard_agent::users::NewUser;
 use shard_agent::{AgentConfig, Amount, Currency, ShardAgent};
 
@@ -89,6 +90,18 @@ pub async fn user(agent: &ShardAgent, name: &str, funds: &str) -> UserId {
             .expect("fund user");
     }
     user_id
+}
+
+/// A transfer of `amount` USD from `payer` to `payee` under Idempotency-Key `k`.
+pub fn order(payer: UserId, payee: UserId, amount: &str, k: &str) -> TransferOrder {
+    TransferOrder {
+        from: payer,
+        from_username: "payer".into(),
+        to: payee,
+        to_username: "payee".into(),
+        amount: usd(amount),
+        key: key(payer, k),
+    }
 }
 
 pub fn usd(text: &str) -> Amount {
