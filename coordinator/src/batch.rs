@@ -20,7 +20,9 @@
 //!    to 50 ms, and after such a wait ran out, again shard after shard in
 //!    shard-ID order (one global lock order, (shard, user ID), so groups never
 //!    wait on each other in a cycle; an unbatched transfer, which locks in
-//!    user-ID order, can, until `lock_timeout`);
+//!    user-ID order, can, until `lock_timeout`), where each lock wait is
+//!    bounded to `ORDERED_LOCK_WAIT_MS` and each shard's answer to
+//!    `GROUP_CHECK_TIMEOUT_MS`;
 //! 2. every shard but the last applies and prepares, at once, while the last
 //!    one applies and keeps its transaction open;
 //! 3. the last shard inserts the group's decision row and commits: the
@@ -29,7 +31,9 @@
 //!
 //! If step 1 fails on any shard, nothing was written: the open transactions are
 //! rolled back and each transfer runs alone through the unbatched protocol
-//! (`two_pc::transfer`), which reports its own outcome. A transfer whose key
+//! (`two_pc::transfer`), which reports its own outcome; what the failure met
+//! (the users of a held row, a silent shard) is marked so that their next
+//! transfers run alone too (`crate::suspects`). A transfer whose key
 //! exists takes the unbatched slow path, which replays it.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
