@@ -119,6 +119,9 @@ impl ChaosCluster {
                 lock_wait_ms: 400,
                 response_timeout_ms: 1_000,
             }),
+            payment_provider: Some(coordinator::payments::ProviderConfig::Sandbox),
+            http: Default::default(),
+            rate_limits: coordinator::config::RateLimits::off(),
         };
         let config_path = dir.join("coordinator.json");
         std::fs::write(&config_path, serde_json::to_string_pretty(&config)?)?;

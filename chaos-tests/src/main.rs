@@ -96,6 +96,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve { config } => {
+            require_failpoints()?;
             let _failpoints = fail::FailScenario::setup();
             let config = coordinator::config::Config::load(&config)?;
             runtime.block_on(coordinator::serve::run(
@@ -117,6 +118,7 @@ fn main() -> anyhow::Result<()> {
             lock_mode,
             history,
         } => {
+            require_failpoints()?;
             let seed = seed.unwrap_or_else(rand::random);
             eprintln!("chaos: seed {seed} (replay with --seed {seed})");
             let scenarios = match (all, scenario) {
@@ -175,4 +177,16 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// A chaos run without failpoints would pass every broken variant's scenario for
+/// the wrong reason (the bug is simply absent), so it is refused.
+fn require_failpoints() -> anyhow::Result<()> {
+    if !coordinator::FAILPOINTS_COMPILED {
+        bail!(
+            "this chaos binary was built without failpoints; \
+             build it with `cargo build --release -p chaos-tests --features failpoints`"
+        );
+    }
+    Ok(())
 }

@@ -270,6 +270,11 @@ impl GroupCounts {
         };
         groups.fetch_add(1, Ordering::Relaxed);
         total.fetch_add(transfers as u64, Ordering::Relaxed);
+        let lane = match lane {
+            Lane::Local(_) => "same_shard",
+            Lane::Cross => "cross_shard",
+        };
+        metrics::histogram!("wallet_batch_group_size", "lane" => lane).record(transfers as f64);
     }
 
     fn snapshot(&self) -> GroupStats {

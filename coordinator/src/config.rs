@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use shard_agent::catalog::ShardEntry;
 use shard_agent::AgentConfig;
 
+use crate::payments::ProviderConfig;
 use crate::redis_lock::RedisConfig;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -29,6 +30,100 @@ pub struct Config {
     /// Required when `lock_mode` is `redis`.
     #[serde(default)]
     pub redis: Option<RedisConfig>,
+    /// Where deposits and withdrawals go: `{"type": "sandbox"}` (test money) or
+    /// `{"type": "http", "base_url": …, "api_key": …}`. `wallet serve` refuses
+    /// to start without it; `wallet dev` writes `sandbox`.
+    #[serde(default)]
+    pub payment_provider: Option<ProviderConfig>,
+    /// The HTTP server's own bounds: timeouts, connections, client address.
+    #[serde(default)]
+    pub http: HttpLimits,
+    /// Requests per client address, per username and per user; 429 beyond.
+    #[serde(default)]
+    pub rate_limits: RateLimits,
+}
+
+/// Bounds of the HTTP server, so that slow or idle clients cannot hold what
+/// others need.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpLimits {
+    /// A connection must deliver a request's headers within this, else it is
+    /// closed (idle keep-alive connections too).
+    pub header_read_timeout_ms: u64,
+    /// A request's body must arrive within this, else 408 `request_timeout`.
+    /// Bodies are read before a request takes one of `concurrent_requests_max`.
+    pub body_read_timeout_ms: u64,
+    /// A whole request, from its headers to its answer; 504 `gateway_timeout`
+    /// beyond (a transfer keeps running and its key tells its outcome).
+    pub request_timeout_ms: u64,
+    /// Open connections at once; more wait in the kernel's accept backlog.
+    pub connections_max: usize,
+    /// On SIGTERM, in-flight requests get this long to finish.
+    pub shutdown_drain_ms: u64,
+    /// Behind a proxy: the header the proxy sets to the client's address (e.g.
+    /// `x-forwarded-for`; its last entry is used, the one the proxy appended).
+    /// Unset: the TCP peer's address. Never trust a header no proxy overwrites.
+    pub trusted_client_ip_header: Option<String>,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            header_read_timeout_ms: 5_000,
+            body_read_timeout_ms: 5_000,
+            request_timeout_ms: 30_000,
+            connections_max: 8_192,
+            shutdown_drain_ms: 10_000,
+            trusted_client_ip_header: None,
+        }
+    }
+}
+
+/// Rate limits (GCRA: a sustained rate and a burst), each answered with 429
+/// `rate_limited` and `Retry-After`. A rate of 0 turns that limit off.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimits {
+    /// Login attempts per username per minute, whether or not the user exists
+    /// and whether or not the password is right.
+    pub login_per_username_per_minute: u32,
+    pub login_per_username_burst: u32,
+    /// Sign-ups and logins per client address per minute.
+    pub auth_per_address_per_minute: u32,
+    pub auth_per_address_burst: u32,
+    /// Money routes (transfer, deposit, withdrawal, account and transfer views)
+    /// per user (by session token) per second.
+    pub money_per_user_per_second: u32,
+    pub money_per_user_burst: u32,
+}
+
+impl RateLimits {
+    /// Every limit off: for load generators and test clusters whose one client
+    /// address stands for thousands of users.
+    pub fn off() -> RateLimits {
+        RateLimits {
+            login_per_username_per_minute: 0,
+            login_per_username_burst: 0,
+            auth_per_address_per_minute: 0,
+            auth_per_address_burst: 0,
+            money_per_user_per_second: 0,
+            money_per_user_burst: 0,
+        }
+    }
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        RateLimits {
+            login_per_username_per_minute: 5,
+            login_per_username_burst: 5,
+            auth_per_address_per_minute: 60,
+            auth_per_address_burst: 20,
+            money_per_user_per_second: 50,
+            money_per_user_burst: 200,
+        }
+    }
 }
 
 /// The deployment-wide choice of cross-shard protocol.
@@ -72,6 +167,12 @@ pub struct Limits {
     pub payment_timeout_ms: u64,
     pub argon2_memory_kib: u32,
     pub argon2_iterations: u32,
+    /// Password hashes (argon2, `argon2_memory_kib` each) computed at once;
+    /// 0: one per core.
+    pub password_workers: usize,
+    /// Logins and sign-ups that may wait for a password worker; more get 503
+    /// `overloaded` at once.
+    pub password_queue_max: usize,
     pub request_body_bytes_max: usize,
     /// Requests served at once; more wait (bounded by the HTTP server's backlog).
     pub concurrent_requests_max: usize,
@@ -107,6 +208,8 @@ impl Default for Limits {
             // OWASP's minimum for argon2id: 19 MiB, 2 iterations.
             argon2_memory_kib: 19 * 1024,
             argon2_iterations: 2,
+            password_workers: 0,
+            password_queue_max: 64,
             request_body_bytes_max: 16 * 1024,
             concurrent_requests_max: 512,
             batch_max: 32,
@@ -185,6 +288,17 @@ impl Config {
         if self.limits.batch_queue_max == 0 {
             return Err("limits.batch_queue_max must be at least 1".into());
         }
+        let h = &self.http;
+        if h.header_read_timeout_ms == 0
+            || h.body_read_timeout_ms == 0
+            || h.request_timeout_ms == 0
+            || h.connections_max == 0
+        {
+            return Err("http timeouts and http.connections_max must be positive".into());
+        }
+        if self.limits.password_queue_max == 0 {
+            return Err("limits.password_queue_max must be at least 1".into());
+        }
         if self.agent.pool_size_max == 0 {
             return Err("agent.pool_size_max must be at least 1".into());
         }
@@ -202,6 +316,11 @@ mod tests {
         let config = Config::load(&path).expect("deploy/compose-config.json is a valid config");
         assert_eq!(config.shards.len(), 4);
         assert_eq!(config.lock_mode, LockMode::TwoPc);
+        assert_eq!(
+            config.payment_provider,
+            Some(crate::payments::ProviderConfig::Sandbox),
+            "the compose demo says which provider it uses"
+        );
         let redis = config
             .redis
             .expect("the compose file runs Redis for --lock-mode redis");

@@ -128,6 +128,9 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
             url: r.url(),
             ..RedisConfig::default()
         }),
+        payment_provider: Some(crate::payments::ProviderConfig::Sandbox),
+        http: Default::default(),
+        rate_limits: Default::default(),
     };
     std::fs::write(&cluster_file, serde_json::to_string_pretty(&config)?)
         .with_context(|| format!("write {}", cluster_file.display()))?;

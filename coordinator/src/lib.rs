@@ -14,6 +14,11 @@
 //! - [`config`], [`dev`]: deployment configuration and the local dev cluster.
 //! - [`bench`]: `wallet bench`, throughput and latency against single-node PostgreSQL.
 
+/// Whether this build carries the failpoints and the deliberately broken variants
+/// (feature `failpoints`). The chaos harness refuses to run without them; the
+/// release `wallet` is checked in CI to be built without them.
+pub const FAILPOINTS_COMPILED: bool = cfg!(feature = "failpoints");
+
 pub mod api;
 pub mod auth;
 pub mod batch;
@@ -23,6 +28,7 @@ pub mod config;
 pub mod dev;
 pub mod error;
 pub mod inputs;
+pub mod metrics;
 pub mod payments;
 pub mod recovery;
 pub mod redis_lock;

@@ -15,8 +15,18 @@ use tracing_subscriber::EnvFilter;
     about = "Sharded wallet: transfers across PostgreSQL shards with 2PC"
 )]
 struct Cli {
+    /// Log lines as text for a terminal, or as one JSON object per line for a
+    /// log pipeline.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -108,11 +118,18 @@ async fn main() -> anyhow::Result<()> {
         Command::Bench { .. } => "warn,deadpool=error",
         _ => "info,tower_http=warn",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)),
-        )
-        .init();
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    match cli.log_format {
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        // Spans' fields (the transfer ID among them) go with every event.
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .with_env_filter(filter)
+            .init(),
+    }
     match cli.command {
         Command::Dev {
             listen,

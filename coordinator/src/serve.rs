@@ -8,7 +8,7 @@ use shard_agent::migrate::{migrate_catalog, migrate_shard};
 
 use crate::api::{self, AppState};
 use crate::config::Config;
-use crate::payments::Sandbox;
+use crate::payments::ProviderConfig;
 use crate::service::Coordinator;
 
 /// Applies migrations (unless `migrate` is false), starts the coordinator and
@@ -42,16 +42,39 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listen on {}", config.listen))?;
-    let coordinator = Arc::new(Coordinator::start(config, Arc::new(Sandbox::default())).await?);
+    let provider = match &config.payment_provider {
+        None => anyhow::bail!(
+            "payment_provider is not set: choose {{\"type\": \"http\", \"base_url\": …, \"api_key\": …}} \
+             for real money, or {{\"type\": \"sandbox\"}} for test money (anyone can deposit any amount)"
+        ),
+        Some(ProviderConfig::Sandbox) => {
+            tracing::warn!(
+                "payment_provider is SANDBOX: any signed-up user can deposit any amount of test money; \
+                 never use it where balances are worth anything"
+            );
+            ProviderConfig::Sandbox.build()?
+        }
+        Some(other) => other.build()?,
+    };
+    let coordinator = Arc::new(Coordinator::start(config, provider).await?);
     on_ready();
-    let router = api::app(
-        AppState {
-            coordinator,
-            admin_token: config.admin_token.as_deref().map(Arc::from),
-        },
-        config.limits.request_body_bytes_max,
-        config.limits.concurrent_requests_max,
-    );
-    api::serve(listener, router, shutdown).await?;
+    serve_coordinator(listener, coordinator, config, shutdown).await?;
     Ok(())
+}
+
+/// Serves the API of a started `coordinator` on `listener`, with every bound of
+/// `config`, until `shutdown` resolves and in-flight requests drained. The one
+/// way the API is served: `wallet serve`, `wallet dev`, the tests and the bench.
+pub async fn serve_coordinator(
+    listener: tokio::net::TcpListener,
+    coordinator: Arc<Coordinator>,
+    config: &Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let state = AppState::new(coordinator, config);
+    let sweeper = state.limiters.sweep_forever();
+    let router = api::app(state, config);
+    let served = api::serve(listener, router, &config.http, shutdown).await;
+    sweeper.abort();
+    served
 }

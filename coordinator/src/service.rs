@@ -16,7 +16,7 @@ use shard_agent::{Amount, Currency, ShardAgent, ShardError, TransferId, Transfer
 use tokio::task::JoinHandle;
 use tracing::{info, Instrument};
 
-use crate::auth::{new_token, token_hash, token_user, AuthError, PasswordPolicy};
+use crate::auth::{new_token, token_hash, token_user, AuthError, PasswordPolicy, PasswordWork};
 use crate::batch::Batcher;
 use crate::cluster::{Cluster, ClusterError};
 use crate::config::{Config, Limits, LockMode};
@@ -61,6 +61,38 @@ impl Payer {
     }
 }
 
+/// Counts a transfer by path and outcome and times it by path (`/metrics`).
+fn record_transfer(
+    path: &'static str,
+    result: &Result<Submitted, CoordinatorError>,
+    took: Duration,
+) {
+    let outcome: String = match result {
+        Ok(Submitted::New(r)) | Ok(Submitted::Replayed(r)) => match r.failure_code {
+            None => "committed".into(),
+            Some(code) => code.as_str().into(),
+        },
+        Ok(Submitted::InProgress(_)) => "in_progress".into(),
+        Ok(Submitted::KeyReused) => "key_reused".into(),
+        Err(CoordinatorError::Overloaded { .. }) => "overloaded".into(),
+        Err(CoordinatorError::Unauthorized) => "unauthorized".into(),
+        Err(_) => "error".into(),
+    };
+    metrics::counter!("wallet_transfers_total", "path" => path, "outcome" => outcome).increment(1);
+    metrics::histogram!("wallet_transfer_duration_seconds", "path" => path)
+        .record(took.as_secs_f64());
+}
+
+fn password_error(e: AuthError) -> CoordinatorError {
+    match e {
+        AuthError::Busy { queue_max } => CoordinatorError::Overloaded {
+            queue: "password hashing",
+            queued_max: queue_max,
+        },
+        other => CoordinatorError::Corrupt(other.to_string()),
+    }
+}
+
 pub struct Session {
     pub token: String,
     pub expires_at: DateTime<Utc>,
@@ -79,6 +111,7 @@ pub struct Coordinator {
     locks: Option<Arc<LockService>>,
     recovery: Arc<Recovery>,
     provider: Arc<dyn PaymentProvider>,
+    passwords: PasswordWork,
     limits: Limits,
     /// `None` when `batch_max` is 1: every transfer runs alone.
     batcher: Option<Arc<Batcher>>,
@@ -157,6 +190,14 @@ impl Coordinator {
             locks,
             recovery,
             provider,
+            passwords: PasswordWork::new(
+                PasswordPolicy {
+                    memory_kib: limits.argon2_memory_kib,
+                    iterations: limits.argon2_iterations,
+                },
+                limits.password_workers,
+                limits.password_queue_max,
+            ),
             limits,
             tasks,
         })
@@ -197,13 +238,6 @@ impl Coordinator {
         self.locks.as_ref()
     }
 
-    fn password_policy(&self) -> PasswordPolicy {
-        PasswordPolicy {
-            memory_kib: self.limits.argon2_memory_kib,
-            iterations: self.limits.argon2_iterations,
-        }
-    }
-
     pub async fn sign_up(
         &self,
         username: Username,
@@ -213,10 +247,10 @@ impl Coordinator {
     ) -> Result<SignUp, CoordinatorError> {
         let user_id = username.user_id();
         let password_hash = self
-            .password_policy()
+            .passwords
             .hash(password.into_inner())
             .await
-            .map_err(|e: AuthError| CoordinatorError::Corrupt(e.to_string()))?;
+            .map_err(password_error)?;
         let routing = self.cluster.routing();
         let agent = routing.agent_for(&user_id);
         let new = NewUser {
@@ -263,7 +297,12 @@ impl Coordinator {
             Some((user, hash)) => (Some(user), Some(hash)),
             None => (None, None),
         };
-        if !self.password_policy().verify(password, stored).await {
+        if !self
+            .passwords
+            .verify(password, stored)
+            .await
+            .map_err(password_error)?
+        {
             return Ok(None);
         }
         let Some(user) = user else { return Ok(None) };
@@ -399,8 +438,23 @@ impl Coordinator {
             }
             .instrument(span),
         );
-        task.await
-            .map_err(|e| CoordinatorError::Corrupt(format!("transfer task failed: {e}")))?
+        let path = {
+            let routing = self.cluster.routing();
+            match (
+                routing.agent_for(&from).id() == routing.agent_for(&to.user_id()).id(),
+                self.lock_mode,
+            ) {
+                (true, _) => "same_shard",
+                (false, LockMode::TwoPc) => "2pc",
+                (false, LockMode::Redis) => "redis",
+            }
+        };
+        let started = std::time::Instant::now();
+        let result = task
+            .await
+            .map_err(|e| CoordinatorError::Corrupt(format!("transfer task failed: {e}")))?;
+        record_transfer(path, &result, started.elapsed());
+        result
     }
 
     /// A deposit or a withdrawal through the payment provider.

@@ -10,7 +10,6 @@ use shard_agent::local::{testing, PgServer};
 use shard_agent::ShardAgent;
 use tokio::task::JoinHandle;
 
-use crate::api::{self, AppState};
 use crate::config::{Config, Limits, LockMode};
 use crate::payments::Sandbox;
 use crate::redis_lock::RedisConfig;
@@ -97,6 +96,9 @@ impl TestCluster {
             admin_token: Some("test-admin-token".into()),
             lock_mode: Default::default(),
             redis: None,
+            payment_provider: Some(crate::payments::ProviderConfig::Sandbox),
+            http: Default::default(),
+            rate_limits: crate::config::RateLimits::off(),
         }
     }
 
@@ -108,9 +110,26 @@ impl TestCluster {
     /// Like [`TestCluster::serve`], with a given sandbox (kept across restarts,
     /// like a real provider outlives our processes).
     pub async fn serve_with(config: Config, sandbox: Arc<Sandbox>) -> TestCluster {
+        Self::serve_inner(config, sandbox.clone(), sandbox).await
+    }
+
+    /// Like [`TestCluster::serve`], with another payment provider (the
+    /// `sandbox` field is then an unused one).
+    pub async fn serve_provider(
+        config: Config,
+        provider: Arc<dyn crate::payments::PaymentProvider>,
+    ) -> TestCluster {
+        Self::serve_inner(config, provider, Arc::new(Sandbox::default())).await
+    }
+
+    async fn serve_inner(
+        config: Config,
+        provider: Arc<dyn crate::payments::PaymentProvider>,
+        sandbox: Arc<Sandbox>,
+    ) -> TestCluster {
         init_tracing();
         let coordinator = Arc::new(
-            Coordinator::start(&config, sandbox.clone())
+            Coordinator::start(&config, provider)
                 .await
                 .expect("start coordinator"),
         );
@@ -118,16 +137,16 @@ impl TestCluster {
             .await
             .expect("bind test API");
         let addr = listener.local_addr().expect("local addr");
-        let router = api::app(
-            AppState {
-                coordinator: coordinator.clone(),
-                admin_token: config.admin_token.as_deref().map(Arc::from),
-            },
-            config.limits.request_body_bytes_max,
-            config.limits.concurrent_requests_max,
-        );
+        let served = coordinator.clone();
+        let served_config = config.clone();
         let server = tokio::spawn(async move {
-            let _ = api::serve(listener, router, std::future::pending()).await;
+            let _ = crate::serve::serve_coordinator(
+                listener,
+                served,
+                &served_config,
+                std::future::pending(),
+            )
+            .await;
         });
         TestCluster {
             config,

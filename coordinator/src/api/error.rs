@@ -40,12 +40,16 @@ pub enum ErrorCode {
     NotFound,
     /// 405: the route exists but not with this method.
     MethodNotAllowed,
+    /// 408: the request's headers or body did not arrive in time.
+    RequestTimeout,
     /// 409: the username is taken.
     UsernameTaken,
     /// 409: a request with this Idempotency-Key is still being processed.
     RequestInProgress,
     /// 413: the body is larger than the limit.
     PayloadTooLarge,
+    /// 415: the body is not `application/json`.
+    UnsupportedMediaType,
     /// 422: payer and recipient are the same account.
     SameAccount,
     /// 422: the currency differs from the payer's or the recipient's account.
@@ -54,6 +58,9 @@ pub enum ErrorCode {
     InsufficientFunds,
     /// 422: this Idempotency-Key was used with a different request.
     IdempotencyKeyReused,
+    /// 429: too many requests from this client, user or for this username;
+    /// `Retry-After` says when to try again.
+    RateLimited,
     /// 500: a bug; details are in the server log.
     Internal,
     /// 503: a shard could not be reached or answered too late; retry with the same key.
@@ -64,8 +71,12 @@ pub enum ErrorCode {
     CoordinatorTimeout,
     /// 503: a Redis lock could not be taken (Redis-lock mode); retry with the same key.
     LockUnavailable,
+    /// 503: the server is at a bound (password work, connections); retry later.
+    Overloaded,
     /// 504: the payment provider did not answer in time; nothing was booked.
     PaymentTimeout,
+    /// 504: the request took longer than the server's whole-request bound.
+    GatewayTimeout,
 }
 
 impl ErrorCode {
@@ -81,16 +92,19 @@ impl ErrorCode {
             PaymentDeclined => StatusCode::PAYMENT_REQUIRED,
             RecipientNotFound | TransferNotFound | NotFound => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            RateLimited => StatusCode::TOO_MANY_REQUESTS,
             UsernameTaken | RequestInProgress => StatusCode::CONFLICT,
             PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             SameAccount | CurrencyMismatch | InsufficientFunds | IdempotencyKeyReused => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
-            ShardUnavailable | ShardBusy | CoordinatorTimeout | LockUnavailable => {
+            ShardUnavailable | ShardBusy | CoordinatorTimeout | LockUnavailable | Overloaded => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            PaymentTimeout => StatusCode::GATEWAY_TIMEOUT,
+            PaymentTimeout | GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -139,6 +153,8 @@ pub struct ApiError {
     pub detail: Option<String>,
     pub transfer_id: Option<String>,
     pub replayed: bool,
+    /// `Retry-After` in seconds; 503s default to [`RETRY_AFTER_S`].
+    pub retry_after_s: Option<u64>,
 }
 
 impl ApiError {
@@ -148,6 +164,7 @@ impl ApiError {
             detail: None,
             transfer_id: None,
             replayed: false,
+            retry_after_s: None,
         }
     }
 
@@ -157,6 +174,7 @@ impl ApiError {
             detail: Some(detail.into()),
             transfer_id: None,
             replayed: false,
+            retry_after_s: None,
         }
     }
 
@@ -182,8 +200,14 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_S));
+        match self.retry_after_s {
+            Some(s) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(s));
+            }
+            None if status == StatusCode::SERVICE_UNAVAILABLE => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_S));
+            }
+            None => {}
         }
         if self.replayed {
             headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
@@ -204,6 +228,13 @@ impl From<CoordinatorError> for ApiError {
                     ErrorCode::ShardUnavailable,
                     format!("shard {} is unavailable", e.shard()),
                 )
+            }
+            CoordinatorError::Overloaded {
+                queue: queue @ "password hashing",
+                queued_max,
+            } => {
+                tracing::warn!(queue, queued_max, "request refused: queue full");
+                ApiError::detail(ErrorCode::Overloaded, format!("{queue} is saturated"))
             }
             CoordinatorError::Overloaded { queue, queued_max } => {
                 tracing::warn!(queue, queued_max, "request refused: queue full");

@@ -34,6 +34,12 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
         return ApiError::new(ErrorCode::PayloadTooLarge);
     }
+    if rejection.status() == StatusCode::UNSUPPORTED_MEDIA_TYPE {
+        return ApiError::detail(
+            ErrorCode::UnsupportedMediaType,
+            "send the body as Content-Type: application/json",
+        );
+    }
     ApiError::detail(ErrorCode::InvalidRequest, rejection.body_text())
 }
 

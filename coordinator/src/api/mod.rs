@@ -1,50 +1,93 @@
 //! The HTTP API. [`app`] builds the router from state, so tests can drive it
-//! without a socket; [`serve`] runs it with graceful shutdown.
+//! without a socket; [`serve`] runs it with its connection bounds and graceful
+//! shutdown.
 
 pub mod error;
 pub mod extract;
+pub mod limits;
 pub mod money;
 pub mod ops;
+pub mod server;
 pub mod users;
 
-use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
+use axum::middleware::{from_fn, from_fn_with_state};
 use axum::routing::{get, post};
 use axum::Router;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
+use utoipa_swagger_ui::SwaggerUi;
 
+use crate::config::Config;
 use crate::service::Coordinator;
 
 #[derive(Clone)]
 pub struct AppState {
     pub coordinator: Arc<Coordinator>,
     pub admin_token: Option<Arc<str>>,
+    pub limiters: Arc<limits::Limiters>,
 }
 
-pub fn app(state: AppState, body_bytes_max: usize, concurrent_requests_max: usize) -> Router {
-    Router::new()
+impl AppState {
+    /// State for `coordinator` under `config`'s admin token and rate limits.
+    pub fn new(coordinator: Arc<Coordinator>, config: &Config) -> AppState {
+        AppState {
+            coordinator,
+            admin_token: config.admin_token.as_deref().map(Arc::from),
+            limiters: Arc::new(limits::Limiters::new(
+                &config.rate_limits,
+                config.http.trusted_client_ip_header.clone(),
+            )),
+        }
+    }
+}
+
+/// The routes and every per-request bound of `config` (see [`server`] for the
+/// order they apply in).
+pub fn app(state: AppState, config: &Config) -> Router {
+    let bounds = server::RequestBounds {
+        body_bytes_max: config.limits.request_body_bytes_max,
+        body_read_timeout: Duration::from_millis(config.http.body_read_timeout_ms),
+        request_timeout: Duration::from_millis(config.http.request_timeout_ms),
+    };
+    let auth_routes = Router::new()
         .route("/v1/user", post(users::sign_up))
         .route("/v1/login", post(users::log_in))
-        .route("/v1/logout", post(users::log_out))
+        .route_layer(from_fn_with_state(state.clone(), limits::per_address));
+    let money_routes = Router::new()
         .route("/v1/account", get(money::account))
         .route("/v1/transfer", post(money::transfer))
         .route("/v1/transfer/{id}", get(money::get_transfer))
         .route("/v1/deposit", post(money::deposit))
         .route("/v1/withdrawal", post(money::withdrawal))
+        .route_layer(from_fn_with_state(state.clone(), limits::per_user));
+    Router::new()
+        .merge(auth_routes)
+        .merge(money_routes)
+        .route("/v1/logout", post(users::log_out))
         .route("/v1/admin/in-doubt", get(ops::in_doubt))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
-        .route("/openapi.json", get(ops::openapi))
+        .route("/metrics", get(ops::metrics))
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", ops::openapi_doc()))
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
         .with_state(state)
-        // Enforced by the body extractors, so an oversized body gets problem+json.
-        .layer(axum::extract::DefaultBodyLimit::max(body_bytes_max))
-        .layer(tower::limit::ConcurrencyLimitLayer::new(
-            concurrent_requests_max,
+        // Innermost first. One semaphore shared by every route.
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            config.limits.concurrent_requests_max,
         ))
+        // Enforced again by the body extractors, so an oversized body always
+        // gets problem+json.
+        .layer(axum::extract::DefaultBodyLimit::max(
+            config.limits.request_body_bytes_max,
+        ))
+        .layer(from_fn_with_state(bounds, server::read_body))
+        .layer(from_fn(server::record))
+        .layer(from_fn_with_state(bounds, server::whole_request))
+        .layer(from_fn(server::problems_only))
         .layer(CatchPanicLayer::custom(|_| {
             use axum::response::IntoResponse;
             error::ApiError::new(error::ErrorCode::Internal).into_response()
@@ -52,14 +95,4 @@ pub fn app(state: AppState, body_bytes_max: usize, concurrent_requests_max: usiz
         .layer(TraceLayer::new_for_http())
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves, then lets in-flight
-/// requests finish.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    router: Router,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
-}
+pub use server::serve;

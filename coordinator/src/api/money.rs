@@ -319,6 +319,7 @@ pub fn submitted_response(submitted: Submitted) -> ApiResult<Response> {
                 detail: Some("a request with this Idempotency-Key is still being processed".into()),
                 transfer_id: Some(r.transfer_id.to_string()),
                 replayed: false,
+                retry_after_s: None,
             })
         }
         Submitted::KeyReused => return Err(ApiError::new(ErrorCode::IdempotencyKeyReused)),
@@ -342,12 +343,14 @@ pub fn submitted_response(submitted: Submitted) -> ApiResult<Response> {
             detail: None,
             transfer_id: Some(record.transfer_id.to_string()),
             replayed,
+            retry_after_s: None,
         }),
         _ => Err(ApiError {
             code: ErrorCode::RequestInProgress,
             detail: None,
             transfer_id: Some(record.transfer_id.to_string()),
             replayed,
+            retry_after_s: None,
         }),
     }
 }

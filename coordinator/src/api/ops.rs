@@ -120,7 +120,7 @@ pub async fn method_not_allowed() -> ApiError {
         super::users::sign_up, super::users::log_in, super::users::log_out,
         super::money::account, super::money::transfer, super::money::get_transfer,
         super::money::deposit, super::money::withdrawal,
-        healthz, readyz, in_doubt,
+        healthz, readyz, in_doubt, metrics,
     ),
     components(schemas(Problem, ErrorCode)),
     modifiers(&SecurityAddon),
@@ -140,7 +140,17 @@ impl utoipa::Modify for SecurityAddon {
     }
 }
 
-pub async fn openapi() -> Response {
+/// The OpenAPI document, served at `/openapi.json` and rendered at `/docs`.
+pub fn openapi_doc() -> utoipa::openapi::OpenApi {
     use utoipa::OpenApi;
-    axum::Json(ApiDoc::openapi()).into_response()
+    ApiDoc::openapi()
+}
+
+/// Prometheus text: requests, transfers, groups, in-doubt, recovery, pools,
+/// rate-limit refusals (README lists the series).
+#[utoipa::path(get, path = "/metrics", tag = "ops",
+    responses((status = 200, description = "Prometheus text exposition format", content_type = "text/plain")))]
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    let body = crate::metrics::render(&state.coordinator);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }

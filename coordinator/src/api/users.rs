@@ -92,12 +92,16 @@ pub async fn sign_up(
         (status = 200, description = "Session created; also set as the `wallet_session` cookie", body = LoginBody),
         (status = 400, description = "`invalid_request`", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "`invalid_credentials`", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`shard_unavailable`", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited`: too many attempts for this username or from this address; see Retry-After", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`shard_unavailable`, or `overloaded` (password work saturated)", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn log_in(
     State(state): State<AppState>,
     ApiJson(req): ApiJson<LoginRequest>,
 ) -> ApiResult<Response> {
+    // Counted before the password is checked, for names that exist or not, so
+    // guessing one user's password runs at this rate whatever the answers.
+    state.limiters.login_attempt(&req.username)?;
     let session = state
         .coordinator
         .log_in(&req.username, req.password)

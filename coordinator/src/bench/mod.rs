@@ -29,7 +29,6 @@ use rust_decimal::Decimal;
 use shard_agent::invariants::wait_quiescent;
 use tracing::info;
 
-use crate::api::{self, AppState};
 use crate::batch::GroupStats;
 use crate::config::{Config, LockMode};
 use crate::payments::Sandbox;
@@ -183,16 +182,16 @@ impl Front {
         }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let base = format!("http://{}", listener.local_addr()?);
-        let router = api::app(
-            AppState {
-                coordinator: self.coordinator.clone(),
-                admin_token: None,
-            },
-            config.limits.request_body_bytes_max,
-            config.limits.concurrent_requests_max,
-        );
+        let coordinator = self.coordinator.clone();
+        let config = config.clone();
         let task = tokio::spawn(async move {
-            let _ = api::serve(listener, router, std::future::pending()).await;
+            let _ = crate::serve::serve_coordinator(
+                listener,
+                coordinator,
+                &config,
+                std::future::pending(),
+            )
+            .await;
         });
         self.http = Some((base.clone(), task));
         Ok(base)

@@ -14,7 +14,7 @@ use shard_agent::local::{free_port, PgServer, PgServerConfig, RedisServer};
 use shard_agent::records::UserRow;
 use shard_agent::{Currency, ShardAgent};
 
-use crate::auth::{new_token, token_hash, PasswordPolicy};
+use crate::auth::{new_token, token_hash, PasswordPolicy, PasswordWork};
 use crate::cluster::Cluster;
 use crate::config::{Config, Limits, LockMode};
 use crate::dev::provision;
@@ -87,6 +87,9 @@ impl BenchCluster {
                 url: r.url(),
                 ..RedisConfig::default()
             }),
+            payment_provider: Some(crate::payments::ProviderConfig::Sandbox),
+            http: Default::default(),
+            rate_limits: crate::config::RateLimits::off(),
         };
         // Opening the cluster bootstraps the catalog's bucket map: route by it.
         let routing = Cluster::open(&config.catalog_dsn, &entries, config.agent.clone())
@@ -138,10 +141,14 @@ async fn load_users(
     opening_balance: Decimal,
     limits: &Limits,
 ) -> anyhow::Result<Vec<BenchUser>> {
-    let policy = PasswordPolicy {
-        memory_kib: limits.argon2_memory_kib,
-        iterations: limits.argon2_iterations,
-    };
+    let policy = PasswordWork::new(
+        PasswordPolicy {
+            memory_kib: limits.argon2_memory_kib,
+            iterations: limits.argon2_iterations,
+        },
+        1,
+        1,
+    );
     let defaults = BulkDefaults {
         currency: CURRENCY,
         opening_balance,
