@@ -1,10 +1,12 @@
 //! The shard's SQL functions against real PostgreSQL: applied once and only
-//! once, exactly the files' definitions, repaired after a hand edit, and never
-//! downgraded under a newer build.
+//! once, exactly the files' definitions, repaired after a hand edit, never
+//! downgraded under a newer build, and never used by an agent of another
+//! version.
 
 use shard_agent::functions::{self, Applied, ApplyError, Found, Stamp, FILES, VERSION};
 use shard_agent::local::testing::{create_database, servers_async, unique_prefix};
 use shard_agent::migrate::{migrate_shard, MigrateError};
+use shard_agent::{AgentConfig, ShardAgent, ShardError};
 use tokio_postgres::Client;
 
 /// A fresh, empty database; its DSN.
@@ -305,4 +307,89 @@ async fn two_applies_at_once_apply_once() {
         outcomes,
         [Applied::Installed { previous: None }, Applied::Unchanged]
     );
+}
+
+fn agent(dsn: &str) -> ShardAgent {
+    ShardAgent::new(router::ShardId(0), dsn, AgentConfig::default()).expect("agent")
+}
+
+/// What the agent's calls found instead of this build's functions.
+fn mismatch(result: Result<(), ShardError>) -> Found {
+    match result {
+        Err(ShardError::FunctionsMismatch {
+            expected, found, ..
+        }) => {
+            assert_eq!(expected, Stamp::compiled());
+            found
+        }
+        other => panic!("expected a functions mismatch, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_agent_refuses_a_shard_of_another_version() {
+    let dsn = fresh_database("fn_agent_version").await;
+    migrate_shard(&dsn).await.expect("migrate");
+    let running = agent(&dsn);
+    running.ping().await.expect("this build's functions");
+    running
+        .check_functions()
+        .await
+        .expect("this build's functions");
+
+    let newer = Stamp {
+        version: VERSION + 1,
+        checksum: "a newer build".into(),
+    };
+    connect(&dsn)
+        .await
+        .execute(
+            "UPDATE wallet_functions SET version = $1, checksum = $2",
+            &[&newer.version, &newer.checksum],
+        )
+        .await
+        .expect("stamp a newer version");
+
+    // A new agent's first connection is refused, naming both stamps.
+    let started = agent(&dsn);
+    let err = started.ping().await.expect_err("another version");
+    let text = err.to_string();
+    assert!(
+        text.contains(&newer.checksum) && text.contains(functions::checksum()),
+        "{text}"
+    );
+    assert!(!err.is_retryable());
+    assert_eq!(mismatch(started.ping().await), Found::Other(newer.clone()));
+    // A running agent is refused as soon as it checks again.
+    assert_eq!(
+        mismatch(running.check_functions().await),
+        Found::Other(newer)
+    );
+}
+
+#[tokio::test]
+async fn an_agent_refuses_edited_functions_until_they_are_repaired() {
+    let dsn = fresh_database("fn_agent_edit").await;
+    migrate_shard(&dsn).await.expect("migrate");
+    connect(&dsn)
+        .await
+        .batch_execute(
+            "CREATE OR REPLACE FUNCTION wallet_batch_decide(p_batch uuid) RETURNS void
+             LANGUAGE sql AS $$ SELECT $$",
+        )
+        .await
+        .expect("replace a function by hand");
+    let a = agent(&dsn);
+    assert_eq!(mismatch(a.ping().await), Found::Edited(Stamp::compiled()));
+    assert_eq!(
+        migrate_shard(&dsn).await.expect("repair"),
+        Applied::Repaired
+    );
+    a.ping().await.expect("repaired");
+}
+
+#[tokio::test]
+async fn an_agent_refuses_a_shard_without_functions() {
+    let dsn = fresh_database("fn_agent_none").await;
+    assert_eq!(mismatch(agent(&dsn).ping().await), Found::Nothing);
 }
