@@ -11,8 +11,10 @@
 --     legs) and one ledger insert; each leg's balance_after runs in leg order
 --     from the account's opening balance, since a payee may be credited
 --     several times in a group. Generic plans, as in wallet_batch_check.
+--   - It never decides: a cross-shard group's decision is wallet_batch_decide,
+--     sent once every other shard has prepared.
 CREATE OR REPLACE FUNCTION wallet_batch_apply(
-    p_batch uuid, p_decide boolean, p_participants text[], p_mode text,
+    p_participants text[], p_mode text,
     p_transfer uuid[], p_debit boolean[], p_user uuid[], p_amount numeric[],
     p_currency text[], p_user_name text[], p_party uuid[], p_party_name text[],
     p_outcome text[]
@@ -31,9 +33,6 @@ DECLARE
     v_at int;
     i int;
 BEGIN
-    IF p_decide THEN
-        PERFORM wallet_batch_decide(p_batch);
-    END IF;
     -- Each account's total change: one update per account for the group.
     FOR i IN 1..n LOOP
         CONTINUE WHEN p_outcome[i] IS NOT NULL;

@@ -22,7 +22,7 @@ AS $$
 BEGIN
     RETURN QUERY
     SELECT * FROM wallet_batch_apply(
-        NULL, false, '{}', 'local', p_transfer, p_debit, p_user, p_amount, p_currency,
+        '{}', 'local', p_transfer, p_debit, p_user, p_amount, p_currency,
         p_user_name, p_party, p_party_name,
         wallet_batch_check(p_transfer, p_debit, p_user, p_amount, p_currency,
                            p_key_user, p_key, p_fingerprint, p_session,
