@@ -46,7 +46,7 @@ pub enum Payer {
     Verified(UserRow),
     /// Named by a token whose session has not been read. It is read on the
     /// payer's shard: inside the group's check when the transfer runs batched
-    /// (sql/shard/V7), which saves a round trip per request, or just before an
+    /// (`wallet_batch_check`), which saves a round trip per request, or just before an
     /// unbatched transfer runs. Either way nothing moves without a live session.
     Claimed {
         username: Username,

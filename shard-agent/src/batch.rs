@@ -1,4 +1,4 @@
-//! Batched transfers (sql/shard/V6-V8): one transaction per shard for a whole
+//! Batched transfers (the `wallet_batch_*` SQL functions): one transaction per shard for a whole
 //! group of concurrent transfers, each transfer still decided on its own (one
 //! refused transfer never sinks its group).
 //!
@@ -53,7 +53,7 @@ pub struct BatchLeg {
     /// The payer's Idempotency-Key, on the debit leg.
     pub key: Option<IdempotencyKey>,
     /// On the debit leg of a payer the coordinator has not verified: the SHA-256
-    /// of their session token, which the check reads on this shard (sql/shard/V7).
+    /// of their session token, which the check reads on this shard (`wallet_batch_check`).
     pub session: Option<Vec<u8>>,
 }
 
