@@ -18,7 +18,8 @@ WORKDIR /src
 #    layer holds no artifact of a workspace crate: step 2 always compiles
 #    router, shard-agent and coordinator from the real sources, and the SQL
 #    that shard-agent embeds at compile time (sql/shard, sql/catalog via
-#    refinery's embed_migrations!) is always the SQL in the build context.
+#    refinery's embed_migrations!, sql/shard/functions via include_str!) is
+#    always the SQL in the build context.
 #    If a crate gains a build.rs or a new workspace member is added, mirror
 #    it here.
 COPY Cargo.toml Cargo.lock ./
@@ -71,8 +72,9 @@ EXPOSE 8080
 # GET /healthz and readiness (every shard answers) is GET /readyz on port 8080;
 # probe them from the orchestrator.
 #
-# `serve` applies the schema migrations at start; the catalog and shard
-# databases must already exist. It stops cleanly on SIGTERM (docker stop).
+# `serve` applies the schema migrations and the shard's SQL functions at start,
+# and refuses to serve shards whose functions a newer build applied; the
+# catalog and shard databases must already exist. It stops cleanly on SIGTERM (docker stop).
 # (`wallet dev` is not usable here: it needs local PostgreSQL binaries.)
 ENTRYPOINT ["/usr/local/bin/wallet"]
 CMD ["serve", "--config", "/etc/wallet/config.json"]

@@ -4,7 +4,7 @@
 //! lookup to the one shard holding the session (a user's ID is derived from their
 //! name), and it is what `POST /v1/transfer` needs to queue a transfer before the
 //! session is read: the read then happens on the payer's shard inside the
-//! transfer's own check (sql/shard/V7). Only a SHA-256 of the whole token is
+//! transfer's own check (`wallet_batch_check`). Only a SHA-256 of the whole token is
 //! stored, so a leaked sessions table cannot be replayed. Tokens of the earlier
 //! format, `<user id, 32 hex>.<secret>`, still route and are read as before.
 

@@ -1,4 +1,4 @@
-//! Batching (sql/shard/V6, `shard_agent::batch`): concurrent transfers with new
+//! Batching (`shard_agent::batch`, the `wallet_batch_*` SQL functions): concurrent transfers with new
 //! Idempotency-Keys are grouped and run as one transaction per shard, which is
 //! how the wallet gets past one fsync and several round trips per transfer
 //! (issue 5). Each transfer is still decided on its own: a refused transfer is

@@ -14,7 +14,7 @@ use shard_agent::transfer_local::{Submitted, TransferOrder};
 use shard_agent::users::{AccountView, Created, NewUser};
 use shard_agent::{Amount, Currency, ShardAgent, ShardError, TransferId, TransferRecord};
 use tokio::task::JoinHandle;
-use tracing::{info, Instrument};
+use tracing::{info, warn, Instrument};
 
 use crate::auth::{new_token, token_hash, token_user, AuthError, PasswordPolicy, PasswordWork};
 use crate::batch::Batcher;
@@ -34,6 +34,9 @@ pub enum StartError {
     Cluster(#[from] ClusterError),
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A shard runs SQL functions of another version than this build's.
+    #[error(transparent)]
+    Functions(ShardError),
 }
 
 /// Who pays for a transfer.
@@ -43,7 +46,7 @@ pub enum Payer {
     Verified(UserRow),
     /// Named by a token whose session has not been read. It is read on the
     /// payer's shard: inside the group's check when the transfer runs batched
-    /// (sql/shard/V7), which saves a round trip per request, or just before an
+    /// (`wallet_batch_check`), which saves a round trip per request, or just before an
     /// unbatched transfer runs. Either way nothing moves without a live session.
     Claimed {
         username: Username,
@@ -124,6 +127,24 @@ impl Drop for Coordinator {
     }
 }
 
+/// Refuses to start against a shard whose SQL functions are not this build's
+/// (`shard_agent::functions`). A shard that does not answer now is not a
+/// reason to stay down: its connections are checked as they are made, like
+/// every connection.
+async fn check_functions(cluster: &Cluster) -> Result<(), StartError> {
+    let routing = cluster.routing();
+    let checks =
+        futures::future::join_all(routing.agents.values().map(|a| a.check_functions())).await;
+    for checked in checks {
+        match checked {
+            Ok(()) => {}
+            Err(e @ ShardError::FunctionsMismatch { .. }) => return Err(StartError::Functions(e)),
+            Err(e) => warn!(%e, "could not check a shard's SQL functions at start"),
+        }
+    }
+    Ok(())
+}
+
 impl Coordinator {
     /// Loads the bucket map and starts the epoch watch and the recovery loop (its
     /// first pass runs at once, finishing whatever an earlier crash left).
@@ -135,6 +156,7 @@ impl Coordinator {
         let cluster = Arc::new(
             Cluster::open(&config.catalog_dsn, &config.shards, config.agent.clone()).await?,
         );
+        check_functions(&cluster).await?;
         let limits = config.limits.clone();
         // Recovery completes pending credits whenever Redis is configured, even in
         // 2PC mode, so switching modes never strands a Redis-mode transfer.

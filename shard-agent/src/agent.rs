@@ -8,6 +8,7 @@ use router::ShardId;
 use tokio_postgres::NoTls;
 
 use crate::error::{ShardError, ShardResult};
+use crate::functions::{self, Stamp};
 
 /// Limits for one shard's connections. Units are in the names.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -152,15 +153,54 @@ impl ShardAgent {
         .await
     }
 
+    /// Checks now that the shard runs this build's SQL functions. Every
+    /// connection is checked before its first use anyway; the coordinator calls
+    /// this at start, so that a shard of another version stops it before it
+    /// serves. [`ShardError::FunctionsMismatch`] when the shard's are not this
+    /// build's.
+    pub async fn check_functions(&self) -> ShardResult<()> {
+        self.timed("check SQL functions", async {
+            let conn = self.conn().await?;
+            self.check_functions_on(&conn).await
+        })
+        .await
+    }
+
     pub(crate) async fn conn(&self) -> ShardResult<Conn> {
         let obj = self.pool.get().await.map_err(|e| ShardError::Unavailable {
             shard: self.id,
             reason: format!("get connection: {e}"),
         })?;
-        Ok(Conn {
+        // A connection the pool has just made has never been recycled. Until
+        // its check passes it is treated like one inside a transaction: if the
+        // check fails or the call is cut short, it is dropped, not pooled, so
+        // no connection is ever used unchecked.
+        let fresh = Object::metrics(&obj).recycle_count == 0;
+        let mut conn = Conn {
             obj: Some(obj),
-            in_txn: false,
-        })
+            in_txn: fresh,
+        };
+        if fresh {
+            self.check_functions_on(&conn).await?;
+            conn.in_txn = false;
+        }
+        Ok(conn)
+    }
+
+    /// A coordinator never runs against SQL functions of another version than
+    /// the ones it was compiled with, nor against functions edited by hand.
+    async fn check_functions_on(&self, conn: &Conn) -> ShardResult<()> {
+        match functions::check(conn.client())
+            .await
+            .map_err(self.pg("check SQL functions"))?
+        {
+            None => Ok(()),
+            Some(found) => Err(ShardError::FunctionsMismatch {
+                shard: self.id,
+                expected: Stamp::compiled(),
+                found,
+            }),
+        }
     }
 
     /// Runs one call under `call_timeout_ms`. A timeout leaves the statement's outcome

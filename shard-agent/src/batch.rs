@@ -1,4 +1,4 @@
-//! Batched transfers (sql/shard/V6-V8): one transaction per shard for a whole
+//! Batched transfers (the `wallet_batch_*` SQL functions): one transaction per shard for a whole
 //! group of concurrent transfers, each transfer still decided on its own (one
 //! refused transfer never sinks its group).
 //!
@@ -53,7 +53,7 @@ pub struct BatchLeg {
     /// The payer's Idempotency-Key, on the debit leg.
     pub key: Option<IdempotencyKey>,
     /// On the debit leg of a payer the coordinator has not verified: the SHA-256
-    /// of their session token, which the check reads on this shard (sql/shard/V7).
+    /// of their session token, which the check reads on this shard (`wallet_batch_check`).
     pub session: Option<Vec<u8>>,
 }
 
@@ -286,9 +286,7 @@ impl OpenBatch<'_> {
         outcomes: &[Verdict],
     ) -> ShardResult<Vec<TransferRecord>> {
         let end = format!("PREPARE TRANSACTION '{gid}'");
-        let records = self
-            .apply(batch, participants, legs, outcomes, Some(&end))
-            .await?;
+        let records = self.apply(participants, legs, outcomes, Some(&end)).await?;
         self.conn.ended();
         Ok(records)
     }
@@ -304,7 +302,7 @@ impl OpenBatch<'_> {
         legs: &[BatchLeg],
         outcomes: &[Verdict],
     ) -> ShardResult<Vec<TransferRecord>> {
-        self.apply(batch, participants, legs, outcomes, None).await
+        self.apply(participants, legs, outcomes, None).await
     }
 
     /// Step 3, once every other shard has prepared: the group's decision row,
@@ -340,11 +338,10 @@ impl OpenBatch<'_> {
             .await
     }
 
-    /// `wallet_batch_apply` without its decision (V8 decides apart), followed
-    /// in the same message by `end`, if any.
+    /// `wallet_batch_apply` (which never decides: [`OpenBatch::decide`] does),
+    /// followed in the same message by `end`, if any.
     async fn apply(
         &mut self,
-        batch: Uuid,
         participants: &[String],
         legs: &[BatchLeg],
         outcomes: &[Verdict],
@@ -358,14 +355,13 @@ impl OpenBatch<'_> {
                 let stmt = self
                     .conn
                     .prepare_cached(&format!(
-                        "SELECT {TRANSFER_COLUMNS} FROM wallet_batch_apply($1, false, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+                        "SELECT {TRANSFER_COLUMNS} FROM wallet_batch_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
                     ))
                     .await
                     .map_err(agent.pg("prepare batch apply"))?;
                 // The mode column's text for Mode::TwoPc (cross-shard groups only).
                 let mode = "2pc";
-                let params: [&(dyn ToSql + Sync); 12] = [
-                    &batch,
+                let params: [&(dyn ToSql + Sync); 11] = [
                     &participants,
                     &mode,
                     &c.tid,

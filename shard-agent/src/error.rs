@@ -3,6 +3,8 @@
 
 use router::ShardId;
 
+use crate::functions::{Found, Stamp};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ShardError {
     /// The shard could not be reached, or the call timed out. The outcome of the
@@ -28,6 +30,17 @@ pub enum ShardError {
     },
     #[error("shard {shard}: stored data is invalid: {detail}")]
     CorruptRow { shard: ShardId, detail: String },
+    /// The shard's SQL functions are not the ones this build was compiled with
+    /// (another build's, none, or edited by hand since they were applied):
+    /// nothing was sent to it. Migrating the shard with this build fixes it,
+    /// unless a newer build applied its functions, which this one must not
+    /// replace (`crate::functions`).
+    #[error("shard {shard}: its SQL functions are {found}, this build's are {expected}")]
+    FunctionsMismatch {
+        shard: ShardId,
+        expected: Stamp,
+        found: Found,
+    },
 }
 
 impl ShardError {
@@ -45,7 +58,8 @@ impl ShardError {
             | ShardError::LockTimeout { shard }
             | ShardError::PrepareFailed { shard, .. }
             | ShardError::Database { shard, .. }
-            | ShardError::CorruptRow { shard, .. } => *shard,
+            | ShardError::CorruptRow { shard, .. }
+            | ShardError::FunctionsMismatch { shard, .. } => *shard,
         }
     }
 

@@ -13,7 +13,9 @@
 //! - [`external`]: deposits and withdrawals through the shard's clearing account.
 //! - [`users`]: users, sessions, account and transfer views; [`bulk`]: loading
 //!   many users at once (for `wallet bench`).
-//! - [`catalog`], [`migrate`]: the bucket map with its epoch; schema migrations.
+//! - [`catalog`], [`migrate`], [`functions`]: the bucket map with its epoch;
+//!   schema migrations; the shard's SQL functions and the check that a shard
+//!   runs this build's.
 //! - [`check`]: the read-only queries behind the invariant checker, and
 //!   [`invariants`]: the checker itself (DESIGN.md invariants 1-5 over every shard).
 //! - [`local`]: real PostgreSQL servers for the dev cluster and for tests.
@@ -26,6 +28,7 @@ pub mod catalog;
 pub mod check;
 pub mod error;
 pub mod external;
+pub mod functions;
 pub mod gid;
 pub mod idempotency;
 pub mod invariants;

@@ -1,6 +1,6 @@
 //! A transfer between two users of the same shard: one local transaction, no 2PC.
 //!
-//! The fast path is one statement, `wallet_transfer_local` (sql/shard/V4): claim,
+//! The fast path is one statement, `wallet_transfer_local` (sql/shard/functions): claim,
 //! lock, decide and move in one round trip. A key that already exists makes it
 //! raise and leave nothing behind; the slow path below then replays the key's
 //! outcome (or starts a fresh attempt after a retryable abort) statement by

@@ -1,4 +1,4 @@
-//! Batched transfers against real PostgreSQL (sql/shard/V6, V7): one transaction
+//! Batched transfers against real PostgreSQL (`wallet_batch_*`): one transaction
 //! per shard for a whole group, each transfer decided on its own, a cross-shard
 //! group that recovery commits or rolls back as a whole from its decision row,
 //! and payers whose session the group's check reads.

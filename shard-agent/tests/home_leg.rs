@@ -1,5 +1,5 @@
 //! The fast path of a cross-shard transfer against real PostgreSQL: the payer's
-//! leg commits on the home shard with the key and the record (sql/shard/V5), the
+//! leg commits on the home shard with the key and the record (`wallet_home_leg`), the
 //! payee's leg is prepared, and recovery resolves a payee leg whose home
 //! transaction never committed through a tombstone.
 

@@ -48,7 +48,7 @@ pub enum Prepared {
 /// kept for it.
 const CANCEL_GRACE: Duration = Duration::from_millis(1_000);
 
-/// SQLSTATEs `wallet_apply_leg` (sql/shard/V4) raises for a business rejection.
+/// SQLSTATEs `wallet_apply_leg` (sql/shard/functions) raises for a business rejection.
 fn rejection(code: &str) -> Option<FailureCode> {
     match code {
         "WL001" => Some(FailureCode::InsufficientFunds),

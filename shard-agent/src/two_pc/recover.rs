@@ -154,7 +154,7 @@ pub async fn resolve_leg(
     let state = match decided {
         Some(record) => record.state,
         // No record: a fast-path attempt whose home transaction has not committed
-        // (sql/shard/V5). The tombstone's compare-and-set decides it.
+        // (`wallet_home_leg`). The tombstone's compare-and-set decides it.
         None => match home.tombstone(gid.transfer_id).await? {
             Tombstone::Written => TransferState::Aborted,
             Tombstone::Record(state) => state,

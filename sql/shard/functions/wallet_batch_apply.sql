@@ -1,0 +1,91 @@
+-- Step 2 of a group of transfers on one shard, with each transfer's final
+-- outcome from step 1 (NULL: commit; a reason: aborted; key_exists or
+-- unverified: not this group's, untouched). Returns the inserted records.
+--
+-- Rules owned here:
+--   - Only the legs of transfers that passed every check move money; the row
+--     locks taken by wallet_batch_check keep those checks true.
+--   - Every transfer whose payer is here (its debit leg) is recorded in its
+--     final state, except one whose key exists or whose payer is unverified.
+--   - One balance update per account for the whole group (by the sum of its
+--     legs) and one ledger insert; each leg's balance_after runs in leg order
+--     from the account's opening balance, since a payee may be credited
+--     several times in a group. Generic plans, as in wallet_batch_check.
+--   - It never decides: a cross-shard group's decision is wallet_batch_decide,
+--     sent once every other shard has prepared.
+CREATE OR REPLACE FUNCTION wallet_batch_apply(
+    p_participants text[], p_mode text,
+    p_transfer uuid[], p_debit boolean[], p_user uuid[], p_amount numeric[],
+    p_currency text[], p_user_name text[], p_party uuid[], p_party_name text[],
+    p_outcome text[]
+) RETURNS SETOF transfers
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    n int := coalesce(array_length(p_transfer, 1), 0);
+    v_delta numeric[] := array_fill(NULL::numeric, ARRAY[n]);
+    v_users uuid[] := '{}';
+    v_totals numeric[] := '{}';
+    v_moved uuid[];
+    v_moved_account uuid[];
+    v_running numeric[];
+    v_account uuid[] := array_fill(NULL::uuid, ARRAY[n]);
+    v_balance numeric[] := array_fill(NULL::numeric, ARRAY[n]);
+    v_at int;
+    i int;
+BEGIN
+    -- Each account's total change: one update per account for the group.
+    FOR i IN 1..n LOOP
+        CONTINUE WHEN p_outcome[i] IS NOT NULL;
+        v_delta[i] := CASE WHEN p_debit[i] THEN -p_amount[i] ELSE p_amount[i] END;
+        v_at := array_position(v_users, p_user[i]);
+        IF v_at IS NULL THEN
+            v_users := v_users || p_user[i];
+            v_totals := v_totals || v_delta[i];
+        ELSE
+            v_totals[v_at] := v_totals[v_at] + v_delta[i];
+        END IF;
+    END LOOP;
+    -- The rows are locked since the check; the index condition keeps the
+    -- planner, which cannot size the arrays, on the index.
+    WITH moved AS (
+        UPDATE accounts a SET balance = a.balance + d.total
+          FROM unnest(v_users, v_totals) AS d (user_id, total)
+         WHERE a.user_id = d.user_id AND a.user_id = ANY (v_users)
+        RETURNING a.user_id, a.account_id, a.balance - d.total AS opening
+    )
+    SELECT coalesce(array_agg(user_id), '{}'), coalesce(array_agg(account_id), '{}'),
+           coalesce(array_agg(opening), '{}')
+      INTO v_moved, v_moved_account, v_running
+      FROM moved;
+    -- Each leg's balance_after runs in leg order from the account's opening.
+    -- A leg whose account did not move (impossible under the check's locks)
+    -- keeps NULLs, which the ledger's NOT NULL then refuses.
+    FOR i IN 1..n LOOP
+        CONTINUE WHEN p_outcome[i] IS NOT NULL;
+        v_at := array_position(v_moved, p_user[i]);
+        CONTINUE WHEN v_at IS NULL;
+        v_running[v_at] := v_running[v_at] + v_delta[i];
+        v_account[i] := v_moved_account[v_at];
+        v_balance[i] := v_running[v_at];
+    END LOOP;
+    INSERT INTO ledger_entries (account_id, transfer_id, kind, amount, balance_after, counterparty)
+    SELECT v_account[x], p_transfer[x],
+           CASE WHEN p_debit[x] THEN 'transfer_debit' ELSE 'transfer_credit' END,
+           CASE WHEN p_debit[x] THEN -p_amount[x] ELSE p_amount[x] END,
+           v_balance[x], p_party_name[x]
+      FROM generate_subscripts(p_transfer, 1) AS x
+     WHERE p_outcome[x] IS NULL
+     ORDER BY x;
+    RETURN QUERY
+    INSERT INTO transfers (transfer_id, kind, mode, from_user, from_username, to_user, to_username,
+                           amount, currency, state, failure_code, participants, decided_at)
+    SELECT p_transfer[x], 'transfer', p_mode, p_user[x], p_user_name[x], p_party[x], p_party_name[x],
+           p_amount[x], p_currency[x],
+           CASE WHEN p_outcome[x] IS NULL THEN 'committed' ELSE 'aborted' END, p_outcome[x],
+           p_participants,
+           statement_timestamp()
+      FROM generate_subscripts(p_transfer, 1) AS x
+     WHERE p_debit[x] AND coalesce(p_outcome[x] NOT IN ('key_exists', 'unverified'), true)
+    RETURNING *;
+END
+$$;
