@@ -661,3 +661,99 @@ async fn an_unreachable_shard_gives_503_shard_unavailable_with_retry_after() {
         (StatusCode::SERVICE_UNAVAILABLE, Some("degraded"))
     );
 }
+
+/// One order of refusals: a transfer that is unfunded and names nobody, or
+/// names an account of another currency, gets the same answer same-shard or
+/// cross-shard, in a group. Unbatched (`batch_max` 1), same-shard transfers
+/// agree; the unbatched cross-shard protocol decides on the payer's shard
+/// before it asks the payee's, and still answers `insufficient_funds` first
+/// (it is the path the one-protocol work deletes).
+#[tokio::test]
+async fn refusals_follow_one_precedence_on_every_path() {
+    for batch_max in [32, 1] {
+        let limits = coordinator::config::Limits {
+            batch_max,
+            ..test_limits()
+        };
+        let cluster = TestCluster::start(4, limits).await;
+        let api = Api::new(&cluster);
+        for same_shard in [true, false] {
+            if batch_max == 1 && !same_shard {
+                continue;
+            }
+            let tag = format!("prec{batch_max}{}", if same_shard { "s" } else { "x" });
+            let (payer, ghost) = pair(&cluster, &tag, same_shard);
+            let token = api.user(&payer, "USD").await;
+            // Unfunded, to nobody: the recipient comes first.
+            let r = api
+                .transfer(&token, &format!("{tag}-1"), &ghost, "5.00", "USD")
+                .await;
+            assert_eq!(
+                (r.status, r.code()),
+                (StatusCode::NOT_FOUND, "recipient_not_found"),
+                "batch_max {batch_max}, same shard {same_shard}: {:?}",
+                r.body
+            );
+            // Unfunded, to an account in another currency: the currency next.
+            api.user(&ghost, "EUR").await;
+            let r = api
+                .transfer(&token, &format!("{tag}-2"), &ghost, "5.00", "USD")
+                .await;
+            assert_eq!(
+                (r.status, r.code()),
+                (StatusCode::UNPROCESSABLE_ENTITY, "currency_mismatch"),
+                "batch_max {batch_max}, same shard {same_shard}: {:?}",
+                r.body
+            );
+        }
+    }
+}
+
+/// A deposit waiting on its payment provider holds no lock on the account:
+/// the owner's transfers go through while it waits.
+#[tokio::test]
+async fn a_deposit_waiting_on_its_provider_does_not_hold_the_account() {
+    let limits = coordinator::config::Limits {
+        payment_timeout_ms: 4_000,
+        ..test_limits()
+    };
+    let cluster = TestCluster::start(4, limits).await;
+    let api = Api::new(&cluster);
+    for same_shard in [true, false] {
+        let tag = if same_shard { "depo_s" } else { "depo_x" };
+        let (payer, payee) = pair(&cluster, tag, same_shard);
+        let token = api.user(&payer, "USD").await;
+        api.user(&payee, "USD").await;
+        api.deposit(&token, "10.00", "USD").await;
+        let slow = tokio::spawn({
+            let (http, url, token) = (
+                api.http.clone(),
+                format!("{}/v1/deposit", api.base),
+                token.clone(),
+            );
+            async move {
+                http.post(url)
+                    .bearer_auth(token)
+                    .header("idempotency-key", "never-answered")
+                    .json(&json!({"amount": "5.00", "currency": "USD", "payment_token": "sandbox_timeout"}))
+                    .send()
+                    .await
+                    .map(|r| r.status())
+            }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        for i in 0..3 {
+            let r = api
+                .transfer(&token, &format!("{tag}-{i}"), &payee, "1.00", "USD")
+                .await;
+            assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+        }
+        assert!(
+            !slow.is_finished(),
+            "the transfers went through while the deposit still waited on its provider"
+        );
+        let status = slow.await.expect("task").expect("answered");
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(api.balance(&token).await, "7.00");
+    }
+}

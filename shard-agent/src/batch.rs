@@ -94,12 +94,16 @@ impl Verdict {
 
     /// The transfer's outcome from its legs' verdicts: an unverified payer wins
     /// (nothing may be written for them), then a key that exists (the transfer
-    /// is not this attempt's to decide: it is replayed), then the first refusal.
+    /// is not this attempt's to decide: it is replayed), then the refusal that
+    /// comes first in [`FailureCode::precedence`], whichever shard found it.
     pub fn merge(self, other: Verdict) -> Verdict {
         match (self, other) {
             (Verdict::Unverified, _) | (_, Verdict::Unverified) => Verdict::Unverified,
             (Verdict::KeyExists, _) | (_, Verdict::KeyExists) => Verdict::KeyExists,
             (Verdict::Pass, other) => other,
+            (Verdict::Refused(a), Verdict::Refused(b)) if b.precedence() < a.precedence() => {
+                Verdict::Refused(b)
+            }
             (refused, _) => refused,
         }
     }
@@ -417,14 +421,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_key_that_exists_wins_any_merge_and_otherwise_the_first_refusal() {
+    fn a_key_that_exists_wins_any_merge_and_otherwise_the_first_refusal_by_precedence() {
         let funds = Verdict::Refused(FailureCode::InsufficientFunds);
         let nobody = Verdict::Refused(FailureCode::RecipientNotFound);
         // The payee's shard (lower) refused; the payer's found the key taken.
         assert_eq!(nobody.merge(Verdict::KeyExists), Verdict::KeyExists);
         assert_eq!(Verdict::KeyExists.merge(nobody), Verdict::KeyExists);
         assert_eq!(Verdict::Pass.merge(funds), funds);
-        assert_eq!(funds.merge(nobody), funds);
+        assert_eq!(
+            funds.merge(nobody),
+            nobody,
+            "the recipient outranks the funds"
+        );
+        assert_eq!(nobody.merge(funds), nobody);
         assert_eq!(nobody.merge(Verdict::Pass), nobody);
         assert_eq!(Verdict::Pass.merge(Verdict::Pass), Verdict::Pass);
     }

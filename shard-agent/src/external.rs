@@ -7,9 +7,13 @@
 //! Two steps, so the provider always sees one reference per request:
 //! 1. **claim** (committed on its own): the Idempotency-Key and a `preparing`
 //!    record whose transfer ID is the provider's reference, with the payment token;
-//! 2. **settle** (one local transaction): lock the record and the user's row (not
-//!    the clearing row, which every deposit of the shard shares), check funds, call
-//!    the provider with that reference, apply, decide.
+//! 2. **settle**: call the provider with that reference, apply, decide. A
+//!    deposit holds no lock and no connection during the call: it reads the
+//!    account, calls, then applies in a short transaction that decides the
+//!    record only while it is still `preparing`. A withdrawal locks the record
+//!    and the user's row (not the clearing row, which every deposit of the shard
+//!    shares) across the call, so the funds it checked are still there when it
+//!    pays out.
 //!
 //! Crash rule: if settling is cut after the provider answered, the record stays
 //! `preparing`; recovery settles it again with the same reference and token (a
@@ -139,12 +143,112 @@ impl ShardAgent {
         F: FnOnce(TransferId) -> Fut,
         Fut: Future<Output = ProviderVerdict>,
     {
+        if order.direction == Direction::Deposit {
+            return self.settle_deposit(order, tid, call_provider).await;
+        }
+        // A withdrawal keeps the payer's row locked across the provider call:
+        // the funds it checked must still be there when it pays out, and there
+        // is no reservation yet that every other debit would respect.
         // Bounded as a whole (the provider call has its own, shorter bound): a
         // cancelled settlement drops its connection, and recovery settles it later.
         self.timed("settle external", async {
             let mut conn = self.conn().await?;
             conn.begin(self.id()).await?;
             match self.settle_in_txn(&conn, order, tid, call_provider).await {
+                Ok(record) => {
+                    conn.batch_execute("COMMIT")
+                        .await
+                        .map_err(self.pg("commit external"))?;
+                    conn.ended();
+                    Ok(record)
+                }
+                Err(e) => {
+                    conn.rollback_quietly().await;
+                    Err(e)
+                }
+            }
+        })
+        .await
+    }
+
+    /// A deposit holds no lock and no connection while the provider decides:
+    /// only money coming in depends on its answer, so the account is read
+    /// unlocked before the call and written after it, in a short transaction
+    /// that decides the record only if it is still `preparing`. Two settlers of
+    /// one deposit (a request and recovery) both ask the provider under the
+    /// same reference, which answers both alike; the first to decide wins.
+    async fn settle_deposit<F, Fut>(
+        &self,
+        order: &ExternalOrder,
+        tid: TransferId,
+        call_provider: F,
+    ) -> ShardResult<TransferRecord>
+    where
+        F: FnOnce(TransferId) -> Fut,
+        Fut: Future<Output = ProviderVerdict>,
+    {
+        let (current, currency) = self
+            .timed("read deposit", async {
+                let conn = self.conn().await?;
+                let current = conn
+                    .query_opt(
+                        &format!("SELECT {TRANSFER_COLUMNS} FROM transfers WHERE transfer_id = $1"),
+                        &[&tid.0],
+                    )
+                    .await
+                    .map_err(self.pg("read external"))?
+                    .ok_or_else(|| self.corrupt(format!("external transfer {tid} vanished")))?;
+                let currency: String = conn
+                    .query_opt(
+                        "SELECT currency FROM accounts WHERE user_id = $1",
+                        &[order.user.as_uuid()],
+                    )
+                    .await
+                    .map_err(self.pg("read account"))?
+                    .ok_or_else(|| self.corrupt(format!("user {} has no account", order.user)))?
+                    .get(0);
+                Ok((TransferRecord::from_row(self.id(), &current)?, currency))
+            })
+            .await?;
+        if current.state != TransferState::Preparing {
+            return Ok(current);
+        }
+        let failure = if currency.trim() != order.amount.currency().code() {
+            Some(FailureCode::CurrencyMismatch)
+        } else {
+            match call_provider(tid).await {
+                ProviderVerdict::Approved => None,
+                ProviderVerdict::Declined => Some(FailureCode::PaymentDeclined),
+                ProviderVerdict::TimedOut => Some(FailureCode::PaymentTimeout),
+            }
+        };
+        fail::fail_point!("external-after-provider", |_| Err(
+            crate::error::ShardError::Unavailable {
+                shard: self.id(),
+                reason: "failpoint external-after-provider".into(),
+            }
+        ));
+        self.timed("apply deposit", async {
+            let mut conn = self.conn().await?;
+            conn.begin(self.id()).await?;
+            let applied = async {
+                let locked = conn
+                    .query_one(
+                        &format!(
+                            "SELECT {TRANSFER_COLUMNS} FROM transfers WHERE transfer_id = $1 FOR UPDATE"
+                        ),
+                        &[&tid.0],
+                    )
+                    .await
+                    .map_err(self.pg("lock external"))?;
+                let locked = TransferRecord::from_row(self.id(), &locked)?;
+                if locked.state != TransferState::Preparing {
+                    return Ok(locked);
+                }
+                self.apply_external(&conn, order, tid, failure).await
+            }
+            .await;
+            match applied {
                 Ok(record) => {
                     conn.batch_execute("COMMIT")
                         .await

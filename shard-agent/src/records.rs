@@ -83,6 +83,25 @@ pub enum FailureCode {
 }
 
 impl FailureCode {
+    /// The one order of business refusals (lower first): a transfer that fails
+    /// several checks, on one shard or on two, is answered with the first.
+    /// `wallet_first_failure` (sql/shard/functions) orders legs on one shard the
+    /// same way; a test holds the two equal. Faults come after every business
+    /// refusal: they are not the request's fault, and a retry may pass them.
+    pub fn precedence(self) -> u8 {
+        match self {
+            FailureCode::RecipientNotFound => 1,
+            FailureCode::CurrencyMismatch => 2,
+            FailureCode::InsufficientFunds => 3,
+            FailureCode::PaymentDeclined => 4,
+            FailureCode::ShardUnavailable
+            | FailureCode::ShardBusy
+            | FailureCode::CoordinatorTimeout
+            | FailureCode::PaymentTimeout
+            | FailureCode::LockUnavailable => 5,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             FailureCode::InsufficientFunds => "insufficient_funds",

@@ -562,3 +562,37 @@ async fn several_credits_in_one_group_each_record_their_running_balance() {
     );
     assert_eq!(view.balance, Decimal::from(6));
 }
+
+/// The order of refusals is written twice, once per side of the wire: in SQL
+/// for legs on one shard (`wallet_first_failure`) and in Rust for legs on two
+/// (`FailureCode::precedence`). They must agree on every pair.
+#[tokio::test]
+async fn sql_and_rust_order_refusals_alike() {
+    let shards = pair().await;
+    let (client, conn) = tokio_postgres::connect(&shards.dsn_a, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    let codes = [
+        FailureCode::RecipientNotFound,
+        FailureCode::CurrencyMismatch,
+        FailureCode::InsufficientFunds,
+    ];
+    for a in codes {
+        for b in codes {
+            let row = client
+                .query_one(
+                    "SELECT wallet_first_failure($1, $2)",
+                    &[&a.as_str(), &b.as_str()],
+                )
+                .await
+                .expect("wallet_first_failure");
+            let sql: String = row.get(0);
+            let rust = match Verdict::Refused(a).merge(Verdict::Refused(b)) {
+                Verdict::Refused(c) => c,
+                other => panic!("two refusals merged into {other:?}"),
+            };
+            assert_eq!(sql, rust.as_str(), "{a:?} vs {b:?}");
+        }
+    }
+}

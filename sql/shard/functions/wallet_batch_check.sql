@@ -19,8 +19,10 @@
 --   - Accounts are locked in user-ID order (with the shard order the
 --     coordinator keeps, one global order), so two groups never wait on each
 --     other in a cycle; the legs are then checked against the locked rows:
---     recipient_not_found, currency_mismatch, insufficient_funds. A payer
---     without an account raises WL008.
+--     recipient_not_found, currency_mismatch, insufficient_funds, the first
+--     by wallet_first_failure's order whichever leg finds it. A transfer an
+--     earlier shard refused for a lower-ranked reason is read here (unlocked)
+--     for a higher-ranked one. A payer without an account raises WL008.
 --   - A fixed number of statements per group whatever its size, and generic
 --     plans: every statement stays on its index whatever the arrays hold, and
 --     PL/pgSQL would otherwise plan each call afresh. A generic plan is built
@@ -42,6 +44,7 @@ DECLARE
     v_balances numeric[];
     v_at int;
     v_fail text;
+    v_currency text;
     i int;
     j int;
     k int;
@@ -95,11 +98,26 @@ BEGIN
                     IF p_debit[k] THEN
                         RAISE EXCEPTION 'payer % has no account', p_user[k] USING ERRCODE = 'WL008';
                     END IF;
-                    v_fail := coalesce(v_fail, 'recipient_not_found');
+                    v_fail := wallet_first_failure(v_fail, 'recipient_not_found');
                 ELSIF trim(v_currencies[v_at]) <> p_currency[k] THEN
-                    v_fail := coalesce(v_fail, 'currency_mismatch');
+                    v_fail := wallet_first_failure(v_fail, 'currency_mismatch');
                 ELSIF p_debit[k] AND v_balances[v_at] < p_amount[k] THEN
-                    v_fail := coalesce(v_fail, 'insufficient_funds');
+                    v_fail := wallet_first_failure(v_fail, 'insufficient_funds');
+                END IF;
+            END LOOP;
+            FOR k IN i..j LOOP v_out[k] := v_fail; END LOOP;
+        ELSIF v_out[i] IN ('currency_mismatch', 'insufficient_funds') THEN
+            -- Refused on an earlier shard for a reason that ranks below what
+            -- this shard may find: a missing or other-currency account outranks
+            -- it. Accounts are never deleted and never change currency, so this
+            -- reads them without a lock; nothing of the transfer is locked here.
+            v_fail := v_out[i];
+            FOR k IN i..j LOOP
+                SELECT trim(a.currency) INTO v_currency FROM accounts a WHERE a.user_id = p_user[k];
+                IF NOT FOUND THEN
+                    v_fail := wallet_first_failure(v_fail, 'recipient_not_found');
+                ELSIF v_currency <> p_currency[k] THEN
+                    v_fail := wallet_first_failure(v_fail, 'currency_mismatch');
                 END IF;
             END LOOP;
             FOR k IN i..j LOOP v_out[k] := v_fail; END LOOP;
