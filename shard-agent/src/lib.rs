@@ -14,8 +14,9 @@
 //! - [`users`]: users, sessions, account and transfer views; [`bulk`]: loading
 //!   many users at once (for `wallet bench`).
 //! - [`catalog`], [`migrate`]: the bucket map with its epoch; schema migrations.
-//! - [`dsn`]: redacting DSNs for logs, libpq's TLS parameters; [`secret`]:
-//!   `env:`/`file:` references for DSNs and other secrets.
+//! - [`tls`]: every connection is made here, plain or TLS as the DSN's
+//!   `sslmode` says; [`dsn`]: redacting DSNs for logs, libpq's TLS parameters;
+//!   [`secret`]: `env:`/`file:` references for DSNs and other secrets.
 //! - [`check`]: the read-only queries behind the invariant checker, and
 //!   [`invariants`]: the checker itself (DESIGN.md invariants 1-5 over every shard).
 //! - [`local`]: real PostgreSQL servers for the dev cluster and for tests.
@@ -38,6 +39,7 @@ pub mod money;
 pub mod records;
 pub mod redis_legs;
 pub mod secret;
+pub mod tls;
 pub mod transfer_local;
 pub mod two_pc;
 pub mod users;

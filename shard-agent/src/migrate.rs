@@ -1,6 +1,6 @@
 //! Applies the SQL in `sql/` (embedded at build time) to a shard or to the catalog.
 
-use tokio_postgres::NoTls;
+use crate::tls::ConnectError;
 
 mod shard_migrations {
     refinery::embed_migrations!("../sql/shard");
@@ -16,7 +16,7 @@ pub enum MigrateError {
     Connect {
         what: &'static str,
         #[source]
-        source: tokio_postgres::Error,
+        source: ConnectError,
     },
     #[error("migrate {what}: {source}")]
     Migrate {
@@ -53,7 +53,7 @@ pub async fn migrate_catalog(dsn: &str) -> Result<(), MigrateError> {
 }
 
 async fn connect(dsn: &str, what: &'static str) -> Result<tokio_postgres::Client, MigrateError> {
-    let (client, connection) = tokio_postgres::connect(dsn, NoTls)
+    let (client, connection) = crate::tls::connect(dsn)
         .await
         .map_err(|source| MigrateError::Connect { what, source })?;
     tokio::spawn(async move {
