@@ -98,7 +98,7 @@ impl ChaosCluster {
         };
         let config = Config {
             listen: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
-            catalog_dsn,
+            catalog_dsn: catalog_dsn.into(),
             shards: proxied,
             agent,
             limits: Limits {

@@ -10,11 +10,13 @@ use shard_agent::AgentConfig;
 
 use crate::payments::ProviderConfig;
 use crate::redis_lock::RedisConfig;
+use crate::secrets::{Dsn, Secret};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Config {
     pub listen: SocketAddr,
-    pub catalog_dsn: String,
+    /// May be an `env:`/`file:` reference, as may each shard's `dsn` (see `crate::secrets`).
+    pub catalog_dsn: Dsn,
     /// The shards to record in an empty catalog; a populated catalog wins.
     pub shards: Vec<ShardEntry>,
     #[serde(default)]
@@ -22,8 +24,9 @@ pub struct Config {
     #[serde(default)]
     pub limits: Limits,
     /// Bearer token for `/v1/admin/*`; the admin routes are off without one.
+    /// May be an `env:`/`file:` reference.
     #[serde(default)]
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Secret>,
     /// How cross-shard transfers are carried out.
     #[serde(default)]
     pub lock_mode: LockMode,
@@ -236,6 +239,12 @@ pub enum ConfigError {
     },
     #[error("config {path}: {problem}")]
     Invalid { path: String, problem: String },
+    #[error("config {path}: {source}")]
+    Secret {
+        path: String,
+        #[source]
+        source: crate::secrets::SettingError,
+    },
 }
 
 impl Config {
@@ -245,7 +254,12 @@ impl Config {
             path: shown.clone(),
             source,
         })?;
-        let config: Config = serde_json::from_str(&text).map_err(|source| ConfigError::Parse {
+        let mut config: Config =
+            serde_json::from_str(&text).map_err(|source| ConfigError::Parse {
+                path: shown.clone(),
+                source,
+            })?;
+        crate::secrets::resolve_config(&mut config).map_err(|source| ConfigError::Secret {
             path: shown.clone(),
             source,
         })?;

@@ -106,7 +106,7 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
     let admin_token = previous
         .as_ref()
         .and_then(|p| p.admin_token.clone())
-        .unwrap_or_else(crate::auth::random_secret);
+        .unwrap_or_else(|| crate::auth::random_secret().into());
     // Redis-lock mode: a local redis-server of our own, dying with us.
     let redis_server = match opts.lock_mode {
         LockMode::TwoPc => None,
@@ -118,7 +118,7 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
     };
     let config = Config {
         listen: opts.listen,
-        catalog_dsn,
+        catalog_dsn: catalog_dsn.into(),
         shards,
         agent: Default::default(),
         limits: Limits::default(),

@@ -11,7 +11,8 @@
 //! - [`api`]: axum routes, problem+json errors, OpenAPI.
 //! - [`auth`], [`inputs`], [`payments`]: passwords and tokens, validating newtypes,
 //!   the payment provider (with its sandbox).
-//! - [`config`], [`dev`]: deployment configuration and the local dev cluster.
+//! - [`config`], [`dev`]: deployment configuration and the local dev cluster;
+//!   [`secrets`]: `env:`/`file:` references in it, and values that never print.
 //! - [`bench`]: `wallet bench`, throughput and latency against single-node PostgreSQL.
 
 /// Whether this build carries the failpoints and the deliberately broken variants
@@ -33,6 +34,7 @@ pub mod payments;
 pub mod recovery;
 pub mod redis_lock;
 pub mod redis_mode;
+pub mod secrets;
 pub mod serve;
 pub mod service;
 pub mod suspects;

@@ -73,9 +73,11 @@ end
 return 0
 ";
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RedisConfig {
+    /// May hold a password, so Debug shows it redacted; may be an
+    /// `env:`/`file:` reference in the config file (`crate::secrets`).
     pub url: String,
     /// Namespaces every key, so deployments (or tests) can share a server.
     pub key_prefix: String,
@@ -84,6 +86,18 @@ pub struct RedisConfig {
     /// How long to wait for a lock held by someone else before answering 503.
     pub lock_wait_ms: u64,
     pub response_timeout_ms: u64,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &shard_agent::dsn::redact(&self.url))
+            .field("key_prefix", &self.key_prefix)
+            .field("lock_ttl_ms", &self.lock_ttl_ms)
+            .field("lock_wait_ms", &self.lock_wait_ms)
+            .field("response_timeout_ms", &self.response_timeout_ms)
+            .finish()
+    }
 }
 
 impl Default for RedisConfig {

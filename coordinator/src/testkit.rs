@@ -89,7 +89,7 @@ impl TestCluster {
                 .expect("provision test databases");
         Config {
             listen: "127.0.0.1:0".parse().expect("static address"),
-            catalog_dsn,
+            catalog_dsn: catalog_dsn.into(),
             shards,
             agent: Default::default(),
             limits,

@@ -3,12 +3,12 @@
 use std::future::Future;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime, Timeouts};
+use deadpool_postgres::{ManagerConfig, Object, Pool, RecyclingMethod, Runtime, Timeouts};
 use router::ShardId;
-use tokio_postgres::NoTls;
 
 use crate::error::{ShardError, ShardResult};
 use crate::functions::{self, Stamp};
+use crate::tls::Connector;
 
 /// Limits for one shard's connections. Units are in the names.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -70,6 +70,8 @@ pub struct ShardAgent {
     id: ShardId,
     pool: Pool,
     config: AgentConfig,
+    /// Kept for cancel requests, which must travel like the connections do.
+    connector: Connector,
 }
 
 impl std::fmt::Debug for ShardAgent {
@@ -81,22 +83,20 @@ impl std::fmt::Debug for ShardAgent {
 impl ShardAgent {
     /// Builds the pool; no connection is made until the first call.
     pub fn new(id: ShardId, dsn: &str, config: AgentConfig) -> ShardResult<ShardAgent> {
-        let mut pg: tokio_postgres::Config = dsn.parse().map_err(|e| ShardError::Unavailable {
+        // The error names the setting at fault and shows the DSN only redacted.
+        let mut connector = Connector::from_dsn(dsn).map_err(|e| ShardError::Unavailable {
             shard: id,
-            reason: format!("parse DSN: {e}"),
+            reason: e.to_string(),
         })?;
+        let pg = connector.config_mut();
         pg.options(session_options(&config));
         pg.connect_timeout(Duration::from_millis(config.connect_timeout_ms));
         pg.keepalives(true);
         pg.keepalives_idle(Duration::from_secs(10));
         pg.application_name("wallet-shard-agent");
-        let manager = Manager::from_config(
-            pg,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let manager = connector.manager(ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        });
         let wait = Some(Duration::from_millis(config.call_timeout_ms));
         let pool = Pool::builder(manager)
             .max_size(config.pool_size_max)
@@ -111,7 +111,12 @@ impl ShardAgent {
                 shard: id,
                 reason: format!("build pool: {e}"),
             })?;
-        Ok(ShardAgent { id, pool, config })
+        Ok(ShardAgent {
+            id,
+            pool,
+            config,
+            connector,
+        })
     }
 
     pub fn id(&self) -> ShardId {
@@ -120,6 +125,18 @@ impl ShardAgent {
 
     pub fn config(&self) -> &AgentConfig {
         &self.config
+    }
+
+    /// Whether this shard's connections are encrypted (its DSN's `sslmode`).
+    pub fn uses_tls(&self) -> bool {
+        self.connector.uses_tls()
+    }
+
+    /// Asks the shard to cancel what the connection of `token` is running.
+    pub(crate) async fn cancel(&self, token: &tokio_postgres::CancelToken) {
+        if let Err(e) = self.connector.cancel(token).await {
+            tracing::debug!(shard = %self.id, %e, "cancel request failed");
+        }
     }
 
     /// Pool statistics: (connections open, connections idle, tasks waiting).
@@ -169,7 +186,9 @@ impl ShardAgent {
     pub(crate) async fn conn(&self) -> ShardResult<Conn> {
         let obj = self.pool.get().await.map_err(|e| ShardError::Unavailable {
             shard: self.id,
-            reason: format!("get connection: {e}"),
+            // With its causes, which say why a connection could not be made
+            // (a TLS certificate refused, the server's pg_hba.conf).
+            reason: format!("get connection: {}", crate::tls::describe(&e)),
         })?;
         // A connection the pool has just made has never been recycled. Until
         // its check passes it is treated like one inside a transaction: if the

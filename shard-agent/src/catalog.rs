@@ -5,12 +5,14 @@
 
 use router::{Epoch, ShardId, ShardMap, ShardWeight, BUCKET_COUNT};
 use serde::{Deserialize, Serialize};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
+
+use crate::tls::ConnectError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
     #[error("catalog unreachable: {0}")]
-    Unavailable(#[source] tokio_postgres::Error),
+    Unavailable(#[source] ConnectError),
     #[error("catalog query failed ({context}): {source}")]
     Query {
         context: &'static str,
@@ -23,12 +25,25 @@ pub enum CatalogError {
     Router(#[from] router::RouterError),
 }
 
-/// One shard as the catalog records it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// One shard as the catalog records it. `dsn` is kept as written, an
+/// `env:`/`file:` reference included (resolved when connecting), so the
+/// catalog need never hold a password.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardEntry {
     pub id: ShardId,
     pub dsn: String,
     pub weight: u32,
+}
+
+/// Shows the DSN redacted: entries end up in logs and in `Config`'s Debug.
+impl std::fmt::Debug for ShardEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardEntry")
+            .field("id", &self.id)
+            .field("dsn", &crate::dsn::redact(&self.dsn))
+            .field("weight", &self.weight)
+            .finish()
+    }
 }
 
 pub struct Catalog {
@@ -37,7 +52,7 @@ pub struct Catalog {
 
 impl Catalog {
     pub async fn connect(dsn: &str) -> Result<Catalog, CatalogError> {
-        let (client, connection) = tokio_postgres::connect(dsn, NoTls)
+        let (client, connection) = crate::tls::connect(dsn)
             .await
             .map_err(CatalogError::Unavailable)?;
         tokio::spawn(async move {

@@ -16,8 +16,11 @@
 //! - [`catalog`], [`migrate`], [`functions`]: the bucket map with its epoch;
 //!   schema migrations; the shard's SQL functions and the check that a shard
 //!   runs this build's.
+//! - [`tls`]: every connection is made here, plain or TLS as the DSN's
+//!   `sslmode` says; [`dsn`]: redacting DSNs for logs, libpq's TLS parameters;
+//!   [`secret`]: `env:`/`file:` references for DSNs and other secrets.
 //! - [`check`]: the read-only queries behind the invariant checker, and
-//!   [`invariants`]: the checker itself (DESIGN.md invariants 1-5 over every shard).
+//!   [`invariants`]: the checker itself (the invariants of ARCHITECTURE.md over every shard).
 //! - [`local`]: real PostgreSQL servers for the dev cluster and for tests.
 //! - [`money`], [`gid`], [`records`]: the typed values all of the above exchange.
 
@@ -26,6 +29,7 @@ pub mod batch;
 pub mod bulk;
 pub mod catalog;
 pub mod check;
+pub mod dsn;
 pub mod error;
 pub mod external;
 pub mod functions;
@@ -37,6 +41,8 @@ pub mod migrate;
 pub mod money;
 pub mod records;
 pub mod redis_legs;
+pub mod secret;
+pub mod tls;
 pub mod transfer_local;
 pub mod two_pc;
 pub mod users;

@@ -8,7 +8,7 @@
 //! no such database is kept (there was no deployment; dev and test databases
 //! are created fresh). A migration once released is never edited again.
 
-use tokio_postgres::NoTls;
+use crate::tls::ConnectError;
 
 mod shard_migrations {
     refinery::embed_migrations!("../sql/shard");
@@ -24,7 +24,7 @@ pub enum MigrateError {
     Connect {
         what: &'static str,
         #[source]
-        source: tokio_postgres::Error,
+        source: ConnectError,
     },
     #[error("migrate {what}: {source}")]
     Migrate {
@@ -67,7 +67,7 @@ pub async fn migrate_catalog(dsn: &str) -> Result<(), MigrateError> {
 }
 
 async fn connect(dsn: &str, what: &'static str) -> Result<tokio_postgres::Client, MigrateError> {
-    let (client, connection) = tokio_postgres::connect(dsn, NoTls)
+    let (client, connection) = crate::tls::connect(dsn)
         .await
         .map_err(|source| MigrateError::Connect { what, source })?;
     tokio::spawn(async move {

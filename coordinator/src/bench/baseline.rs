@@ -81,6 +81,8 @@ pub async fn wal_syncs(dsn: &str) -> anyhow::Result<i64> {
     Ok(row.get("wal_sync"))
 }
 
+/// Plain TCP on purpose: the baseline node is the bench's own local server on
+/// loopback, and the sharded side it is compared with runs without TLS too.
 async fn connect(dsn: &str) -> anyhow::Result<Client> {
     let (client, connection) = tokio_postgres::connect(dsn, NoTls)
         .await

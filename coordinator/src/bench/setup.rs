@@ -77,7 +77,7 @@ impl BenchCluster {
             listen: "127.0.0.1:0"
                 .parse()
                 .expect("invariant: a literal socket address"),
-            catalog_dsn,
+            catalog_dsn: catalog_dsn.into(),
             shards: entries.clone(),
             agent: Default::default(),
             limits: limits.clone(),

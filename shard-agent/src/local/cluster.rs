@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use super::probe;
 use super::process::{self, RunAs};
-use super::{LocalError, PgServerConfig};
+use super::{LocalError, PgServerConfig, TLS_CERT, TLS_HBA, TLS_KEY};
 
 /// Lines of log quoted in errors.
 pub(crate) const LOG_TAIL_LINES: usize = 20;
@@ -121,6 +121,41 @@ pub(crate) fn postgres_command(
         process::die_with_parent(&mut cmd);
     }
     Ok(cmd)
+}
+
+/// For a TLS server: copies its certificate and key into the data dir, owned
+/// by the server's user (PostgreSQL refuses a key that others can read), and
+/// writes an HBA file that admits TLS connections only. Done before every
+/// start, so replaced certificates take effect on restart.
+pub(crate) fn install_tls(
+    config: &PgServerConfig,
+    run_as: Option<RunAs>,
+) -> Result<(), LocalError> {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(tls) = &config.tls else {
+        return Ok(());
+    };
+    let hba = "# Written by shard-agent's local server launcher: TLS only.\n\
+               hostssl all all 127.0.0.1/32 trust\n\
+               hostssl all all ::1/128 trust\n";
+    let files = [
+        (TLS_CERT, std::fs::read(&tls.cert_file), 0o644),
+        (TLS_KEY, std::fs::read(&tls.key_file), 0o600),
+        (TLS_HBA, Ok(hba.as_bytes().to_vec()), 0o600),
+    ];
+    for (name, content, mode) in files {
+        let path = config.data_dir.join(name);
+        let content =
+            content.map_err(|e| LocalError::io(format!("reading the TLS file for {name}"), e))?;
+        std::fs::write(&path, content)
+            .and_then(|()| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)))
+            .and_then(|()| match run_as {
+                Some(user) => std::os::unix::fs::chown(&path, Some(user.uid), Some(user.gid)),
+                None => Ok(()),
+            })
+            .map_err(|e| LocalError::io(format!("installing {}", path.display()), e))?;
+    }
+    Ok(())
 }
 
 /// Working dir, stdio and user shared by initdb and postgres.

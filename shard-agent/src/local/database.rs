@@ -1,12 +1,11 @@
 //! Databases on a local server.
 
-use tokio_postgres::NoTls;
-
 use super::PgServer;
+use crate::tls::ConnectError;
 
 /// Creates database `name` on `server` if it does not exist.
-pub async fn create_database(server: &PgServer, name: &str) -> Result<(), tokio_postgres::Error> {
-    let (client, connection) = tokio_postgres::connect(&server.dsn("postgres"), NoTls).await?;
+pub async fn create_database(server: &PgServer, name: &str) -> Result<(), ConnectError> {
+    let (client, connection) = crate::tls::connect(&server.dsn("postgres")).await?;
     tokio::spawn(connection);
     let exists = client
         .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])

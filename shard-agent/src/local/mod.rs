@@ -110,7 +110,30 @@ pub struct PgServerConfig {
     /// When set, the postmaster gets SIGINT (fast shutdown) as soon as this
     /// process dies, however it dies, so tests and `wallet dev` leave no servers behind.
     pub die_with_parent: bool,
+    /// When set, the server speaks TLS and accepts TLS connections only.
+    pub tls: Option<ServerTls>,
 }
+
+/// The certificate a local server presents, and the CA its clients trust.
+///
+/// With it, [`PgServer::dsn`] asks for `sslmode=verify-full` against `ca_file`,
+/// and the server's `pg_hba.conf` has `hostssl` lines only, so a plaintext
+/// connection is refused: what works against such a server surely went over TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerTls {
+    /// The server's certificate chain, PEM.
+    pub cert_file: PathBuf,
+    /// The server's private key, PEM. Copied into the data dir with the owner
+    /// and mode (0600) PostgreSQL insists on.
+    pub key_file: PathBuf,
+    /// The CA certificate clients verify the server with, PEM.
+    pub ca_file: PathBuf,
+}
+
+/// Where a TLS server's files are copied to inside its data dir.
+pub(crate) const TLS_CERT: &str = "server.crt";
+pub(crate) const TLS_KEY: &str = "server.key";
+pub(crate) const TLS_HBA: &str = "pg_hba_tls_only.conf";
 
 impl PgServerConfig {
     /// A config with the defaults documented on the fields; `die_with_parent` is off.
@@ -125,6 +148,7 @@ impl PgServerConfig {
             shared_buffers_mb: 64,
             extra_settings: Vec::new(),
             die_with_parent: false,
+            tls: None,
         }
     }
 
@@ -151,6 +175,15 @@ impl PgServerConfig {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
+        if self.tls.is_some() {
+            let in_data_dir = |name: &str| self.data_dir.join(name).display().to_string();
+            settings.extend([
+                ("ssl".to_string(), "on".to_string()),
+                ("ssl_cert_file".to_string(), in_data_dir(TLS_CERT)),
+                ("ssl_key_file".to_string(), in_data_dir(TLS_KEY)),
+                ("hba_file".to_string(), in_data_dir(TLS_HBA)),
+            ]);
+        }
         settings.extend(self.extra_settings.iter().cloned());
         settings
     }

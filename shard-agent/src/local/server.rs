@@ -99,12 +99,23 @@ impl PgServer {
         &self.log_path
     }
 
-    /// A tokio-postgres / libpq key-value connection string for `dbname` as the superuser.
+    /// A tokio-postgres / libpq key-value connection string for `dbname` as the
+    /// superuser; for a TLS server, with `sslmode=verify-full` against its CA.
     pub fn dsn(&self, dbname: &str) -> String {
-        format!(
+        let plain = format!(
             "host=127.0.0.1 port={} user=postgres dbname={dbname}",
             self.port
-        )
+        );
+        match &self.config.tls {
+            None => plain,
+            Some(tls) => {
+                let ca = tls.ca_file.display().to_string();
+                format!(
+                    "{plain} sslmode=verify-full sslrootcert='{}'",
+                    ca.replace('\\', "\\\\").replace('\'', "\\'")
+                )
+            }
+        }
     }
 
     /// Whether the postmaster process exists (and is not a zombie).
@@ -279,6 +290,7 @@ impl PgServer {
 
     fn spawn_and_wait(&mut self) -> Result<(), LocalError> {
         let began = Instant::now();
+        cluster::install_tls(&self.config, self.run_as)?;
         let from = self.log_len();
         let cmd = cluster::postgres_command(
             &self.config,

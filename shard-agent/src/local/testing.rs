@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 pub use super::create_database;
-use super::{free_port, PgServer, PgServerConfig, RedisServer};
+use super::{free_port, PgServer, PgServerConfig, RedisServer, ServerTls};
 
 /// One PostgreSQL server per shard, as in production.
 pub const TEST_SERVERS: usize = 4;
@@ -54,6 +54,27 @@ pub fn redis() -> &'static RedisServer {
     REDIS.get_or_init(|| {
         RedisServer::start(0).unwrap_or_else(|e| panic!("start test redis-server: {e}"))
     })
+}
+
+/// A PostgreSQL server of its own that accepts TLS connections only (see
+/// [`ServerTls`]); its [`PgServer::dsn`] asks for `sslmode=verify-full`.
+/// Blocks while it starts; it dies with the test process.
+pub fn start_tls_server(tls: ServerTls) -> PgServer {
+    let name = format!("tls-{}", unique_prefix());
+    let port = free_port().expect("find a free port for a test server");
+    let mut config = PgServerConfig::new(name.clone(), test_root().join(&name), port);
+    config.die_with_parent = true;
+    config.tls = Some(tls);
+    PgServer::start(config).unwrap_or_else(|e| panic!("start TLS test PostgreSQL server: {e}"))
+}
+
+/// A fresh directory of this test process, removed with the process's other
+/// files by a later test run (for certificates and other scratch files).
+pub fn scratch_dir() -> PathBuf {
+    let dir = test_root().join(format!("scratch-{}", unique_prefix()));
+    std::fs::create_dir_all(&dir)
+        .unwrap_or_else(|e| panic!("create scratch dir {}: {e}", dir.display()));
+    dir
 }
 
 /// A name unique in this test process, for databases.

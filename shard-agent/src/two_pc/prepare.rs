@@ -123,10 +123,7 @@ impl ShardAgent {
                 Err(_) => {
                     // Cancel the running statement, then wait for its answer: an
                     // error means nothing was prepared; success means it was.
-                    let _ = conn
-                        .cancel_token()
-                        .cancel_query(tokio_postgres::NoTls)
-                        .await;
+                    self.cancel(&conn.cancel_token()).await;
                     match tokio::time::timeout(CANCEL_GRACE, &mut run).await {
                         Ok(r) => r,
                         // No answer even to the cancel: the connection is discarded and
