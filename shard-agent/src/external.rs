@@ -62,6 +62,23 @@ pub enum ProviderVerdict {
     TimedOut,
 }
 
+/// What settling does once it holds the record: apply an outcome already
+/// known (a deposit asked its provider before), or lock the payer's row, check
+/// the funds and ask the provider under that lock (a withdrawal).
+enum Step<F> {
+    Decided(Option<FailureCode>),
+    CallLocked(F),
+}
+
+/// The refusal a provider's answer means, if any.
+fn failure_of(verdict: ProviderVerdict) -> Option<FailureCode> {
+    match verdict {
+        ProviderVerdict::Approved => None,
+        ProviderVerdict::Declined => Some(FailureCode::PaymentDeclined),
+        ProviderVerdict::TimedOut => Some(FailureCode::PaymentTimeout),
+    }
+}
+
 /// An interrupted settlement, as recovery finds it.
 #[derive(Clone, Debug)]
 pub struct Unsettled {
@@ -143,32 +160,16 @@ impl ShardAgent {
         F: FnOnce(TransferId) -> Fut,
         Fut: Future<Output = ProviderVerdict>,
     {
-        if order.direction == Direction::Deposit {
-            return self.settle_deposit(order, tid, call_provider).await;
-        }
-        // A withdrawal keeps the payer's row locked across the provider call:
-        // the funds it checked must still be there when it pays out, and there
-        // is no reservation yet that every other debit would respect.
-        // Bounded as a whole (the provider call has its own, shorter bound): a
-        // cancelled settlement drops its connection, and recovery settles it later.
-        self.timed("settle external", async {
-            let mut conn = self.conn().await?;
-            conn.begin(self.id()).await?;
-            match self.settle_in_txn(&conn, order, tid, call_provider).await {
-                Ok(record) => {
-                    conn.batch_execute("COMMIT")
-                        .await
-                        .map_err(self.pg("commit external"))?;
-                    conn.ended();
-                    Ok(record)
-                }
-                Err(e) => {
-                    conn.rollback_quietly().await;
-                    Err(e)
-                }
+        match order.direction {
+            Direction::Deposit => self.settle_deposit(order, tid, call_provider).await,
+            // A withdrawal keeps the payer's row locked across the provider
+            // call: the funds it checked must still be there when it pays out,
+            // and there is no reservation yet that every other debit respects.
+            Direction::Withdrawal => {
+                self.settle_txn(order, tid, Step::CallLocked(call_provider))
+                    .await
             }
-        })
-        .await
+        }
     }
 
     /// A deposit holds no lock and no connection while the provider decides:
@@ -216,39 +217,30 @@ impl ShardAgent {
         let failure = if currency.trim() != order.amount.currency().code() {
             Some(FailureCode::CurrencyMismatch)
         } else {
-            match call_provider(tid).await {
-                ProviderVerdict::Approved => None,
-                ProviderVerdict::Declined => Some(FailureCode::PaymentDeclined),
-                ProviderVerdict::TimedOut => Some(FailureCode::PaymentTimeout),
-            }
+            failure_of(call_provider(tid).await)
         };
-        fail::fail_point!("external-after-provider", |_| Err(
-            crate::error::ShardError::Unavailable {
-                shard: self.id(),
-                reason: "failpoint external-after-provider".into(),
-            }
-        ));
-        self.timed("apply deposit", async {
+        self.settle_txn::<F, Fut>(order, tid, Step::Decided(failure))
+            .await
+    }
+
+    /// The settling transaction: lock the record; if it is still `preparing`,
+    /// take the step and apply its outcome. Bounded as a whole (a provider call
+    /// has its own, shorter bound): a cancelled settlement drops its
+    /// connection, and recovery settles it later.
+    async fn settle_txn<F, Fut>(
+        &self,
+        order: &ExternalOrder,
+        tid: TransferId,
+        step: Step<F>,
+    ) -> ShardResult<TransferRecord>
+    where
+        F: FnOnce(TransferId) -> Fut,
+        Fut: Future<Output = ProviderVerdict>,
+    {
+        self.timed("settle external", async {
             let mut conn = self.conn().await?;
             conn.begin(self.id()).await?;
-            let applied = async {
-                let locked = conn
-                    .query_one(
-                        &format!(
-                            "SELECT {TRANSFER_COLUMNS} FROM transfers WHERE transfer_id = $1 FOR UPDATE"
-                        ),
-                        &[&tid.0],
-                    )
-                    .await
-                    .map_err(self.pg("lock external"))?;
-                let locked = TransferRecord::from_row(self.id(), &locked)?;
-                if locked.state != TransferState::Preparing {
-                    return Ok(locked);
-                }
-                self.apply_external(&conn, order, tid, failure).await
-            }
-            .await;
-            match applied {
+            match self.settle_in_txn(&conn, order, tid, step).await {
                 Ok(record) => {
                     conn.batch_execute("COMMIT")
                         .await
@@ -270,7 +262,7 @@ impl ShardAgent {
         conn: &Conn,
         order: &ExternalOrder,
         tid: TransferId,
-        call_provider: F,
+        step: Step<F>,
     ) -> ShardResult<TransferRecord>
     where
         F: FnOnce(TransferId) -> Fut,
@@ -290,26 +282,26 @@ impl ShardAgent {
         if current.state != TransferState::Preparing {
             return Ok(current);
         }
-        let locked = conn
-            .query_opt(
-                "SELECT currency, balance FROM accounts WHERE user_id = $1 FOR UPDATE",
-                &[order.user.as_uuid()],
-            )
-            .await
-            .map_err(self.pg("lock account"))?
-            .ok_or_else(|| self.corrupt(format!("user {} has no account", order.user)))?;
-        let amount = order.amount.value();
-        let currency: String = locked.get("currency");
-        let balance: Decimal = locked.get("balance");
-        let failure = if currency.trim() != order.amount.currency().code() {
-            Some(FailureCode::CurrencyMismatch)
-        } else if order.direction == Direction::Withdrawal && balance < amount {
-            Some(FailureCode::InsufficientFunds)
-        } else {
-            match call_provider(tid).await {
-                ProviderVerdict::Approved => None,
-                ProviderVerdict::Declined => Some(FailureCode::PaymentDeclined),
-                ProviderVerdict::TimedOut => Some(FailureCode::PaymentTimeout),
+        let failure = match step {
+            Step::Decided(failure) => failure,
+            Step::CallLocked(call_provider) => {
+                let locked = conn
+                    .query_opt(
+                        "SELECT currency, balance FROM accounts WHERE user_id = $1 FOR UPDATE",
+                        &[order.user.as_uuid()],
+                    )
+                    .await
+                    .map_err(self.pg("lock account"))?
+                    .ok_or_else(|| self.corrupt(format!("user {} has no account", order.user)))?;
+                let currency: String = locked.get("currency");
+                let balance: Decimal = locked.get("balance");
+                if currency.trim() != order.amount.currency().code() {
+                    Some(FailureCode::CurrencyMismatch)
+                } else if balance < order.amount.value() {
+                    Some(FailureCode::InsufficientFunds)
+                } else {
+                    failure_of(call_provider(tid).await)
+                }
             }
         };
         fail::fail_point!("external-after-provider", |_| Err(
