@@ -123,9 +123,93 @@ pub async fn method_not_allowed() -> ApiError {
         healthz, readyz, in_doubt, metrics,
     ),
     components(schemas(Problem, ErrorCode)),
-    modifiers(&SecurityAddon),
+    modifiers(&SecurityAddon, &ServerBounds),
 )]
 pub struct ApiDoc;
+
+/// The answers every route may give because of the server's own bounds
+/// (`api::server`, `api::limits`), added to each operation that does not
+/// document them itself, so the document lists every status a client can see.
+struct ServerBounds;
+
+impl utoipa::Modify for ServerBounds {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::content::ContentBuilder;
+        use utoipa::openapi::header::HeaderBuilder;
+        use utoipa::openapi::{Ref, ResponseBuilder};
+        let problem = |description: &str, retry_after: bool| {
+            let mut response = ResponseBuilder::new().description(description).content(
+                "application/problem+json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("Problem")))
+                    .build(),
+            );
+            if retry_after {
+                response = response.header(
+                    "Retry-After",
+                    HeaderBuilder::new()
+                        .description(Some("Seconds to wait before retrying"))
+                        .build(),
+                );
+            }
+            response.build()
+        };
+        let common = [
+            (
+                "400",
+                "`invalid_request`: a query string, path or body that does not parse",
+                false,
+            ),
+            (
+                "408",
+                "`request_timeout`: the body did not arrive within `http.body_read_timeout_ms`",
+                false,
+            ),
+            (
+                "413",
+                "`payload_too_large`: the body exceeds `limits.request_body_bytes_max`",
+                false,
+            ),
+            ("429", "`rate_limited`: see Retry-After", true),
+            (
+                "503",
+                "`overloaded` (a server bound), or a shard or lock code; see Retry-After",
+                true,
+            ),
+            (
+                "504",
+                "`gateway_timeout`: the request exceeded `http.request_timeout_ms`",
+                false,
+            ),
+        ];
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [
+                (item.get.as_mut(), false),
+                (item.post.as_mut(), true),
+                (item.put.as_mut(), true),
+                (item.delete.as_mut(), false),
+                (item.patch.as_mut(), true),
+            ];
+            for (op, has_body) in operations {
+                let Some(op) = op else { continue };
+                let responses = &mut op.responses.responses;
+                for (status, description, retry_after) in common {
+                    responses
+                        .entry(status.to_owned())
+                        .or_insert_with(|| problem(description, retry_after).into());
+                }
+                responses
+                    .entry("405".to_owned())
+                    .or_insert_with(|| problem("`method_not_allowed`", false).into());
+                if has_body {
+                    responses.entry("415".to_owned()).or_insert_with(|| {
+                        problem("`unsupported_media_type`: send application/json", false).into()
+                    });
+                }
+            }
+        }
+    }
+}
 
 struct SecurityAddon;
 
