@@ -1,60 +1,17 @@
 //! `wallet dev`: a local cluster on this machine. It starts its own PostgreSQL
 //! servers (one per shard), creates and migrates the databases, bootstraps the
 //! catalog, writes `cluster.json`, and serves the API until Ctrl-C.
-//!
-//! [`provision`] is shared with the test fixture: given running servers, it makes
-//! the databases of one cluster.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use router::ShardId;
-use shard_agent::catalog::ShardEntry;
-
-use shard_agent::local::{create_database, free_port, PgServer, PgServerConfig, RedisServer};
-use shard_agent::migrate::{migrate_catalog, migrate_shard};
+use local_cluster::{free_port, provision, PgServer, PgServerConfig, RedisServer};
 
 use crate::config::{Config, Limits, LockMode};
 use crate::redis_lock::RedisConfig;
 
 pub const CLUSTER_FILE: &str = "cluster.json";
-
-/// Creates (if missing) and migrates `<prefix>_shard<i>` for each shard, spread
-/// round-robin over `servers`, and `<prefix>_catalog` on the first server.
-pub async fn provision(
-    servers: &[&PgServer],
-    shards: usize,
-    prefix: &str,
-) -> anyhow::Result<(String, Vec<ShardEntry>)> {
-    let first = servers
-        .first()
-        .context("provision needs at least one server")?;
-    let catalog_db = format!("{prefix}_catalog");
-    create_database(first, &catalog_db)
-        .await
-        .with_context(|| format!("create database {catalog_db}"))?;
-    let catalog_dsn = first.dsn(&catalog_db);
-    migrate_catalog(&catalog_dsn).await?;
-    let mut entries = Vec::with_capacity(shards);
-    for i in 0..shards {
-        let server = servers[i % servers.len()];
-        let db = format!("{prefix}_shard{i}");
-        create_database(server, &db)
-            .await
-            .with_context(|| format!("create database {db}"))?;
-        let dsn = server.dsn(&db);
-        migrate_shard(&dsn)
-            .await
-            .with_context(|| format!("migrate shard {i}"))?;
-        entries.push(ShardEntry {
-            id: ShardId(i as u16),
-            dsn,
-            weight: 1,
-        });
-    }
-    Ok((catalog_dsn, entries))
-}
 
 pub struct DevOptions {
     pub listen: SocketAddr,

@@ -1,12 +1,12 @@
 //! The test fixture for whole clusters: on the shared servers of
-//! `shard_agent::local::testing`, a fresh, migrated set of shard databases plus a
+//! `local_cluster::testing`, a fresh, migrated set of shard databases plus a
 //! running coordinator and HTTP server for each test. Used by this crate's and
 //! chaos-tests' integration tests; never by production code.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use shard_agent::local::{testing, PgServer};
+use local_cluster::{testing, PgServer};
 use shard_agent::ShardAgent;
 use tokio::task::JoinHandle;
 
@@ -84,7 +84,7 @@ impl TestCluster {
     pub async fn provision(shards: usize, limits: Limits) -> Config {
         let servers: Vec<&PgServer> = testing::servers_async().await.iter().collect();
         let (catalog_dsn, shards) =
-            crate::dev::provision(&servers, shards, &testing::unique_prefix())
+            local_cluster::provision(&servers, shards, &testing::unique_prefix())
                 .await
                 .expect("provision test databases");
         Config {

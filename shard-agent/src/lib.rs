@@ -16,9 +16,8 @@
 //! - [`catalog`], [`migrate`], [`functions`]: the bucket map with its epoch;
 //!   schema migrations; the shard's SQL functions and the check that a shard
 //!   runs this build's.
-//! - [`check`]: the read-only queries behind the invariant checker, and
-//!   [`invariants`]: the checker itself (DESIGN.md invariants 1-5 over every shard).
-//! - [`local`]: real PostgreSQL servers for the dev cluster and for tests.
+//! - [`check`]: the read-only queries behind the invariant checker (the checker
+//!   itself is the `checker` crate: tooling, not production).
 //! - [`money`], [`gid`], [`records`]: the typed values all of the above exchange.
 
 pub mod agent;
@@ -31,8 +30,6 @@ pub mod external;
 pub mod functions;
 pub mod gid;
 pub mod idempotency;
-pub mod invariants;
-pub mod local;
 pub mod migrate;
 pub mod money;
 pub mod records;

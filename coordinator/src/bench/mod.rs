@@ -25,8 +25,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use checker::wait_quiescent;
 use rust_decimal::Decimal;
-use shard_agent::invariants::wait_quiescent;
 use tracing::info;
 
 use crate::batch::GroupStats;

@@ -7,17 +7,16 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
+use local_cluster::{free_port, provision, PgServer, PgServerConfig, RedisServer};
 use router::{bucket_of, ShardId, ShardMap, UserId};
 use rust_decimal::Decimal;
 use shard_agent::bulk::{BulkDefaults, BulkUser};
-use shard_agent::local::{free_port, PgServer, PgServerConfig, RedisServer};
 use shard_agent::records::UserRow;
 use shard_agent::{Currency, ShardAgent};
 
 use crate::auth::{new_token, token_hash, PasswordPolicy, PasswordWork};
 use crate::cluster::Cluster;
 use crate::config::{Config, Limits, LockMode};
-use crate::dev::provision;
 use crate::inputs::Username;
 use crate::redis_lock::RedisConfig;
 

@@ -7,11 +7,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::agent::ShardAgent;
-use crate::check::{DecisionRow, EntryRow, ShardAudit};
-use crate::error::ShardResult;
 use rust_decimal::Decimal;
 use serde::Serialize;
+use shard_agent::check::{DecisionRow, EntryRow, ShardAudit};
+use shard_agent::{ShardAgent, ShardResult};
 use uuid::Uuid;
 
 /// Everything the checker knows, read from all shards.
