@@ -29,16 +29,18 @@ COPY coordinator/Cargo.toml coordinator/Cargo.toml
 COPY chaos-tests/Cargo.toml chaos-tests/Cargo.toml
 COPY checker/Cargo.toml checker/Cargo.toml
 COPY local-cluster/Cargo.toml local-cluster/Cargo.toml
+COPY testkit/Cargo.toml testkit/Cargo.toml
 RUN set -eux; \
-    for crate in router shard-agent coordinator chaos-tests checker local-cluster; do \
+    for crate in router shard-agent coordinator chaos-tests checker local-cluster testkit; do \
         mkdir -p "$crate/src"; \
         : > "$crate/src/lib.rs"; \
     done; \
     echo 'fn main() {}' > coordinator/src/main.rs; \
     cargo build --release --locked --bin wallet; \
     cargo clean --release --locked -p router -p shard-agent -p coordinator -p chaos-tests \
-        -p checker -p local-cluster; \
-    rm -rf router/src shard-agent/src coordinator/src chaos-tests/src checker/src local-cluster/src
+        -p checker -p local-cluster -p testkit; \
+    rm -rf router/src shard-agent/src coordinator/src chaos-tests/src checker/src local-cluster/src \
+        testkit/src
 
 # 2. The workspace itself. All of it is needed: the crates embed sql/ at
 #    compile time. Cargo.toml and Cargo.lock were copied in step 1.
@@ -48,6 +50,7 @@ COPY coordinator coordinator
 COPY chaos-tests chaos-tests
 COPY checker checker
 COPY local-cluster local-cluster
+COPY testkit testkit
 COPY sql sql
 RUN cargo build --release --locked --bin wallet \
  && cp target/release/wallet /usr/local/bin/wallet

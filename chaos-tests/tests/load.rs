@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use chaos_tests::checker::wait_quiescent;
 use chaos_tests::workload::{summarize, Client, Outcome, WorkloadConfig};
-use coordinator::testkit::{test_limits, TestCluster};
+use testkit::{test_limits, TestCluster};
 
 const USERS: usize = 500;
 const SETUP_TASKS: usize = 20;

@@ -36,5 +36,4 @@ pub mod redis_mode;
 pub mod serve;
 pub mod service;
 pub mod suspects;
-pub mod testkit;
 pub mod two_pc;

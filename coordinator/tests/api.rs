@@ -4,9 +4,9 @@
 mod common;
 
 use common::{pair, Api};
-use coordinator::testkit::{test_limits, TestCluster};
 use reqwest::StatusCode;
 use serde_json::json;
+use testkit::{test_limits, TestCluster};
 
 async fn cluster() -> (TestCluster, Api) {
     let cluster = TestCluster::start(4, test_limits()).await;
