@@ -11,8 +11,11 @@
 //! - [`api`]: axum routes, problem+json errors, OpenAPI.
 //! - [`auth`], [`inputs`], [`payments`]: passwords and tokens, validating newtypes,
 //!   the payment provider (with its sandbox).
-//! - [`config`], [`dev`]: deployment configuration and the local dev cluster.
-//! - [`bench`]: `wallet bench`, throughput and latency against single-node PostgreSQL.
+//! - [`config`], [`serve`]: deployment configuration; serving the API on it.
+//!
+//! The `wallet` binary is the `wallet` crate; `wallet dev`, `wallet bench` and
+//! the test kit are tooling crates of their own, which this one never depends
+//! on (except tests, as dev-dependencies).
 
 /// Whether this build carries the failpoints and the deliberately broken variants
 /// (feature `failpoints`). The chaos harness refuses to run without them; the
@@ -22,10 +25,8 @@ pub const FAILPOINTS_COMPILED: bool = cfg!(feature = "failpoints");
 pub mod api;
 pub mod auth;
 pub mod batch;
-pub mod bench;
 pub mod cluster;
 pub mod config;
-pub mod dev;
 pub mod error;
 pub mod inputs;
 pub mod metrics;

@@ -6,10 +6,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use coordinator::config::{Config, Limits, LockMode};
+use coordinator::redis_lock::RedisConfig;
 use local_cluster::{free_port, provision, PgServer, PgServerConfig, RedisServer};
-
-use crate::config::{Config, Limits, LockMode};
-use crate::redis_lock::RedisConfig;
 
 pub const CLUSTER_FILE: &str = "cluster.json";
 
@@ -63,7 +62,7 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
     let admin_token = previous
         .as_ref()
         .and_then(|p| p.admin_token.clone())
-        .unwrap_or_else(crate::auth::random_secret);
+        .unwrap_or_else(coordinator::auth::random_secret);
     // Redis-lock mode: a local redis-server of our own, dying with us.
     let redis_server = match opts.lock_mode {
         LockMode::TwoPc => None,
@@ -85,16 +84,16 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
             url: r.url(),
             ..RedisConfig::default()
         }),
-        payment_provider: Some(crate::payments::ProviderConfig::Sandbox),
+        payment_provider: Some(coordinator::payments::ProviderConfig::Sandbox),
         http: Default::default(),
         rate_limits: Default::default(),
     };
     std::fs::write(&cluster_file, serde_json::to_string_pretty(&config)?)
         .with_context(|| format!("write {}", cluster_file.display()))?;
-    crate::serve::serve(
+    coordinator::serve::serve(
         &config,
         || print_banner(&config, &cluster_file),
-        shutdown_signal(),
+        coordinator::serve::shutdown_signal(),
     )
     .await?;
     println!("stopping the shards…");
@@ -134,23 +133,4 @@ fn print_banner(config: &Config, cluster_file: &Path) {
         config.lock_mode.as_str(),
         cluster_file.display()
     );
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
 }

@@ -14,11 +14,11 @@ use shard_agent::bulk::{BulkDefaults, BulkUser};
 use shard_agent::records::UserRow;
 use shard_agent::{Currency, ShardAgent};
 
-use crate::auth::{new_token, token_hash, PasswordPolicy, PasswordWork};
-use crate::cluster::Cluster;
-use crate::config::{Config, Limits, LockMode};
-use crate::inputs::Username;
-use crate::redis_lock::RedisConfig;
+use coordinator::auth::{new_token, token_hash, PasswordPolicy, PasswordWork};
+use coordinator::cluster::Cluster;
+use coordinator::config::{Config, Limits, LockMode};
+use coordinator::inputs::Username;
+use coordinator::redis_lock::RedisConfig;
 
 /// Every bench user's password; the users can log in with it.
 pub const PASSWORD: &str = "bench-password";
@@ -86,9 +86,9 @@ impl BenchCluster {
                 url: r.url(),
                 ..RedisConfig::default()
             }),
-            payment_provider: Some(crate::payments::ProviderConfig::Sandbox),
+            payment_provider: Some(coordinator::payments::ProviderConfig::Sandbox),
             http: Default::default(),
-            rate_limits: crate::config::RateLimits::off(),
+            rate_limits: coordinator::config::RateLimits::off(),
         };
         // Opening the cluster bootstraps the catalog's bucket map: route by it.
         let routing = Cluster::open(&config.catalog_dsn, &entries, config.agent.clone())
