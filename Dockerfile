@@ -1,4 +1,4 @@
-# The `wallet` binary (crate `coordinator`) on a slim Debian runtime.
+# The `wallet` binary (crate `wallet`) on a slim Debian runtime.
 #
 #   docker build -t wallet .
 #   docker run --rm -v "$PWD/deploy/compose-config.json:/etc/wallet/config.json:ro" -p 8080:8080 wallet
@@ -16,7 +16,7 @@ WORKDIR /src
 #    empty stub so that `cargo build` compiles just the dependencies.
 #    The stubs' own build output is then removed (`cargo clean -p`), so this
 #    layer holds no artifact of a workspace crate: step 2 always compiles
-#    router, shard-agent and coordinator from the real sources, and the SQL
+#    every workspace crate from the real sources, and the SQL
 #    that shard-agent embeds at compile time (sql/shard, sql/catalog via
 #    refinery's embed_migrations!, sql/shard/functions via include_str!) is
 #    always the SQL in the build context.
@@ -26,22 +26,37 @@ COPY Cargo.toml Cargo.lock ./
 COPY router/Cargo.toml router/Cargo.toml
 COPY shard-agent/Cargo.toml shard-agent/Cargo.toml
 COPY coordinator/Cargo.toml coordinator/Cargo.toml
+COPY wallet/Cargo.toml wallet/Cargo.toml
+COPY checker/Cargo.toml checker/Cargo.toml
+COPY local-cluster/Cargo.toml local-cluster/Cargo.toml
+COPY testkit/Cargo.toml testkit/Cargo.toml
+COPY wallet-dev/Cargo.toml wallet-dev/Cargo.toml
+COPY wallet-bench/Cargo.toml wallet-bench/Cargo.toml
 COPY chaos-tests/Cargo.toml chaos-tests/Cargo.toml
+# The library crates get an empty lib.rs; `wallet`, a binary only, an empty main.
 RUN set -eux; \
-    for crate in router shard-agent coordinator chaos-tests; do \
+    libs="router shard-agent coordinator checker local-cluster testkit wallet-dev wallet-bench chaos-tests"; \
+    for crate in $libs; do \
         mkdir -p "$crate/src"; \
         : > "$crate/src/lib.rs"; \
     done; \
-    echo 'fn main() {}' > coordinator/src/main.rs; \
+    mkdir -p wallet/src; \
+    echo 'fn main() {}' > wallet/src/main.rs; \
     cargo build --release --locked --bin wallet; \
-    cargo clean --release --locked -p router -p shard-agent -p coordinator -p chaos-tests; \
-    rm -rf router/src shard-agent/src coordinator/src chaos-tests/src
+    cargo clean --release --locked -p wallet $(for crate in $libs; do echo "-p $crate"; done); \
+    rm -rf wallet/src $(for crate in $libs; do echo "$crate/src"; done)
 
 # 2. The workspace itself. All of it is needed: the crates embed sql/ at
 #    compile time. Cargo.toml and Cargo.lock were copied in step 1.
 COPY router router
 COPY shard-agent shard-agent
 COPY coordinator coordinator
+COPY wallet wallet
+COPY checker checker
+COPY local-cluster local-cluster
+COPY testkit testkit
+COPY wallet-dev wallet-dev
+COPY wallet-bench wallet-bench
 COPY chaos-tests chaos-tests
 COPY sql sql
 RUN cargo build --release --locked --bin wallet \

@@ -1,4 +1,4 @@
-//! The invariant checker lives in `shard_agent::invariants`, so that `wallet bench`
+//! The invariant checker lives in the `checker` crate, so that `wallet bench`
 //! runs the same checks; re-exported here for the harness and its tests.
 
-pub use shard_agent::invariants::*;
+pub use ::checker::*;

@@ -10,8 +10,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use coordinator::config::{Config, Limits, LockMode};
 use coordinator::redis_lock::RedisConfig;
+use local_cluster::{free_port, PgServer, PgServerConfig, RedisServer};
 use shard_agent::catalog::ShardEntry;
-use shard_agent::local::{free_port, PgServer, PgServerConfig, RedisServer};
 use shard_agent::{AgentConfig, ShardAgent};
 
 use crate::proxy::Proxy;
@@ -70,7 +70,7 @@ impl ChaosCluster {
         let servers = start_servers(&dir, opts.shards).await?;
         let refs: Vec<&PgServer> = servers.iter().collect();
         let (catalog_dsn, direct_entries) =
-            coordinator::dev::provision(&refs, opts.shards, "chaos").await?;
+            local_cluster::provision(&refs, opts.shards, "chaos").await?;
         let agent = AgentConfig {
             lock_timeout_ms: 1_000,
             connect_timeout_ms: 1_000,

@@ -2,8 +2,8 @@
 //!
 //! The harness that proves no money is created, lost or moved twice.
 //!
-//! - [`checker`]: DESIGN.md's invariants 1-5 over a snapshot of every shard
-//!   (`shard_agent::invariants`, shared with `wallet bench`).
+//! - [`checker`]: the invariants of ARCHITECTURE.md over a snapshot of every shard
+//!   (the `checker` crate, shared with `wallet bench`).
 //! - [`workload`]: concurrent clients through the real HTTP API, with
 //!   Idempotency-Keys and retries, recording every request's outcome.
 //! - [`cluster`]: servers, a fault [`proxy`] per shard, the coordinator process.

@@ -102,7 +102,7 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(coordinator::serve::run(
                 config,
                 false,
-                coordinator::dev::shutdown_signal(),
+                coordinator::serve::shutdown_signal(),
             ))
         }
         Command::Run {

@@ -12,9 +12,9 @@
 use std::time::Duration;
 
 use chaos_tests::checker::wait_quiescent;
-use coordinator::testkit::{test_limits, TestCluster};
 use reqwest::StatusCode;
 use serde_json::json;
+use testkit::{test_limits, TestCluster};
 
 mod common;
 use common::Http;

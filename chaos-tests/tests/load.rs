@@ -1,5 +1,5 @@
 //! Load through the real HTTP API: 32 concurrent clients, 5,000 transfers among
-//! 500 users on 4 shards; afterwards DESIGN.md's invariants 1-5 must hold and
+//! 500 users on 4 shards; afterwards the invariants of ARCHITECTURE.md must hold and
 //! every acknowledged transfer must be committed, every failed one must not be.
 //! Figures are printed, never asserted.
 
@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use chaos_tests::checker::wait_quiescent;
 use chaos_tests::workload::{summarize, Client, Outcome, WorkloadConfig};
-use coordinator::testkit::{test_limits, TestCluster};
+use testkit::{test_limits, TestCluster};
 
 const USERS: usize = 500;
 const SETUP_TASKS: usize = 20;

@@ -9,9 +9,9 @@ use std::time::Duration;
 use chaos_tests::checker::wait_quiescent;
 use chaos_tests::run::check;
 use chaos_tests::workload::{Client, Outcome, WorkloadConfig};
-use coordinator::testkit::{test_limits, with_redis, TestCluster};
+use local_cluster::RedisServer;
 use reqwest::StatusCode;
-use shard_agent::local::RedisServer;
+use testkit::{test_limits, with_redis, TestCluster};
 
 mod common;
 use common::Http;

@@ -11,9 +11,12 @@
 //! - [`api`]: axum routes, problem+json errors, OpenAPI.
 //! - [`auth`], [`inputs`], [`payments`]: passwords and tokens, validating newtypes,
 //!   the payment provider (with its sandbox).
-//! - [`config`], [`dev`]: deployment configuration and the local dev cluster;
+//! - [`config`], [`serve`]: deployment configuration; serving the API on it;
 //!   [`secrets`]: `env:`/`file:` references in it, and values that never print.
-//! - [`bench`]: `wallet bench`, throughput and latency against single-node PostgreSQL.
+//!
+//! The `wallet` binary is the `wallet` crate; `wallet dev`, `wallet bench` and
+//! the test kit are tooling crates of their own, which this one never depends
+//! on (except tests, as dev-dependencies).
 
 /// Whether this build carries the failpoints and the deliberately broken variants
 /// (feature `failpoints`). The chaos harness refuses to run without them; the
@@ -23,10 +26,8 @@ pub const FAILPOINTS_COMPILED: bool = cfg!(feature = "failpoints");
 pub mod api;
 pub mod auth;
 pub mod batch;
-pub mod bench;
 pub mod cluster;
 pub mod config;
-pub mod dev;
 pub mod error;
 pub mod inputs;
 pub mod metrics;
@@ -38,5 +39,4 @@ pub mod secrets;
 pub mod serve;
 pub mod service;
 pub mod suspects;
-pub mod testkit;
 pub mod two_pc;

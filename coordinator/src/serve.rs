@@ -78,3 +78,22 @@ pub async fn serve_coordinator(
     sweeper.abort();
     served
 }
+
+/// Resolves on Ctrl-C or SIGTERM: how `wallet serve` and `wallet dev` are stopped.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,4 +1,4 @@
-//! The coordinator's side of two-phase commit (DESIGN.md "Recommended 2PC
+//! The coordinator's side of two-phase commit (the recommended 2PC
 //! protocol", with its "last-agent" optimization). Every step has a named
 //! failpoint; recovery (`crate::recovery`) finishes whatever a crash at any of them
 //! leaves.

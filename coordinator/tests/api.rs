@@ -4,9 +4,9 @@
 mod common;
 
 use common::{pair, Api};
-use coordinator::testkit::{test_limits, TestCluster};
 use reqwest::StatusCode;
 use serde_json::json;
+use testkit::{test_limits, TestCluster};
 
 async fn cluster() -> (TestCluster, Api) {
     let cluster = TestCluster::start(4, test_limits()).await;
@@ -622,7 +622,7 @@ async fn health_readiness_openapi_and_admin_routes_answer() {
 #[tokio::test]
 async fn an_unreachable_shard_gives_503_shard_unavailable_with_retry_after() {
     let mut config = TestCluster::provision(4, test_limits()).await;
-    let dead_port = shard_agent::local::free_port().expect("port");
+    let dead_port = local_cluster::free_port().expect("port");
     config.shards[3].dsn = format!("host=127.0.0.1 port={dead_port} user=postgres dbname=gone");
     config.agent.connect_timeout_ms = 300;
     config.agent.call_timeout_ms = 1_000;

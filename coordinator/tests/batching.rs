@@ -7,9 +7,9 @@
 mod common;
 
 use common::Api;
-use coordinator::testkit::{test_limits, TestCluster};
 use futures::future::join_all;
 use reqwest::StatusCode;
+use testkit::{test_limits, TestCluster};
 
 #[tokio::test]
 async fn a_burst_of_transfers_is_decided_transfer_by_transfer() {

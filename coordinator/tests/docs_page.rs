@@ -4,7 +4,7 @@
 
 use std::process::Command;
 
-use coordinator::testkit::{test_limits, TestCluster};
+use testkit::{test_limits, TestCluster};
 
 fn chromium() -> Option<&'static str> {
     ["chromium", "chromium-browser", "google-chrome"]

@@ -13,9 +13,9 @@ use axum::routing::post;
 use common::{pair, Api, PASSWORD};
 use coordinator::config::{Config, RateLimits};
 use coordinator::payments::{HttpProviderConfig, ProviderConfig};
-use coordinator::testkit::{test_limits, TestCluster};
 use reqwest::StatusCode;
 use serde_json::json;
+use testkit::{test_limits, TestCluster};
 use tokio::io::AsyncWriteExt;
 
 async fn cluster_with(edit: impl FnOnce(&mut Config)) -> (TestCluster, Api) {

@@ -3,8 +3,8 @@
 mod common;
 
 use common::{pair, Api};
-use coordinator::testkit::{test_limits, TestCluster};
 use reqwest::StatusCode;
+use testkit::{test_limits, TestCluster};
 
 #[tokio::test]
 async fn a_replay_with_the_same_key_and_body_returns_the_identical_response() {

@@ -8,12 +8,12 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::Api;
-use coordinator::testkit::{test_limits, TestCluster};
 use reqwest::StatusCode;
 use router::{ShardId, UserId};
 use rust_decimal::Decimal;
 use shard_agent::two_pc::prepare::{Leg, Side};
 use shard_agent::{Currency, Gid, TransferId};
+use testkit::{test_limits, TestCluster};
 
 /// How long a call to a dead shard or a wait on a held row may last before it
 /// gives up: far longer than the healthy transfers may take, so a lane that

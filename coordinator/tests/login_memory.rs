@@ -9,9 +9,9 @@ use std::time::Instant;
 
 use common::Api;
 use coordinator::config::Limits;
-use coordinator::testkit::{test_limits, TestCluster};
 use reqwest::StatusCode;
 use serde_json::json;
+use testkit::{test_limits, TestCluster};
 
 fn peak_rss_mib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").expect("procfs");

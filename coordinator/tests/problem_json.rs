@@ -2,9 +2,9 @@
 //! answer is never a server error, and every error is problem+json whose
 //! `status` is the HTTP status and whose `code` is one of the documented codes.
 
-use coordinator::testkit::{test_limits, TestCluster};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
+use testkit::{test_limits, TestCluster};
 
 #[derive(Debug, Clone)]
 struct Case {

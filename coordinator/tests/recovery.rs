@@ -7,12 +7,12 @@ use std::time::{Duration, Instant};
 
 use coordinator::cluster::Cluster;
 use coordinator::recovery::{Recovery, RecoveryLimits};
-use coordinator::testkit::{init_tracing, test_limits, TestCluster};
 use router::{bucket_of, ShardId, UserId};
 use rust_decimal::Decimal;
 use shard_agent::two_pc::prepare::{Leg, Side};
 use shard_agent::users::NewUser;
 use shard_agent::{AgentConfig, Currency, Gid, ShardAgent, TransferId};
+use testkit::{init_tracing, test_limits, TestCluster};
 
 /// How long a call to the black-holed shard waits before it gives up: far
 /// longer than a pass may take, so a pass that waited for it would show.

@@ -5,7 +5,7 @@
 
 use std::process::Command;
 
-use coordinator::testkit::{test_limits, TestCluster};
+use testkit::{test_limits, TestCluster};
 
 fn schemathesis() -> Option<&'static str> {
     ["schemathesis", "st"].into_iter().find(|c| {

@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use coordinator::payments::Sandbox;
 use coordinator::service::{Coordinator, StartError};
-use coordinator::testkit::{init_tracing, test_limits, TestCluster};
 use shard_agent::functions::{Found, Stamp, VERSION};
 use shard_agent::ShardError;
+use testkit::{init_tracing, test_limits, TestCluster};
 
 #[tokio::test]
 async fn a_shard_with_newer_functions_stops_the_start() {

@@ -12,11 +12,11 @@ use common::{pair, Api};
 use coordinator::config::Config;
 use coordinator::payments::Sandbox;
 use coordinator::service::Coordinator;
-use coordinator::testkit::{test_limits, TestCluster};
+use local_cluster::testing::{scratch_dir, start_tls_server, unique_prefix};
+use local_cluster::{PgServer, ServerTls};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use reqwest::StatusCode;
-use shard_agent::local::testing::{scratch_dir, start_tls_server, unique_prefix};
-use shard_agent::local::{PgServer, ServerTls};
+use testkit::{test_limits, TestCluster};
 
 /// A CA and a server certificate for 127.0.0.1 and localhost, written to a
 /// scratch directory; plus the certificate of a CA that signed nothing.
@@ -67,7 +67,7 @@ async fn transfers_run_over_tls_with_verify_full() {
     let (server, wrong_ca) = tls_server().await;
     let prefix = unique_prefix();
     // Creates and migrates the catalog and both shards, over TLS.
-    let (catalog_dsn, mut shards) = coordinator::dev::provision(&[&server], 2, &prefix)
+    let (catalog_dsn, mut shards) = local_cluster::provision(&[&server], 2, &prefix)
         .await
         .expect("provision over TLS");
     assert!(catalog_dsn.contains("sslmode=verify-full"));

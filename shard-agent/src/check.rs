@@ -1,4 +1,4 @@
-//! Read-only queries the invariant checker runs on each shard (DESIGN.md invariants
+//! Read-only queries the invariant checker runs on each shard (the invariants of ARCHITECTURE.md
 //! 1-5), one consistent snapshot per shard. Callers run them when the system is
 //! quiet for the verdict, and while faults run for a report.
 

@@ -19,9 +19,8 @@
 //! - [`tls`]: every connection is made here, plain or TLS as the DSN's
 //!   `sslmode` says; [`dsn`]: redacting DSNs for logs, libpq's TLS parameters;
 //!   [`secret`]: `env:`/`file:` references for DSNs and other secrets.
-//! - [`check`]: the read-only queries behind the invariant checker, and
-//!   [`invariants`]: the checker itself (the invariants of ARCHITECTURE.md over every shard).
-//! - [`local`]: real PostgreSQL servers for the dev cluster and for tests.
+//! - [`check`]: the read-only queries behind the invariant checker (the checker
+//!   itself is the `checker` crate: tooling, not production).
 //! - [`money`], [`gid`], [`records`]: the typed values all of the above exchange.
 
 pub mod agent;
@@ -35,8 +34,6 @@ pub mod external;
 pub mod functions;
 pub mod gid;
 pub mod idempotency;
-pub mod invariants;
-pub mod local;
 pub mod migrate;
 pub mod money;
 pub mod records;

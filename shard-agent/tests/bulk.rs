@@ -3,11 +3,11 @@
 
 mod common;
 
+use checker::Snapshot;
 use common::{balance, hold_rows, key, pair, sql, usd};
 use router::{bucket_of, UserId};
 use rust_decimal::Decimal;
 use shard_agent::bulk::{BulkDefaults, BulkUser};
-use shard_agent::invariants::Snapshot;
 use shard_agent::transfer_local::{Submitted, TransferOrder};
 use shard_agent::{Currency, TransferState};
 

@@ -3,8 +3,8 @@
 //! downgraded under a newer build, and never used by an agent of another
 //! version.
 
+use local_cluster::testing::{create_database, servers_async, unique_prefix};
 use shard_agent::functions::{self, Applied, ApplyError, Found, Stamp, FILES, VERSION};
-use shard_agent::local::testing::{create_database, servers_async, unique_prefix};
 use shard_agent::migrate::{migrate_shard, MigrateError};
 use shard_agent::{AgentConfig, ShardAgent, ShardError};
 use tokio_postgres::Client;

@@ -7,10 +7,10 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use local_cluster::testing::{create_database, scratch_dir, start_tls_server, unique_prefix};
+use local_cluster::{PgServer, ServerTls};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use router::ShardId;
-use shard_agent::local::testing::{create_database, scratch_dir, start_tls_server, unique_prefix};
-use shard_agent::local::{PgServer, ServerTls};
 use shard_agent::migrate::migrate_shard;
 use shard_agent::tls::{connect, ConnectError, Connector};
 use shard_agent::{AgentConfig, ShardAgent};

@@ -306,7 +306,7 @@ async fn recovery_never_guesses_when_the_home_shard_is_unreachable() {
     let r = claim(&p.a, payer, payee, "1", "k", p.b.id()).await;
     let credit = leg(&r.participants[1], Side::Credit, payee, "1");
     p.b.prepare_leg(&credit).await.expect("prepare");
-    let port = shard_agent::local::free_port().expect("port");
+    let port = local_cluster::free_port().expect("port");
     let config = AgentConfig {
         connect_timeout_ms: 300,
         call_timeout_ms: 1_000,

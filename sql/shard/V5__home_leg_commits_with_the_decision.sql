@@ -1,5 +1,5 @@
 -- A cross-shard transfer in three transactions instead of six (wallet bench,
--- issue 5; DESIGN.md "last-agent" optimization): the payer's leg is not prepared
+-- issue 5; the "last-agent" optimization): the payer's leg is not prepared
 -- but committed on the home shard in the same local transaction as the key and
 -- the transfer record, which is the decision. Only the payee's leg is prepared.
 --

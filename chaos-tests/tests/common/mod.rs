@@ -1,9 +1,9 @@
 //! HTTP helpers shared by the chaos-tests integration tests.
 #![allow(dead_code)]
 
-use coordinator::testkit::TestCluster;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use testkit::TestCluster;
 
 pub struct Http {
     pub client: reqwest::Client,

@@ -1,10 +1,10 @@
 //! HTTP helpers shared by the API tests.
 #![allow(dead_code)]
 
-use coordinator::testkit::TestCluster;
 use reqwest::header::HeaderMap;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use testkit::TestCluster;
 
 pub const PASSWORD: &str = "correct horse battery";
 

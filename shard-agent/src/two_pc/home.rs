@@ -1,5 +1,5 @@
 //! The home shard's side of a cross-shard transfer on the fast path (`wallet_home_leg`,
-//! DESIGN.md's "last-agent" optimization): the payer's leg is never prepared. It
+//! the "last-agent" optimization): the payer's leg is never prepared. It
 //! commits in one local transaction together with the Idempotency-Key and the
 //! transfer record, and that commit is the decision. Only the payee's leg is a
 //! prepared transaction.

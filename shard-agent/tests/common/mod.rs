@@ -1,11 +1,11 @@
 //! Two fresh, migrated shard databases on two of the shared test servers.
 #![allow(dead_code)]
 
+use local_cluster::testing::{create_database, servers_async, unique_prefix};
 use router::{bucket_of, ShardId, UserId};
 use rust_decimal::Decimal;
 use shard_agent::external::{Direction, ExternalOrder, ProviderVerdict};
 use shard_agent::idempotency::IdempotencyKey;
-use shard_agent::local::testing::{create_database, servers_async, unique_prefix};
 use shard_agent::migrate::migrate_shard;
 use shard_agent::transfer_local::TransferOrder;
 use shard_agent::users::NewUser;

@@ -1,11 +1,11 @@
 //! Databases on a local server.
 
 use super::PgServer;
-use crate::tls::ConnectError;
+use shard_agent::tls::ConnectError;
 
 /// Creates database `name` on `server` if it does not exist.
 pub async fn create_database(server: &PgServer, name: &str) -> Result<(), ConnectError> {
-    let (client, connection) = crate::tls::connect(&server.dsn("postgres")).await?;
+    let (client, connection) = shard_agent::tls::connect(&server.dsn("postgres")).await?;
     tokio::spawn(connection);
     let exists = client
         .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])

@@ -137,7 +137,7 @@ async fn main() -> anyhow::Result<()> {
             data_dir,
             lock_mode,
         } => {
-            coordinator::dev::run(coordinator::dev::DevOptions {
+            wallet_dev::run(wallet_dev::DevOptions {
                 listen,
                 shards: usize::from(shards),
                 data_dir,
@@ -169,7 +169,7 @@ async fn main() -> anyhow::Result<()> {
         } => {
             anyhow::ensure!(users >= 100, "--users must be at least 100");
             anyhow::ensure!(clients >= 1, "--clients must be at least 1");
-            let passed = coordinator::bench::run(coordinator::bench::BenchOptions {
+            let passed = wallet_bench::run(wallet_bench::BenchOptions {
                 shards: usize::from(shards),
                 users,
                 clients,
@@ -208,5 +208,5 @@ async fn serve(
     if let Some(mode) = lock_mode {
         config.lock_mode = mode;
     }
-    coordinator::serve::run(config, !no_migrate, coordinator::dev::shutdown_signal()).await
+    coordinator::serve::run(config, !no_migrate, coordinator::serve::shutdown_signal()).await
 }

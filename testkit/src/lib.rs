@@ -1,19 +1,19 @@
 //! The test fixture for whole clusters: on the shared servers of
-//! `shard_agent::local::testing`, a fresh, migrated set of shard databases plus a
-//! running coordinator and HTTP server for each test. Used by this crate's and
-//! chaos-tests' integration tests; never by production code.
+//! `local_cluster::testing`, a fresh, migrated set of shard databases plus a
+//! running coordinator and HTTP server for each test. Used by the coordinator's
+//! and chaos-tests' integration tests (as a dev-dependency); never by production
+//! code.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use shard_agent::local::{testing, PgServer};
+use coordinator::config::{Config, Limits, LockMode};
+use coordinator::payments::Sandbox;
+use coordinator::redis_lock::RedisConfig;
+use coordinator::service::Coordinator;
+use local_cluster::{testing, PgServer};
 use shard_agent::ShardAgent;
 use tokio::task::JoinHandle;
-
-use crate::config::{Config, Limits, LockMode};
-use crate::payments::Sandbox;
-use crate::redis_lock::RedisConfig;
-use crate::service::Coordinator;
 
 /// Logs to the test's captured output, filtered by `RUST_LOG` (default: warnings).
 pub fn init_tracing() {
@@ -84,7 +84,7 @@ impl TestCluster {
     pub async fn provision(shards: usize, limits: Limits) -> Config {
         let servers: Vec<&PgServer> = testing::servers_async().await.iter().collect();
         let (catalog_dsn, shards) =
-            crate::dev::provision(&servers, shards, &testing::unique_prefix())
+            local_cluster::provision(&servers, shards, &testing::unique_prefix())
                 .await
                 .expect("provision test databases");
         Config {
@@ -96,9 +96,9 @@ impl TestCluster {
             admin_token: Some("test-admin-token".into()),
             lock_mode: Default::default(),
             redis: None,
-            payment_provider: Some(crate::payments::ProviderConfig::Sandbox),
+            payment_provider: Some(coordinator::payments::ProviderConfig::Sandbox),
             http: Default::default(),
-            rate_limits: crate::config::RateLimits::off(),
+            rate_limits: coordinator::config::RateLimits::off(),
         }
     }
 
@@ -117,14 +117,14 @@ impl TestCluster {
     /// `sandbox` field is then an unused one).
     pub async fn serve_provider(
         config: Config,
-        provider: Arc<dyn crate::payments::PaymentProvider>,
+        provider: Arc<dyn coordinator::payments::PaymentProvider>,
     ) -> TestCluster {
         Self::serve_inner(config, provider, Arc::new(Sandbox::default())).await
     }
 
     async fn serve_inner(
         config: Config,
-        provider: Arc<dyn crate::payments::PaymentProvider>,
+        provider: Arc<dyn coordinator::payments::PaymentProvider>,
         sandbox: Arc<Sandbox>,
     ) -> TestCluster {
         init_tracing();
@@ -140,7 +140,7 @@ impl TestCluster {
         let served = coordinator.clone();
         let served_config = config.clone();
         let server = tokio::spawn(async move {
-            let _ = crate::serve::serve_coordinator(
+            let _ = coordinator::serve::serve_coordinator(
                 listener,
                 served,
                 &served_config,

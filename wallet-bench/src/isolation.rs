@@ -26,7 +26,7 @@ use super::drivers::InProcess;
 use super::load::{self, LoadResult, LoadSpec, Pick};
 use super::setup::{BenchCluster, BenchUser, CURRENCY};
 use super::BenchOptions;
-use crate::service::Coordinator;
+use coordinator::service::Coordinator;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {

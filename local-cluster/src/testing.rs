@@ -1,6 +1,6 @@
 //! The one shared test fixture at the bottom of the stack: real PostgreSQL servers
 //! started once per test process (they die with it), and fresh databases on them.
-//! Higher crates (the coordinator's `testkit`) build clusters on top of this.
+//! Higher crates (`testkit`) build clusters on top of this.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -4,20 +4,28 @@
 //! Everything here is about *processes*: finding the server binaries, running
 //! `initdb`, spawning `postgres` as our own child (so we can reap it after a
 //! `kill -9` and restart at once), waiting until it accepts connections, and
-//! signalling it (kill -9, SIGSTOP/SIGCONT, fast shutdown). Creating databases
-//! or schemas is left to the callers.
+//! signalling it (kill -9, SIGSTOP/SIGCONT, fast shutdown). The only SQL here
+//! creates databases: [`create_database`], and [`provision`], which makes (and
+//! migrates) the databases of one wallet cluster on running servers, because
+//! every user of these servers needs exactly that.
 //!
-//! All functions block; async callers wrap them in `spawn_blocking`.
+//! This is tooling: production crates take it only as a dev-dependency. It
+//! depends on shard-agent (for the migrations), never the other way round.
+//!
+//! All functions block, except [`create_database`] and [`provision`]; async
+//! callers wrap the blocking ones in `spawn_blocking`.
 
 mod cluster;
 mod database;
 mod probe;
 mod process;
+mod provision;
 mod redis;
 mod server;
 pub mod testing;
 
 pub use database::create_database;
+pub use provision::provision;
 pub use redis::RedisServer;
 
 use std::io;

@@ -12,9 +12,9 @@ use shard_agent::{Amount, FailureCode, TransferRecord, TransferState};
 
 use super::load::{Driver, Outcome};
 use super::setup::{BenchUser, CURRENCY};
-use crate::api::error::ApiError;
-use crate::inputs::{IdemKey, Username};
-use crate::service::{Coordinator, Payer};
+use coordinator::api::error::ApiError;
+use coordinator::inputs::{IdemKey, Username};
+use coordinator::service::{Coordinator, Payer};
 
 pub struct InProcess {
     pub coordinator: Arc<Coordinator>,

@@ -7,19 +7,18 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
+use local_cluster::{free_port, provision, PgServer, PgServerConfig, RedisServer};
 use router::{bucket_of, ShardId, ShardMap, UserId};
 use rust_decimal::Decimal;
 use shard_agent::bulk::{BulkDefaults, BulkUser};
-use shard_agent::local::{free_port, PgServer, PgServerConfig, RedisServer};
 use shard_agent::records::UserRow;
 use shard_agent::{Currency, ShardAgent};
 
-use crate::auth::{new_token, token_hash, PasswordPolicy, PasswordWork};
-use crate::cluster::Cluster;
-use crate::config::{Config, Limits, LockMode};
-use crate::dev::provision;
-use crate::inputs::Username;
-use crate::redis_lock::RedisConfig;
+use coordinator::auth::{new_token, token_hash, PasswordPolicy, PasswordWork};
+use coordinator::cluster::Cluster;
+use coordinator::config::{Config, Limits, LockMode};
+use coordinator::inputs::Username;
+use coordinator::redis_lock::RedisConfig;
 
 /// Every bench user's password; the users can log in with it.
 pub const PASSWORD: &str = "bench-password";
@@ -87,9 +86,9 @@ impl BenchCluster {
                 url: r.url(),
                 ..RedisConfig::default()
             }),
-            payment_provider: Some(crate::payments::ProviderConfig::Sandbox),
+            payment_provider: Some(coordinator::payments::ProviderConfig::Sandbox),
             http: Default::default(),
-            rate_limits: crate::config::RateLimits::off(),
+            rate_limits: coordinator::config::RateLimits::off(),
         };
         // Opening the cluster bootstraps the catalog's bucket map: route by it.
         let routing = Cluster::open(&config.catalog_dsn, &entries, config.agent.clone())

@@ -7,9 +7,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use shard_agent::local::{
-    free_port, pg_bindir, pg_bindir_in, LocalError, PgServer, PgServerConfig,
-};
+use local_cluster::{free_port, pg_bindir, pg_bindir_in, LocalError, PgServer, PgServerConfig};
 use tokio_postgres::{Client, NoTls};
 
 /// A small config: tests need a few connections, not the dev defaults.

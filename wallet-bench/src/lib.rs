@@ -25,14 +25,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use checker::wait_quiescent;
 use rust_decimal::Decimal;
-use shard_agent::invariants::wait_quiescent;
 use tracing::info;
 
-use crate::batch::GroupStats;
-use crate::config::{Config, LockMode};
-use crate::payments::Sandbox;
-use crate::service::Coordinator;
+use coordinator::batch::GroupStats;
+use coordinator::config::{Config, LockMode};
+use coordinator::payments::Sandbox;
+use coordinator::service::Coordinator;
 use load::{Distribution, LoadResult, LoadSpec, Picker, Placement};
 use report::{Machine, Parameters, Report, ScenarioReport};
 use setup::BenchCluster;
@@ -185,7 +185,7 @@ impl Front {
         let coordinator = self.coordinator.clone();
         let config = config.clone();
         let task = tokio::spawn(async move {
-            let _ = crate::serve::serve_coordinator(
+            let _ = coordinator::serve::serve_coordinator(
                 listener,
                 coordinator,
                 &config,

@@ -1,4 +1,4 @@
-//! The invariant checker: DESIGN.md's invariants 1-5, across every shard.
+//! The invariant checker: the invariants of ARCHITECTURE.md, across every shard.
 //!
 //! [`Snapshot::take`] reads each shard's committed state (shard by shard, so a
 //! snapshot taken while transfers run can see one half-committed across shards:
@@ -7,11 +7,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::agent::ShardAgent;
-use crate::check::{DecisionRow, EntryRow, ShardAudit};
-use crate::error::ShardResult;
 use rust_decimal::Decimal;
 use serde::Serialize;
+use shard_agent::check::{DecisionRow, EntryRow, ShardAudit};
+use shard_agent::{ShardAgent, ShardResult};
 use uuid::Uuid;
 
 /// Everything the checker knows, read from all shards.

@@ -1,60 +1,16 @@
 //! `wallet dev`: a local cluster on this machine. It starts its own PostgreSQL
 //! servers (one per shard), creates and migrates the databases, bootstraps the
 //! catalog, writes `cluster.json`, and serves the API until Ctrl-C.
-//!
-//! [`provision`] is shared with the test fixture: given running servers, it makes
-//! the databases of one cluster.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use router::ShardId;
-use shard_agent::catalog::ShardEntry;
-
-use shard_agent::local::{create_database, free_port, PgServer, PgServerConfig, RedisServer};
-use shard_agent::migrate::{migrate_catalog, migrate_shard};
-
-use crate::config::{Config, Limits, LockMode};
-use crate::redis_lock::RedisConfig;
+use coordinator::config::{Config, Limits, LockMode};
+use coordinator::redis_lock::RedisConfig;
+use local_cluster::{free_port, provision, PgServer, PgServerConfig, RedisServer};
 
 pub const CLUSTER_FILE: &str = "cluster.json";
-
-/// Creates (if missing) and migrates `<prefix>_shard<i>` for each shard, spread
-/// round-robin over `servers`, and `<prefix>_catalog` on the first server.
-pub async fn provision(
-    servers: &[&PgServer],
-    shards: usize,
-    prefix: &str,
-) -> anyhow::Result<(String, Vec<ShardEntry>)> {
-    let first = servers
-        .first()
-        .context("provision needs at least one server")?;
-    let catalog_db = format!("{prefix}_catalog");
-    create_database(first, &catalog_db)
-        .await
-        .with_context(|| format!("create database {catalog_db}"))?;
-    let catalog_dsn = first.dsn(&catalog_db);
-    migrate_catalog(&catalog_dsn).await?;
-    let mut entries = Vec::with_capacity(shards);
-    for i in 0..shards {
-        let server = servers[i % servers.len()];
-        let db = format!("{prefix}_shard{i}");
-        create_database(server, &db)
-            .await
-            .with_context(|| format!("create database {db}"))?;
-        let dsn = server.dsn(&db);
-        migrate_shard(&dsn)
-            .await
-            .with_context(|| format!("migrate shard {i}"))?;
-        entries.push(ShardEntry {
-            id: ShardId(i as u16),
-            dsn,
-            weight: 1,
-        });
-    }
-    Ok((catalog_dsn, entries))
-}
 
 pub struct DevOptions {
     pub listen: SocketAddr,
@@ -106,7 +62,7 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
     let admin_token = previous
         .as_ref()
         .and_then(|p| p.admin_token.clone())
-        .unwrap_or_else(|| crate::auth::random_secret().into());
+        .unwrap_or_else(|| coordinator::auth::random_secret().into());
     // Redis-lock mode: a local redis-server of our own, dying with us.
     let redis_server = match opts.lock_mode {
         LockMode::TwoPc => None,
@@ -128,16 +84,16 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
             url: r.url(),
             ..RedisConfig::default()
         }),
-        payment_provider: Some(crate::payments::ProviderConfig::Sandbox),
+        payment_provider: Some(coordinator::payments::ProviderConfig::Sandbox),
         http: Default::default(),
         rate_limits: Default::default(),
     };
     std::fs::write(&cluster_file, serde_json::to_string_pretty(&config)?)
         .with_context(|| format!("write {}", cluster_file.display()))?;
-    crate::serve::serve(
+    coordinator::serve::serve(
         &config,
         || print_banner(&config, &cluster_file),
-        shutdown_signal(),
+        coordinator::serve::shutdown_signal(),
     )
     .await?;
     println!("stopping the shards…");
@@ -177,23 +133,4 @@ fn print_banner(config: &Config, cluster_file: &Path) {
         config.lock_mode.as_str(),
         cluster_file.display()
     );
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
 }

@@ -19,8 +19,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use futures::SinkExt;
 use hdrhistogram::Histogram;
+use local_cluster::{create_database, pg_bindir, PgServer};
 use rust_decimal::Decimal;
-use shard_agent::local::{create_database, pg_bindir, PgServer};
 use tokio_postgres::{Client, NoTls, Statement};
 
 use super::load::{new_histogram, Driver, LoadResult, Outcome};

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use coordinator::bench::{run, BenchOptions};
+use wallet_bench::{run, BenchOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_small_bench_run_reports_every_scenario_and_passes_the_checker() {
