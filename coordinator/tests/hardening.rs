@@ -536,3 +536,75 @@ async fn shutdown_lets_an_in_flight_request_finish() {
         "no new connections after shutdown"
     );
 }
+
+/// A provider whose first call for a reference is slow and approves, and whose
+/// concurrent second call for it answers at once that it is busy (as a PSP
+/// answers 409 to a request whose key is still being processed): the timeout
+/// verdict.
+#[derive(Default)]
+struct SlowThenBusy {
+    calls: Mutex<Vec<shard_agent::TransferId>>,
+}
+
+impl coordinator::payments::PaymentProvider for SlowThenBusy {
+    fn name(&self) -> &'static str {
+        "slow-then-busy"
+    }
+
+    fn execute(
+        &self,
+        _direction: shard_agent::external::Direction,
+        _token: &str,
+        _amount: shard_agent::Amount,
+        reference: shard_agent::TransferId,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = shard_agent::external::ProviderVerdict> + Send + '_>,
+    > {
+        let first = {
+            let mut calls = self.calls.lock().expect("not poisoned");
+            let first = !calls.contains(&reference);
+            calls.push(reference);
+            first
+        };
+        Box::pin(async move {
+            if first {
+                tokio::time::sleep(Duration::from_millis(4_500)).await;
+                shard_agent::external::ProviderVerdict::Approved
+            } else {
+                shard_agent::external::ProviderVerdict::TimedOut
+            }
+        })
+    }
+}
+
+#[tokio::test]
+async fn recovery_leaves_a_deposit_alone_while_its_request_waits_on_the_provider() {
+    // Recovery looks at deposits older than 3 s (test limits); this one's
+    // provider takes 4.5 s. Without the settle lease recovery asked the provider
+    // too, got "busy", aborted the deposit, and the approval that followed was
+    // lost: the user charged, the wallet not credited.
+    let limits = coordinator::config::Limits {
+        payment_timeout_ms: 8_000,
+        ..test_limits()
+    };
+    let config = TestCluster::provision(2, limits).await;
+    let provider = Arc::new(SlowThenBusy::default());
+    let cluster = TestCluster::serve_provider(config, provider.clone()).await;
+    let api = Api::new(&cluster);
+    let token = api.user("leased", "USD").await;
+    let r = api
+        .post(
+            "/v1/deposit",
+            Some(&token),
+            Some("lease-1"),
+            json!({"amount": "25.00", "currency": "USD", "payment_token": "tok"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    assert_eq!(api.balance(&token).await, "25.00");
+    assert_eq!(
+        provider.calls.lock().expect("not poisoned").len(),
+        1,
+        "only the request asked the provider"
+    );
+}

@@ -62,6 +62,13 @@ pub enum ProviderVerdict {
     TimedOut,
 }
 
+/// How long a deposit's settler keeps others (recovery) from settling it while
+/// it waits on the provider, on top of twice the shard call bound (the lease
+/// is taken before one call and used after another). Longer than any provider
+/// call is allowed to take (`payment_timeout_ms`, and the HTTP provider's own
+/// bound); a settler that died is replaced by recovery once it runs out.
+pub const DEPOSIT_LEASE_MS: u64 = 30_000;
+
 /// What settling does once it holds the record: apply an outcome already
 /// known (a deposit asked its provider before), or lock the payer's row, check
 /// the funds and ask the provider under that lock (a withdrawal).
@@ -175,9 +182,9 @@ impl ShardAgent {
     /// A deposit holds no lock and no connection while the provider decides:
     /// only money coming in depends on its answer, so the account is read
     /// unlocked before the call and written after it, in a short transaction
-    /// that decides the record only if it is still `preparing`. Two settlers of
-    /// one deposit (a request and recovery) both ask the provider under the
-    /// same reference, which answers both alike; the first to decide wins.
+    /// that decides the record only if it is still `preparing`. Instead of the
+    /// row lock, a lease ([`DEPOSIT_LEASE_MS`]) keeps recovery from asking the
+    /// provider about the same deposit while the request waits on it.
     async fn settle_deposit<F, Fut>(
         &self,
         order: &ExternalOrder,
@@ -188,17 +195,41 @@ impl ShardAgent {
         F: FnOnce(TransferId) -> Fut,
         Fut: Future<Output = ProviderVerdict>,
     {
-        let (current, currency) = self
-            .timed("read deposit", async {
+        let lease_ms = DEPOSIT_LEASE_MS + 2 * self.config().call_timeout_ms;
+        let (current, currency, leased) = self
+            .timed("lease deposit", async {
                 let conn = self.conn().await?;
-                let current = conn
+                // Take the lease if the deposit is undecided and nobody holds
+                // it; otherwise read it as it stands: decided, or being settled
+                // by another (still `preparing`, answered as in progress).
+                let leased = conn
                     .query_opt(
-                        &format!("SELECT {TRANSFER_COLUMNS} FROM transfers WHERE transfer_id = $1"),
-                        &[&tid.0],
+                        &format!(
+                            "UPDATE transfers
+                                SET settle_lease_until = now() + make_interval(secs => $2)
+                              WHERE transfer_id = $1 AND state = 'preparing'
+                                AND (settle_lease_until IS NULL OR settle_lease_until < now())
+                             RETURNING {TRANSFER_COLUMNS}"
+                        ),
+                        &[&tid.0, &(lease_ms as f64 / 1000.0)],
                     )
                     .await
-                    .map_err(self.pg("read external"))?
-                    .ok_or_else(|| self.corrupt(format!("external transfer {tid} vanished")))?;
+                    .map_err(self.pg("lease external"))?;
+                let (current, leased) = match leased {
+                    Some(row) => (row, true),
+                    None => (
+                        conn.query_opt(
+                            &format!(
+                                "SELECT {TRANSFER_COLUMNS} FROM transfers WHERE transfer_id = $1"
+                            ),
+                            &[&tid.0],
+                        )
+                        .await
+                        .map_err(self.pg("read external"))?
+                        .ok_or_else(|| self.corrupt(format!("external transfer {tid} vanished")))?,
+                        false,
+                    ),
+                };
                 let currency: String = conn
                     .query_opt(
                         "SELECT currency FROM accounts WHERE user_id = $1",
@@ -208,10 +239,14 @@ impl ShardAgent {
                     .map_err(self.pg("read account"))?
                     .ok_or_else(|| self.corrupt(format!("user {} has no account", order.user)))?
                     .get(0);
-                Ok((TransferRecord::from_row(self.id(), &current)?, currency))
+                Ok((
+                    TransferRecord::from_row(self.id(), &current)?,
+                    currency,
+                    leased,
+                ))
             })
             .await?;
-        if current.state != TransferState::Preparing {
+        if current.state != TransferState::Preparing || !leased {
             return Ok(current);
         }
         let failure = if currency.trim() != order.amount.currency().code() {
@@ -376,6 +411,7 @@ impl ShardAgent {
                         "SELECT {TRANSFER_COLUMNS}, payment_token FROM transfers
                          WHERE state = 'preparing' AND mode = 'external'
                            AND created_at < now() - make_interval(secs => $1)
+                           AND (settle_lease_until IS NULL OR settle_lease_until < now())
                          ORDER BY created_at LIMIT $2"
                     ),
                     &[

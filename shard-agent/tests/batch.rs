@@ -596,3 +596,36 @@ async fn sql_and_rust_order_refusals_alike() {
         }
     }
 }
+
+/// Shard after shard: a transfer the payer's shard refused for its funds is
+/// refused for its missing payee on the payee's shard, which outranks it, so
+/// the order of the shards does not change the answer.
+#[tokio::test]
+async fn a_later_shard_outranks_an_earlier_lower_refusal() {
+    let p = pair().await;
+    let poor = user(&p.a, "rank_poor", "0").await;
+    let nobody = UserId::for_username("rank_nobody");
+    let tid = TransferId::generate();
+    let [debit, credit] = legs(tid, poor, nobody, "5", "rank-1");
+    let (txn_a, found_a) =
+        p.a.open_batch(std::slice::from_ref(&debit), &[Verdict::Pass], Some(200))
+            .await
+            .expect("check the payer's shard");
+    assert_eq!(
+        found_a,
+        vec![Verdict::Refused(FailureCode::InsufficientFunds)]
+    );
+    let (txn_b, found_b) =
+        p.b.open_batch(std::slice::from_ref(&credit), &found_a, Some(200))
+            .await
+            .expect("check the payee's shard");
+    assert_eq!(
+        found_b,
+        vec![Verdict::Refused(FailureCode::RecipientNotFound)]
+    );
+    assert_eq!(
+        found_a[0].merge(found_b[0]),
+        Verdict::Refused(FailureCode::RecipientNotFound)
+    );
+    drop((txn_a, txn_b));
+}

@@ -44,7 +44,8 @@ DECLARE
     v_balances numeric[];
     v_at int;
     v_fail text;
-    v_currency text;
+    v_seen_ids uuid[];
+    v_seen_currencies text[];
     i int;
     j int;
     k int;
@@ -86,6 +87,15 @@ BEGIN
              WHERE user_id = ANY (ARRAY(SELECT p_user[x] FROM generate_subscripts(p_user, 1) AS x
                                         WHERE v_out[x] IS NULL))
              ORDER BY user_id FOR UPDATE) AS l;
+    -- The accounts of transfers an earlier shard refused, read unlocked in one
+    -- statement (see below); only the ordered check passes such refusals.
+    IF 'currency_mismatch' = ANY (v_out) OR 'insufficient_funds' = ANY (v_out) THEN
+        SELECT coalesce(array_agg(a.user_id), '{}'), coalesce(array_agg(trim(a.currency)), '{}')
+          INTO v_seen_ids, v_seen_currencies
+          FROM accounts a
+         WHERE a.user_id = ANY (ARRAY(SELECT p_user[x] FROM generate_subscripts(p_user, 1) AS x
+                                      WHERE v_out[x] IN ('currency_mismatch', 'insufficient_funds')));
+    END IF;
     i := 1;
     WHILE i <= n LOOP
         j := i;
@@ -113,10 +123,14 @@ BEGIN
             -- reads them without a lock; nothing of the transfer is locked here.
             v_fail := v_out[i];
             FOR k IN i..j LOOP
-                SELECT trim(a.currency) INTO v_currency FROM accounts a WHERE a.user_id = p_user[k];
-                IF NOT FOUND THEN
-                    v_fail := wallet_first_failure(v_fail, 'recipient_not_found');
-                ELSIF v_currency <> p_currency[k] THEN
+                v_at := array_position(v_seen_ids, p_user[k]);
+                IF v_at IS NULL THEN
+                    -- A payer without an account is a corrupt shard (WL008
+                    -- above), not a refusal: only a payee can be nobody.
+                    IF NOT p_debit[k] THEN
+                        v_fail := wallet_first_failure(v_fail, 'recipient_not_found');
+                    END IF;
+                ELSIF v_seen_currencies[v_at] <> p_currency[k] THEN
                     v_fail := wallet_first_failure(v_fail, 'currency_mismatch');
                 END IF;
             END LOOP;
