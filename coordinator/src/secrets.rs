@@ -139,6 +139,11 @@ pub fn resolve_config(config: &mut Config) -> Result<(), SettingError> {
         http.api_key = resolve(&http.api_key)
             .map_err(at("payment_provider.api_key"))?
             .into_owned();
+        if let Some(secret) = &mut http.webhook_secret {
+            *secret = resolve(secret)
+                .map_err(at("payment_provider.webhook_secret"))?
+                .into_owned();
+        }
     }
     Ok(())
 }

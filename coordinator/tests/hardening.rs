@@ -396,6 +396,7 @@ async fn an_http_payment_provider_is_chosen_by_configuration() {
     config.payment_provider = Some(ProviderConfig::Http(HttpProviderConfig {
         base_url: format!("http://{psp_addr}/"),
         api_key: "sk_test_123".into(),
+        webhook_secret: None,
     }));
     let provider = config
         .payment_provider
