@@ -2,6 +2,8 @@
 //! answer is never a server error, and every error is problem+json whose
 //! `status` is the HTTP status and whose `code` is one of the documented codes.
 
+mod common;
+
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use testkit::{test_limits, TestCluster};
@@ -97,19 +99,7 @@ fn any_request_gets_no_server_error_and_every_error_is_problem_json() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let (cluster, token) = runtime.block_on(async {
         let cluster = TestCluster::start(2, test_limits()).await;
-        let http = reqwest::Client::new();
-        let signup = serde_json::json!({"username": "fuzzer", "email": "f@example.com", "password": "correct horse battery", "currency": "USD"});
-        http.post(cluster.url("/v1/user")).json(&signup).send().await.expect("sign up");
-        let login: serde_json::Value = http
-            .post(cluster.url("/v1/login"))
-            .json(&serde_json::json!({"username": "fuzzer", "password": "correct horse battery"}))
-            .send()
-            .await
-            .expect("login")
-            .json()
-            .await
-            .expect("json");
-        let token = login["token"].as_str().expect("token").to_owned();
+        let token = common::Api::new(&cluster).user("fuzzer", "USD").await;
         (cluster, token)
     });
     let codes = documented_codes();

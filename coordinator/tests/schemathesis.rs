@@ -3,6 +3,8 @@
 //! documented schemas, status codes and content types. CI installs schemathesis
 //! (.ci/run); a machine without it skips, with a message.
 
+mod common;
+
 use std::process::Command;
 
 use testkit::{test_limits, TestCluster};
@@ -27,24 +29,7 @@ async fn schemathesis_finds_no_failure() {
         return;
     };
     let cluster = TestCluster::start(2, test_limits()).await;
-    let http = reqwest::Client::new();
-    let password = "correct horse battery";
-    let signup = serde_json::json!({"username": "schema_user", "email": "s@example.com", "password": password, "currency": "USD"});
-    http.post(cluster.url("/v1/user"))
-        .json(&signup)
-        .send()
-        .await
-        .expect("sign up");
-    let login: serde_json::Value = http
-        .post(cluster.url("/v1/login"))
-        .json(&serde_json::json!({"username": "schema_user", "password": password}))
-        .send()
-        .await
-        .expect("login")
-        .json()
-        .await
-        .expect("json");
-    let token = login["token"].as_str().expect("token").to_owned();
+    let token = common::Api::new(&cluster).user("schema_user", "USD").await;
     let url = cluster.url("/openapi.json");
     let output = tokio::task::spawn_blocking(move || {
         Command::new(tool)
