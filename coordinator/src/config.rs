@@ -313,6 +313,16 @@ impl Config {
         if self.limits.password_queue_max == 0 {
             return Err("limits.password_queue_max must be at least 1".into());
         }
+        if self.agent.deposit_lease_ms
+            <= self.limits.payment_timeout_ms + self.agent.call_timeout_ms
+        {
+            // A lease that ran out while its settler still waits on the
+            // provider would let recovery ask too, and decide on "busy".
+            return Err(
+                "agent.deposit_lease_ms must exceed limits.payment_timeout_ms + agent.call_timeout_ms"
+                    .into(),
+            );
+        }
         if self.agent.pool_size_max == 0 {
             return Err("agent.pool_size_max must be at least 1".into());
         }

@@ -23,6 +23,12 @@ pub struct AgentConfig {
     /// Upper bound on any one call from the coordinator to this shard, including
     /// waiting for a pooled connection; a black-holed shard fails instead of hanging.
     pub call_timeout_ms: u64,
+    /// How long a deposit's settler keeps recovery from settling it while it
+    /// waits on the payment provider (`external::settle_deposit`). Must cover
+    /// the provider call and the apply that follows (the coordinator's config
+    /// validation requires more than `payment_timeout_ms + call_timeout_ms`);
+    /// a settler that died is replaced by recovery once it runs out.
+    pub deposit_lease_ms: u64,
 }
 
 impl Default for AgentConfig {
@@ -33,6 +39,7 @@ impl Default for AgentConfig {
             statement_timeout_ms: 10_000,
             connect_timeout_ms: 3_000,
             call_timeout_ms: 8_000,
+            deposit_lease_ms: 30_000,
         }
     }
 }

@@ -62,13 +62,6 @@ pub enum ProviderVerdict {
     TimedOut,
 }
 
-/// How long a deposit's settler keeps others (recovery) from settling it while
-/// it waits on the provider, on top of twice the shard call bound (the lease
-/// is taken before one call and used after another). Longer than any provider
-/// call is allowed to take (`payment_timeout_ms`, and the HTTP provider's own
-/// bound); a settler that died is replaced by recovery once it runs out.
-pub const DEPOSIT_LEASE_MS: u64 = 30_000;
-
 /// What settling does once it holds the record: apply an outcome already
 /// known (a deposit asked its provider before), or lock the payer's row, check
 /// the funds and ask the provider under that lock (a withdrawal).
@@ -183,7 +176,7 @@ impl ShardAgent {
     /// only money coming in depends on its answer, so the account is read
     /// unlocked before the call and written after it, in a short transaction
     /// that decides the record only if it is still `preparing`. Instead of the
-    /// row lock, a lease ([`DEPOSIT_LEASE_MS`]) keeps recovery from asking the
+    /// row lock, a lease (`deposit_lease_ms`) keeps recovery from asking the
     /// provider about the same deposit while the request waits on it.
     async fn settle_deposit<F, Fut>(
         &self,
@@ -195,7 +188,7 @@ impl ShardAgent {
         F: FnOnce(TransferId) -> Fut,
         Fut: Future<Output = ProviderVerdict>,
     {
-        let lease_ms = DEPOSIT_LEASE_MS + 2 * self.config().call_timeout_ms;
+        let lease_ms = self.config().deposit_lease_ms;
         let (current, currency, leased) = self
             .timed("lease deposit", async {
                 let conn = self.conn().await?;
