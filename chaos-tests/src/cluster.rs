@@ -75,9 +75,6 @@ impl ChaosCluster {
             lock_timeout_ms: 1_000,
             connect_timeout_ms: 1_000,
             call_timeout_ms: 3_000,
-            // Above the provider's and the apply's bounds (2 s + 3 s), short
-            // enough that a cut deposit settles well within the liveness bound.
-            deposit_lease_ms: 6_000,
             ..AgentConfig::default()
         };
         let mut proxies = Vec::with_capacity(opts.shards);

@@ -348,9 +348,11 @@ async fn a_deposit_cut_after_the_provider_approved_is_settled_by_recovery_under_
     let mut config = TestCluster::provision(4, test_limits()).await;
     config.agent.lock_timeout_ms = 500;
     config.limits.in_doubt_after_ms = 1_000;
-    // The cut settler's lease must run out before recovery may settle it.
+    // The cut settler's lease must run out before recovery may settle it: the
+    // shortest the coordinator allows, 300 ms provider bound + 2 s call bound
+    // + 1 s.
     config.agent.call_timeout_ms = 2_000;
-    config.agent.deposit_lease_ms = 3_000;
+    config.agent.deposit_lease_ms = 0;
     let cluster = TestCluster::serve(config).await;
     let http = Http::new(&cluster);
     let token = http.user("depositor", None).await;

@@ -247,7 +247,23 @@ pub enum ConfigError {
     },
 }
 
+/// Added to `payment_timeout_ms + call_timeout_ms` for the shortest deposit
+/// lease the coordinator runs with (see [`Config::agent_config`]).
+pub const DEPOSIT_LEASE_MARGIN_MS: u64 = 1_000;
+
 impl Config {
+    /// The shard agents' settings, with the deposit lease raised to cover the
+    /// longest a live settler can still be working (its provider call, then the
+    /// apply): a lease that ran out while its settler waits would let recovery
+    /// ask the provider too, and decide on "busy".
+    pub fn agent_config(&self) -> AgentConfig {
+        let mut agent = self.agent.clone();
+        agent.deposit_lease_ms = agent
+            .deposit_lease_ms
+            .max(self.limits.payment_timeout_ms + agent.call_timeout_ms + DEPOSIT_LEASE_MARGIN_MS);
+        agent
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let shown = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -312,16 +328,6 @@ impl Config {
         }
         if self.limits.password_queue_max == 0 {
             return Err("limits.password_queue_max must be at least 1".into());
-        }
-        if self.agent.deposit_lease_ms
-            <= self.limits.payment_timeout_ms + self.agent.call_timeout_ms
-        {
-            // A lease that ran out while its settler still waits on the
-            // provider would let recovery ask too, and decide on "busy".
-            return Err(
-                "agent.deposit_lease_ms must exceed limits.payment_timeout_ms + agent.call_timeout_ms"
-                    .into(),
-            );
         }
         if self.agent.pool_size_max == 0 {
             return Err("agent.pool_size_max must be at least 1".into());

@@ -154,7 +154,7 @@ impl Coordinator {
     ) -> Result<Coordinator, StartError> {
         config.validate().map_err(StartError::Config)?;
         let cluster = Arc::new(
-            Cluster::open(&config.catalog_dsn, &config.shards, config.agent.clone()).await?,
+            Cluster::open(&config.catalog_dsn, &config.shards, config.agent_config()).await?,
         );
         check_functions(&cluster).await?;
         let limits = config.limits.clone();

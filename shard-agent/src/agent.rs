@@ -25,9 +25,9 @@ pub struct AgentConfig {
     pub call_timeout_ms: u64,
     /// How long a deposit's settler keeps recovery from settling it while it
     /// waits on the payment provider (`external::settle_deposit`). Must cover
-    /// the provider call and the apply that follows (the coordinator's config
-    /// validation requires more than `payment_timeout_ms + call_timeout_ms`);
-    /// a settler that died is replaced by recovery once it runs out.
+    /// the provider call and the apply that follows: the coordinator raises it
+    /// to at least `payment_timeout_ms + call_timeout_ms` + 1 s. A settler that
+    /// died is replaced by recovery once it runs out.
     pub deposit_lease_ms: u64,
 }
 
