@@ -32,7 +32,7 @@ pub struct ClusterOptions {
     /// Where data and logs go; a fresh temporary directory when `None`.
     pub data_dir: Option<PathBuf>,
     pub lock_mode: LockMode,
-    /// The coordinator's `batch_max` (1: batching off).
+    /// The coordinator's `batch_max` (1: every transfer a group of one).
     pub batch_max: usize,
 }
 

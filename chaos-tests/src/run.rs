@@ -67,14 +67,7 @@ pub struct Report {
 
 pub async fn run(scenario: &Scenario, opts: &RunOptions) -> anyhow::Result<Report> {
     info!(scenario = %scenario.name, seed = opts.seed, "chaos run");
-    let cluster_opts = ClusterOptions {
-        batch_max: match scenario.batched() {
-            true => opts.cluster.batch_max,
-            false => 1,
-        },
-        ..opts.cluster.clone()
-    };
-    let mut cluster = ChaosCluster::start(&cluster_opts).await?;
+    let mut cluster = ChaosCluster::start(&opts.cluster).await?;
     cluster
         .start_coordinator(&scenario.failpoints_running(0))
         .await?;

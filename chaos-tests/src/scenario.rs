@@ -101,17 +101,6 @@ const ABORT_PERCENT: u32 = 2;
 pub const FAILPOINT_CRASHES_MAX: u32 = 4;
 
 impl Scenario {
-    /// Whether the coordinator batches transfers, as it does by default. The
-    /// unbatched protocol's failpoints, and the broken variants provoked through
-    /// them, need batching off to be reached.
-    pub fn batched(&self) -> bool {
-        match &self.kind {
-            Kind::Failpoint(name) => !name.starts_with("2pc-"),
-            Kind::Broken { .. } => false,
-            _ => true,
-        }
-    }
-
     pub fn expect_violations(&self) -> bool {
         matches!(self.kind, Kind::Broken { .. })
     }
@@ -143,11 +132,7 @@ impl Scenario {
 pub fn all(mode: LockMode) -> Vec<Scenario> {
     let mut out = Vec::new();
     let failpoints: Vec<&'static str> = match mode {
-        LockMode::TwoPc => coordinator::batch::FAILPOINTS
-            .iter()
-            .chain(&coordinator::two_pc::FAILPOINTS)
-            .copied()
-            .collect(),
+        LockMode::TwoPc => coordinator::batch::FAILPOINTS.to_vec(),
         LockMode::Redis => coordinator::redis_mode::FAILPOINTS.to_vec(),
     };
     for name in failpoints {
@@ -202,9 +187,9 @@ pub fn all(mode: LockMode) -> Vec<Scenario> {
     // Each broken variant is provoked with its own protocol's failpoints.
     let (crash, lose_reply) = match mode {
         LockMode::TwoPc => (
-            // Fires on both paths of the protocol, with a payee leg prepared.
-            "2pc-after-prepare-credit=3%return(abort)",
-            "2pc-before-reply=5%return",
+            // Fires with every shard but the deciding one prepared.
+            "batch-after-prepare=3%return(abort)",
+            "batch-before-reply=5%return",
         ),
         LockMode::Redis => (
             "redis-between-legs=3%return(abort)",
@@ -224,7 +209,7 @@ pub fn all(mode: LockMode) -> Vec<Scenario> {
             name: "broken:commit-unprepared".into(),
             kind: Kind::Broken {
                 bug: "broken-commit-unprepared",
-                provoke: "",
+                provoke: "shard-before-prepare-transaction=5%return",
             },
             about: "BROKEN on purpose: commit is decided even when a prepare failed".into(),
         });

@@ -5,9 +5,8 @@
 //!
 //! Before the decision the outcome is abort (presumed abort); the retry then runs
 //! a fresh attempt, which commits. From the decision on, the outcome is commit and
-//! the retry replays it. Every path of the protocol is crashed: the batched
-//! protocol (the default), and with batching off the fast path in both lock
-//! orders and the slow path a retry takes after a retryable abort.
+//! the retry replays it. Every step of the one protocol (a cross-shard group;
+//! here a group of one) has its failpoint, and each is crashed.
 
 use std::time::Duration;
 
@@ -21,20 +20,6 @@ use common::Http;
 
 /// Failpoints are process-wide: one scenario at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// Which way the transfer runs (coordinator/src/two_pc.rs).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Path {
-    /// Fast path, the payer's ID the lower: the home transaction opens first.
-    PayerFirst,
-    /// Fast path, the payee's ID the lower: the payee's leg is prepared first.
-    PayeeFirst,
-    /// Slow path: the key exists (here: a first attempt failed with a retryable
-    /// abort), so the retry claims it and prepares both legs.
-    Slow,
-    /// Batched (coordinator/src/batch.rs): the transfer runs as a group of one.
-    Batched,
-}
 
 /// "payer" with 100.00 and a payee with nothing, on two shards, the payer's user
 /// ID the lower or the higher as asked, and the body of a 10.00 transfer.
@@ -72,14 +57,11 @@ async fn two_users(config: coordinator::config::Config, payer_lower: bool) -> Tw
     }
 }
 
-async fn crash_at(point: &'static str, path: Path, decided_commit: bool) {
+async fn crash_at(point: &'static str, decided_commit: bool) {
     let _serial = SERIAL.lock().await;
     let mut config = TestCluster::provision(4, test_limits()).await;
     config.agent.lock_timeout_ms = 500;
     config.limits.in_doubt_after_ms = 1_000;
-    if path != Path::Batched {
-        config.limits.batch_max = 1;
-    }
     let TwoUsers {
         cluster,
         http,
@@ -87,25 +69,8 @@ async fn crash_at(point: &'static str, path: Path, decided_commit: bool) {
         payee_token,
         body,
         ..
-    } = two_users(config, path == Path::PayerFirst).await;
+    } = two_users(config, true).await;
 
-    if path == Path::Slow {
-        fail::cfg("shard-before-prepare-transaction", "return").expect("configure failpoint");
-        let (status, _, failed) = http
-            .post(
-                "/v1/transfer",
-                Some(&payer_token),
-                Some("crash-key"),
-                body.clone(),
-            )
-            .await;
-        fail::remove("shard-before-prepare-transaction");
-        assert_eq!(
-            (status, failed["code"].as_str()),
-            (StatusCode::SERVICE_UNAVAILABLE, Some("shard_unavailable")),
-            "{point}: the first attempt fails with a retryable abort: {failed}"
-        );
-    }
     fail::cfg(point, "return").expect("configure failpoint");
     let (status, _, crashed) = http
         .post(
@@ -141,8 +106,8 @@ async fn crash_at(point: &'static str, path: Path, decided_commit: bool) {
         "{point}: recovery reached the decided outcome"
     );
     assert_eq!(http.balance(&payee_token).await, payee_after, "{point}");
-    // Before the decision, a fast-path attempt leaves no record at all (its payee
-    // leg was rolled back through a tombstone) and a slow-path one an abort.
+    // Before the decision a group leaves no record at all: its prepared parts
+    // were rolled back through a tombstone.
     let committed: Vec<_> = snap
         .decisions
         .values()
@@ -175,88 +140,49 @@ async fn crash_at(point: &'static str, path: Path, decided_commit: bool) {
     assert_eq!(snap.violations(true), Vec::<String>::new(), "{point}");
 }
 
-// Batched.
-
 #[tokio::test]
 async fn a_coordinator_dead_after_checking_a_group_leaves_nothing() {
-    crash_at("batch-after-check", Path::Batched, false).await;
+    crash_at("batch-after-check", false).await;
 }
 
 #[tokio::test]
 async fn a_group_prepared_without_its_decision_is_tombstoned_and_rolled_back() {
-    crash_at("batch-after-prepare", Path::Batched, false).await;
+    crash_at("batch-after-prepare", false).await;
 }
 
 #[tokio::test]
 async fn a_group_whose_decision_committed_is_committed_by_recovery() {
-    crash_at("batch-after-decision", Path::Batched, true).await;
+    crash_at("batch-after-decision", true).await;
 }
 
 #[tokio::test]
 async fn a_coordinator_dead_before_answering_a_committed_group_replays() {
-    crash_at("batch-before-reply", Path::Batched, true).await;
+    crash_at("batch-before-reply", true).await;
 }
 
-// Fast path.
-
-#[tokio::test]
-async fn a_coordinator_dead_with_the_home_transaction_open_leaves_nothing() {
-    crash_at("2pc-after-home-leg", Path::PayerFirst, false).await;
+/// Every failpoint of the protocol has its crash test above.
+#[test]
+fn every_step_of_the_protocol_is_crashed() {
+    let tested = [
+        "batch-after-check",
+        "batch-after-prepare",
+        "batch-after-decision",
+        "batch-before-reply",
+    ];
+    assert_eq!(coordinator::batch::FAILPOINTS, tested);
 }
 
+/// A transfer whose payer's row is held past `lock_timeout` (here by an open
+/// transaction) fails its group's check, then its check alone: it is answered
+/// 503 `shard_busy` with nothing prepared anywhere, and the same key commits
+/// once the row is free.
 #[tokio::test]
-async fn a_coordinator_dead_after_preparing_the_credit_under_an_open_home_transaction_is_rolled_back(
-) {
-    crash_at("2pc-after-prepare-credit", Path::PayerFirst, false).await;
-}
-
-#[tokio::test]
-async fn a_credit_prepared_first_whose_home_never_committed_is_tombstoned_and_rolled_back() {
-    crash_at("2pc-after-prepare-credit", Path::PayeeFirst, false).await;
-}
-
-#[tokio::test]
-async fn a_coordinator_dead_just_before_the_home_commit_is_rolled_back() {
-    crash_at("2pc-before-decision", Path::PayeeFirst, false).await;
-}
-
-#[tokio::test]
-async fn a_coordinator_dead_after_the_home_commit_is_committed_by_recovery() {
-    crash_at("2pc-after-decision", Path::PayerFirst, true).await;
-}
-
-#[tokio::test]
-async fn a_coordinator_dead_after_the_one_statement_home_commit_is_committed_by_recovery() {
-    crash_at("2pc-after-decision", Path::PayeeFirst, true).await;
-}
-
-#[tokio::test]
-async fn a_coordinator_dead_before_replying_has_committed_and_the_retry_replays() {
-    crash_at("2pc-before-reply", Path::PayeeFirst, true).await;
-}
-
-#[tokio::test]
-async fn a_coordinator_dead_before_committing_the_open_home_transaction_is_rolled_back() {
-    crash_at("2pc-before-decision", Path::PayerFirst, false).await;
-}
-
-#[tokio::test]
-async fn a_coordinator_dead_before_replying_after_an_open_home_commit_replays() {
-    crash_at("2pc-before-reply", Path::PayerFirst, true).await;
-}
-
-/// A home leg refused by the home shard itself (here: the payer's row is locked
-/// past `lock_timeout`) rolled back for sure, so the payee's leg it prepared is
-/// rolled back at once instead of holding the payee's row until recovery.
-#[tokio::test]
-async fn a_home_leg_that_times_out_on_the_payer_releases_the_payee_at_once() {
+async fn a_transfer_whose_payer_row_is_held_is_busy_and_leaves_nothing_prepared() {
     let mut config = TestCluster::provision(4, test_limits()).await;
     config.agent.lock_timeout_ms = 300;
     // Recovery would settle the leg only after a minute: whatever happens within
     // this test is the coordinator's doing.
     config.limits.in_doubt_after_ms = 60_000;
-    // The unbatched fast path's home leg is what this test times out.
-    config.limits.batch_max = 1;
     let TwoUsers {
         cluster,
         http,
@@ -307,7 +233,7 @@ async fn a_home_leg_that_times_out_on_the_payer_releases_the_payee_at_once() {
     assert_eq!(
         payee_agent.prepared_stats().await.expect("stats").count,
         0,
-        "the payee's leg was rolled back by the coordinator"
+        "nothing of the transfer is prepared on the payee's shard"
     );
     holder.batch_execute("ROLLBACK").await.expect("release");
 
@@ -317,28 +243,6 @@ async fn a_home_leg_that_times_out_on_the_payer_releases_the_payee_at_once() {
     assert_eq!(status, StatusCode::CREATED, "{done}");
     assert_eq!(http.balance(&payer_token).await, "90.00");
     assert_eq!(http.balance(&payee_token).await, "10.00");
-}
-
-// Slow path.
-
-#[tokio::test]
-async fn a_coordinator_dead_after_the_claim_leaves_an_abort_and_the_retry_commits() {
-    crash_at("2pc-after-claim", Path::Slow, false).await;
-}
-
-#[tokio::test]
-async fn a_coordinator_dead_after_preparing_the_debit_shard_is_rolled_back() {
-    crash_at("2pc-after-prepare-debit", Path::Slow, false).await;
-}
-
-#[tokio::test]
-async fn a_coordinator_dead_after_preparing_all_shards_is_rolled_back() {
-    crash_at("2pc-after-prepare-all", Path::Slow, false).await;
-}
-
-#[tokio::test]
-async fn a_coordinator_dead_between_commit_prepared_calls_is_committed_by_recovery() {
-    crash_at("2pc-between-commit-prepared", Path::Slow, true).await;
 }
 
 #[tokio::test]

@@ -179,8 +179,8 @@ pub struct Limits {
     pub request_body_bytes_max: usize,
     /// Requests served at once; more wait (bounded by the HTTP server's backlog).
     pub concurrent_requests_max: usize,
-    /// Most transfers run together in one group (`crate::batch`); 1 turns
-    /// batching off (every transfer runs alone).
+    /// Most transfers run together in one group (`crate::batch`); 1 makes
+    /// every transfer a group of one.
     pub batch_max: usize,
     /// Cross-shard groups running at once (a shard's same-shard groups run one
     /// at a time). One: what arrives while a group runs forms the next, so

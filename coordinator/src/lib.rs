@@ -3,7 +3,7 @@
 //! The coordinator serves the wallet API and moves money between shards.
 //!
 //! - [`service`]: the wallet's operations without HTTP ([`service::Coordinator`]).
-//! - [`two_pc`]: the cross-shard protocol driver, with a named failpoint per step.
+//! - [`batch`]: the one transfer protocol: groups, with a named failpoint per step.
 //! - [`redis_mode`], [`redis_lock`]: the Redis-lock mode (locks, fencing tokens,
 //!   forward recovery), chosen per deployment by `lock_mode`.
 //! - [`recovery`]: the loop that resolves in-doubt transactions from their decision.
@@ -39,4 +39,3 @@ pub mod secrets;
 pub mod serve;
 pub mod service;
 pub mod suspects;
-pub mod two_pc;

@@ -8,7 +8,7 @@
 
 use shard_agent::idempotency::Claim;
 use shard_agent::redis_legs::{Credited, Debited, FencedLeg, PendingCredit};
-use shard_agent::transfer_local::{Submitted, TransferOrder};
+use shard_agent::transfer::{Submitted, TransferOrder};
 use shard_agent::two_pc::decide::Decision;
 use shard_agent::{FailureCode, Mode, ShardAgent, TransferRecord};
 use tracing::{info, warn, Instrument};

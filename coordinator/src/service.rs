@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 use shard_agent::external::{Direction, ExternalOrder};
 use shard_agent::idempotency::IdempotencyKey;
 use shard_agent::records::UserRow;
-use shard_agent::transfer_local::{Submitted, TransferOrder};
+use shard_agent::transfer::{Submitted, TransferOrder};
 use shard_agent::users::{AccountView, Created, NewUser};
 use shard_agent::{Amount, Currency, ShardAgent, ShardError, TransferId, TransferRecord};
 use tokio::task::JoinHandle;
@@ -26,7 +26,6 @@ use crate::payments::{call_for, PaymentProvider};
 use crate::recovery::{Recovery, RecoveryLimits};
 use crate::redis_lock::LockService;
 use crate::redis_mode;
-use crate::two_pc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -45,9 +44,9 @@ pub enum Payer {
     /// (in-process callers).
     Verified(UserRow),
     /// Named by a token whose session has not been read. It is read on the
-    /// payer's shard: inside the group's check when the transfer runs batched
-    /// (`wallet_batch_check`), which saves a round trip per request, or just before an
-    /// unbatched transfer runs. Either way nothing moves without a live session.
+    /// payer's shard: inside the group's check (`wallet_batch_check`), which
+    /// saves a round trip per request, or, in Redis mode across shards, just
+    /// before the transfer runs. Either way nothing moves without a live session.
     Claimed {
         username: Username,
         /// SHA-256 of the token, as the sessions table stores it.
@@ -116,8 +115,8 @@ pub struct Coordinator {
     provider: Arc<dyn PaymentProvider>,
     passwords: PasswordWork,
     limits: Limits,
-    /// `None` when `batch_max` is 1: every transfer runs alone.
-    batcher: Option<Arc<Batcher>>,
+    /// Every transfer's groups (in Redis mode, the same-shard ones).
+    batcher: Arc<Batcher>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -192,14 +191,12 @@ impl Coordinator {
                     .run_forever(Duration::from_millis(limits.recovery_interval_ms)),
             ),
         ];
-        let batcher = (limits.batch_max > 1).then(|| {
-            Arc::new(Batcher::new(
-                limits.batch_max,
-                limits.batch_workers,
-                Duration::from_micros(limits.batch_linger_us),
-                limits.batch_queue_max,
-            ))
-        });
+        let batcher = Arc::new(Batcher::new(
+            limits.batch_max,
+            limits.batch_workers,
+            Duration::from_micros(limits.batch_linger_us),
+            limits.batch_queue_max,
+        ));
         info!(
             lock_mode = config.lock_mode.as_str(),
             batch_max = limits.batch_max,
@@ -225,14 +222,14 @@ impl Coordinator {
         })
     }
 
-    /// Batching's groups so far (`None` when batching is off).
-    pub fn batch_stats(&self) -> Option<crate::batch::GroupStats> {
-        self.batcher.as_ref().map(|b| b.stats())
+    /// The groups so far.
+    pub fn batch_stats(&self) -> crate::batch::GroupStats {
+        self.batcher.stats()
     }
 
     /// Users and shards whose transfers run alone for now (`crate::suspects`).
     pub fn marked(&self) -> usize {
-        self.batcher.as_ref().map_or(0, |b| b.marked())
+        self.batcher.marked()
     }
 
     /// Stops the epoch watch and the recovery loop now, even while other holders of
@@ -385,9 +382,10 @@ impl Coordinator {
             .await?)
     }
 
-    /// Moves `amount` from `payer` to `to`: one local transaction when both live on
-    /// one shard, two-phase commit otherwise. Runs on its own task, so a client
-    /// that hangs up cannot cut the protocol short.
+    /// Moves `amount` from `payer` to `to`, in a group: one local statement
+    /// when both live on one shard, two-phase commit otherwise (Redis mode:
+    /// under its locks). Runs on its own task, so a client that hangs up cannot
+    /// cut the protocol short.
     pub async fn transfer(
         &self,
         payer: Payer,
@@ -437,25 +435,18 @@ impl Coordinator {
                 let home = routing.agent_for(&order.from);
                 let remote = routing.agent_for(&order.to);
                 let local = home.id() == remote.id();
-                match (locks, batcher) {
-                    // Batched: same-shard transfers in any lock mode, cross-shard
-                    // ones in 2PC mode. The group's check reads a claimed session.
-                    (None, Some(batcher)) => {
-                        batcher.transfer(routing.clone(), order, session).await
-                    }
-                    (Some(_), Some(batcher)) if local => {
-                        batcher.transfer(routing.clone(), order, session).await
-                    }
-                    (locks, _) => {
+                match locks {
+                    // Redis mode's cross-shard transfers run under its locks;
+                    // the session of a claimed payer is read first.
+                    Some(locks) if !local => {
                         if let Some(token_hash) = &session {
                             verify_payer(home, &order, token_hash).await?;
                         }
-                        match locks {
-                            _ if local => Ok(home.transfer_local(&order).await?),
-                            None => two_pc::transfer(home, remote, &order).await,
-                            Some(locks) => redis_mode::transfer(&locks, home, remote, &order).await,
-                        }
+                        redis_mode::transfer(&locks, home, remote, &order).await
                     }
+                    // Every other transfer runs in a group, whose check reads
+                    // a claimed session.
+                    _ => batcher.transfer(routing.clone(), order, session).await,
                 }
             }
             .instrument(span),
@@ -546,7 +537,8 @@ impl Coordinator {
     }
 }
 
-/// Reads the session of a [`Payer::Claimed`] before a transfer runs unbatched:
+/// Reads the session of a [`Payer::Claimed`] before a Redis-mode cross-shard
+/// transfer:
 /// the answers the API's `Auth` and its currency check give on other routes (401;
 /// 422 currency_mismatch), and nothing is stored for them.
 pub(crate) async fn verify_payer(

@@ -161,9 +161,9 @@ async fn protected_routes_return_401_without_a_valid_token() {
     }
 }
 
-/// A transfer's token is read where the transfer runs: in the group's check when
-/// batched, just before it otherwise (batching off, or Redis mode's cross-shard
-/// transfers). Every way answers alike, moves nothing, and replays nothing.
+/// A transfer's token is read where the transfer runs: in the group's check
+/// (groups of many or of one), just before it in Redis mode's cross-shard
+/// transfers. Every way answers alike, moves nothing, and replays nothing.
 #[tokio::test]
 async fn a_transfer_moves_nothing_without_a_live_session_batched_or_not() {
     for (mode, batch_max) in [("2pc", 32), ("2pc", 1), ("redis", 32)] {
@@ -664,10 +664,7 @@ async fn an_unreachable_shard_gives_503_shard_unavailable_with_retry_after() {
 
 /// One order of refusals: a transfer that is unfunded and names nobody, or
 /// names an account of another currency, gets the same answer same-shard or
-/// cross-shard, in a group. Unbatched (`batch_max` 1), same-shard transfers
-/// agree; the unbatched cross-shard protocol decides on the payer's shard
-/// before it asks the payee's, and still answers `insufficient_funds` first
-/// (it is the path the one-protocol work deletes).
+/// cross-shard, in groups of many or of one (`batch_max` 1).
 #[tokio::test]
 async fn refusals_follow_one_precedence_on_every_path() {
     for batch_max in [32, 1] {
@@ -678,9 +675,6 @@ async fn refusals_follow_one_precedence_on_every_path() {
         let cluster = TestCluster::start(4, limits).await;
         let api = Api::new(&cluster);
         for same_shard in [true, false] {
-            if batch_max == 1 && !same_shard {
-                continue;
-            }
             let tag = format!("prec{batch_max}{}", if same_shard { "s" } else { "x" });
             let (payer, ghost) = pair(&cluster, &tag, same_shard);
             let token = api.user(&payer, "USD").await;

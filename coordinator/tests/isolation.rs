@@ -11,8 +11,7 @@ use common::Api;
 use reqwest::StatusCode;
 use router::{ShardId, UserId};
 use rust_decimal::Decimal;
-use shard_agent::two_pc::prepare::{Leg, Side};
-use shard_agent::{Currency, Gid, TransferId};
+use shard_agent::{Amount, Currency};
 use testkit::{test_limits, TestCluster};
 
 /// How long a call to a dead shard or a wait on a held row may last before it
@@ -110,7 +109,7 @@ async fn a_shard_that_never_answers_stalls_only_the_transfers_that_touch_it() {
         assert!(Instant::now() < deadline, "the dead shard was never marked");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let groups_before = cluster.coordinator.batch_stats().expect("batching on");
+    let groups_before = cluster.coordinator.batch_stats();
     let late = {
         let api = Api::new(&cluster);
         let (token, ghost) = (payers[0].0.clone(), ghost.clone());
@@ -120,7 +119,7 @@ async fn a_shard_that_never_answers_stalls_only_the_transfers_that_touch_it() {
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let groups_after = cluster.coordinator.batch_stats().expect("batching on");
+    let groups_after = cluster.coordinator.batch_stats();
     assert_eq!(
         groups_after.since(groups_before).cross_transfers,
         0,
@@ -162,18 +161,14 @@ async fn an_account_held_outside_any_group_stalls_only_its_own_transfers() {
     let (victim_token, victim) = payers.remove(0);
     let routing = cluster.coordinator.cluster().routing();
     let victim_shard = routing.agent_for(&UserId::for_username(&victim)).clone();
-    let gid = Gid::new(TransferId::generate(), ShardId(0), ShardId(0));
-    victim_shard
-        .prepare_leg(&Leg {
-            gid,
-            side: Side::Credit,
-            user: UserId::for_username(&victim),
-            amount: Decimal::ONE,
-            currency: Currency::Usd,
-            counterparty: "someone".into(),
-        })
-        .await
-        .expect("hold the victim's row");
+    let gid = local_cluster::testing::in_doubt_credit(
+        &victim_shard,
+        victim_shard.id(),
+        UserId::for_username(&victim),
+        Amount::new(Decimal::ONE, Currency::Usd).expect("a valid amount"),
+    )
+    .await
+    .expect("hold the victim's row");
 
     // The victim sends, cross-shard and same-shard; both wait on its row.
     let mut stuck = Vec::new();

@@ -9,9 +9,8 @@ use coordinator::cluster::Cluster;
 use coordinator::recovery::{Recovery, RecoveryLimits};
 use router::{bucket_of, ShardId, UserId};
 use rust_decimal::Decimal;
-use shard_agent::two_pc::prepare::{Leg, Side};
 use shard_agent::users::NewUser;
-use shard_agent::{AgentConfig, Currency, Gid, ShardAgent, TransferId};
+use shard_agent::{AgentConfig, Amount, Currency, Gid, ShardAgent};
 use testkit::{init_tracing, test_limits, TestCluster};
 
 /// How long a call to the black-holed shard waits before it gives up: far
@@ -36,19 +35,14 @@ async fn user_on(agent: &ShardAgent, name: &str) -> UserId {
 
 /// Prepares a credit leg on `participant` whose decision lives on `home`.
 async fn in_doubt_leg(participant: &ShardAgent, home: ShardId, payee: UserId) -> Gid {
-    let gid = Gid::new(TransferId::generate(), home, participant.id());
-    participant
-        .prepare_leg(&Leg {
-            gid,
-            side: Side::Credit,
-            user: payee,
-            amount: Decimal::ONE,
-            currency: Currency::Usd,
-            counterparty: "payer".into(),
-        })
-        .await
-        .expect("prepare an in-doubt leg");
-    gid
+    local_cluster::testing::in_doubt_credit(
+        participant,
+        home,
+        payee,
+        Amount::new(Decimal::ONE, Currency::Usd).expect("a valid amount"),
+    )
+    .await
+    .expect("prepare an in-doubt leg")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

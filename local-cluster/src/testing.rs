@@ -100,3 +100,42 @@ fn test_root() -> PathBuf {
     }
     base.join(std::process::id().to_string())
 }
+
+/// A credit of `amount` to `payee` left prepared on `agent`, as part of a group
+/// whose deciding shard is `decider` and which has no decision there: an
+/// in-doubt leg holding the payee's row lock until recovery tombstones the
+/// group and rolls it back (or someone rolls back its GID). For tests and the
+/// bench's isolation scenario. Returns its GID.
+pub async fn in_doubt_credit(
+    agent: &shard_agent::ShardAgent,
+    decider: router::ShardId,
+    payee: router::UserId,
+    amount: shard_agent::Amount,
+) -> shard_agent::ShardResult<shard_agent::Gid> {
+    use shard_agent::batch::{BatchLeg, Verdict};
+    let group = shard_agent::TransferId::generate();
+    let gid = shard_agent::Gid::new(group, decider, agent.id());
+    let leg = BatchLeg {
+        tid: shard_agent::TransferId::generate(),
+        debit: false,
+        user: payee,
+        user_name: "payee".into(),
+        party: router::UserId::for_username("in-doubt-payer"),
+        party_name: "in-doubt-payer".into(),
+        amount,
+        key: None,
+        session: None,
+    };
+    let (txn, found) = agent
+        .open_batch(std::slice::from_ref(&leg), &[Verdict::Pass], None)
+        .await?;
+    if found != [Verdict::Pass] {
+        return Err(shard_agent::ShardError::CorruptRow {
+            shard: agent.id(),
+            detail: format!("an in-doubt credit to {payee} was refused: {found:?}"),
+        });
+    }
+    txn.prepare(group.0, gid, &[gid.to_string()], &[leg], &[Verdict::Pass])
+        .await?;
+    Ok(gid)
+}

@@ -139,13 +139,6 @@ impl ShardAgent {
         self.connector.uses_tls()
     }
 
-    /// Asks the shard to cancel what the connection of `token` is running.
-    pub(crate) async fn cancel(&self, token: &tokio_postgres::CancelToken) {
-        if let Err(e) = self.connector.cancel(token).await {
-            tracing::debug!(shard = %self.id, %e, "cancel request failed");
-        }
-    }
-
     /// Pool statistics: (connections open, connections idle, tasks waiting).
     pub fn pool_status(&self) -> (usize, usize, usize) {
         let s = self.pool.status();
@@ -244,14 +237,6 @@ impl ShardAgent {
                     self.config.call_timeout_ms
                 ),
             }),
-        }
-    }
-
-    /// The error of a call that got no answer within `budget`: its outcome is unknown.
-    pub(crate) fn no_answer(&self, context: &str, budget: Duration) -> ShardError {
-        ShardError::Unavailable {
-            shard: self.id,
-            reason: format!("{context}: no answer within {} ms", budget.as_millis()),
         }
     }
 

@@ -1,6 +1,7 @@
-//! Batched transfers (the `wallet_batch_*` SQL functions): one transaction per shard for a whole
-//! group of concurrent transfers, each transfer still decided on its own (one
-//! refused transfer never sinks its group).
+//! Groups (the `wallet_batch_*` SQL functions): the one protocol every
+//! transfer runs by. A group is one transaction per shard for concurrent
+//! transfers, each still decided on its own (one refused transfer never sinks
+//! its group); a lone transfer is a group of one.
 //!
 //! - A same-shard group is one statement ([`ShardAgent::transfer_local_batch`]).
 //! - A cross-shard group takes three steps. [`ShardAgent::open_batch`] claims
@@ -12,14 +13,19 @@
 //!   [`OpenBatch::decide`] inserts the group's decision row there and commits:
 //!   that commit decides the whole group.
 //!
+//! Every transfer gets its answer from the group ([`GroupAnswer`]): its new
+//! record, a refusal recorded as an abort, or, writing nothing, a replay, a
+//! transfer in progress, a key reused, a session that is not live.
+//!
 //! Crash rule: until the deciding shard commits there is no decision row, and
-//! recovery rolls back the group's prepared transactions through the same
-//! tombstone compare-and-set as a single transfer's (their GID names the group's
-//! ID and the deciding shard). After it commits, recovery commits them.
+//! recovery rolls back the group's prepared transactions through the tombstone
+//! compare-and-set (their GID names the group's ID and the deciding shard).
+//! After it commits, recovery commits them.
 
-use router::UserId;
+use router::{ShardId, UserId};
 use rust_decimal::Decimal;
 use tokio_postgres::types::ToSql;
+use tokio_postgres::Row;
 use tracing::instrument;
 use uuid::Uuid;
 
@@ -27,15 +33,19 @@ use crate::agent::{Conn, ShardAgent};
 use crate::error::{ShardError, ShardResult};
 use crate::gid::Gid;
 use crate::idempotency::{broken_skip_idempotency, IdempotencyKey};
-use crate::money::Amount;
-use crate::records::{FailureCode, TransferId, TransferRecord, TRANSFER_COLUMNS};
+use crate::money::{Amount, Currency};
+use crate::records::{FailureCode, TransferId, TransferRecord};
+use crate::transfer::Submitted;
+
+/// The columns of a group's answers (`wallet_batch_apply`).
+const ANSWER_COLUMNS: &str = "for_transfer, verdict, transfer_id, kind, mode, from_user, \
+     from_username, to_user, to_username, amount, currency, state, failure_code, participants, \
+     created_at, decided_at";
 
 /// SQLSTATE the batch functions raise when a payer has no account.
 const PAYER_MISSING: &str = "WL008";
-/// The verdict text of a leg whose payer's Idempotency-Key exists.
-const KEY_EXISTS: &str = "key_exists";
-/// The verdict text of a leg whose payer's session did not pass the check.
-const UNVERIFIED: &str = "unverified";
+/// SQLSTATE `wallet_key_answer` raises when a key points at no transfer.
+const KEY_DANGLING: &str = "WL011";
 
 /// One transfer's leg on one shard. A same-shard transfer has two legs on its
 /// shard, debit first; a cross-shard transfer has one on each.
@@ -61,51 +71,134 @@ pub struct BatchLeg {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
     Pass,
+    /// A business refusal: recorded as the transfer's abort.
     Refused(FailureCode),
-    /// The payer's key exists: nothing of this transfer was written; replay it.
-    KeyExists,
-    /// The payer's session is not live, or their account holds another currency
-    /// than the transfer: nothing of it was written; run it alone, whose own
-    /// checks answer the client (401 or 422, unstored).
-    Unverified,
+    /// The request is answered without writing anything for this transfer.
+    Answered(Answer),
+}
+
+/// How a transfer is answered when nothing of it is written
+/// (`wallet_batch_check`, `wallet_key_answer`), in the order they win.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// The payer's session is not live.
+    Unauthorized,
+    /// The payer's account holds this currency, not the transfer's.
+    PayerCurrency(Currency),
+    /// The key was used for another request.
+    KeyReused,
+    /// The key's transfer is still being decided.
+    InProgress(TransferId),
+    /// The key's transfer is decided: its record is the answer.
+    Replay(TransferId),
+    /// The key's row vanished under the check (its claimant rolled back):
+    /// nothing was written, and a retry runs afresh.
+    KeyBusy,
 }
 
 impl Verdict {
-    fn as_sql(self) -> Option<&'static str> {
+    fn as_sql(self) -> Option<String> {
         match self {
             Verdict::Pass => None,
-            Verdict::Refused(code) => Some(code.as_str()),
-            Verdict::KeyExists => Some(KEY_EXISTS),
-            Verdict::Unverified => Some(UNVERIFIED),
+            Verdict::Refused(code) => Some(code.as_str().to_owned()),
+            Verdict::Answered(answer) => Some(match answer {
+                Answer::Unauthorized => "unauthorized:".to_owned(),
+                Answer::PayerCurrency(c) => format!("payer_currency:{}", c.code()),
+                Answer::KeyReused => "key_reused:".to_owned(),
+                Answer::InProgress(tid) => format!("in_progress:{tid}"),
+                Answer::Replay(tid) => format!("replay:{tid}"),
+                Answer::KeyBusy => "key_busy:".to_owned(),
+            }),
         }
     }
 
     fn from_sql(agent: &ShardAgent, text: Option<&str>) -> ShardResult<Verdict> {
-        match text {
-            None => Ok(Verdict::Pass),
-            Some(KEY_EXISTS) => Ok(Verdict::KeyExists),
-            Some(UNVERIFIED) => Ok(Verdict::Unverified),
-            Some(code) => code
-                .parse::<FailureCode>()
-                .map(Verdict::Refused)
-                .map_err(|_| agent.corrupt(format!("batch check answered {code:?}"))),
-        }
+        verdict_of(text).ok_or_else(|| agent.corrupt(format!("batch check answered {text:?}")))
     }
 
-    /// The transfer's outcome from its legs' verdicts: an unverified payer wins
-    /// (nothing may be written for them), then a key that exists (the transfer
-    /// is not this attempt's to decide: it is replayed), then the refusal that
-    /// comes first in [`FailureCode::precedence`], whichever shard found it.
+    /// The transfer's outcome from its legs' verdicts: an answer that writes
+    /// nothing wins (only the payer's shard gives one, so two never meet), then
+    /// the refusal that comes first in [`FailureCode::precedence`], whichever
+    /// shard found it.
     pub fn merge(self, other: Verdict) -> Verdict {
         match (self, other) {
-            (Verdict::Unverified, _) | (_, Verdict::Unverified) => Verdict::Unverified,
-            (Verdict::KeyExists, _) | (_, Verdict::KeyExists) => Verdict::KeyExists,
+            (answered @ Verdict::Answered(_), _) | (_, answered @ Verdict::Answered(_)) => answered,
             (Verdict::Pass, other) => other,
             (Verdict::Refused(a), Verdict::Refused(b)) if b.precedence() < a.precedence() => {
                 Verdict::Refused(b)
             }
             (refused, _) => refused,
         }
+    }
+}
+
+/// A verdict from its SQL text; `None` for a text no function writes.
+fn verdict_of(text: Option<&str>) -> Option<Verdict> {
+    let Some(text) = text else {
+        return Some(Verdict::Pass);
+    };
+    let Some((word, arg)) = text.split_once(':') else {
+        return text.parse::<FailureCode>().ok().map(Verdict::Refused);
+    };
+    let tid = || arg.parse::<TransferId>().ok();
+    let answer = match word {
+        "unauthorized" => Answer::Unauthorized,
+        "payer_currency" => Answer::PayerCurrency(arg.parse().ok()?),
+        "key_reused" => Answer::KeyReused,
+        "in_progress" => Answer::InProgress(tid()?),
+        "replay" => Answer::Replay(tid()?),
+        "key_busy" => Answer::KeyBusy,
+        _ => return None,
+    };
+    Some(Verdict::Answered(answer))
+}
+
+/// A group's answer for one of its transfers, from the shard of its payer.
+#[derive(Clone, Debug)]
+pub struct GroupAnswer {
+    /// The transfer ID the group gave it.
+    pub tid: TransferId,
+    pub verdict: Verdict,
+    /// The record written for it, or, for [`Answer::Replay`] and
+    /// [`Answer::InProgress`], the one its key points at.
+    pub record: Option<TransferRecord>,
+}
+
+impl GroupAnswer {
+    fn from_row(agent: &ShardAgent, row: &Row) -> ShardResult<GroupAnswer> {
+        let record = match row.get::<_, Option<Uuid>>("transfer_id") {
+            Some(_) => Some(TransferRecord::from_row(agent.id(), row)?),
+            None => None,
+        };
+        Ok(GroupAnswer {
+            tid: TransferId(row.get("for_transfer")),
+            verdict: Verdict::from_sql(agent, row.get("verdict"))?,
+            record,
+        })
+    }
+
+    /// The client's answer: the record of a transfer this group decided or
+    /// one it replays, or (`Ok(Err(_))`) what the check answered without a
+    /// record. A record that should be here and is not is a corrupt shard.
+    pub fn submitted(self, shard: ShardId) -> ShardResult<Result<Submitted, Answer>> {
+        let tid = self.tid;
+        let missing = || ShardError::CorruptRow {
+            shard,
+            detail: format!("the group's answer for transfer {tid} has no record"),
+        };
+        Ok(match (self.verdict, self.record) {
+            (Verdict::Pass | Verdict::Refused(_), Some(r)) => Ok(Submitted::New(r)),
+            (Verdict::Answered(Answer::Replay(_)), Some(r)) => Ok(Submitted::Replayed(r)),
+            (Verdict::Answered(Answer::InProgress(_)), Some(r)) => Ok(Submitted::InProgress(r)),
+            (Verdict::Answered(Answer::KeyReused), _) => Ok(Submitted::KeyReused),
+            (
+                Verdict::Answered(Answer::Replay(_) | Answer::InProgress(_))
+                | Verdict::Pass
+                | Verdict::Refused(_),
+                None,
+            ) => return Err(missing()),
+            (Verdict::Answered(answer), _) => Err(answer),
+        })
     }
 }
 
@@ -178,31 +271,37 @@ impl Columns {
 }
 
 impl ShardAgent {
-    /// A same-shard group in one autocommitted statement. Returns the record of
-    /// every transfer whose key was new; a transfer without one had a key that
-    /// exists or an unverified payer (nothing of it was written).
+    /// A same-shard group in one autocommitted statement, each row lock waited
+    /// for at most `lock_wait_ms`. Answers every transfer of the group.
     #[instrument(skip_all, fields(shard = %self.id(), transfers = legs.len() / 2))]
     pub async fn transfer_local_batch(
         &self,
         legs: &[BatchLeg],
-    ) -> ShardResult<Vec<TransferRecord>> {
+        lock_wait_ms: u64,
+    ) -> ShardResult<Vec<GroupAnswer>> {
         self.timed("local batch", async {
             let c = Columns::of(legs);
             let conn = self.conn().await?;
             let stmt = conn
                 .prepare_cached(&format!(
-                    "SELECT {TRANSFER_COLUMNS} FROM wallet_batch_local($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+                    "SELECT {ANSWER_COLUMNS} FROM wallet_batch_local($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
                 ))
                 .await
                 .map_err(self.pg("prepare local batch"))?;
+            let lock_wait_ms = i32::try_from(lock_wait_ms).unwrap_or(i32::MAX);
             let mut params = c.check_params().to_vec();
-            params.extend([&c.user_name as &(dyn ToSql + Sync), &c.party, &c.party_name]);
+            params.extend([
+                &c.user_name as &(dyn ToSql + Sync),
+                &c.party,
+                &c.party_name,
+                &lock_wait_ms,
+            ]);
             let rows = conn
                 .query(&stmt, &params)
                 .await
                 .map_err(|e| self.batch_error("local batch", e))?;
             rows.iter()
-                .map(|r| TransferRecord::from_row(self.id(), r))
+                .map(|r| GroupAnswer::from_row(self, r))
                 .collect()
         })
         .await
@@ -224,7 +323,7 @@ impl ShardAgent {
     ) -> ShardResult<(OpenBatch<'_>, Vec<Verdict>)> {
         self.timed("open batch", async {
             let c = Columns::of(legs);
-            let prior: Vec<Option<&str>> = prior.iter().map(|v| v.as_sql()).collect();
+            let prior: Vec<Option<String>> = prior.iter().map(|v| v.as_sql()).collect();
             let mut conn = self.conn().await?;
             let stmt = conn
                 .prepare_cached(
@@ -268,6 +367,11 @@ impl ShardAgent {
     fn batch_error(&self, context: &'static str, e: tokio_postgres::Error) -> ShardError {
         match e.code().map(|c| c.code()) {
             Some(PAYER_MISSING) => self.corrupt(format!("{context}: a payer has no account")),
+            Some(KEY_DANGLING) => self.corrupt(format!(
+                "{context}: {}",
+                e.as_db_error()
+                    .map_or("a key points at no transfer", |d| d.message())
+            )),
             _ => ShardError::from_pg(self.id(), context, e),
         }
     }
@@ -288,7 +392,16 @@ impl OpenBatch<'_> {
         participants: &[String],
         legs: &[BatchLeg],
         outcomes: &[Verdict],
-    ) -> ShardResult<Vec<TransferRecord>> {
+    ) -> ShardResult<Vec<GroupAnswer>> {
+        // A shard that fails its prepare, for the chaos suite: the group must
+        // then decide nothing (`broken-commit-unprepared` decides anyway).
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!("shard-before-prepare-transaction", |_| Err(
+            ShardError::Unavailable {
+                shard: self.agent.id(),
+                reason: "failpoint shard-before-prepare-transaction".into(),
+            }
+        ));
         let end = format!("PREPARE TRANSACTION '{gid}'");
         let records = self.apply(participants, legs, outcomes, Some(&end)).await?;
         self.conn.ended();
@@ -305,7 +418,7 @@ impl OpenBatch<'_> {
         participants: &[String],
         legs: &[BatchLeg],
         outcomes: &[Verdict],
-    ) -> ShardResult<Vec<TransferRecord>> {
+    ) -> ShardResult<Vec<GroupAnswer>> {
         self.apply(participants, legs, outcomes, None).await
     }
 
@@ -350,16 +463,16 @@ impl OpenBatch<'_> {
         legs: &[BatchLeg],
         outcomes: &[Verdict],
         end: Option<&str>,
-    ) -> ShardResult<Vec<TransferRecord>> {
+    ) -> ShardResult<Vec<GroupAnswer>> {
         let agent = self.agent;
         agent
             .timed("apply batch", async {
                 let c = Columns::of(legs);
-                let outcomes: Vec<Option<&str>> = outcomes.iter().map(|v| v.as_sql()).collect();
+                let outcomes: Vec<Option<String>> = outcomes.iter().map(|v| v.as_sql()).collect();
                 let stmt = self
                     .conn
                     .prepare_cached(&format!(
-                        "SELECT {TRANSFER_COLUMNS} FROM wallet_batch_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+                        "SELECT {ANSWER_COLUMNS} FROM wallet_batch_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
                     ))
                     .await
                     .map_err(agent.pg("prepare batch apply"))?;
@@ -397,7 +510,7 @@ impl OpenBatch<'_> {
                         .map_err(|e| agent.batch_error("batch apply", e))?,
                 };
                 rows.iter()
-                    .map(|r| TransferRecord::from_row(agent.id(), r))
+                    .map(|r| GroupAnswer::from_row(agent, r))
                     .collect()
             })
             .await
@@ -421,12 +534,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_key_that_exists_wins_any_merge_and_otherwise_the_first_refusal_by_precedence() {
+    fn an_answer_wins_any_merge_and_otherwise_the_first_refusal_by_precedence() {
         let funds = Verdict::Refused(FailureCode::InsufficientFunds);
         let nobody = Verdict::Refused(FailureCode::RecipientNotFound);
-        // The payee's shard (lower) refused; the payer's found the key taken.
-        assert_eq!(nobody.merge(Verdict::KeyExists), Verdict::KeyExists);
-        assert_eq!(Verdict::KeyExists.merge(nobody), Verdict::KeyExists);
+        let replay = Verdict::Answered(Answer::Replay(TransferId::generate()));
+        // The payee's shard (lower) refused; the payer's found the key decided.
+        assert_eq!(nobody.merge(replay), replay);
+        assert_eq!(replay.merge(nobody), replay);
         assert_eq!(Verdict::Pass.merge(funds), funds);
         assert_eq!(
             funds.merge(nobody),
@@ -436,18 +550,41 @@ mod tests {
         assert_eq!(nobody.merge(funds), nobody);
         assert_eq!(nobody.merge(Verdict::Pass), nobody);
         assert_eq!(Verdict::Pass.merge(Verdict::Pass), Verdict::Pass);
+        let unauthorized = Verdict::Answered(Answer::Unauthorized);
+        for other in [Verdict::Pass, funds, nobody] {
+            assert_eq!(unauthorized.merge(other), unauthorized);
+            assert_eq!(other.merge(unauthorized), unauthorized);
+        }
     }
 
     #[test]
-    fn an_unverified_payer_wins_every_merge() {
-        for other in [
+    fn every_verdict_reads_back_as_written() {
+        let tid = TransferId::generate();
+        for verdict in [
             Verdict::Pass,
-            Verdict::KeyExists,
-            Verdict::Refused(FailureCode::InsufficientFunds),
-            Verdict::Unverified,
+            Verdict::Refused(FailureCode::CurrencyMismatch),
+            Verdict::Answered(Answer::Unauthorized),
+            Verdict::Answered(Answer::PayerCurrency(Currency::Eur)),
+            Verdict::Answered(Answer::KeyReused),
+            Verdict::Answered(Answer::InProgress(tid)),
+            Verdict::Answered(Answer::Replay(tid)),
+            Verdict::Answered(Answer::KeyBusy),
         ] {
-            assert_eq!(Verdict::Unverified.merge(other), Verdict::Unverified);
-            assert_eq!(other.merge(Verdict::Unverified), Verdict::Unverified);
+            let text = verdict.as_sql();
+            // Only answers carry a colon: the SQL tells them from refusals so.
+            assert_eq!(
+                text.as_deref().is_some_and(|t| t.contains(':')),
+                matches!(verdict, Verdict::Answered(_)),
+                "{verdict:?}"
+            );
+            assert_eq!(parse(text.as_deref()), Some(verdict), "{text:?}");
         }
+        assert_eq!(parse(Some("replay:not-a-uuid")), None);
+        assert_eq!(parse(Some("nonsense")), None);
+    }
+
+    /// [`Verdict::from_sql`] without an agent (its error needs one).
+    fn parse(text: Option<&str>) -> Option<Verdict> {
+        verdict_of(text)
     }
 }

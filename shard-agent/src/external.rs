@@ -34,7 +34,7 @@ use crate::money::Amount;
 use crate::records::{
     FailureCode, Mode, TransferId, TransferKind, TransferRecord, TransferState, TRANSFER_COLUMNS,
 };
-use crate::transfer_local::Submitted;
+use crate::transfer::Submitted;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {

@@ -18,8 +18,7 @@ use crate::error::{ShardError, ShardResult};
 use crate::gid::Gid;
 use crate::money::Currency;
 use crate::records::{
-    kind_str, mode_str, Mode, TransferId, TransferKind, TransferRecord, TransferState,
-    TRANSFER_COLUMNS,
+    kind_str, mode_str, Mode, TransferId, TransferKind, TransferRecord, TRANSFER_COLUMNS,
 };
 
 /// Bounds the loop that re-reads a key whose concurrent claimant rolled back.
@@ -70,7 +69,6 @@ pub(crate) async fn claim(
     shard: ShardId,
     key: &IdempotencyKey,
     new: &NewTransfer,
-    in_outer_txn: bool,
 ) -> ShardResult<Claim> {
     let pg = |ctx| move |e| ShardError::from_pg(shard, ctx, e);
     let key = &broken_skip_idempotency(key);
@@ -114,7 +112,7 @@ pub(crate) async fn claim(
         if let Some(row) = rows.first() {
             return Ok(Claim::Started(TransferRecord::from_row(shard, row)?));
         }
-        if let Some(claim) = existing(conn, shard, key, new, in_outer_txn).await? {
+        if let Some(claim) = existing(conn, shard, key, new).await? {
             return Ok(claim);
         }
         // The competing claim rolled back between our insert and our read: try again.
@@ -149,30 +147,24 @@ fn gids(tid: TransferId, new: &NewTransfer) -> Vec<String> {
     }
 }
 
-/// The slow path: the key exists. Runs in its own transaction unless the caller's
-/// (a local transfer) is already open, and locks the key so that only one retry can
-/// turn a retryable abort into a fresh attempt.
+/// The key exists. Runs in its own transaction; `wallet_key_answer` locks the
+/// key so that only one retry can turn a retryable abort into a fresh attempt.
 async fn existing(
     conn: &mut Conn,
     shard: ShardId,
     key: &IdempotencyKey,
     new: &NewTransfer,
-    in_outer_txn: bool,
 ) -> ShardResult<Option<Claim>> {
-    if !in_outer_txn {
-        conn.begin(shard).await?;
-    }
+    conn.begin(shard).await?;
     let result = existing_in_txn(conn, shard, key, new).await;
-    if !in_outer_txn {
-        match &result {
-            Ok(_) => {
-                conn.batch_execute("COMMIT")
-                    .await
-                    .map_err(|e| ShardError::from_pg(shard, "commit key lookup", e))?;
-                conn.ended();
-            }
-            Err(_) => conn.rollback_quietly().await,
+    match &result {
+        Ok(_) => {
+            conn.batch_execute("COMMIT")
+                .await
+                .map_err(|e| ShardError::from_pg(shard, "commit key lookup", e))?;
+            conn.ended();
         }
+        Err(_) => conn.rollback_quietly().await,
     }
     result
 }
@@ -184,39 +176,53 @@ async fn existing_in_txn(
     new: &NewTransfer,
 ) -> ShardResult<Option<Claim>> {
     let pg = |ctx| move |e| ShardError::from_pg(shard, ctx, e);
-    let Some(row) = conn
-        .query_opt(
-            "SELECT operation, fingerprint, transfer_id FROM idempotency_keys
-             WHERE user_id = $1 AND idem_key = $2 FOR UPDATE",
-            &[key.user.as_uuid(), &key.key],
+    let tid = TransferId::generate();
+    // The one rule for a key that exists (`wallet_key_answer`), which groups
+    // follow too: it re-points the key to `tid` for a fresh attempt.
+    let row = conn
+        .query_one(
+            "SELECT wallet_key_answer($1, $2, $3, $4, $5)",
+            &[
+                key.user.as_uuid(),
+                &key.key,
+                &kind_str(new.kind),
+                &key.fingerprint,
+                &tid.0,
+            ],
         )
         .await
-        .map_err(pg("read idempotency key"))?
-    else {
-        return Ok(None);
+        .map_err(pg("answer an existing idempotency key"))?;
+    let answer: Option<String> = row.get(0);
+    let existing = |text: &str| -> ShardResult<TransferId> {
+        text.parse().map_err(|_| ShardError::CorruptRow {
+            shard,
+            detail: format!("key answer names transfer {text:?}"),
+        })
     };
-    let operation: &str = row.get("operation");
-    let fingerprint: &[u8] = row.get("fingerprint");
-    if operation != kind_str(new.kind) || fingerprint != key.fingerprint.as_slice() {
-        return Ok(Some(Claim::KeyReused));
-    }
-    let current = TransferId(row.get("transfer_id"));
-    let record =
-        read_transfer(conn, shard, current)
-            .await?
-            .ok_or_else(|| ShardError::CorruptRow {
+    match answer
+        .as_deref()
+        .map(|a| a.split_once(':').unwrap_or((a, "")))
+    {
+        None => {}
+        Some(("key_busy", _)) => return Ok(None),
+        Some(("key_reused", _)) => return Ok(Some(Claim::KeyReused)),
+        Some(("replay", id)) => {
+            return Ok(Some(Claim::Replay(
+                pointed_at(conn, shard, existing(id)?).await?,
+            )))
+        }
+        Some(("in_progress", id)) => {
+            return Ok(Some(Claim::InProgress(
+                pointed_at(conn, shard, existing(id)?).await?,
+            )))
+        }
+        Some(_) => {
+            return Err(ShardError::CorruptRow {
                 shard,
-                detail: format!("idempotency key points at missing transfer {current}"),
-            })?;
-    let retry = record.state == TransferState::Aborted
-        && record.failure_code.is_some_and(|c| c.is_retryable());
-    if !retry {
-        return Ok(Some(match record.state {
-            TransferState::Preparing => Claim::InProgress(record),
-            _ => Claim::Replay(record),
-        }));
+                detail: format!("unexpected key answer {answer:?}"),
+            })
+        }
     }
-    let tid = TransferId::generate();
     let row = conn
         .query_one(
             &format!(
@@ -241,13 +247,17 @@ async fn existing_in_txn(
         )
         .await
         .map_err(pg("record retry attempt"))?;
-    conn.execute(
-        "UPDATE idempotency_keys SET transfer_id = $3 WHERE user_id = $1 AND idem_key = $2",
-        &[key.user.as_uuid(), &key.key, &tid.0],
-    )
-    .await
-    .map_err(pg("re-point idempotency key"))?;
     Ok(Some(Claim::Started(TransferRecord::from_row(shard, &row)?)))
+}
+
+/// The transfer a key points at, which must exist.
+async fn pointed_at(conn: &Conn, shard: ShardId, tid: TransferId) -> ShardResult<TransferRecord> {
+    read_transfer(conn, shard, tid)
+        .await?
+        .ok_or_else(|| ShardError::CorruptRow {
+            shard,
+            detail: format!("idempotency key points at missing transfer {tid}"),
+        })
 }
 
 pub(crate) async fn read_transfer(
@@ -272,7 +282,7 @@ impl crate::agent::ShardAgent {
     pub async fn claim(&self, key: &IdempotencyKey, new: &NewTransfer) -> ShardResult<Claim> {
         self.timed("claim", async {
             let mut conn = self.conn().await?;
-            claim(&mut conn, self.id(), key, new, false).await
+            claim(&mut conn, self.id(), key, new).await
         })
         .await
     }

@@ -6,7 +6,7 @@
 //! - [`agent`]: one shard's pool, its limits, and a connection guard that never
 //!   returns a half-done transaction to the pool.
 //! - [`idempotency`]: step 1 of every money movement (claim the key, record the transfer).
-//! - [`transfer_local`]: a same-shard transfer as one local transaction.
+//! - [`transfer`]: a transfer order and the answer its client gets.
 //! - [`two_pc`]: prepare, decide, finish and recover, one file per step.
 //! - [`batch`]: many concurrent transfers in one transaction per shard.
 //! - [`redis_legs`]: Redis-lock mode's fenced, idempotent legs and pending credits.
@@ -40,7 +40,7 @@ pub mod records;
 pub mod redis_legs;
 pub mod secret;
 pub mod tls;
-pub mod transfer_local;
+pub mod transfer;
 pub mod two_pc;
 pub mod users;
 

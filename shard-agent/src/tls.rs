@@ -211,19 +211,6 @@ impl Connector {
             }
         }
     }
-
-    /// Cancels the statement running on the connection `token` came from,
-    /// over the same kind of channel the connection used: a server that
-    /// accepts TLS only may refuse a plain cancel request.
-    pub async fn cancel(
-        &self,
-        token: &tokio_postgres::CancelToken,
-    ) -> Result<(), tokio_postgres::Error> {
-        match &self.tls {
-            None => token.cancel_query(NoTls).await,
-            Some(tls) => token.cancel_query(tls.clone()).await,
-        }
-    }
 }
 
 /// Connects with `dsn`; see [`Connector::from_dsn`].

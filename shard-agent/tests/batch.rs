@@ -8,11 +8,11 @@ mod common;
 use common::{balance, key, pair, usd, user};
 use router::UserId;
 use rust_decimal::Decimal;
-use shard_agent::batch::{BatchLeg, OpenBatch, Verdict};
-use shard_agent::two_pc::home::Tombstone;
-use shard_agent::two_pc::recover::{resolve_leg, Resolution};
+use shard_agent::batch::{Answer, BatchLeg, GroupAnswer, OpenBatch, Verdict};
+use shard_agent::idempotency::IdempotencyKey;
+use shard_agent::two_pc::recover::{resolve_leg, Resolution, Tombstone};
 use shard_agent::ShardResult;
-use shard_agent::{Amount, Currency, FailureCode, Gid, TransferId, TransferRecord, TransferState};
+use shard_agent::{Amount, Currency, FailureCode, Gid, TransferId, TransferState};
 use uuid::Uuid;
 
 /// The debit and the credit leg of one transfer.
@@ -50,7 +50,7 @@ async fn decide(
     participants: &[String],
     legs: &[BatchLeg],
     outcome: &[Verdict],
-) -> ShardResult<Vec<TransferRecord>> {
+) -> ShardResult<Vec<GroupAnswer>> {
     let records = txn
         .apply_undecided(batch, participants, legs, outcome)
         .await?;
@@ -58,14 +58,22 @@ async fn decide(
     Ok(records)
 }
 
-fn state(
-    records: &[TransferRecord],
-    tid: TransferId,
-) -> Option<(TransferState, Option<FailureCode>)> {
-    records
+/// How long a same-shard group here waits for a row lock.
+const LOCK_WAIT_MS: u64 = 2_000;
+
+/// The state of the record the group wrote for `tid`, if it wrote one.
+fn state(answers: &[GroupAnswer], tid: TransferId) -> Option<(TransferState, Option<FailureCode>)> {
+    answers
         .iter()
-        .find(|r| r.transfer_id == tid)
+        .find(|a| a.tid == tid)
+        .and_then(|a| a.record.as_ref())
+        .filter(|r| r.transfer_id == tid)
         .map(|r| (r.state, r.failure_code))
+}
+
+/// The group's verdict on `tid`.
+fn verdict(answers: &[GroupAnswer], tid: TransferId) -> Option<Verdict> {
+    answers.iter().find(|a| a.tid == tid).map(|a| a.verdict)
 }
 
 #[tokio::test]
@@ -79,7 +87,7 @@ async fn a_same_shard_group_decides_each_transfer_on_its_own_in_one_statement() 
     // The replayer's key is taken by an earlier transfer.
     let first = TransferId::generate();
     let done =
-        p.a.transfer_local_batch(&legs(first, replayer, merchant, "5", "taken"))
+        p.a.transfer_local_batch(&legs(first, replayer, merchant, "5", "taken"), LOCK_WAIT_MS)
             .await
             .expect("first batch");
     assert_eq!(state(&done, first), Some((TransferState::Committed, None)));
@@ -95,7 +103,10 @@ async fn a_same_shard_group_decides_each_transfer_on_its_own_in_one_statement() 
     group.extend(legs(refused, poor, merchant, "2", "b"));
     group.extend(legs(missing, rich, ghost, "1", "c"));
     group.extend(legs(replay, replayer, merchant, "5", "taken"));
-    let records = p.a.transfer_local_batch(&group).await.expect("batch");
+    let records =
+        p.a.transfer_local_batch(&group, LOCK_WAIT_MS)
+            .await
+            .expect("batch");
 
     assert_eq!(state(&records, ok), Some((TransferState::Committed, None)));
     assert_eq!(
@@ -111,6 +122,17 @@ async fn a_same_shard_group_decides_each_transfer_on_its_own_in_one_statement() 
         None,
         "a key that exists writes nothing"
     );
+    assert_eq!(
+        verdict(&records, replay),
+        Some(Verdict::Answered(Answer::Replay(first))),
+        "the group answers the replay itself"
+    );
+    let replayed = records.iter().find(|a| a.tid == replay).expect("answered");
+    assert_eq!(
+        replayed.record.as_ref().map(|r| r.transfer_id),
+        Some(first),
+        "with the record its key points at"
+    );
     assert_eq!(balance(&p.a, rich).await, Decimal::from(70));
     assert_eq!(balance(&p.a, poor).await, Decimal::from(1));
     assert_eq!(balance(&p.a, merchant).await, Decimal::from(35));
@@ -119,10 +141,14 @@ async fn a_same_shard_group_decides_each_transfer_on_its_own_in_one_statement() 
     // The refusals are recorded with their keys, so a retry replays them.
     let again = TransferId::generate();
     let records =
-        p.a.transfer_local_batch(&legs(again, poor, merchant, "2", "b"))
+        p.a.transfer_local_batch(&legs(again, poor, merchant, "2", "b"), LOCK_WAIT_MS)
             .await
             .expect("retry");
-    assert!(records.is_empty(), "the key exists: replayed the slow way");
+    assert_eq!(
+        verdict(&records, again),
+        Some(Verdict::Answered(Answer::Replay(refused))),
+        "the key exists: the refusal is replayed by the group"
+    );
 }
 
 /// A cross-shard group of three transfers from shard a to shard b: one that
@@ -310,7 +336,7 @@ async fn a_group_prepared_without_a_decision_is_tombstoned_and_its_decision_refu
 }
 
 #[tokio::test]
-async fn a_key_that_exists_is_left_to_the_slow_path_and_the_rest_of_the_group_runs() {
+async fn a_key_that_exists_is_replayed_by_the_group_and_the_rest_of_the_group_runs() {
     let p = pair().await;
     let (g, on_a, on_b) = cross_group(&p).await;
     // Someone else holds the "ok" transfer's key already.
@@ -318,19 +344,26 @@ async fn a_key_that_exists_is_left_to_the_slow_path_and_the_rest_of_the_group_ru
     let mut taken = legs(earlier, g.payer, g.payee, "1", "ok").to_vec();
     taken[1].user = g.payer2; // a same-shard transfer on a, with the same key
     taken[1].party = g.payer;
-    let done = p.a.transfer_local_batch(&taken).await.expect("earlier");
+    let done =
+        p.a.transfer_local_batch(&taken, LOCK_WAIT_MS)
+            .await
+            .expect("earlier");
     assert_eq!(done.len(), 1);
 
     let (txn_a, found_a) =
         p.a.open_batch(&on_a, &[Verdict::Pass; 3], None)
             .await
             .expect("check a");
-    assert_eq!(found_a[0], Verdict::KeyExists);
+    assert_eq!(found_a[0], Verdict::Answered(Answer::Replay(earlier)));
     let (txn_b, found_b) =
         p.b.open_batch(&on_b, &found_a, None)
             .await
             .expect("check b");
-    assert_eq!(found_b[0], Verdict::KeyExists, "not checked again");
+    assert_eq!(
+        found_b[0],
+        Verdict::Answered(Answer::Replay(earlier)),
+        "not checked again"
+    );
     let outcome: Vec<Verdict> = found_a
         .iter()
         .zip(&found_b)
@@ -412,7 +445,10 @@ async fn a_payer_whose_session_is_not_live_gets_nothing_written_and_the_group_ru
         group.extend(l);
         tids.push(tid);
     }
-    let records = p.a.transfer_local_batch(&group).await.expect("batch");
+    let records =
+        p.a.transfer_local_batch(&group, LOCK_WAIT_MS)
+            .await
+            .expect("batch");
 
     assert_eq!(
         state(&records, tids[0]),
@@ -435,7 +471,10 @@ async fn a_payer_whose_session_is_not_live_gets_nothing_written_and_the_group_ru
     let again = TransferId::generate();
     let mut retry = legs(again, revoked, merchant, "3", "k").to_vec();
     retry[0].session = Some(session(&p.a, revoked, true).await);
-    let records = p.a.transfer_local_batch(&retry).await.expect("retry");
+    let records =
+        p.a.transfer_local_batch(&retry, LOCK_WAIT_MS)
+            .await
+            .expect("retry");
     assert_eq!(
         state(&records, again),
         Some((TransferState::Committed, None))
@@ -452,7 +491,7 @@ async fn an_unverified_payer_in_a_cross_shard_group_credits_nobody() {
         p.a.open_batch(&on_a, &[Verdict::Pass; 3], None)
             .await
             .expect("check a");
-    assert_eq!(found_a[0], Verdict::Unverified);
+    assert_eq!(found_a[0], Verdict::Answered(Answer::Unauthorized));
     let (txn_b, found_b) =
         p.b.open_batch(&on_b, &found_a, None)
             .await
@@ -462,7 +501,7 @@ async fn an_unverified_payer_in_a_cross_shard_group_credits_nobody() {
         .zip(&found_b)
         .map(|(a, b)| a.merge(*b))
         .collect();
-    assert_eq!(outcome[0], Verdict::Unverified);
+    assert_eq!(outcome[0], Verdict::Answered(Answer::Unauthorized));
     let participants = vec![g.gid.to_string()];
     let records = txn_a
         .prepare(g.batch, g.gid, &participants, &on_a, &outcome)
@@ -473,7 +512,11 @@ async fn an_unverified_payer_in_a_cross_shard_group_credits_nobody() {
         .expect("decide");
     p.a.commit_prepared(&g.gid).await.expect("commit prepared");
     assert_eq!(state(&records, g.ok), None, "not recorded");
-    assert_eq!(records.len(), 2, "the other two transfers are");
+    assert_eq!(
+        records.iter().filter(|a| a.record.is_some()).count(),
+        2,
+        "the other two transfers are"
+    );
     assert_eq!(balance(&p.a, g.payer).await, Decimal::from(10));
     assert_eq!(balance(&p.b, g.payee).await, Decimal::ZERO);
 }
@@ -492,7 +535,7 @@ async fn an_unverified_payer_wins_over_a_refusal_found_first_and_over_a_key_that
     taken[1].user = g.payer2;
     taken[1].party = g.payer;
     assert_eq!(
-        p.a.transfer_local_batch(&taken)
+        p.a.transfer_local_batch(&taken, LOCK_WAIT_MS)
             .await
             .expect("earlier")
             .len(),
@@ -513,9 +556,9 @@ async fn an_unverified_payer_wins_over_a_refusal_found_first_and_over_a_key_that
     assert_eq!(
         found_a,
         vec![
-            Verdict::Unverified,
+            Verdict::Answered(Answer::Unauthorized),
             Verdict::Refused(FailureCode::InsufficientFunds),
-            Verdict::Unverified
+            Verdict::Answered(Answer::Unauthorized)
         ]
     );
     txn_a.rollback().await;
@@ -525,7 +568,7 @@ async fn an_unverified_payer_wins_over_a_refusal_found_first_and_over_a_key_that
         p.a.open_batch(&on_a[2..], &[Verdict::Pass], None)
             .await
             .expect("again");
-    assert_eq!(found, vec![Verdict::Unverified]);
+    assert_eq!(found, vec![Verdict::Answered(Answer::Unauthorized)]);
     txn.rollback().await;
     let mut live = on_a[2].clone();
     live.session = None;
@@ -548,8 +591,14 @@ async fn several_credits_in_one_group_each_record_their_running_balance() {
         let payer = user(&p.a, &format!("payer{i}"), "10").await;
         group.extend(legs(TransferId::generate(), payer, merchant, amount, "k"));
     }
-    let records = p.a.transfer_local_batch(&group).await.expect("batch");
-    assert!(records.iter().all(|r| r.state == TransferState::Committed));
+    let records =
+        p.a.transfer_local_batch(&group, LOCK_WAIT_MS)
+            .await
+            .expect("batch");
+    assert!(records.iter().all(|a| a
+        .record
+        .as_ref()
+        .is_some_and(|r| r.state == TransferState::Committed)));
     let view =
         p.a.account_view(merchant, 10, None)
             .await
@@ -628,4 +677,122 @@ async fn a_later_shard_outranks_an_earlier_lower_refusal() {
         Verdict::Refused(FailureCode::RecipientNotFound)
     );
     drop((txn_a, txn_b));
+}
+
+/// A key whose transfer was aborted by a fault starts a fresh attempt inside
+/// the group's check (`wallet_key_answer`), any other outcome is replayed: the
+/// SQL's list of retryable codes is `FailureCode::is_retryable`'s.
+#[tokio::test]
+async fn a_fault_abort_is_retried_afresh_in_the_group_and_any_other_outcome_replayed() {
+    let p = pair().await;
+    let payee = user(&p.a, "fresh_payee", "0").await;
+    let codes = [
+        FailureCode::InsufficientFunds,
+        FailureCode::RecipientNotFound,
+        FailureCode::CurrencyMismatch,
+        FailureCode::ShardUnavailable,
+        FailureCode::ShardBusy,
+        FailureCode::CoordinatorTimeout,
+        FailureCode::PaymentDeclined,
+        FailureCode::PaymentTimeout,
+        FailureCode::LockUnavailable,
+    ];
+    for (i, code) in codes.into_iter().enumerate() {
+        let payer = user(&p.a, &format!("fresh_payer{i}"), "10").await;
+        let k = format!("fresh-{i}");
+        // An earlier attempt under the same key, aborted with `code`.
+        let new = shard_agent::idempotency::NewTransfer {
+            kind: shard_agent::TransferKind::Transfer,
+            mode: shard_agent::Mode::Redis,
+            from_user: Some(payer),
+            from_username: Some("payer".into()),
+            to_user: Some(payee),
+            to_username: Some("payee".into()),
+            amount: usd("1").value(),
+            currency: Currency::Usd,
+            legs: None,
+            payment_token: None,
+        };
+        let earlier = match p.a.claim(&key(payer, &k), &new).await.expect("claim") {
+            shard_agent::idempotency::Claim::Started(r) => r.transfer_id,
+            other => panic!("a new key: {other:?}"),
+        };
+        p.a.decide(earlier, shard_agent::two_pc::decide::Decision::Abort(code))
+            .await
+            .expect("abort");
+        let retry = TransferId::generate();
+        let answers =
+            p.a.transfer_local_batch(&legs(retry, payer, payee, "1", &k), LOCK_WAIT_MS)
+                .await
+                .expect("group");
+        if code.is_retryable() {
+            assert_eq!(
+                state(&answers, retry),
+                Some((TransferState::Committed, None)),
+                "{code:?}: a fresh attempt"
+            );
+            assert_eq!(balance(&p.a, payer).await, Decimal::from(9), "{code:?}");
+        } else {
+            assert_eq!(
+                verdict(&answers, retry),
+                Some(Verdict::Answered(Answer::Replay(earlier))),
+                "{code:?}: replayed"
+            );
+            assert_eq!(balance(&p.a, payer).await, Decimal::from(10), "{code:?}");
+        }
+    }
+}
+
+/// A key used for another request is answered `key_reused`, and one whose
+/// transfer is still `preparing` in progress, by the group, writing nothing.
+#[tokio::test]
+async fn a_reused_key_and_a_key_in_progress_are_answered_by_the_group() {
+    let p = pair().await;
+    let payer = user(&p.a, "kr_payer", "10").await;
+    let payee = user(&p.a, "kr_payee", "0").await;
+    let first = TransferId::generate();
+    p.a.transfer_local_batch(&legs(first, payer, payee, "1", "kr"), LOCK_WAIT_MS)
+        .await
+        .expect("first");
+    let mut other_body = legs(TransferId::generate(), payer, payee, "2", "kr");
+    other_body[0].key = Some(IdempotencyKey {
+        fingerprint: vec![9; 32],
+        ..key(payer, "kr")
+    });
+    let tid = other_body[0].tid;
+    let answers =
+        p.a.transfer_local_batch(&other_body, LOCK_WAIT_MS)
+            .await
+            .expect("reused");
+    assert_eq!(
+        verdict(&answers, tid),
+        Some(Verdict::Answered(Answer::KeyReused))
+    );
+    // A transfer still being decided (a Redis-mode claim, say).
+    let new = shard_agent::idempotency::NewTransfer {
+        kind: shard_agent::TransferKind::Transfer,
+        mode: shard_agent::Mode::Redis,
+        from_user: Some(payer),
+        from_username: Some("payer".into()),
+        to_user: Some(payee),
+        to_username: Some("payee".into()),
+        amount: usd("1").value(),
+        currency: Currency::Usd,
+        legs: None,
+        payment_token: None,
+    };
+    let pending = match p.a.claim(&key(payer, "ip"), &new).await.expect("claim") {
+        shard_agent::idempotency::Claim::Started(r) => r.transfer_id,
+        other => panic!("a new key: {other:?}"),
+    };
+    let tid = TransferId::generate();
+    let answers =
+        p.a.transfer_local_batch(&legs(tid, payer, payee, "1", "ip"), LOCK_WAIT_MS)
+            .await
+            .expect("in progress");
+    assert_eq!(
+        verdict(&answers, tid),
+        Some(Verdict::Answered(Answer::InProgress(pending)))
+    );
+    assert_eq!(balance(&p.a, payer).await, Decimal::from(9));
 }

@@ -4,11 +4,11 @@
 mod common;
 
 use checker::Snapshot;
-use common::{balance, hold_rows, key, pair, sql, usd};
+use common::{balance, hold_rows, key, pair, sql, transfer_alone, usd};
 use router::{bucket_of, UserId};
 use rust_decimal::Decimal;
 use shard_agent::bulk::{BulkDefaults, BulkUser};
-use shard_agent::transfer_local::{Submitted, TransferOrder};
+use shard_agent::transfer::{Submitted, TransferOrder};
 use shard_agent::{Currency, TransferState};
 
 fn bulk_users(n: usize) -> Vec<BulkUser> {
@@ -63,25 +63,21 @@ async fn a_bulk_load_conserves_money_and_its_users_can_transfer() {
     assert_eq!(totals.user_balances["USD"], Decimal::new(5000, 0));
     assert_eq!(totals.clearing_balances["USD"], Decimal::new(-5000, 0));
 
-    // The fast same-shard path works on loaded users, and a replay takes the slow one.
+    // A same-shard transfer works on loaded users, and its key replays.
     let (from, to) = (users[0].user_id, users[1].user_id);
     let order = first_pays_second(&users, "7.25", "bulk-1");
-    let Submitted::New(first) = p.a.transfer_local(&order).await.expect("transfer") else {
+    let Submitted::New(first) = transfer_alone(&p.a, &order).await else {
         panic!("a new key makes a new transfer");
     };
     assert_eq!(first.state, TransferState::Committed);
-    let Submitted::Replayed(again) = p.a.transfer_local(&order).await.expect("replay") else {
+    let Submitted::Replayed(again) = transfer_alone(&p.a, &order).await else {
         panic!("the same key replays");
     };
     assert_eq!(again.transfer_id, first.transfer_id);
     // A replay does not wait on the accounts' row locks (a prepared leg, a hot
     // payee): it answers from the key while another transaction holds them.
     let holder = hold_rows(&p.dsn_a, &[from, to]).await;
-    let Submitted::Replayed(locked) =
-        p.a.transfer_local(&order)
-            .await
-            .expect("replay while locked")
-    else {
+    let Submitted::Replayed(locked) = transfer_alone(&p.a, &order).await else {
         panic!("the same key replays");
     };
     assert_eq!(locked.transfer_id, first.transfer_id);
@@ -126,7 +122,7 @@ async fn a_local_transfer_is_refused_whole_when_funds_are_short() {
         .expect("bulk load");
     let from = users[0].user_id;
     let order = first_pays_second(&users, "25.01", "too-much");
-    let Submitted::New(r) = p.a.transfer_local(&order).await.expect("transfer") else {
+    let Submitted::New(r) = transfer_alone(&p.a, &order).await else {
         panic!("a new key makes a new transfer");
     };
     assert_eq!(r.state, TransferState::Aborted);

@@ -99,10 +99,7 @@ async fn the_shard_holds_exactly_the_files_functions() {
         .await
         .expect("read proconfig")
         .get(0);
-    assert_eq!(
-        config,
-        ["plan_cache_mode=force_generic_plan", "lock_timeout=200ms"]
-    );
+    assert_eq!(config, ["plan_cache_mode=force_generic_plan"]);
 }
 
 #[tokio::test]

@@ -11,11 +11,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{balance, hold_rows, order, pair_repeatable_read, user};
+use common::{balance, hold_rows, order, pair_repeatable_read, transfer_alone, user};
 use rust_decimal::Decimal;
-use shard_agent::transfer_local::Submitted;
-use shard_agent::two_pc::home::{HomeLeg, HomeOutcome};
-use shard_agent::two_pc::prepare::{Leg, Side};
+use shard_agent::batch::{BatchLeg, Verdict};
+use shard_agent::transfer::Submitted;
 use shard_agent::{Gid, TransferId, TransferState};
 
 async fn raw(dsn: &str) -> tokio_postgres::Client {
@@ -46,52 +45,55 @@ async fn every_shard_connection_runs_read_committed_whatever_the_server_default(
 }
 
 #[tokio::test]
-async fn a_tombstone_committed_while_the_home_leg_waits_wins_under_a_repeatable_read_default() {
+async fn a_tombstone_committed_while_the_decision_waits_wins_under_a_repeatable_read_default() {
     let p = pair_repeatable_read().await;
     let payer = user(&p.a, "payer", "10").await;
     let payee = user(&p.b, "payee", "0").await;
     let o = order(payer, payee, "4", "k");
-    let tid = TransferId::generate();
-    let gid = Gid::new(tid, p.a.id(), p.b.id());
-    let credit = Leg {
-        gid,
-        side: Side::Credit,
-        user: payee,
-        amount: o.amount.value(),
-        currency: o.amount.currency(),
-        counterparty: o.from_username.clone(),
+    let group = TransferId::generate();
+    let debit = BatchLeg {
+        tid: TransferId::generate(),
+        debit: true,
+        user: payer,
+        user_name: o.from_username.clone(),
+        party: payee,
+        party_name: o.to_username.clone(),
+        amount: o.amount,
+        key: Some(o.key.clone()),
+        session: None,
     };
-    p.b.prepare_leg(&credit)
+    // The deciding shard's part of a group, applied, not yet decided.
+    let (mut txn, found) =
+        p.a.open_batch(std::slice::from_ref(&debit), &[Verdict::Pass], None)
+            .await
+            .expect("check");
+    assert_eq!(found, vec![Verdict::Pass]);
+    let gid = Gid::new(group, p.a.id(), p.b.id());
+    txn.apply_undecided(group.0, &[gid.to_string()], &[debit], &[Verdict::Pass])
         .await
-        .expect("prepare the payee's leg");
+        .expect("apply");
 
-    // Recovery's tombstone, still open: it holds the transfer's advisory lock.
+    // Recovery's tombstone, still open: it holds the group's advisory lock.
     let recovery = raw(&p.dsn_a).await;
     recovery.batch_execute("BEGIN").await.expect("begin");
     let verdict: String = recovery
-        .query_one("SELECT wallet_tombstone($1)", &[&tid.0])
+        .query_one("SELECT wallet_tombstone($1)", &[&group.0])
         .await
         .expect("tombstone")
         .get(0);
     assert_eq!(verdict, "tombstoned");
 
-    // The late home leg starts now, takes its snapshot and waits on the lock.
-    let home = HomeLeg {
-        tid,
-        order: &o,
-        participants: vec![gid.to_string()],
-    };
-    let late = async { p.a.home_leg(&home, None).await };
+    // The late decision waits on the lock; the tombstone commits meanwhile.
+    let late = txn.decide(group.0);
     let commit_tombstone = async {
         tokio::time::sleep(Duration::from_millis(300)).await;
         recovery.batch_execute("COMMIT").await.expect("commit");
     };
-    let (outcome, ()) = tokio::join!(late, commit_tombstone);
+    let (decided, ()) = tokio::join!(late, commit_tombstone);
     assert!(
-        matches!(outcome.expect("home leg"), HomeOutcome::Tombstoned),
-        "the tombstone committed first, so the home leg must see it"
+        matches!(decided, Err(shard_agent::ShardError::Database { .. })),
+        "the tombstone committed first, so the decision must see it: {decided:?}"
     );
-    p.b.rollback_prepared(&gid).await.expect("roll back");
     assert_eq!(balance(&p.a, payer).await, Decimal::from(10), "no debit");
     assert_eq!(balance(&p.b, payee).await, Decimal::ZERO);
 }
@@ -112,13 +114,13 @@ async fn a_debit_that_waited_behind_another_writer_applies_under_a_repeatable_re
         .await
         .expect("touch the row");
     let o = order(payer, payee, "3", "k");
-    let transfer = async { p.a.transfer_local(&o).await };
+    let transfer = transfer_alone(&p.a, &o);
     let release = async {
         tokio::time::sleep(Duration::from_millis(200)).await;
         writer.batch_execute("COMMIT").await.expect("commit");
     };
     let (outcome, ()) = tokio::join!(transfer, release);
-    match outcome.expect("transfer") {
+    match outcome {
         Submitted::New(r) => assert_eq!(r.state, TransferState::Committed),
         other => panic!("expected a new committed transfer, got {other:?}"),
     }

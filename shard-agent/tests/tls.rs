@@ -196,10 +196,7 @@ async fn a_shard_agent_migrates_and_moves_money_over_tls() {
     }
     let payer = common::user(&agents[0], "tls_payer", "100").await;
     let payee = common::user(&agents[0], "tls_payee", "0").await;
-    agents[0]
-        .transfer_local(&common::order(payer, payee, "25.50", "tls-1"))
-        .await
-        .expect("a same-shard transfer over TLS");
+    common::transfer_alone(&agents[0], &common::order(payer, payee, "25.50", "tls-1")).await;
     assert_eq!(
         common::balance(&agents[0], payer).await.to_string(),
         "74.50"

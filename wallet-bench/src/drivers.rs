@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rust_decimal::Decimal;
-use shard_agent::transfer_local::Submitted;
+use shard_agent::transfer::Submitted;
 use shard_agent::{Amount, FailureCode, TransferRecord, TransferState};
 
 use super::load::{Driver, Outcome};

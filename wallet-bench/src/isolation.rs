@@ -19,8 +19,7 @@ use rand::Rng;
 use router::ShardId;
 use rust_decimal::Decimal;
 use serde::Serialize;
-use shard_agent::two_pc::prepare::{Leg, Side};
-use shard_agent::{Gid, TransferId};
+use shard_agent::{Amount, Gid};
 
 use super::drivers::InProcess;
 use super::load::{self, LoadResult, LoadSpec, Pick};
@@ -242,17 +241,13 @@ async fn hold_account(
         .find(|a| a.id() == user.shard)
         .ok_or_else(|| anyhow::anyhow!("no agent for {}", user.shard))?
         .clone();
-    let gid = Gid::new(TransferId::generate(), user.shard, user.shard);
-    agent
-        .prepare_leg(&Leg {
-            gid,
-            side: Side::Credit,
-            user: user.row.user_id,
-            amount: Decimal::new(1, 2),
-            currency: CURRENCY,
-            counterparty: "bench-isolation".into(),
-        })
-        .await?;
+    let gid = local_cluster::testing::in_doubt_credit(
+        &agent,
+        user.shard,
+        user.row.user_id,
+        Amount::new(Decimal::new(1, 2), CURRENCY)?,
+    )
+    .await?;
     Ok((agent, gid))
 }
 

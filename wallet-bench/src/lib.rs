@@ -326,7 +326,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
                             e.insert(Front::start(&config).await?)
                         }
                     };
-                    groups_before = front.coordinator.batch_stats();
+                    groups_before = Some(front.coordinator.batch_stats());
                     coordinator = Some(front.coordinator.clone());
                     match via {
                         Via::Http => {
@@ -343,7 +343,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
                     }
                 }
             };
-            let groups = match (groups_before, coordinator.and_then(|c| c.batch_stats())) {
+            let groups = match (groups_before, coordinator.map(|c| c.batch_stats())) {
                 (Some(before), Some(after)) => Some(after.since(before)),
                 _ => None,
             };

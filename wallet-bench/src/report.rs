@@ -325,7 +325,7 @@ impl Report {
             p.batch_workers,
             p.batch_linger_us,
             if p.batch_max <= 1 {
-                " (batching off)"
+                " (every transfer a group of one)"
             } else {
                 ""
             }

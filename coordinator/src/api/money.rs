@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use shard_agent::external::Direction;
 use shard_agent::money::format_money;
 use shard_agent::records::UserRow;
-use shard_agent::transfer_local::Submitted;
+use shard_agent::transfer::Submitted;
 use shard_agent::{Amount, Currency, TransferKind, TransferRecord, TransferState};
 use utoipa::{IntoParams, ToSchema};
 

@@ -17,7 +17,6 @@ use crate::gid::Gid;
 use crate::records::{FailureCode, TransferId, TransferState};
 use crate::two_pc::decide::Decision;
 use crate::two_pc::finish::Finished;
-use crate::two_pc::home::Tombstone;
 
 /// Bounds what one recovery pass reads of one list (per home shard, for in-doubt
 /// legs), so a backlog is worked off over several ticks.
@@ -136,6 +135,42 @@ impl ShardAgent {
     }
 }
 
+/// What recovery's compare-and-set on the home shard found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tombstone {
+    /// No record: the attempt is now aborted for good (a tombstone is written).
+    Written,
+    /// A record exists, in this state ('preparing', 'committed' or 'aborted').
+    Record(TransferState),
+    /// The home transaction is running right now: ask again later.
+    Busy,
+}
+
+impl ShardAgent {
+    /// Recovery's compare-and-set for a prepared leg whose transfer has no record
+    /// on this (its home) shard: see [`Tombstone`].
+    #[instrument(skip_all, fields(shard = %self.id(), transfer_id = %tid))]
+    pub async fn tombstone(&self, tid: TransferId) -> ShardResult<Tombstone> {
+        self.timed("tombstone", async {
+            let conn = self.conn().await?;
+            let row = conn
+                .query_one("SELECT wallet_tombstone($1) AS outcome", &[&tid.0])
+                .await
+                .map_err(self.pg("tombstone"))?;
+            let outcome: &str = row.get("outcome");
+            match outcome {
+                "tombstoned" => Ok(Tombstone::Written),
+                "busy" => Ok(Tombstone::Busy),
+                "preparing" => Ok(Tombstone::Record(TransferState::Preparing)),
+                "committed" => Ok(Tombstone::Record(TransferState::Committed)),
+                "aborted" => Ok(Tombstone::Record(TransferState::Aborted)),
+                other => Err(self.corrupt(format!("transfer {tid} has state {other:?}"))),
+            }
+        })
+        .await
+    }
+}
+
 /// Resolves one in-doubt leg on `participant` from the decision on `home`.
 #[instrument(skip_all, fields(gid = %gid, transfer_id = %gid.transfer_id))]
 pub async fn resolve_leg(
@@ -153,8 +188,8 @@ pub async fn resolve_leg(
         .await?;
     let state = match decided {
         Some(record) => record.state,
-        // No record: a fast-path attempt whose home transaction has not committed
-        // (`wallet_home_leg`). The tombstone's compare-and-set decides it.
+        // No record: a group whose deciding shard has not committed its decision
+        // (`wallet_batch_decide`). The tombstone's compare-and-set decides it.
         None => match home.tombstone(gid.transfer_id).await? {
             Tombstone::Written => TransferState::Aborted,
             Tombstone::Record(state) => state,

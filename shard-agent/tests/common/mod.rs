@@ -4,12 +4,13 @@
 use local_cluster::testing::{create_database, servers_async, unique_prefix};
 use router::{bucket_of, ShardId, UserId};
 use rust_decimal::Decimal;
+use shard_agent::batch::{BatchLeg, GroupAnswer};
 use shard_agent::external::{Direction, ExternalOrder, ProviderVerdict};
 use shard_agent::idempotency::IdempotencyKey;
 use shard_agent::migrate::migrate_shard;
-use shard_agent::transfer_local::TransferOrder;
+use shard_agent::transfer::{Submitted, TransferOrder};
 use shard_agent::users::NewUser;
-use shard_agent::{AgentConfig, Amount, Currency, ShardAgent};
+use shard_agent::{AgentConfig, Amount, Currency, ShardAgent, TransferId};
 
 pub struct Pair {
     pub a: ShardAgent,
@@ -90,6 +91,58 @@ pub async fn user(agent: &ShardAgent, name: &str, funds: &str) -> UserId {
             .expect("fund user");
     }
     user_id
+}
+
+/// A same-shard transfer as a group of one (`wallet_batch_local`), answered
+/// as the coordinator answers it; panics on an answer without a record.
+pub async fn transfer_alone(agent: &ShardAgent, o: &TransferOrder) -> Submitted {
+    let tid = TransferId::generate();
+    let legs = [
+        BatchLeg {
+            tid,
+            debit: true,
+            user: o.from,
+            user_name: o.from_username.clone(),
+            party: o.to,
+            party_name: o.to_username.clone(),
+            amount: o.amount,
+            key: Some(o.key.clone()),
+            session: None,
+        },
+        BatchLeg {
+            tid,
+            debit: false,
+            user: o.to,
+            user_name: o.to_username.clone(),
+            party: o.from,
+            party_name: o.from_username.clone(),
+            amount: o.amount,
+            key: None,
+            session: None,
+        },
+    ];
+    let answers = agent
+        .transfer_local_batch(&legs, 2_000)
+        .await
+        .expect("group of one");
+    let [answer]: [GroupAnswer; 1] = answers.try_into().expect("one answer per transfer");
+    answer
+        .submitted(agent.id())
+        .expect("a record where one is due")
+        .expect("an answer with a record")
+}
+
+/// A credit of `amount` USD to `payee` left in doubt on `agent`
+/// (`local_cluster::testing::in_doubt_credit`).
+pub async fn prepare_credit(
+    agent: &ShardAgent,
+    decider: router::ShardId,
+    payee: UserId,
+    amount: &str,
+) -> shard_agent::Gid {
+    local_cluster::testing::in_doubt_credit(agent, decider, payee, usd(amount))
+        .await
+        .expect("an in-doubt credit")
 }
 
 /// A transfer of `amount` USD from `payer` to `payee` under Idempotency-Key `k`.

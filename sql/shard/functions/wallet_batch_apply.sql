@@ -1,12 +1,16 @@
 -- Step 2 of a group of transfers on one shard, with each transfer's final
--- outcome from step 1 (NULL: commit; a reason: aborted; key_exists or
--- unverified: not this group's, untouched). Returns the inserted records.
+-- verdict from step 1 (NULL: commit; a refusal: aborted; an answer of the
+-- form 'word:argument', see wallet_batch_check: nothing written). Returns one
+-- row per transfer whose payer is here: the transfer ID the group gave it, its
+-- verdict, and the record the client's answer is built from (the new one, or
+-- for 'replay:' and 'in_progress:' the one the key points at; none for the
+-- other answers).
 --
 -- Rules owned here:
 --   - Only the legs of transfers that passed every check move money; the row
 --     locks taken by wallet_batch_check keep those checks true.
 --   - Every transfer whose payer is here (its debit leg) is recorded in its
---     final state, except one whose key exists or whose payer is unverified.
+--     final state, except one answered without writing.
 --   - One balance update per account for the whole group (by the sum of its
 --     legs) and one ledger insert; each leg's balance_after runs in leg order
 --     from the account's opening balance, since a payee may be credited
@@ -18,8 +22,14 @@ CREATE OR REPLACE FUNCTION wallet_batch_apply(
     p_transfer uuid[], p_debit boolean[], p_user uuid[], p_amount numeric[],
     p_currency text[], p_user_name text[], p_party uuid[], p_party_name text[],
     p_outcome text[]
-) RETURNS SETOF transfers
+) RETURNS TABLE (
+    for_transfer uuid, verdict text,
+    transfer_id uuid, kind text, mode text, from_user uuid, from_username text, to_user uuid,
+    to_username text, amount numeric, currency text, state text, failure_code text,
+    participants text[], created_at timestamptz, decided_at timestamptz
+)
 LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+#variable_conflict use_column
 DECLARE
     n int := coalesce(array_length(p_transfer, 1), 0);
     v_delta numeric[] := array_fill(NULL::numeric, ARRAY[n]);
@@ -77,15 +87,36 @@ BEGIN
      WHERE p_outcome[x] IS NULL
      ORDER BY x;
     RETURN QUERY
-    INSERT INTO transfers (transfer_id, kind, mode, from_user, from_username, to_user, to_username,
-                           amount, currency, state, failure_code, participants, decided_at)
-    SELECT p_transfer[x], 'transfer', p_mode, p_user[x], p_user_name[x], p_party[x], p_party_name[x],
-           p_amount[x], p_currency[x],
-           CASE WHEN p_outcome[x] IS NULL THEN 'committed' ELSE 'aborted' END, p_outcome[x],
-           p_participants,
-           statement_timestamp()
-      FROM generate_subscripts(p_transfer, 1) AS x
-     WHERE p_debit[x] AND coalesce(p_outcome[x] NOT IN ('key_exists', 'unverified'), true)
-    RETURNING *;
+    WITH recorded AS (
+        INSERT INTO transfers (transfer_id, kind, mode, from_user, from_username, to_user,
+                               to_username, amount, currency, state, failure_code, participants,
+                               decided_at)
+        SELECT p_transfer[x], 'transfer', p_mode, p_user[x], p_user_name[x], p_party[x],
+               p_party_name[x], p_amount[x], p_currency[x],
+               CASE WHEN p_outcome[x] IS NULL THEN 'committed' ELSE 'aborted' END, p_outcome[x],
+               p_participants,
+               statement_timestamp()
+          FROM generate_subscripts(p_transfer, 1) AS x
+         WHERE p_debit[x] AND (p_outcome[x] IS NULL OR strpos(p_outcome[x], ':') = 0)
+        RETURNING *
+    ), answered AS (
+        SELECT x, CASE WHEN p_outcome[x] LIKE 'replay:%' OR p_outcome[x] LIKE 'in_progress:%'
+                       THEN split_part(p_outcome[x], ':', 2)::uuid
+                       WHEN p_outcome[x] IS NULL OR strpos(p_outcome[x], ':') = 0
+                       THEN p_transfer[x] END AS record_id
+          FROM generate_subscripts(p_transfer, 1) AS x
+         WHERE p_debit[x]
+    ), records AS (
+        SELECT * FROM recorded
+        UNION ALL
+        SELECT t.* FROM transfers t
+         WHERE t.transfer_id = ANY (ARRAY(SELECT record_id FROM answered a
+                                           WHERE a.record_id <> p_transfer[a.x]))
+    )
+    SELECT p_transfer[a.x], p_outcome[a.x], r.transfer_id, r.kind, r.mode, r.from_user,
+           r.from_username, r.to_user, r.to_username, r.amount, r.currency::text, r.state,
+           r.failure_code, r.participants, r.created_at, r.decided_at
+      FROM answered a LEFT JOIN records r ON r.transfer_id = a.record_id
+     ORDER BY a.x;
 END
 $$;

@@ -1,25 +1,32 @@
 -- A same-shard group: both steps (wallet_batch_check, wallet_batch_apply) in
--- one statement. A transfer without a record in the result had a key that
--- exists or an unverified payer.
+-- one statement, answered as wallet_batch_apply answers.
 --
 -- Rules owned here:
---   - The group waits at most 200 ms for a row lock: a row held outside any
---     group (an in-doubt prepared leg, a slow transaction) then fails the group
---     fast, its members run alone, and only the blocked one waits, up to the
---     connection's lock_timeout, instead of the whole group and every group
---     behind it in the shard's lane. Other groups hold a row for a few
---     milliseconds.
+--   - Each row lock is waited for at most p_lock_wait_ms. A group of several
+--     transfers gets a short bound: a row held outside it (an in-doubt
+--     prepared leg, a deposit settling) then fails the group fast, and only
+--     the blocked transfer waits, alone, later, instead of the whole group and
+--     every group behind it in the shard's lane. Other groups hold a row for a
+--     few milliseconds.
 --   - Generic plans, as in the two functions it calls.
 CREATE OR REPLACE FUNCTION wallet_batch_local(
     p_transfer uuid[], p_debit boolean[], p_user uuid[], p_amount numeric[],
     p_currency text[], p_key_user uuid[], p_key text[], p_fingerprint bytea[],
-    p_session bytea[], p_user_name text[], p_party uuid[], p_party_name text[]
-) RETURNS SETOF transfers
+    p_session bytea[], p_user_name text[], p_party uuid[], p_party_name text[],
+    p_lock_wait_ms int
+) RETURNS TABLE (
+    for_transfer uuid, verdict text,
+    transfer_id uuid, kind text, mode text, from_user uuid, from_username text, to_user uuid,
+    to_username text, amount numeric, currency text, state text, failure_code text,
+    participants text[], created_at timestamptz, decided_at timestamptz
+)
 LANGUAGE plpgsql
 SET plan_cache_mode = force_generic_plan
-SET lock_timeout = '200ms'
 AS $$
 BEGIN
+    -- Local to this statement's transaction, so the connection's own bound
+    -- is back for whatever runs next on it.
+    PERFORM set_config('lock_timeout', p_lock_wait_ms || 'ms', true);
     RETURN QUERY
     SELECT * FROM wallet_batch_apply(
         '{}', 'local', p_transfer, p_debit, p_user, p_amount, p_currency,
