@@ -256,7 +256,7 @@ async fn a_deposit_cut_after_the_provider_approved_is_settled_by_recovery_under_
     // shortest the coordinator allows, 300 ms provider bound + 2 s call bound
     // + 1 s.
     config.agent.call_timeout_ms = 2_000;
-    config.agent.deposit_lease_ms = 0;
+    config.agent.settle_lease_ms = 0;
     let cluster = TestCluster::serve(config).await;
     let http = Http::new(&cluster);
     let token = http.user("depositor", None).await;
@@ -309,4 +309,74 @@ async fn a_deposit_cut_after_the_provider_approved_is_settled_by_recovery_under_
         Some(calls[0].to_string().as_str())
     );
     assert_eq!(cluster.coordinator.recovery().status().settled_external, 1);
+}
+
+/// A withdrawal cut after its provider paid out keeps its amount held across
+/// the coordinator's death (nothing else may spend it), and recovery settles
+/// it under the same reference: debited once, hold released.
+#[tokio::test]
+async fn a_withdrawal_cut_after_the_payout_keeps_its_hold_until_recovery_settles_it() {
+    let _serial = SERIAL.lock().await;
+    let mut config = TestCluster::provision(4, test_limits()).await;
+    config.agent.lock_timeout_ms = 500;
+    config.limits.in_doubt_after_ms = 1_000;
+    config.agent.call_timeout_ms = 2_000;
+    config.agent.settle_lease_ms = 0;
+    let cluster = TestCluster::serve(config).await;
+    let http = Http::new(&cluster);
+    let token = http.user("withdrawer", Some("50.00")).await;
+    http.user("withdrawee", None).await;
+    let body = json!({"amount": "30.00", "currency": "USD", "payment_token": "sandbox_ok"});
+
+    fail::cfg("external-after-provider", "1*return").expect("arm failpoint");
+    let (status, _, cut) = http
+        .post("/v1/withdrawal", Some(&token), Some("wd-key"), body.clone())
+        .await;
+    fail::remove("external-after-provider");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{cut}");
+    assert_eq!(http.balance(&token).await, "50.00", "not debited yet");
+    // The 30.00 stay held: only 20.00 may move meanwhile.
+    let (status, _, over) = http
+        .post(
+            "/v1/transfer",
+            Some(&token),
+            Some("wd-over"),
+            json!({"to": "withdrawee", "amount": "25.00", "currency": "USD"}),
+        )
+        .await;
+    assert_eq!(
+        (status, over["code"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("insufficient_funds")),
+        "{over}"
+    );
+
+    let cluster = cluster.restart().await;
+    let snap = wait_quiescent(&cluster.agents(), Duration::from_secs(20))
+        .await
+        .expect("read shards");
+    assert_eq!(snap.violations(true), Vec::<String>::new());
+    let http = Http::new(&cluster);
+    assert_eq!(
+        http.balance(&token).await,
+        "20.00",
+        "recovery settled the payout once"
+    );
+    let (status, headers, replay) = http
+        .post("/v1/withdrawal", Some(&token), Some("wd-key"), body)
+        .await;
+    assert_eq!(
+        (status, headers.get("idempotent-replayed").is_some()),
+        (StatusCode::CREATED, true),
+        "{replay}"
+    );
+    // The hold is gone: all 20.00 may move.
+    let (status, _, all) = http
+        .post(
+            "/v1/transfer",
+            Some(&token),
+            Some("wd-all"),
+            json!({"to": "withdrawee", "amount": "20.00", "currency": "USD"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{all}");
 }

@@ -74,6 +74,9 @@ impl Snapshot {
             if a.ledger_mismatches > 0 {
                 v.push(format!("invariant 4: shard {shard} has {} accounts whose ledger does not sum to the balance", a.ledger_mismatches));
             }
+            if a.hold_mismatches > 0 {
+                v.push(format!("invariant 4: shard {shard} has {} accounts whose held money is not their open withdrawals", a.hold_mismatches));
+            }
             if quiescent && a.prepared > 0 {
                 v.push(format!(
                     "invariant 5: shard {shard} still holds {} prepared transactions",

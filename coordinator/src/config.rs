@@ -249,7 +249,7 @@ pub enum ConfigError {
 
 /// Added to `payment_timeout_ms + call_timeout_ms` for the shortest deposit
 /// lease the coordinator runs with (see [`Config::agent_config`]).
-pub const DEPOSIT_LEASE_MARGIN_MS: u64 = 1_000;
+pub const SETTLE_LEASE_MARGIN_MS: u64 = 1_000;
 
 impl Config {
     /// The shard agents' settings, with the deposit lease raised to cover the
@@ -258,9 +258,9 @@ impl Config {
     /// ask the provider too, and decide on "busy".
     pub fn agent_config(&self) -> AgentConfig {
         let mut agent = self.agent.clone();
-        agent.deposit_lease_ms = agent
-            .deposit_lease_ms
-            .max(self.limits.payment_timeout_ms + agent.call_timeout_ms + DEPOSIT_LEASE_MARGIN_MS);
+        agent.settle_lease_ms = agent
+            .settle_lease_ms
+            .max(self.limits.payment_timeout_ms + agent.call_timeout_ms + SETTLE_LEASE_MARGIN_MS);
         agent
     }
 

@@ -751,3 +751,69 @@ async fn a_deposit_waiting_on_its_provider_does_not_hold_the_account() {
         assert_eq!(api.balance(&token).await, "7.00");
     }
 }
+
+/// A withdrawal waiting on its payment provider holds its amount, not the
+/// account's row: the owner's transfers go through meanwhile, but only with
+/// the money the withdrawal does not hold; when the provider gives up, the hold
+/// is released.
+#[tokio::test]
+async fn a_withdrawal_waiting_on_its_provider_holds_its_funds_not_the_account() {
+    let limits = coordinator::config::Limits {
+        payment_timeout_ms: 4_000,
+        ..test_limits()
+    };
+    let cluster = TestCluster::start(4, limits).await;
+    let api = Api::new(&cluster);
+    for same_shard in [true, false] {
+        let tag = if same_shard { "wdr_s" } else { "wdr_x" };
+        let (payer, payee) = pair(&cluster, tag, same_shard);
+        let token = api.user(&payer, "USD").await;
+        api.user(&payee, "USD").await;
+        api.deposit(&token, "10.00", "USD").await;
+        let slow = tokio::spawn({
+            let (http, url, token) = (
+                api.http.clone(),
+                format!("{}/v1/withdrawal", api.base),
+                token.clone(),
+            );
+            async move {
+                http.post(url)
+                    .bearer_auth(token)
+                    .header("idempotency-key", "never-paid-out")
+                    .json(&json!({"amount": "6.00", "currency": "USD", "payment_token": "sandbox_timeout"}))
+                    .send()
+                    .await
+                    .map(|r| r.status())
+            }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        for i in 0..3 {
+            let r = api
+                .transfer(&token, &format!("{tag}-{i}"), &payee, "1.00", "USD")
+                .await;
+            assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+        }
+        // 10.00 - 6.00 held - 3.00 sent: 1.00 is all that may still move.
+        let r = api
+            .transfer(&token, &format!("{tag}-over"), &payee, "2.00", "USD")
+            .await;
+        assert_eq!(
+            (r.status, r.code()),
+            (StatusCode::UNPROCESSABLE_ENTITY, "insufficient_funds"),
+            "the held amount is not spendable: {:?}",
+            r.body
+        );
+        assert!(
+            !slow.is_finished(),
+            "the transfers ran while the withdrawal still waited on its provider"
+        );
+        let status = slow.await.expect("task").expect("answered");
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(api.balance(&token).await, "7.00", "nothing was paid out");
+        // The hold is released: all 7.00 may move again.
+        let r = api
+            .transfer(&token, &format!("{tag}-after"), &payee, "7.00", "USD")
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    }
+}

@@ -23,12 +23,15 @@ pub struct AgentConfig {
     /// Upper bound on any one call from the coordinator to this shard, including
     /// waiting for a pooled connection; a black-holed shard fails instead of hanging.
     pub call_timeout_ms: u64,
-    /// How long a deposit's settler keeps recovery from settling it while it
-    /// waits on the payment provider (`external::settle_deposit`). Must cover
-    /// the provider call and the apply that follows: the coordinator raises it
-    /// to at least `payment_timeout_ms + call_timeout_ms` + 1 s. A settler that
-    /// died is replaced by recovery once it runs out.
-    pub deposit_lease_ms: u64,
+    /// How long a deposit's or withdrawal's settler keeps recovery from
+    /// settling it while it waits on the payment provider
+    /// (`external::settle_external`). Must cover the provider call and the
+    /// apply that follows: the coordinator raises it to at least
+    /// `payment_timeout_ms + call_timeout_ms` + 1 s. A settler that died is
+    /// replaced by recovery once it runs out. Formerly `deposit_lease_ms`,
+    /// which is still read.
+    #[serde(alias = "deposit_lease_ms")]
+    pub settle_lease_ms: u64,
 }
 
 impl Default for AgentConfig {
@@ -39,7 +42,7 @@ impl Default for AgentConfig {
             statement_timeout_ms: 10_000,
             connect_timeout_ms: 3_000,
             call_timeout_ms: 8_000,
-            deposit_lease_ms: 30_000,
+            settle_lease_ms: 30_000,
         }
     }
 }
@@ -238,6 +241,34 @@ impl ShardAgent {
                 ),
             }),
         }
+    }
+
+    /// Runs `body` in one transaction under `call_timeout_ms`: committed if it
+    /// returns `Ok`, rolled back otherwise (and, if cut short, its connection
+    /// is dropped, which rolls it back as well).
+    pub(crate) async fn in_txn<T>(
+        &self,
+        context: &'static str,
+        body: impl AsyncFnOnce(&Conn) -> ShardResult<T>,
+    ) -> ShardResult<T> {
+        self.timed(context, async {
+            let mut conn = self.conn().await?;
+            conn.begin(self.id).await?;
+            match body(&conn).await {
+                Ok(value) => {
+                    conn.batch_execute("COMMIT")
+                        .await
+                        .map_err(self.pg(context))?;
+                    conn.ended();
+                    Ok(value)
+                }
+                Err(e) => {
+                    conn.rollback_quietly().await;
+                    Err(e)
+                }
+            }
+        })
+        .await
     }
 
     pub(crate) fn pg(&self, context: &'static str) -> impl Fn(tokio_postgres::Error) -> ShardError {

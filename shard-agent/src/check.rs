@@ -22,10 +22,13 @@ pub struct ShardAudit {
     pub user_opening: BTreeMap<String, Decimal>,
     /// Sum of clearing balances per currency (negative of net deposits).
     pub clearing_balances: BTreeMap<String, Decimal>,
-    /// Invariant 2: user accounts below zero.
+    /// Invariant 2: user accounts whose balance less held money is below zero.
     pub negative_balances: i64,
     /// Invariant 4: accounts whose opening balance plus entries differs from the balance.
     pub ledger_mismatches: i64,
+    /// Accounts whose held money is not the sum of their withdrawals waiting
+    /// on a payment provider (invariant 4).
+    pub hold_mismatches: i64,
     /// Invariant 5: our prepared transactions, and transfers not yet decided.
     pub prepared: i64,
     pub undecided_transfers: i64,
@@ -112,11 +115,16 @@ impl ShardAgent {
             let row = conn
                 .query_one(
                     "SELECT
-                       (SELECT count(*) FROM accounts WHERE kind = 'user' AND balance < 0),
+                       (SELECT count(*) FROM accounts WHERE kind = 'user' AND balance - held < 0),
                        (SELECT count(*) FROM accounts a
                           WHERE a.opening_balance + coalesce((SELECT sum(amount) FROM ledger_entries e
                                                      WHERE e.account_id = a.account_id), 0) <> a.balance),
                        (SELECT count(*) FROM transfers WHERE state = 'preparing'),
+                       (SELECT count(*) FROM accounts a
+                          WHERE a.held <> coalesce((SELECT sum(t.amount) FROM transfers t
+                                                     WHERE t.from_user = a.user_id AND t.funds_held
+                                                       AND t.kind = 'withdrawal'
+                                                       AND t.state = 'preparing'), 0)),
                        (SELECT count(*) FROM pending_credits),
                        (SELECT count(*) FROM (
                           SELECT fence, lag(fence) OVER (PARTITION BY account_id ORDER BY entry_id) AS prev
@@ -129,8 +137,9 @@ impl ShardAgent {
             audit.negative_balances = row.get(0);
             audit.ledger_mismatches = row.get(1);
             audit.undecided_transfers = row.get(2);
-            audit.pending_credits = row.get(3);
-            audit.fence_regressions = row.get(4);
+            audit.hold_mismatches = row.get(3);
+            audit.pending_credits = row.get(4);
+            audit.fence_regressions = row.get(5);
             audit.decisions = conn
                 .query("SELECT transfer_id, kind, state, amount FROM transfers", &[])
                 .await

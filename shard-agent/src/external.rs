@@ -7,18 +7,22 @@
 //! Two steps, so the provider always sees one reference per request:
 //! 1. **claim** (committed on its own): the Idempotency-Key and a `preparing`
 //!    record whose transfer ID is the provider's reference, with the payment token;
-//! 2. **settle**: call the provider with that reference, apply, decide. A
-//!    deposit holds no lock and no connection during the call: it reads the
-//!    account, calls, then applies in a short transaction that decides the
-//!    record only while it is still `preparing`. A withdrawal locks the record
-//!    and the user's row (not the clearing row, which every deposit of the shard
-//!    shares) across the call, so the funds it checked are still there when it
-//!    pays out.
+//! 2. **settle**, in three parts, none of which holds a lock or a connection
+//!    across the provider call:
+//!    - *lease* (a short transaction): the settler leases the record
+//!      (`settle_lease_ms`), so recovery does not ask the provider about it
+//!      meanwhile; a withdrawal also checks the funds and **holds** its amount
+//!      (`accounts.held`, which every debit respects: it checks
+//!      `balance - held`), so the funds are still there when it pays out;
+//!    - *call* the provider with the transfer ID as reference;
+//!    - *apply* (a short transaction): if the record is still `preparing`,
+//!      move the money (or not), release the hold and decide.
 //!
-//! Crash rule: if settling is cut after the provider answered, the record stays
-//! `preparing`; recovery settles it again with the same reference and token (a
-//! provider de-duplicates on the reference, so it answers as it did), never
-//! presuming an outcome. A retry meanwhile gets 409 `request_in_progress`.
+//! Crash rule: if settling is cut anywhere after the claim, the record stays
+//! `preparing` (with its hold, if taken); once its lease runs out recovery
+//! settles it again with the same reference and token (a provider
+//! de-duplicates on the reference, so it answers as it did), never presuming
+//! an outcome. A retry meanwhile gets 409 `request_in_progress`.
 
 use std::future::Future;
 use std::time::Duration;
@@ -62,12 +66,14 @@ pub enum ProviderVerdict {
     TimedOut,
 }
 
-/// What settling does once it holds the record: apply an outcome already
-/// known (a deposit asked its provider before), or lock the payer's row, check
-/// the funds and ask the provider under that lock (a withdrawal).
-enum Step<F> {
-    Decided(Option<FailureCode>),
-    CallLocked(F),
+/// What the lease found.
+enum Leased {
+    /// Decided already (by whoever), or refused while leasing: the answer.
+    Done(TransferRecord),
+    /// Another settler holds the lease: still `preparing`, in progress.
+    Busy(TransferRecord),
+    /// This settler holds the lease (and a withdrawal its funds): call.
+    Ready,
 }
 
 /// The refusal a provider's answer means, if any.
@@ -160,194 +166,164 @@ impl ShardAgent {
         F: FnOnce(TransferId) -> Fut,
         Fut: Future<Output = ProviderVerdict>,
     {
-        match order.direction {
-            Direction::Deposit => self.settle_deposit(order, tid, call_provider).await,
-            // A withdrawal keeps the payer's row locked across the provider
-            // call: the funds it checked must still be there when it pays out,
-            // and there is no reservation yet that every other debit respects.
-            Direction::Withdrawal => {
-                self.settle_txn(order, tid, Step::CallLocked(call_provider))
-                    .await
+        match self.lease_external(order, tid).await? {
+            Leased::Done(record) | Leased::Busy(record) => Ok(record),
+            Leased::Ready => {
+                let failure = failure_of(call_provider(tid).await);
+                self.apply_external(order, tid, failure).await
             }
         }
     }
 
-    /// A deposit holds no lock and no connection while the provider decides:
-    /// only money coming in depends on its answer, so the account is read
-    /// unlocked before the call and written after it, in a short transaction
-    /// that decides the record only if it is still `preparing`. Instead of the
-    /// row lock, a lease (`deposit_lease_ms`) keeps recovery from asking the
-    /// provider about the same deposit while the request waits on it.
-    async fn settle_deposit<F, Fut>(
-        &self,
-        order: &ExternalOrder,
-        tid: TransferId,
-        call_provider: F,
-    ) -> ShardResult<TransferRecord>
-    where
-        F: FnOnce(TransferId) -> Fut,
-        Fut: Future<Output = ProviderVerdict>,
-    {
-        let lease_ms = self.config().deposit_lease_ms;
-        let (current, currency, leased) = self
-            .timed("lease deposit", async {
-                let conn = self.conn().await?;
-                // Take the lease if the deposit is undecided and nobody holds
-                // it; otherwise read it as it stands: decided, or being settled
-                // by another (still `preparing`, answered as in progress).
-                let leased = conn
-                    .query_opt(
-                        &format!(
-                            "UPDATE transfers
-                                SET settle_lease_until = now() + make_interval(secs => $2)
-                              WHERE transfer_id = $1 AND state = 'preparing'
-                                AND (settle_lease_until IS NULL OR settle_lease_until < now())
-                             RETURNING {TRANSFER_COLUMNS}"
-                        ),
-                        &[&tid.0, &(lease_ms as f64 / 1000.0)],
-                    )
-                    .await
-                    .map_err(self.pg("lease external"))?;
-                let (current, leased) = match leased {
-                    Some(row) => (row, true),
-                    None => (
-                        conn.query_opt(
-                            &format!(
-                                "SELECT {TRANSFER_COLUMNS} FROM transfers WHERE transfer_id = $1"
-                            ),
-                            &[&tid.0],
-                        )
-                        .await
-                        .map_err(self.pg("read external"))?
-                        .ok_or_else(|| self.corrupt(format!("external transfer {tid} vanished")))?,
-                        false,
+    /// The lease, in one short transaction: take it if the record is
+    /// undecided and nobody holds it, check the account's currency, and for a
+    /// withdrawal whose funds are not held yet, check and hold them. A refusal
+    /// is decided here, with nothing moved.
+    async fn lease_external(&self, order: &ExternalOrder, tid: TransferId) -> ShardResult<Leased> {
+        let lease_ms = self.config().settle_lease_ms;
+        self.in_txn("lease external", async |conn| {
+            let leased = conn
+                .query_opt(
+                    &format!(
+                        "UPDATE transfers
+                            SET settle_lease_until = now() + make_interval(secs => $2)
+                          WHERE transfer_id = $1 AND state = 'preparing'
+                            AND (settle_lease_until IS NULL OR settle_lease_until < now())
+                         RETURNING {TRANSFER_COLUMNS}, funds_held"
                     ),
-                };
-                let currency: String = conn
-                    .query_opt(
-                        "SELECT currency FROM accounts WHERE user_id = $1",
-                        &[order.user.as_uuid()],
-                    )
+                    &[&tid.0, &(lease_ms as f64 / 1000.0)],
+                )
+                .await
+                .map_err(self.pg("lease external"))?;
+            let Some(leased) = leased else {
+                let current = self.locked_record(conn, tid, false).await?;
+                return Ok(match current.state {
+                    TransferState::Preparing => Leased::Busy(current),
+                    _ => Leased::Done(current),
+                });
+            };
+            let funds_held: bool = leased.get("funds_held");
+            let withdrawal = order.direction == Direction::Withdrawal;
+            // The user's row is locked only for a withdrawal that is about to
+            // hold funds, and only for this short transaction.
+            let account = conn
+                .query_opt(
+                    if withdrawal && !funds_held {
+                        "SELECT currency, balance - held AS available FROM accounts
+                          WHERE user_id = $1 FOR UPDATE"
+                    } else {
+                        "SELECT currency, balance - held AS available FROM accounts
+                          WHERE user_id = $1"
+                    },
+                    &[order.user.as_uuid()],
+                )
+                .await
+                .map_err(self.pg("read account"))?
+                .ok_or_else(|| self.corrupt(format!("user {} has no account", order.user)))?;
+            let currency: String = account.get("currency");
+            let available: Decimal = account.get("available");
+            let refusal = if currency.trim() != order.amount.currency().code() {
+                Some(FailureCode::CurrencyMismatch)
+            } else if withdrawal && !funds_held && available < order.amount.value() {
+                Some(FailureCode::InsufficientFunds)
+            } else {
+                None
+            };
+            if refusal.is_some() {
+                return self
+                    .decide_external(conn, order, tid, funds_held, refusal)
                     .await
-                    .map_err(self.pg("read account"))?
-                    .ok_or_else(|| self.corrupt(format!("user {} has no account", order.user)))?
-                    .get(0);
-                Ok((
-                    TransferRecord::from_row(self.id(), &current)?,
-                    currency,
-                    leased,
-                ))
-            })
-            .await?;
-        if current.state != TransferState::Preparing || !leased {
-            return Ok(current);
-        }
-        let failure = if currency.trim() != order.amount.currency().code() {
-            Some(FailureCode::CurrencyMismatch)
-        } else {
-            failure_of(call_provider(tid).await)
-        };
-        self.settle_txn::<F, Fut>(order, tid, Step::Decided(failure))
-            .await
-    }
-
-    /// The settling transaction: lock the record; if it is still `preparing`,
-    /// take the step and apply its outcome. Bounded as a whole (a provider call
-    /// has its own, shorter bound): a cancelled settlement drops its
-    /// connection, and recovery settles it later.
-    async fn settle_txn<F, Fut>(
-        &self,
-        order: &ExternalOrder,
-        tid: TransferId,
-        step: Step<F>,
-    ) -> ShardResult<TransferRecord>
-    where
-        F: FnOnce(TransferId) -> Fut,
-        Fut: Future<Output = ProviderVerdict>,
-    {
-        self.timed("settle external", async {
-            let mut conn = self.conn().await?;
-            conn.begin(self.id()).await?;
-            match self.settle_in_txn(&conn, order, tid, step).await {
-                Ok(record) => {
-                    conn.batch_execute("COMMIT")
-                        .await
-                        .map_err(self.pg("commit external"))?;
-                    conn.ended();
-                    Ok(record)
-                }
-                Err(e) => {
-                    conn.rollback_quietly().await;
-                    Err(e)
-                }
+                    .map(Leased::Done);
             }
+            if withdrawal && !funds_held {
+                conn.execute(
+                    "WITH h AS (UPDATE accounts SET held = held + $2 WHERE user_id = $1)
+                     UPDATE transfers SET funds_held = true WHERE transfer_id = $3",
+                    &[order.user.as_uuid(), &order.amount.value(), &tid.0],
+                )
+                .await
+                .map_err(self.pg("hold funds"))?;
+            }
+            Ok(Leased::Ready)
         })
         .await
     }
 
-    async fn settle_in_txn<F, Fut>(
-        &self,
-        conn: &Conn,
-        order: &ExternalOrder,
-        tid: TransferId,
-        step: Step<F>,
-    ) -> ShardResult<TransferRecord>
-    where
-        F: FnOnce(TransferId) -> Fut,
-        Fut: Future<Output = ProviderVerdict>,
-    {
-        let current = conn
-            .query_opt(
-                &format!(
-                    "SELECT {TRANSFER_COLUMNS} FROM transfers WHERE transfer_id = $1 FOR UPDATE"
-                ),
-                &[&tid.0],
-            )
-            .await
-            .map_err(self.pg("lock external"))?
-            .ok_or_else(|| self.corrupt(format!("external transfer {tid} vanished")))?;
-        let current = TransferRecord::from_row(self.id(), &current)?;
-        if current.state != TransferState::Preparing {
-            return Ok(current);
-        }
-        let failure = match step {
-            Step::Decided(failure) => failure,
-            Step::CallLocked(call_provider) => {
-                let locked = conn
-                    .query_opt(
-                        "SELECT currency, balance FROM accounts WHERE user_id = $1 FOR UPDATE",
-                        &[order.user.as_uuid()],
-                    )
-                    .await
-                    .map_err(self.pg("lock account"))?
-                    .ok_or_else(|| self.corrupt(format!("user {} has no account", order.user)))?;
-                let currency: String = locked.get("currency");
-                let balance: Decimal = locked.get("balance");
-                if currency.trim() != order.amount.currency().code() {
-                    Some(FailureCode::CurrencyMismatch)
-                } else if balance < order.amount.value() {
-                    Some(FailureCode::InsufficientFunds)
-                } else {
-                    failure_of(call_provider(tid).await)
-                }
-            }
-        };
-        fail::fail_point!("external-after-provider", |_| Err(
-            crate::error::ShardError::Unavailable {
-                shard: self.id(),
-                reason: "failpoint external-after-provider".into(),
-            }
-        ));
-        self.apply_external(conn, order, tid, failure).await
-    }
-
+    /// After the provider answered, in one short transaction: if the record is
+    /// still `preparing`, apply the answer. Bounded as a whole (a provider
+    /// call has its own, shorter bound): a cancelled settlement drops its
+    /// connection, and recovery settles it later.
     async fn apply_external(
         &self,
-        conn: &Conn,
         order: &ExternalOrder,
         tid: TransferId,
         failure: Option<FailureCode>,
     ) -> ShardResult<TransferRecord> {
+        self.in_txn("settle external", async |conn| {
+            let current = conn
+                .query_one(
+                    &format!(
+                        "SELECT {TRANSFER_COLUMNS}, funds_held FROM transfers
+                          WHERE transfer_id = $1 FOR UPDATE"
+                    ),
+                    &[&tid.0],
+                )
+                .await
+                .map_err(self.pg("lock external"))?;
+            let funds_held: bool = current.get("funds_held");
+            let current = TransferRecord::from_row(self.id(), &current)?;
+            if current.state != TransferState::Preparing {
+                return Ok(current);
+            }
+            fail::fail_point!("external-after-provider", |_| Err(
+                crate::error::ShardError::Unavailable {
+                    shard: self.id(),
+                    reason: "failpoint external-after-provider".into(),
+                }
+            ));
+            self.decide_external(conn, order, tid, funds_held, failure)
+                .await
+        })
+        .await
+    }
+
+    /// The record as it stands, locked if `lock`.
+    async fn locked_record(
+        &self,
+        conn: &Conn,
+        tid: TransferId,
+        lock: bool,
+    ) -> ShardResult<TransferRecord> {
+        let row = conn
+            .query_opt(
+                &format!(
+                    "SELECT {TRANSFER_COLUMNS} FROM transfers WHERE transfer_id = $1{}",
+                    if lock { " FOR UPDATE" } else { "" }
+                ),
+                &[&tid.0],
+            )
+            .await
+            .map_err(self.pg("read external"))?
+            .ok_or_else(|| self.corrupt(format!("external transfer {tid} vanished")))?;
+        TransferRecord::from_row(self.id(), &row)
+    }
+
+    /// Moves the money of an approved payment (user and clearing account, with
+    /// their ledger entries), releases a withdrawal's hold, and decides the
+    /// record.
+    async fn decide_external(
+        &self,
+        conn: &Conn,
+        order: &ExternalOrder,
+        tid: TransferId,
+        funds_held: bool,
+        failure: Option<FailureCode>,
+    ) -> ShardResult<TransferRecord> {
+        let release = if funds_held {
+            order.amount.value()
+        } else {
+            Decimal::ZERO
+        };
         if failure.is_none() {
             let signed = match order.direction {
                 Direction::Deposit => order.amount.value(),
@@ -359,7 +335,8 @@ impl ShardAgent {
             };
             let written = conn
                 .execute(
-                    "WITH u AS (UPDATE accounts SET balance = balance + $1 WHERE user_id = $2
+                    "WITH u AS (UPDATE accounts SET balance = balance + $1, held = held - $9
+                                WHERE user_id = $2
                                 RETURNING account_id, balance),
                           c AS (UPDATE accounts SET balance = balance - $1
                                 WHERE kind = 'clearing' AND currency = $3
@@ -368,13 +345,20 @@ impl ShardAgent {
                      SELECT account_id, $4::uuid, $5::text, $1::numeric, balance, $6::text FROM u
                      UNION ALL
                      SELECT account_id, $4::uuid, 'clearing', $7::numeric, balance, $8::text FROM c",
-                    &[&signed, order.user.as_uuid(), &order.amount.currency().code(), &tid.0, &kind, &order.provider, &-signed, &order.username],
+                    &[&signed, order.user.as_uuid(), &order.amount.currency().code(), &tid.0, &kind, &order.provider, &-signed, &order.username, &release],
                 )
                 .await
                 .map_err(self.pg("apply external"))?;
             if written != 2 {
                 return Err(self.corrupt(format!("external {tid} wrote {written} ledger entries")));
             }
+        } else if funds_held {
+            conn.execute(
+                "UPDATE accounts SET held = held - $2 WHERE user_id = $1",
+                &[order.user.as_uuid(), &release],
+            )
+            .await
+            .map_err(self.pg("release held funds"))?;
         }
         let (state, code) = match failure {
             None => ("committed", None),
@@ -383,7 +367,8 @@ impl ShardAgent {
         let row = conn
             .query_one(
                 &format!(
-                    "UPDATE transfers SET state = $2, failure_code = $3, decided_at = now()
+                    "UPDATE transfers SET state = $2, failure_code = $3, decided_at = now(),
+                                         funds_held = false
                      WHERE transfer_id = $1 RETURNING {TRANSFER_COLUMNS}"
                 ),
                 &[&tid.0, &state, &code],

@@ -82,7 +82,7 @@ pub struct PendingStats {
 
 const DEBIT_SQL: &str = "WITH a AS (
        UPDATE accounts SET balance = balance - $1, last_fence = $4
-       WHERE user_id = $2 AND currency = $3 AND balance >= $1 AND (NOT $7 OR last_fence < $4)
+       WHERE user_id = $2 AND currency = $3 AND balance - held >= $1 AND (NOT $7 OR last_fence < $4)
        RETURNING account_id, balance)
      INSERT INTO ledger_entries (account_id, transfer_id, kind, amount, balance_after, counterparty, fence)
      SELECT account_id, $5, 'transfer_debit', -$1::numeric, balance, $6, $4 FROM a

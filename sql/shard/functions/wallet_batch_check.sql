@@ -29,7 +29,9 @@
 --   3. Accounts are locked in user-ID order (with the shard order the
 --      coordinator keeps, one global order), so two groups never wait on each
 --      other in a cycle; the legs are then checked against the locked rows:
---      recipient_not_found, currency_mismatch, insufficient_funds, the first
+--      recipient_not_found, currency_mismatch, insufficient_funds (against
+--      the balance less what is held: a withdrawal waiting on its provider
+--      holds its amount), the first
 --      by wallet_first_failure's order whichever leg finds it. A transfer an
 --      earlier shard refused for a lower-ranked reason is read here (unlocked)
 --      for a higher-ranked one. A payer without an account raises WL008.
@@ -107,7 +109,7 @@ BEGIN
     SELECT coalesce(array_agg(l.user_id), '{}'), coalesce(array_agg(l.currency::text), '{}'),
            coalesce(array_agg(l.balance), '{}')
       INTO v_ids, v_currencies, v_balances
-      FROM (SELECT user_id, currency, balance FROM accounts
+      FROM (SELECT user_id, currency, balance - held AS balance FROM accounts
              WHERE user_id = ANY (ARRAY(SELECT p_user[x] FROM generate_subscripts(p_user, 1) AS x
                                         WHERE v_out[x] IS NULL))
              ORDER BY user_id FOR UPDATE) AS l;
