@@ -448,3 +448,41 @@ async fn a_credit_that_cannot_land_is_shown_in_doubt_and_lands_once_redis_is_bac
         .expect("read shards");
     assert_eq!(snap.violations(true), Vec::<String>::new());
 }
+
+/// A grant locks all of a transfer's accounts in one round trip or none: a
+/// transfer that finds one account locked holds nothing while it waits, and
+/// each grant's token is above every earlier one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_grant_locks_every_account_of_a_transfer_or_none() {
+    let _serial = SERIAL.lock().await;
+    let mut config = with_redis(TestCluster::provision(2, test_limits()).await).await;
+    if let Some(r) = config.redis.as_mut() {
+        r.lock_wait_ms = 300;
+    }
+    let cluster = TestCluster::serve(config).await;
+    let locks = cluster.coordinator.locks().expect("a lock service").clone();
+    let (a, b) = (
+        router::UserId::for_username("grant_a"),
+        router::UserId::for_username("grant_b"),
+    );
+    let holding_b = locks.acquire(&[b]).await.expect("b alone");
+    let err = locks
+        .acquire(&[a, b])
+        .await
+        .expect_err("b is held, so neither is granted");
+    assert!(
+        matches!(err, coordinator::redis_lock::LockError::NotGranted { .. }),
+        "{err}"
+    );
+    let holding_a = locks
+        .acquire(&[a])
+        .await
+        .expect("a was not left locked by the refused grant");
+    assert!(holding_a.fence(a) > holding_b.fence(b), "tokens only grow");
+    assert_eq!(holding_a.fence(b), None, "a grant fences only its accounts");
+    locks.release(holding_a).await;
+    locks.release(holding_b).await;
+    let both = locks.acquire(&[b, a]).await.expect("both, once free");
+    assert_eq!(both.fence(a), both.fence(b), "one token per grant");
+    locks.release(both).await;
+}

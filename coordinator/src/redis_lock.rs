@@ -1,9 +1,12 @@
 //! Redis locks with fencing tokens, for the Redis-lock mode.
 //!
-//! A lock is `SET <prefix>lock:<user> <owner> NX PX <ttl>`, taken per account in
-//! sorted order (so two transfers never wait on each other in a cycle) and released
-//! by compare-and-delete (a holder whose lock expired cannot release its
-//! successor's). Each grant returns a fencing token that every shard write checks.
+//! A grant locks every account of a transfer at once, in one round trip: each
+//! lock is `<prefix>lock:<user>` set to the grant's owner with a TTL, and
+//! either all of them are free and taken, or none is (so a transfer never holds
+//! one lock while it waits for another, and two transfers cannot wait on each
+//! other in a cycle). Releasing is one compare-and-delete round trip (a holder
+//! whose lock expired cannot release its successor's). Each grant returns one
+//! fencing token that every shard write under it checks.
 //!
 //! Tokens are the Redis server's clock in microseconds, forced strictly above
 //! the high-water key `<prefix>fence`, the last token issued. Tokens must never
@@ -30,22 +33,28 @@ use router::UserId;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
-/// Grants a lock and its token, `false` when the lock is held, or `-1` when the
-/// high-water key is missing (nothing granted: it must be seeded first).
+/// Grants the locks KEYS[2..] (all of them, or none) and their token: `false`
+/// when one of them is held, or `-1` when the high-water key KEYS[1] is missing
+/// (nothing granted: it must be seeded first). ARGV: the grant's owner, the TTL.
 const ACQUIRE_LUA: &str = r"
-local stored = redis.call('GET', KEYS[2])
+local stored = redis.call('GET', KEYS[1])
 if not stored then
   return -1
 end
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  local last = tonumber(stored)
-  local fence = math.max(now, last + 1)
-  redis.call('SET', KEYS[2], string.format('%.0f', fence))
-  return fence
+for i = 2, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    return false
+  end
 end
-return false
+for i = 2, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local last = tonumber(stored)
+local fence = math.max(now, last + 1)
+redis.call('SET', KEYS[1], string.format('%.0f', fence))
+return fence
 ";
 
 /// Raises the high-water key to at least ARGV[1]; never lowers it. A missing
@@ -66,11 +75,15 @@ end
 return 1
 ";
 
+/// Deletes each of KEYS that still belongs to the grant ARGV[1].
 const RELEASE_LUA: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+local released = 0
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then
+    released = released + redis.call('DEL', KEYS[i])
+  end
 end
-return 0
+return released
 ";
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -129,23 +142,22 @@ pub enum LockError {
     Unavailable(String),
     #[error("fencing token source not seeded: {0}")]
     Unseeded(String),
-    #[error("lock on {user} not granted within {waited_ms} ms")]
-    NotGranted { user: UserId, waited_ms: u64 },
+    #[error("locks on {users:?} not granted within {waited_ms} ms")]
+    NotGranted { users: Vec<UserId>, waited_ms: u64 },
 }
 
-/// The locks of one transfer: `(user, owner token, fencing token)` per account.
+/// The locks of one grant: its accounts, its owner token and its fencing token.
 #[derive(Debug)]
 pub struct Held {
-    locks: Vec<(UserId, String, i64)>,
+    users: Vec<UserId>,
+    owner: String,
+    fence: i64,
 }
 
 impl Held {
     /// The fencing token of the lock on `user`'s account.
     pub fn fence(&self, user: UserId) -> Option<i64> {
-        self.locks
-            .iter()
-            .find(|(u, _, _)| *u == user)
-            .map(|(_, _, f)| *f)
+        self.users.contains(&user).then_some(self.fence)
     }
 }
 
@@ -263,39 +275,23 @@ impl LockService {
         format!("{}lock:{}", self.config.key_prefix, user)
     }
 
-    /// Locks every account in `users` (sorted, deduplicated), waiting up to
-    /// `lock_wait_ms` for each. On failure nothing stays locked.
+    /// Locks every account in `users` at once, all or none, retrying for up
+    /// to `lock_wait_ms` while one of them is held.
     pub async fn acquire(&self, users: &[UserId]) -> Result<Held, LockError> {
-        let mut sorted = users.to_vec();
-        sorted.sort();
-        sorted.dedup();
-        let mut held = Held {
-            locks: Vec::with_capacity(sorted.len()),
-        };
-        for user in sorted {
-            match self.acquire_one(user).await {
-                Ok((owner, fence)) => held.locks.push((user, owner, fence)),
-                Err(e) => {
-                    self.release(held).await;
-                    return Err(e);
-                }
-            }
-        }
-        Ok(held)
-    }
-
-    async fn acquire_one(&self, user: UserId) -> Result<(String, i64), LockError> {
+        let mut users = users.to_vec();
+        users.sort();
+        users.dedup();
         let owner = uuid::Uuid::new_v4().simple().to_string();
-        let fence_key = self.fence_key();
         let mut seeds = 0;
         let deadline =
             tokio::time::Instant::now() + Duration::from_millis(self.config.lock_wait_ms);
         let mut c = self.conn().await?;
         loop {
-            let granted: Option<i64> = self
-                .acquire
-                .key(self.key(user))
-                .key(&fence_key)
+            let mut call = self.acquire.key(self.fence_key());
+            for user in &users {
+                call.key(self.key(*user));
+            }
+            let granted: Option<i64> = call
                 .arg(&owner)
                 .arg(self.config.lock_ttl_ms)
                 .invoke_async(&mut c)
@@ -312,12 +308,18 @@ impl LockService {
                         "high-water key still missing after {SEED_ATTEMPTS_MAX} seedings"
                     )))
                 }
-                Some(fence) => return Ok((owner, fence)),
+                Some(fence) => {
+                    return Ok(Held {
+                        users,
+                        owner,
+                        fence,
+                    })
+                }
                 None => {}
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(LockError::NotGranted {
-                    user,
+                    users,
                     waited_ms: self.config.lock_wait_ms,
                 });
             }
@@ -326,20 +328,18 @@ impl LockService {
         }
     }
 
-    /// Releases what is still ours; a lock that expired (and may be someone
-    /// else's now) is left alone. Errors are ignored: the TTL frees the lock.
+    /// Releases what is still ours, in one round trip; a lock that expired
+    /// (and may be someone else's now) is left alone. Errors are ignored: the
+    /// TTL frees the locks.
     pub async fn release(&self, held: Held) {
         let Ok(mut c) = self.conn().await else { return };
-        for (user, owner, _) in held.locks.into_iter().rev() {
-            let released: Result<i64, _> = self
-                .release
-                .key(self.key(user))
-                .arg(&owner)
-                .invoke_async(&mut c)
-                .await;
-            if let Err(e) = released {
-                tracing::debug!(%e, %user, "lock release failed; its TTL will free it");
-            }
+        let mut call = self.release.prepare_invoke();
+        for user in &held.users {
+            call.key(self.key(*user));
+        }
+        let released: Result<i64, _> = call.arg(&held.owner).invoke_async(&mut c).await;
+        if let Err(e) = released {
+            tracing::debug!(%e, users = ?held.users, "lock release failed; their TTL will free them");
         }
     }
 }
