@@ -41,6 +41,7 @@ DECLARE
     v_account uuid[] := array_fill(NULL::uuid, ARRAY[n]);
     v_balance numeric[] := array_fill(NULL::numeric, ARRAY[n]);
     v_at int;
+    v_pointed uuid;
     i int;
 BEGIN
     -- Each account's total change: one update per account for the group.
@@ -86,37 +87,37 @@ BEGIN
       FROM generate_subscripts(p_transfer, 1) AS x
      WHERE p_outcome[x] IS NULL
      ORDER BY x;
+    -- The records written, each the answer to its own transfer: a refusal's
+    -- verdict is its failure code.
     RETURN QUERY
-    WITH recorded AS (
-        INSERT INTO transfers (transfer_id, kind, mode, from_user, from_username, to_user,
-                               to_username, amount, currency, state, failure_code, participants,
-                               decided_at)
-        SELECT p_transfer[x], 'transfer', p_mode, p_user[x], p_user_name[x], p_party[x],
-               p_party_name[x], p_amount[x], p_currency[x],
-               CASE WHEN p_outcome[x] IS NULL THEN 'committed' ELSE 'aborted' END, p_outcome[x],
-               p_participants,
-               statement_timestamp()
-          FROM generate_subscripts(p_transfer, 1) AS x
-         WHERE p_debit[x] AND (p_outcome[x] IS NULL OR strpos(p_outcome[x], ':') = 0)
-        RETURNING *
-    ), answered AS (
-        SELECT x, CASE WHEN p_outcome[x] LIKE 'replay:%' OR p_outcome[x] LIKE 'in_progress:%'
-                       THEN split_part(p_outcome[x], ':', 2)::uuid
-                       WHEN p_outcome[x] IS NULL OR strpos(p_outcome[x], ':') = 0
-                       THEN p_transfer[x] END AS record_id
-          FROM generate_subscripts(p_transfer, 1) AS x
-         WHERE p_debit[x]
-    ), records AS (
-        SELECT * FROM recorded
-        UNION ALL
-        SELECT t.* FROM transfers t
-         WHERE t.transfer_id = ANY (ARRAY(SELECT record_id FROM answered a
-                                           WHERE a.record_id <> p_transfer[a.x]))
-    )
-    SELECT p_transfer[a.x], p_outcome[a.x], r.transfer_id, r.kind, r.mode, r.from_user,
-           r.from_username, r.to_user, r.to_username, r.amount, r.currency::text, r.state,
-           r.failure_code, r.participants, r.created_at, r.decided_at
-      FROM answered a LEFT JOIN records r ON r.transfer_id = a.record_id
-     ORDER BY a.x;
+    INSERT INTO transfers AS t (transfer_id, kind, mode, from_user, from_username, to_user,
+                                to_username, amount, currency, state, failure_code,
+                                participants, decided_at)
+    SELECT p_transfer[x], 'transfer', p_mode, p_user[x], p_user_name[x], p_party[x],
+           p_party_name[x], p_amount[x], p_currency[x],
+           CASE WHEN p_outcome[x] IS NULL THEN 'committed' ELSE 'aborted' END, p_outcome[x],
+           p_participants,
+           statement_timestamp()
+      FROM generate_subscripts(p_transfer, 1) AS x
+     WHERE p_debit[x] AND (p_outcome[x] IS NULL OR strpos(p_outcome[x], ':') = 0)
+     ORDER BY x
+    RETURNING t.transfer_id, t.failure_code, t.transfer_id, t.kind, t.mode, t.from_user,
+              t.from_username, t.to_user, t.to_username, t.amount, t.currency::text, t.state,
+              t.failure_code, t.participants, t.created_at, t.decided_at;
+    -- The answers that wrote nothing (rare: a retry, a session gone), with
+    -- the record a replayed or in-progress key points at.
+    FOR i IN 1..n LOOP
+        CONTINUE WHEN NOT p_debit[i] OR p_outcome[i] IS NULL OR strpos(p_outcome[i], ':') = 0;
+        v_pointed := NULL;
+        IF p_outcome[i] LIKE 'replay:%' OR p_outcome[i] LIKE 'in_progress:%' THEN
+            v_pointed := split_part(p_outcome[i], ':', 2)::uuid;
+        END IF;
+        RETURN QUERY
+        SELECT p_transfer[i], p_outcome[i], t.transfer_id, t.kind, t.mode, t.from_user,
+               t.from_username, t.to_user, t.to_username, t.amount, t.currency::text, t.state,
+               t.failure_code, t.participants, t.created_at, t.decided_at
+          FROM (SELECT 1) AS one
+          LEFT JOIN transfers t ON t.transfer_id = v_pointed;
+    END LOOP;
 END
 $$;
