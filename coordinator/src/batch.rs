@@ -138,31 +138,7 @@ impl Job {
     }
 
     fn legs(&self) -> [BatchLeg; 2] {
-        let o = &self.order;
-        [
-            BatchLeg {
-                tid: self.tid,
-                debit: true,
-                user: o.from,
-                user_name: o.from_username.clone(),
-                party: o.to,
-                party_name: o.to_username.clone(),
-                amount: o.amount,
-                key: Some(o.key.clone()),
-                session: self.session.clone(),
-            },
-            BatchLeg {
-                tid: self.tid,
-                debit: false,
-                user: o.to,
-                user_name: o.to_username.clone(),
-                party: o.from,
-                party_name: o.from_username.clone(),
-                amount: o.amount,
-                key: None,
-                session: None,
-            },
-        ]
+        BatchLeg::both(self.tid, &self.order, self.session.clone())
     }
 }
 

@@ -35,7 +35,7 @@ use crate::gid::Gid;
 use crate::idempotency::{broken_skip_idempotency, IdempotencyKey};
 use crate::money::{Amount, Currency};
 use crate::records::{FailureCode, TransferId, TransferRecord};
-use crate::transfer::Submitted;
+use crate::transfer::{Submitted, TransferOrder};
 
 /// The columns of a group's answers (`wallet_batch_apply`).
 const ANSWER_COLUMNS: &str = "for_transfer, verdict, transfer_id, kind, mode, from_user, \
@@ -65,6 +65,37 @@ pub struct BatchLeg {
     /// On the debit leg of a payer the coordinator has not verified: the SHA-256
     /// of their session token, which the check reads on this shard (`wallet_batch_check`).
     pub session: Option<Vec<u8>>,
+}
+
+impl BatchLeg {
+    /// A transfer's two legs, debit first. `session`: the payer's token hash
+    /// while their session is unread.
+    pub fn both(tid: TransferId, order: &TransferOrder, session: Option<Vec<u8>>) -> [BatchLeg; 2] {
+        [
+            BatchLeg {
+                tid,
+                debit: true,
+                user: order.from,
+                user_name: order.from_username.clone(),
+                party: order.to,
+                party_name: order.to_username.clone(),
+                amount: order.amount,
+                key: Some(order.key.clone()),
+                session,
+            },
+            BatchLeg {
+                tid,
+                debit: false,
+                user: order.to,
+                user_name: order.to_username.clone(),
+                party: order.from,
+                party_name: order.from_username.clone(),
+                amount: order.amount,
+                key: None,
+                session: None,
+            },
+        ]
+    }
 }
 
 /// What a leg's check found, and then a transfer's outcome over all its legs.

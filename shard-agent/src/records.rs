@@ -83,6 +83,19 @@ pub enum FailureCode {
 }
 
 impl FailureCode {
+    /// Every code.
+    pub const ALL: [FailureCode; 9] = [
+        FailureCode::InsufficientFunds,
+        FailureCode::RecipientNotFound,
+        FailureCode::CurrencyMismatch,
+        FailureCode::ShardUnavailable,
+        FailureCode::ShardBusy,
+        FailureCode::CoordinatorTimeout,
+        FailureCode::PaymentDeclined,
+        FailureCode::PaymentTimeout,
+        FailureCode::LockUnavailable,
+    ];
+
     /// The one order of business refusals (lower first): a transfer that fails
     /// several checks, on one shard or on two, is answered with the first.
     /// `wallet_first_failure` (sql/shard/functions) orders legs on one shard the
@@ -134,18 +147,8 @@ impl FailureCode {
 impl FromStr for FailureCode {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        const ALL: [FailureCode; 9] = [
-            FailureCode::InsufficientFunds,
-            FailureCode::RecipientNotFound,
-            FailureCode::CurrencyMismatch,
-            FailureCode::ShardUnavailable,
-            FailureCode::ShardBusy,
-            FailureCode::CoordinatorTimeout,
-            FailureCode::PaymentDeclined,
-            FailureCode::PaymentTimeout,
-            FailureCode::LockUnavailable,
-        ];
-        ALL.into_iter()
+        FailureCode::ALL
+            .into_iter()
             .find(|c| c.as_str() == s)
             .ok_or_else(|| format!("unknown failure code {s:?}"))
     }

@@ -686,37 +686,12 @@ async fn a_later_shard_outranks_an_earlier_lower_refusal() {
 async fn a_fault_abort_is_retried_afresh_in_the_group_and_any_other_outcome_replayed() {
     let p = pair().await;
     let payee = user(&p.a, "fresh_payee", "0").await;
-    let codes = [
-        FailureCode::InsufficientFunds,
-        FailureCode::RecipientNotFound,
-        FailureCode::CurrencyMismatch,
-        FailureCode::ShardUnavailable,
-        FailureCode::ShardBusy,
-        FailureCode::CoordinatorTimeout,
-        FailureCode::PaymentDeclined,
-        FailureCode::PaymentTimeout,
-        FailureCode::LockUnavailable,
-    ];
+    let codes = FailureCode::ALL;
     for (i, code) in codes.into_iter().enumerate() {
         let payer = user(&p.a, &format!("fresh_payer{i}"), "10").await;
         let k = format!("fresh-{i}");
         // An earlier attempt under the same key, aborted with `code`.
-        let new = shard_agent::idempotency::NewTransfer {
-            kind: shard_agent::TransferKind::Transfer,
-            mode: shard_agent::Mode::Redis,
-            from_user: Some(payer),
-            from_username: Some("payer".into()),
-            to_user: Some(payee),
-            to_username: Some("payee".into()),
-            amount: usd("1").value(),
-            currency: Currency::Usd,
-            legs: None,
-            payment_token: None,
-        };
-        let earlier = match p.a.claim(&key(payer, &k), &new).await.expect("claim") {
-            shard_agent::idempotency::Claim::Started(r) => r.transfer_id,
-            other => panic!("a new key: {other:?}"),
-        };
+        let earlier = claim_outside_a_group(&p.a, payer, payee, &k).await;
         p.a.decide(earlier, shard_agent::two_pc::decide::Decision::Abort(code))
             .await
             .expect("abort");
@@ -769,6 +744,27 @@ async fn a_reused_key_and_a_key_in_progress_are_answered_by_the_group() {
         Some(Verdict::Answered(Answer::KeyReused))
     );
     // A transfer still being decided (a Redis-mode claim, say).
+    let pending = claim_outside_a_group(&p.a, payer, payee, "ip").await;
+    let tid = TransferId::generate();
+    let answers =
+        p.a.transfer_local_batch(&legs(tid, payer, payee, "1", "ip"), LOCK_WAIT_MS)
+            .await
+            .expect("in progress");
+    assert_eq!(
+        verdict(&answers, tid),
+        Some(Verdict::Answered(Answer::InProgress(pending)))
+    );
+    assert_eq!(balance(&p.a, payer).await, Decimal::from(9));
+}
+
+/// A transfer under key `k` claimed outside a group (as a Redis-mode transfer
+/// is), still `preparing`; returns its ID.
+async fn claim_outside_a_group(
+    agent: &shard_agent::ShardAgent,
+    payer: UserId,
+    payee: UserId,
+    k: &str,
+) -> TransferId {
     let new = shard_agent::idempotency::NewTransfer {
         kind: shard_agent::TransferKind::Transfer,
         mode: shard_agent::Mode::Redis,
@@ -781,18 +777,8 @@ async fn a_reused_key_and_a_key_in_progress_are_answered_by_the_group() {
         legs: None,
         payment_token: None,
     };
-    let pending = match p.a.claim(&key(payer, "ip"), &new).await.expect("claim") {
+    match agent.claim(&key(payer, k), &new).await.expect("claim") {
         shard_agent::idempotency::Claim::Started(r) => r.transfer_id,
         other => panic!("a new key: {other:?}"),
-    };
-    let tid = TransferId::generate();
-    let answers =
-        p.a.transfer_local_batch(&legs(tid, payer, payee, "1", "ip"), LOCK_WAIT_MS)
-            .await
-            .expect("in progress");
-    assert_eq!(
-        verdict(&answers, tid),
-        Some(Verdict::Answered(Answer::InProgress(pending)))
-    );
-    assert_eq!(balance(&p.a, payer).await, Decimal::from(9));
+    }
 }

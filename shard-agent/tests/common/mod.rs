@@ -97,30 +97,7 @@ pub async fn user(agent: &ShardAgent, name: &str, funds: &str) -> UserId {
 /// as the coordinator answers it; panics on an answer without a record.
 pub async fn transfer_alone(agent: &ShardAgent, o: &TransferOrder) -> Submitted {
     let tid = TransferId::generate();
-    let legs = [
-        BatchLeg {
-            tid,
-            debit: true,
-            user: o.from,
-            user_name: o.from_username.clone(),
-            party: o.to,
-            party_name: o.to_username.clone(),
-            amount: o.amount,
-            key: Some(o.key.clone()),
-            session: None,
-        },
-        BatchLeg {
-            tid,
-            debit: false,
-            user: o.to,
-            user_name: o.to_username.clone(),
-            party: o.from,
-            party_name: o.from_username.clone(),
-            amount: o.amount,
-            key: None,
-            session: None,
-        },
-    ];
+    let legs = BatchLeg::both(tid, o, None);
     let answers = agent
         .transfer_local_batch(&legs, 2_000)
         .await
