@@ -58,8 +58,16 @@ async fn two_users(config: coordinator::config::Config, payer_lower: bool) -> Tw
 }
 
 async fn crash_at(point: &'static str, decided_commit: bool) {
+    crash_in(false, point, decided_commit).await
+}
+
+/// `crash_at` in Redis-lock mode (`redis`) or 2PC mode.
+async fn crash_in(redis: bool, point: &'static str, decided_commit: bool) {
     let _serial = SERIAL.lock().await;
     let mut config = TestCluster::provision(4, test_limits()).await;
+    if redis {
+        config = testkit::with_redis(config).await;
+    }
     config.agent.lock_timeout_ms = 500;
     config.limits.in_doubt_after_ms = 1_000;
     let TwoUsers {
@@ -160,7 +168,27 @@ async fn a_coordinator_dead_before_answering_a_committed_group_replays() {
     crash_at("batch-before-reply", true).await;
 }
 
-/// Every failpoint of the protocol has its crash test above.
+// Redis-lock mode's cross-shard transfers (not groups yet), step by step:
+// before the debit the outcome is abort (recovery aborts the `preparing`
+// record as `coordinator_timeout`, a fault, so the retry runs afresh); from the
+// debit on it is commit (recovery applies the pending credit).
+
+#[tokio::test]
+async fn redis_mode_a_coordinator_dead_holding_its_locks_leaves_nothing() {
+    crash_in(true, "redis-after-lock", false).await;
+}
+
+#[tokio::test]
+async fn redis_mode_a_coordinator_dead_between_debit_and_credit_is_forwarded() {
+    crash_in(true, "redis-between-legs", true).await;
+}
+
+#[tokio::test]
+async fn redis_mode_a_coordinator_dead_before_replying_replays() {
+    crash_in(true, "redis-before-reply", true).await;
+}
+
+/// Every failpoint of each protocol has its crash test above.
 #[test]
 fn every_step_of_the_protocol_is_crashed() {
     let tested = [
@@ -170,6 +198,12 @@ fn every_step_of_the_protocol_is_crashed() {
         "batch-before-reply",
     ];
     assert_eq!(coordinator::batch::FAILPOINTS, tested);
+    let tested = [
+        "redis-after-lock",
+        "redis-between-legs",
+        "redis-before-reply",
+    ];
+    assert_eq!(coordinator::redis_mode::FAILPOINTS, tested);
 }
 
 /// A transfer whose payer's row is held past `lock_timeout` (here by an open
