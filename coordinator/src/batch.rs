@@ -796,8 +796,10 @@ async fn cross(batch: Uuid, group: &[Job], run: Run) -> Result<Ran, CoordinatorE
             Checked::Failed(e) => Err(e),
         },
         Run::Alone => {
+            // A lone check may wait twice on a shard, for the key and for
+            // the account, each up to the shard's lock_timeout.
             check_in_order(&parts, group.len(), None, |agent| {
-                Duration::from_millis(agent.config().lock_timeout_ms + GROUP_CHECK_TIMEOUT_MS)
+                Duration::from_millis(2 * agent.config().lock_timeout_ms + GROUP_CHECK_TIMEOUT_MS)
             })
             .await
         }
@@ -947,7 +949,8 @@ const PARALLEL_LOCK_WAIT_MS: u64 = 50;
 const ORDERED_LOCK_WAIT_MS: u64 = 200;
 
 /// How long one shard may take to answer a group's check (a lone transfer's
-/// check: this beyond the shard's `lock_timeout`). A shard silent this long is
+/// check: this beyond twice the shard's `lock_timeout`, one wait for the key
+/// and one for the account). A shard silent this long is
 /// taken as unreachable: the group's members run alone and the shard is marked
 /// (`crate::suspects`), so it stalls one group, not the lane.
 pub const GROUP_CHECK_TIMEOUT_MS: u64 = 1_000;
@@ -980,7 +983,16 @@ async fn check_at_once<'a>(parts: &'a BTreeMap<ShardId, Part<'a>>, n: usize) -> 
                 }
                 open.push((txn, part));
             }
-            Err(e) => failure = Some(e),
+            // A shard that failed otherwise outranks a lock wait elsewhere:
+            // the group is then not merely busy, and the ordered check must
+            // not run into that shard's still-running statement.
+            Err(e) => {
+                let keep = matches!(&failure, Some(f) if !matches!(f, ShardError::LockTimeout { .. }))
+                    && matches!(e, ShardError::LockTimeout { .. });
+                if !keep {
+                    failure = Some(e);
+                }
+            }
         }
     }
     match failure {

@@ -290,6 +290,11 @@ impl Config {
         if self.shards.is_empty() {
             return Err("at least one shard is required".into());
         }
+        // PostgreSQL reads a lock_timeout of 0 as "wait forever": every lock
+        // wait must have its bound.
+        if self.agent.lock_timeout_ms == 0 {
+            return Err("agent.lock_timeout_ms must be at least 1".into());
+        }
         if self.limits.in_doubt_after_ms <= self.agent.lock_timeout_ms {
             return Err("limits.in_doubt_after_ms must exceed agent.lock_timeout_ms".into());
         }
@@ -364,5 +369,16 @@ mod tests {
         config.lock_mode = LockMode::Redis;
         config.redis = None;
         assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn a_lock_timeout_of_zero_is_refused() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/compose-config.json");
+        let mut config = Config::load(&path).expect("valid");
+        config.agent.lock_timeout_ms = 0;
+        let refused = config
+            .validate()
+            .expect_err("0 means no bound to PostgreSQL");
+        assert!(refused.contains("lock_timeout_ms"), "{refused}");
     }
 }

@@ -34,7 +34,7 @@ use crate::error::{ShardError, ShardResult};
 use crate::gid::Gid;
 use crate::idempotency::{broken_skip_idempotency, IdempotencyKey};
 use crate::money::{Amount, Currency};
-use crate::records::{FailureCode, TransferId, TransferRecord};
+use crate::records::{FailureCode, TransferId, TransferRecord, TransferState};
 use crate::transfer::{Submitted, TransferOrder};
 
 /// The columns of a group's answers (`wallet_batch_apply`).
@@ -220,6 +220,12 @@ impl GroupAnswer {
         Ok(match (self.verdict, self.record) {
             (Verdict::Pass | Verdict::Refused(_), Some(r)) => Ok(Submitted::New(r)),
             (Verdict::Answered(Answer::Replay(_)), Some(r)) => Ok(Submitted::Replayed(r)),
+            // Read after the check: decided meanwhile, it is a replay.
+            (Verdict::Answered(Answer::InProgress(_)), Some(r))
+                if r.state != TransferState::Preparing =>
+            {
+                Ok(Submitted::Replayed(r))
+            }
             (Verdict::Answered(Answer::InProgress(_)), Some(r)) => Ok(Submitted::InProgress(r)),
             (Verdict::Answered(Answer::KeyReused), _) => Ok(Submitted::KeyReused),
             (
@@ -617,5 +623,39 @@ mod tests {
     /// [`Verdict::from_sql`] without an agent (its error needs one).
     fn parse(text: Option<&str>) -> Option<Verdict> {
         verdict_of(text)
+    }
+
+    #[test]
+    fn a_key_in_progress_whose_record_is_decided_by_now_is_a_replay() {
+        let shard = router::ShardId(0);
+        let record = |state| TransferRecord {
+            transfer_id: TransferId::generate(),
+            kind: crate::records::TransferKind::Transfer,
+            mode: crate::records::Mode::Redis,
+            from_user: None,
+            from_username: None,
+            to_user: None,
+            to_username: None,
+            amount: Decimal::ONE,
+            currency: Currency::Usd,
+            state,
+            failure_code: None,
+            participants: Vec::new(),
+            created_at: chrono::Utc::now(),
+            decided_at: None,
+        };
+        let answer = |state| GroupAnswer {
+            tid: TransferId::generate(),
+            verdict: Verdict::Answered(Answer::InProgress(TransferId::generate())),
+            record: Some(record(state)),
+        };
+        assert!(matches!(
+            answer(TransferState::Preparing).submitted(shard),
+            Ok(Ok(Submitted::InProgress(_)))
+        ));
+        assert!(matches!(
+            answer(TransferState::Committed).submitted(shard),
+            Ok(Ok(Submitted::Replayed(_)))
+        ));
     }
 }
