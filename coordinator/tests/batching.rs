@@ -1,4 +1,4 @@
-//! Batching through the API (coordinator/src/batch.rs): a burst of concurrent
+//! Batching through the API (coordinator/src/batch/): a burst of concurrent
 //! transfers, same-shard and cross-shard, with refusals, a payer who is also a
 //! payee, and a duplicate, is grouped however the lanes form their groups, and
 //! every transfer still gets its own answer: refused ones do not sink the others,
