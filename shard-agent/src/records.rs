@@ -310,17 +310,14 @@ mod tests {
 
     #[test]
     fn failure_codes_round_trip_through_their_names() {
-        for code in [
-            FailureCode::InsufficientFunds,
-            FailureCode::RecipientNotFound,
-            FailureCode::CurrencyMismatch,
-            FailureCode::ShardUnavailable,
-            FailureCode::ShardBusy,
-            FailureCode::CoordinatorTimeout,
-            FailureCode::PaymentDeclined,
-            FailureCode::PaymentTimeout,
-            FailureCode::LockUnavailable,
-        ] {
+        let names: std::collections::HashSet<&str> =
+            FailureCode::ALL.iter().map(|c| c.as_str()).collect();
+        assert_eq!(
+            names.len(),
+            FailureCode::ALL.len(),
+            "each code once, each its own name"
+        );
+        for code in FailureCode::ALL {
             assert_eq!(code.as_str().parse::<FailureCode>(), Ok(code));
         }
     }
