@@ -133,7 +133,7 @@ pub fn all(mode: LockMode) -> Vec<Scenario> {
     let mut out = Vec::new();
     let failpoints: Vec<&'static str> = match mode {
         LockMode::TwoPc => coordinator::batch::FAILPOINTS.to_vec(),
-        LockMode::Redis => coordinator::redis_mode::FAILPOINTS.to_vec(),
+        LockMode::Redis => coordinator::batch::REDIS_FAILPOINTS.to_vec(),
     };
     for name in failpoints {
         out.push(Scenario {

@@ -203,7 +203,7 @@ fn every_step_of_the_protocol_is_crashed() {
         "redis-between-legs",
         "redis-before-reply",
     ];
-    assert_eq!(coordinator::redis_mode::FAILPOINTS, tested);
+    assert_eq!(coordinator::batch::REDIS_FAILPOINTS, tested);
 }
 
 /// A transfer whose payer's row is held past `lock_timeout` (here by an open

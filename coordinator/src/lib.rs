@@ -3,9 +3,10 @@
 //! The coordinator serves the wallet API and moves money between shards.
 //!
 //! - [`service`]: the wallet's operations without HTTP ([`service::Coordinator`]).
-//! - [`batch`]: the one transfer protocol: groups, with a named failpoint per step.
-//! - [`redis_mode`], [`redis_lock`]: the Redis-lock mode (locks, fencing tokens,
-//!   forward recovery), chosen per deployment by `lock_mode`.
+//! - [`batch`]: the one transfer protocol: groups, with a named failpoint per
+//!   step; a cross-shard group runs by two-phase commit or, in Redis-lock
+//!   mode (chosen per deployment by `lock_mode`), under [`redis_lock`]'s locks
+//!   and fencing tokens with forward recovery.
 //! - [`recovery`]: the loop that resolves in-doubt transactions from their decision.
 //! - [`cluster`]: the bucket map and one shard agent per shard, reloaded by epoch.
 //! - [`api`]: axum routes, problem+json errors, OpenAPI.
@@ -34,7 +35,6 @@ pub mod metrics;
 pub mod payments;
 pub mod recovery;
 pub mod redis_lock;
-pub mod redis_mode;
 pub mod secrets;
 pub mod serve;
 pub mod service;

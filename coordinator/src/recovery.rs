@@ -15,13 +15,13 @@ use tracing::{info, warn};
 
 use shard_agent::external::ExternalOrder;
 use shard_agent::idempotency::IdempotencyKey;
-use shard_agent::redis_legs::{Credited, FencedLeg, PendingStats};
+use shard_agent::redis_legs::{Credited, PendingStats};
 use shard_agent::{Amount, ShardAgent, ShardError, TransferId};
 
+use crate::batch::raise_floor;
 use crate::cluster::{Cluster, Routing};
 use crate::payments::{call_for, PaymentProvider};
 use crate::redis_lock::LockService;
-use crate::redis_mode::raise_floor;
 
 /// For `/v1/admin/in-doubt` and the logs: counters since this coordinator started,
 /// and the prepared transactions the last pass saw.
@@ -409,21 +409,20 @@ impl Recovery {
                     continue;
                 }
             };
-            let leg = FencedLeg {
-                transfer_id: p.transfer_id,
-                user: p.to_user,
-                amount: p.amount,
-                currency: p.currency,
-                fence: held
-                    .fence(p.to_user)
-                    .expect("invariant: acquire returns a lock on every user it was given"),
-                counterparty: p.from_username.clone(),
-            };
-            let applied = payee.credit_fenced(&leg).await;
+            let fence = held.token();
+            let applied = payee
+                .credit_group(std::slice::from_ref(&p), fence)
+                .await
+                .and_then(|mut c| {
+                    c.pop().ok_or_else(|| ShardError::CorruptRow {
+                        shard: payee.id(),
+                        detail: "a credit got no answer".into(),
+                    })
+                });
             locks.release(held).await;
             match applied {
                 Ok(Credited::Yes | Credited::AlreadyApplied) => {
-                    match home.clear_pending_credit(p.transfer_id).await {
+                    match home.clear_pending_credits(&[p.transfer_id]).await {
                         Ok(()) => pass.count(|s| s.forwarded += 1),
                         Err(e) => {
                             warn!(transfer_id = %p.transfer_id, %e, "recovery: credit applied, pending not cleared");
@@ -434,7 +433,7 @@ impl Recovery {
                 Ok(Credited::FenceRejected { last_fence }) => {
                     warn!(
                         transfer_id = %p.transfer_id,
-                        fence = leg.fence,
+                        fence,
                         last_fence,
                         "recovery: pending credit refused by its fence; floor raised, will retry"
                     );
@@ -456,7 +455,7 @@ impl Recovery {
     /// Counts a failed attempt on a pending credit's row (the admin view shows
     /// it; the least recently tried credits go first next time).
     async fn note_failed(&self, home: &ShardAgent, tid: TransferId, reason: &str, pass: &Pass) {
-        if let Err(e) = home.pending_credit_failed(tid, reason).await {
+        if let Err(e) = home.pending_credits_failed(&[tid], reason).await {
             warn!(transfer_id = %tid, %e, "recovery: could not record a failed credit attempt");
             pass.failed(&e);
         }

@@ -33,28 +33,49 @@ use router::UserId;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
-/// Grants the locks KEYS[2..] (all of them, or none) and their token: `false`
-/// when one of them is held, or `-1` when the high-water key KEYS[1] is missing
-/// (nothing granted: it must be seeded first). ARGV: the grant's owner, the TTL.
-const ACQUIRE_LUA: &str = r"
+/// A grant for several transfers at once: KEYS[1] is the high-water key, then
+/// each transfer's lock keys in turn, ARGV[3..] saying how many each has. Each
+/// transfer gets all of its locks or none: a lock already held by this grant's
+/// owner ARGV[1] (another transfer of the same group, paying the same payee)
+/// counts as free. Returns the grant's one token followed by a 1 or 0 per
+/// transfer (the token is 0 when nothing was granted), or `{-1}` when the
+/// high-water key is missing (nothing granted: it must be seeded first). ARGV[2]
+/// is the TTL in milliseconds.
+const GRANT_LUA: &str = r"
 local stored = redis.call('GET', KEYS[1])
 if not stored then
-  return -1
+  return {-1}
 end
-for i = 2, #KEYS do
-  if redis.call('EXISTS', KEYS[i]) == 1 then
-    return false
+local out = {0}
+local any = false
+local k = 2
+for t = 3, #ARGV do
+  local n = tonumber(ARGV[t])
+  local free = true
+  for i = k, k + n - 1 do
+    local holder = redis.call('GET', KEYS[i])
+    if holder and holder ~= ARGV[1] then
+      free = false
+      break
+    end
   end
+  if free then
+    for i = k, k + n - 1 do
+      redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])
+    end
+    any = true
+  end
+  out[#out + 1] = free and 1 or 0
+  k = k + n
 end
-for i = 2, #KEYS do
-  redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])
+if any then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local fence = math.max(now, tonumber(stored) + 1)
+  redis.call('SET', KEYS[1], string.format('%.0f', fence))
+  out[1] = fence
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local last = tonumber(stored)
-local fence = math.max(now, last + 1)
-redis.call('SET', KEYS[1], string.format('%.0f', fence))
-return fence
+return out
 ";
 
 /// Raises the high-water key to at least ARGV[1]; never lowers it. A missing
@@ -155,6 +176,11 @@ pub struct Held {
 }
 
 impl Held {
+    /// The grant's fencing token.
+    pub fn token(&self) -> i64 {
+        self.fence
+    }
+
     /// The fencing token of the lock on `user`'s account.
     pub fn fence(&self, user: UserId) -> Option<i64> {
         self.users.contains(&user).then_some(self.fence)
@@ -167,7 +193,7 @@ pub struct LockService {
     /// Made on first use and kept (it reconnects by itself), so a coordinator can
     /// start while Redis is down.
     conn: Mutex<Option<ConnectionManager>>,
-    acquire: Script,
+    grant: Script,
     raise: Script,
     release: Script,
     floor: Arc<dyn FenceFloor>,
@@ -182,7 +208,7 @@ impl LockService {
             client,
             config,
             conn: Mutex::new(None),
-            acquire: Script::new(ACQUIRE_LUA),
+            grant: Script::new(GRANT_LUA),
             raise: Script::new(RAISE_LUA),
             release: Script::new(RELEASE_LUA),
             floor,
@@ -275,51 +301,79 @@ impl LockService {
         format!("{}lock:{}", self.config.key_prefix, user)
     }
 
-    /// Locks every account in `users` at once, all or none, retrying for up
-    /// to `lock_wait_ms` while one of them is held.
-    pub async fn acquire(&self, users: &[UserId]) -> Result<Held, LockError> {
-        let mut users = users.to_vec();
-        users.sort();
-        users.dedup();
+    /// One round trip for a whole group: each transfer (its accounts) gets
+    /// all of its locks or none, and every lock granted shares one owner and
+    /// one fencing token. Returns what was granted (`None` when nothing was)
+    /// and, per transfer, whether it was.
+    pub async fn grant(
+        &self,
+        transfers: &[Vec<UserId>],
+    ) -> Result<(Option<Held>, Vec<bool>), LockError> {
         let owner = uuid::Uuid::new_v4().simple().to_string();
-        let mut seeds = 0;
-        let deadline =
-            tokio::time::Instant::now() + Duration::from_millis(self.config.lock_wait_ms);
         let mut c = self.conn().await?;
-        loop {
-            let mut call = self.acquire.key(self.fence_key());
-            for user in &users {
-                call.key(self.key(*user));
+        for _ in 0..SEED_ATTEMPTS_MAX {
+            let mut call = self.grant.key(self.fence_key());
+            for users in transfers {
+                for user in users {
+                    call.key(self.key(*user));
+                }
             }
-            let granted: Option<i64> = call
-                .arg(&owner)
-                .arg(self.config.lock_ttl_ms)
+            call.arg(&owner).arg(self.config.lock_ttl_ms);
+            for users in transfers {
+                call.arg(users.len());
+            }
+            let out: Vec<i64> = call
                 .invoke_async(&mut c)
                 .await
                 .map_err(|e| LockError::Unavailable(e.to_string()))?;
-            match granted {
-                Some(-1) if seeds < SEED_ATTEMPTS_MAX => {
-                    seeds += 1;
-                    self.seed().await?;
-                    continue;
-                }
-                Some(-1) => {
-                    return Err(LockError::Unseeded(format!(
-                        "high-water key still missing after {SEED_ATTEMPTS_MAX} seedings"
-                    )))
-                }
-                Some(fence) => {
-                    return Ok(Held {
-                        users,
-                        owner,
-                        fence,
-                    })
-                }
-                None => {}
+            let Some((&fence, granted)) = out.split_first() else {
+                return Err(LockError::Unavailable("empty answer to a grant".into()));
+            };
+            if fence == -1 {
+                self.seed().await?;
+                continue;
+            }
+            let granted: Vec<bool> = granted.iter().map(|&g| g == 1).collect();
+            if granted.len() != transfers.len() {
+                return Err(LockError::Unavailable(format!(
+                    "a grant for {} transfers answered {}",
+                    transfers.len(),
+                    granted.len()
+                )));
+            }
+            let mut users: Vec<UserId> = transfers
+                .iter()
+                .zip(&granted)
+                .filter(|(_, &g)| g)
+                .flat_map(|(u, _)| u.iter().copied())
+                .collect();
+            users.sort();
+            users.dedup();
+            let held = (fence > 0).then_some(Held {
+                users,
+                owner: owner.clone(),
+                fence,
+            });
+            return Ok((held, granted));
+        }
+        Err(LockError::Unseeded(format!(
+            "high-water key still missing after {SEED_ATTEMPTS_MAX} seedings"
+        )))
+    }
+
+    /// Locks every account in `users` at once, all or none, retrying for up
+    /// to `lock_wait_ms` while one of them is held.
+    pub async fn acquire(&self, users: &[UserId]) -> Result<Held, LockError> {
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(self.config.lock_wait_ms);
+        let users = vec![users.to_vec()];
+        loop {
+            if let (Some(held), _) = self.grant(&users).await? {
+                return Ok(held);
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(LockError::NotGranted {
-                    users,
+                    users: users[0].clone(),
                     waited_ms: self.config.lock_wait_ms,
                 });
             }

@@ -12,7 +12,7 @@ use shard_agent::idempotency::IdempotencyKey;
 use shard_agent::records::UserRow;
 use shard_agent::transfer::{Submitted, TransferOrder};
 use shard_agent::users::{AccountView, Created, NewUser};
-use shard_agent::{Amount, Currency, ShardAgent, ShardError, TransferId, TransferRecord};
+use shard_agent::{Amount, Currency, ShardError, TransferId, TransferRecord};
 use tokio::task::JoinHandle;
 use tracing::{info, warn, Instrument};
 
@@ -25,7 +25,6 @@ use crate::inputs::{Email, IdemKey, Password, Username};
 use crate::payments::{call_for, PaymentProvider};
 use crate::recovery::{Recovery, RecoveryLimits};
 use crate::redis_lock::LockService;
-use crate::redis_mode;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -191,11 +190,18 @@ impl Coordinator {
                     .run_forever(Duration::from_millis(limits.recovery_interval_ms)),
             ),
         ];
+        let group_locks = match config.lock_mode {
+            LockMode::TwoPc => None,
+            LockMode::Redis => Some(locks.clone().ok_or_else(|| {
+                StartError::Config("lock_mode redis needs a [redis] section".into())
+            })?),
+        };
         let batcher = Arc::new(Batcher::new(
             limits.batch_max,
             limits.batch_workers,
             Duration::from_micros(limits.batch_linger_us),
             limits.batch_queue_max,
+            group_locks,
         ));
         info!(
             lock_mode = config.lock_mode.as_str(),
@@ -422,34 +428,11 @@ impl Coordinator {
             },
         };
         let routing = self.cluster.routing();
-        let locks = match self.lock_mode {
-            LockMode::TwoPc => None,
-            LockMode::Redis => Some(self.locks.clone().ok_or_else(|| {
-                CoordinatorError::Corrupt("redis mode without a lock service".into())
-            })?),
-        };
         let span = tracing::info_span!("transfer", from = %order.from, to = %order.to, key = %key.as_str(), transfer_id = tracing::field::Empty);
         let batcher = self.batcher.clone();
         let task = tokio::spawn(
-            async move {
-                let home = routing.agent_for(&order.from);
-                let remote = routing.agent_for(&order.to);
-                let local = home.id() == remote.id();
-                match locks {
-                    // Redis mode's cross-shard transfers run under its locks;
-                    // the session of a claimed payer is read first.
-                    Some(locks) if !local => {
-                        if let Some(token_hash) = &session {
-                            verify_payer(home, &order, token_hash).await?;
-                        }
-                        redis_mode::transfer(&locks, home, remote, &order).await
-                    }
-                    // Every other transfer runs in a group, whose check reads
-                    // a claimed session.
-                    _ => batcher.transfer(routing.clone(), order, session).await,
-                }
-            }
-            .instrument(span),
+            // The group's check reads a claimed session.
+            async move { batcher.transfer(routing, order, session).await }.instrument(span),
         );
         let path = {
             let routing = self.cluster.routing();
@@ -535,28 +518,6 @@ impl Coordinator {
             .transfer_for_party(user, tid)
             .await?)
     }
-}
-
-/// Reads the session of a [`Payer::Claimed`] before a Redis-mode cross-shard
-/// transfer:
-/// the answers the API's `Auth` and its currency check give on other routes (401;
-/// 422 currency_mismatch), and nothing is stored for them.
-pub(crate) async fn verify_payer(
-    home: &ShardAgent,
-    order: &TransferOrder,
-    token_hash: &[u8],
-) -> Result<(), CoordinatorError> {
-    let user = home
-        .session_user(token_hash)
-        .await?
-        .filter(|u| u.user_id == order.from)
-        .ok_or(CoordinatorError::Unauthorized)?;
-    if user.currency != order.amount.currency() {
-        return Err(CoordinatorError::PayerCurrency {
-            holds: user.currency,
-        });
-    }
-    Ok(())
 }
 
 /// A digest of an operation's parameters: the same Idempotency-Key with a different

@@ -667,15 +667,24 @@ async fn an_unreachable_shard_gives_503_shard_unavailable_with_retry_after() {
 /// cross-shard, in groups of many or of one (`batch_max` 1).
 #[tokio::test]
 async fn refusals_follow_one_precedence_on_every_path() {
-    for batch_max in [32, 1] {
+    for (redis, batch_max) in [(false, 32), (false, 1), (true, 32), (true, 1)] {
         let limits = coordinator::config::Limits {
             batch_max,
             ..test_limits()
         };
-        let cluster = TestCluster::start(4, limits).await;
+        let cluster = if redis {
+            TestCluster::start_redis(4, limits).await
+        } else {
+            TestCluster::start(4, limits).await
+        };
         let api = Api::new(&cluster);
         for same_shard in [true, false] {
-            let tag = format!("prec{batch_max}{}", if same_shard { "s" } else { "x" });
+            let tag = format!(
+                "prec{}{batch_max}{}",
+                if redis { "r" } else { "" },
+                if same_shard { "s" } else { "x" }
+            );
+            let path = format!("redis {redis}, batch_max {batch_max}, same shard {same_shard}");
             let (payer, ghost) = pair(&cluster, &tag, same_shard);
             let token = api.user(&payer, "USD").await;
             // Unfunded, to nobody: the recipient comes first.
@@ -685,7 +694,7 @@ async fn refusals_follow_one_precedence_on_every_path() {
             assert_eq!(
                 (r.status, r.code()),
                 (StatusCode::NOT_FOUND, "recipient_not_found"),
-                "batch_max {batch_max}, same shard {same_shard}: {:?}",
+                "{path}: {:?}",
                 r.body
             );
             // Unfunded, to an account in another currency: the currency next.
@@ -696,9 +705,31 @@ async fn refusals_follow_one_precedence_on_every_path() {
             assert_eq!(
                 (r.status, r.code()),
                 (StatusCode::UNPROCESSABLE_ENTITY, "currency_mismatch"),
-                "batch_max {batch_max}, same shard {same_shard}: {:?}",
+                "{path}: {:?}",
                 r.body
             );
+            // The first key again, now with another body: the key outranks
+            // every refusal, and nothing is stored for it.
+            let r = api
+                .transfer(&token, &format!("{tag}-1"), &ghost, "6.00", "USD")
+                .await;
+            assert_eq!(
+                (r.status, r.code()),
+                (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
+                "{path}: {:?}",
+                r.body
+            );
+            // A session that is not live outranks the key.
+            let r = api
+                .transfer(
+                    &format!("{payer}~not-its-secret"),
+                    &format!("{tag}-1"),
+                    &ghost,
+                    "5.00",
+                    "USD",
+                )
+                .await;
+            assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{path}: {:?}", r.body);
         }
     }
 }

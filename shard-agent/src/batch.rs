@@ -344,6 +344,63 @@ impl ShardAgent {
         .await
     }
 
+    /// Redis mode: a group's debits on this payer shard, in one autocommitted
+    /// statement (`wallet_redis_debit`) whose commit is the commit point of
+    /// every transfer it passes, each with a pending credit. `legs` are the
+    /// debit legs; `prior` each transfer's verdict so far (a payee's refusal,
+    /// or [`FailureCode::LockUnavailable`] for one whose locks were not
+    /// granted: recorded, with nothing moved). `fence` is the token of the
+    /// locks; each row lock is waited for at most `lock_wait_ms`. An error
+    /// the shard answered ([`ShardError::Database`], [`ShardError::LockTimeout`])
+    /// means nothing was written; any other leaves the outcome unknown.
+    #[instrument(skip_all, fields(shard = %self.id(), transfers = legs.len(), fence))]
+    pub async fn redis_debit_group(
+        &self,
+        legs: &[BatchLeg],
+        prior: &[Verdict],
+        fence: i64,
+        lock_wait_ms: u64,
+    ) -> ShardResult<Vec<GroupAnswer>> {
+        self.timed("fenced debits", async {
+            let c = Columns::of(legs);
+            let prior: Vec<Option<String>> = prior.iter().map(|v| v.as_sql()).collect();
+            let conn = self.conn().await?;
+            let stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT {ANSWER_COLUMNS} FROM wallet_redis_debit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
+                ))
+                .await
+                .map_err(self.pg("prepare fenced debits"))?;
+            let lock_wait_ms = i32::try_from(lock_wait_ms).unwrap_or(i32::MAX);
+            let enforce = crate::redis_legs::enforce_fence();
+            let params: [&(dyn ToSql + Sync); 15] = [
+                &c.tid,
+                &c.user,
+                &c.amount,
+                &c.currency,
+                &c.key_user,
+                &c.key,
+                &c.fingerprint,
+                &c.session,
+                &prior,
+                &c.user_name,
+                &c.party,
+                &c.party_name,
+                &fence,
+                &enforce,
+                &lock_wait_ms,
+            ];
+            let rows = conn
+                .query(&stmt, &params)
+                .await
+                .map_err(|e| self.batch_error("fenced debits", e))?;
+            rows.iter()
+                .map(|r| GroupAnswer::from_row(self, r))
+                .collect()
+        })
+        .await
+    }
+
     /// Step 1 of a cross-shard group on this shard: opens a transaction, claims
     /// the payers' keys, locks the legs' accounts in user-ID order and checks each
     /// leg. `prior` is each leg's transfer's verdict from the shards before this
@@ -509,7 +566,7 @@ impl OpenBatch<'_> {
                 let stmt = self
                     .conn
                     .prepare_cached(&format!(
-                        "SELECT {ANSWER_COLUMNS} FROM wallet_batch_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+                        "SELECT {ANSWER_COLUMNS} FROM wallet_batch_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, NULL)"
                     ))
                     .await
                     .map_err(agent.pg("prepare batch apply"))?;

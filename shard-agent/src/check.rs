@@ -129,7 +129,7 @@ impl ShardAgent {
                        (SELECT count(*) FROM (
                           SELECT fence, lag(fence) OVER (PARTITION BY account_id ORDER BY entry_id) AS prev
                           FROM ledger_entries WHERE fence IS NOT NULL) f
-                        WHERE fence <= prev)",
+                        WHERE fence < prev)",
                     &[],
                 )
                 .await

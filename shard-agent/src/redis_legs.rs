@@ -1,40 +1,29 @@
-//! Redis-lock mode, shard side: each leg is a local transaction, fenced and
-//! idempotent by transfer ID.
+//! Redis-lock mode, shard side: a group's debits on each payer shard, then
+//! its credits on each payee shard, each one autocommitted statement, fenced,
+//! and idempotent by transfer ID.
 //!
-//! The debit is the commit point: in one transaction it moves `preparing` to
-//! `committed` (the same compare-and-set recovery uses to abort), takes the money
-//! and records a pending credit. Crash rule: before the debit commits, recovery
-//! aborts the stale `preparing` record and nothing moved; after it, recovery
-//! applies the pending credit (forward recovery), under a fresh lock.
+//! The debits are the commit point (`wallet_redis_debit`): in one statement
+//! they claim the keys, check, take the money, record each transfer as
+//! decided and record a pending credit for each transfer that passed. Crash
+//! rule: before that statement commits nothing of the group exists; after
+//! it, recovery applies the pending credits (forward recovery), under a
+//! fresh lock. The credits (`wallet_redis_credit`) are applied at most once.
 //!
-//! Every write carries the fencing token of the caller's Redis lock and is refused
-//! unless the account's `last_fence` is older, so a holder whose lock expired
-//! (a pause, a Redis restart) cannot write after a newer holder.
+//! Every write carries the fencing token of the caller's Redis locks and is
+//! refused unless the account's `last_fence` is older, so a holder whose lock
+//! expired (a pause, a Redis restart) cannot write after a newer holder.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use router::UserId;
 use rust_decimal::Decimal;
-use tokio_postgres::error::SqlState;
 use tracing::instrument;
 
-use crate::agent::{Conn, ShardAgent};
-use crate::error::{ShardError, ShardResult};
-use crate::idempotency::read_transfer;
+use crate::agent::ShardAgent;
+use crate::error::ShardResult;
 use crate::money::Currency;
-use crate::records::{FailureCode, TransferId, TransferRecord, TRANSFER_COLUMNS};
-
-/// One side of a Redis-mode transfer.
-#[derive(Clone, Debug)]
-pub struct FencedLeg {
-    pub transfer_id: TransferId,
-    pub user: UserId,
-    pub amount: Decimal,
-    pub currency: Currency,
-    /// The fencing token of the lock on `user`'s account.
-    pub fence: i64,
-    pub counterparty: String,
-}
+use crate::records::{FailureCode, TransferId};
 
 /// What a debit's pending credit needs, to be completed by anyone.
 #[derive(Clone, Debug, PartialEq)]
@@ -47,24 +36,15 @@ pub struct PendingCredit {
     pub currency: Currency,
 }
 
-#[derive(Clone, Debug)]
-pub enum Debited {
-    /// Committed: the money left the payer and a pending credit is recorded.
-    Yes(TransferRecord),
-    /// A business rule refused it; the transfer is aborted with that code.
-    Rejected(TransferRecord),
-    /// Someone (recovery) decided the transfer first; this is their decision.
-    AlreadyDecided(TransferRecord),
-    /// The lock's fencing token is not above the account's: nothing written.
-    /// `last_fence` is the account's, so the token source can be raised above it.
-    FenceRejected { last_fence: i64 },
-}
-
+/// What became of one credit of a group (`wallet_redis_credit`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Credited {
     Yes,
+    /// Applied before (by the coordinator or by recovery): not again.
     AlreadyApplied,
-    /// As for [`Debited::FenceRejected`]: nothing written; the account's fence.
+    /// The lock's fencing token is not above the payee account's: nothing
+    /// written. `last_fence` is the account's, so the token source can be
+    /// raised above it.
     FenceRejected {
         last_fence: i64,
     },
@@ -80,26 +60,10 @@ pub struct PendingStats {
     pub failing: i64,
 }
 
-const DEBIT_SQL: &str = "WITH a AS (
-       UPDATE accounts SET balance = balance - $1, last_fence = $4
-       WHERE user_id = $2 AND currency = $3 AND balance - held >= $1 AND (NOT $7 OR last_fence < $4)
-       RETURNING account_id, balance)
-     INSERT INTO ledger_entries (account_id, transfer_id, kind, amount, balance_after, counterparty, fence)
-     SELECT account_id, $5, 'transfer_debit', -$1::numeric, balance, $6, $4 FROM a
-     RETURNING balance_after";
-
-const CREDIT_SQL: &str = "WITH a AS (
-       UPDATE accounts SET balance = balance + $1, last_fence = $4
-       WHERE user_id = $2 AND currency = $3 AND (NOT $7 OR last_fence < $4)
-       RETURNING account_id, balance)
-     INSERT INTO ledger_entries (account_id, transfer_id, kind, amount, balance_after, counterparty, fence)
-     SELECT account_id, $5, 'transfer_credit', $1::numeric, balance, $6, $4 FROM a
-     RETURNING balance_after";
-
 /// A deliberately broken variant for the chaos suite (failpoint
 /// `broken-skip-fence`): writes ignore the fencing token. Compiled in only with
 /// the `failpoints` feature.
-fn enforce_fence() -> bool {
+pub(crate) fn enforce_fence() -> bool {
     #[cfg(feature = "failpoints")]
     if fail::eval("broken-skip-fence", |_| ()).is_some() {
         return false;
@@ -108,246 +72,147 @@ fn enforce_fence() -> bool {
 }
 
 impl ShardAgent {
-    /// Why a payee cannot be credited, checked (under the payee's lock) before the
-    /// debit commits, so forward recovery never meets a credit it cannot apply.
-    pub async fn recipient_refusal(
+    /// Why each payee cannot be credited: read before the debits commit, so
+    /// forward recovery never meets a credit it cannot apply. Unlocked:
+    /// accounts are never deleted and never change currency.
+    pub async fn payee_refusals(
         &self,
-        user: UserId,
-        currency: Currency,
-    ) -> ShardResult<Option<FailureCode>> {
-        self.timed("check recipient", async {
+        payees: &[(UserId, Currency)],
+    ) -> ShardResult<Vec<Option<FailureCode>>> {
+        self.timed("read payees", async {
             let conn = self.conn().await?;
-            let row = conn
-                .query_opt(
-                    "SELECT currency FROM accounts WHERE user_id = $1",
-                    &[user.as_uuid()],
+            let ids: Vec<uuid::Uuid> = payees.iter().map(|(u, _)| u.0).collect();
+            let rows = conn
+                .query(
+                    "SELECT user_id, currency FROM accounts WHERE user_id = ANY ($1)",
+                    &[&ids],
                 )
                 .await
-                .map_err(self.pg("check recipient"))?;
-            Ok(match row {
-                None => Some(FailureCode::RecipientNotFound),
-                Some(r) if r.get::<_, String>(0).trim() != currency.code() => {
-                    Some(FailureCode::CurrencyMismatch)
-                }
-                Some(_) => None,
-            })
+                .map_err(self.pg("read payees"))?;
+            let held: HashMap<uuid::Uuid, String> = rows
+                .iter()
+                .map(|r| (r.get(0), r.get::<_, String>(1).trim().to_owned()))
+                .collect();
+            Ok(payees
+                .iter()
+                .map(|(user, currency)| match held.get(&user.0) {
+                    None => Some(FailureCode::RecipientNotFound),
+                    Some(c) if c != currency.code() => Some(FailureCode::CurrencyMismatch),
+                    Some(_) => None,
+                })
+                .collect())
         })
         .await
     }
 
-    /// The debit and the commit point, in one local transaction on the home shard.
-    #[instrument(skip_all, fields(shard = %self.id(), transfer_id = %leg.transfer_id, fence = leg.fence))]
-    pub async fn debit_fenced(
+    /// A group's credits on this payee shard, in one statement
+    /// (`wallet_redis_credit`), under the locks whose token is `fence`. Safe
+    /// to repeat: a credit already applied is reported, never applied twice.
+    #[instrument(skip_all, fields(shard = %self.id(), credits = credits.len(), fence))]
+    pub async fn credit_group(
         &self,
-        leg: &FencedLeg,
-        pending: &PendingCredit,
-    ) -> ShardResult<Debited> {
-        self.timed("fenced debit", async {
-            let mut conn = self.conn().await?;
-            conn.begin(self.id()).await?;
-            let result = self.debit_in_txn(&conn, leg, pending).await;
-            match result {
-                Ok(Some(done @ (Debited::Yes(_) | Debited::Rejected(_)))) => {
-                    conn.batch_execute("COMMIT")
-                        .await
-                        .map_err(self.pg("commit debit"))?;
-                    conn.ended();
-                    Ok(done)
-                }
-                Ok(Some(other)) => {
-                    conn.rollback_quietly().await;
-                    Ok(other)
-                }
-                Ok(None) => {
-                    conn.rollback_quietly().await;
-                    let record = read_transfer(&conn, self.id(), leg.transfer_id).await?;
-                    record.map(Debited::AlreadyDecided).ok_or_else(|| {
-                        self.corrupt(format!("transfer {} vanished", leg.transfer_id))
-                    })
-                }
-                Err(e) => {
-                    conn.rollback_quietly().await;
-                    Err(e)
-                }
-            }
-        })
-        .await
-    }
-
-    /// `None`: the transfer was already decided (the caller reads the decision
-    /// after rolling back).
-    async fn debit_in_txn(
-        &self,
-        conn: &Conn,
-        leg: &FencedLeg,
-        pending: &PendingCredit,
-    ) -> ShardResult<Option<Debited>> {
-        let tid = leg.transfer_id;
-        let decided = conn
-            .query_opt(
-                &format!(
-                    "UPDATE transfers SET state = 'committed', decided_at = now()
-                     WHERE transfer_id = $1 AND state = 'preparing' RETURNING {TRANSFER_COLUMNS}"
-                ),
-                &[&tid.0],
-            )
-            .await
-            .map_err(self.pg("decide fenced debit"))?;
-        let Some(decided) = decided else {
-            return Ok(None);
-        };
-        let enforce = enforce_fence();
-        let applied = conn
-            .query_opt(
-                DEBIT_SQL,
-                &[
-                    &leg.amount,
-                    leg.user.as_uuid(),
-                    &leg.currency.code(),
-                    &leg.fence,
-                    &tid.0,
-                    &leg.counterparty,
-                    &enforce,
-                ],
-            )
-            .await
-            .map_err(self.pg("apply fenced debit"))?;
-        if applied.is_none() {
-            let row = conn
-                .query_one(
-                    "SELECT balance, last_fence FROM accounts WHERE user_id = $1",
-                    &[leg.user.as_uuid()],
-                )
+        credits: &[PendingCredit],
+        fence: i64,
+    ) -> ShardResult<Vec<Credited>> {
+        self.timed("fenced credits", async {
+            let conn = self.conn().await?;
+            let stmt = conn
+                .prepare_cached("SELECT wallet_redis_credit($1, $2, $3, $4, $5, $6, $7, $8, $9)")
                 .await
-                .map_err(self.pg("diagnose fenced debit"))?;
-            let last_fence: i64 = row.get("last_fence");
-            if enforce && last_fence >= leg.fence {
-                return Ok(Some(Debited::FenceRejected { last_fence }));
-            }
-            let row = conn
-                .query_one(
-                    &format!(
-                        "UPDATE transfers SET state = 'aborted', failure_code = 'insufficient_funds'
-                         WHERE transfer_id = $1 RETURNING {TRANSFER_COLUMNS}"
-                    ),
-                    &[&tid.0],
-                )
-                .await
-                .map_err(self.pg("abort fenced debit"))?;
-            return Ok(Some(Debited::Rejected(TransferRecord::from_row(
-                self.id(),
-                &row,
-            )?)));
-        }
-        conn.execute(
-            "INSERT INTO pending_credits (transfer_id, to_user, to_username, from_username, amount, currency)
-             VALUES ($1, $2, $3, $4, $5, $6)",
-            &[&tid.0, pending.to_user.as_uuid(), &pending.to_username, &pending.from_username, &pending.amount, &pending.currency.code()],
-        )
-        .await
-        .map_err(self.pg("record pending credit"))?;
-        Ok(Some(Debited::Yes(TransferRecord::from_row(
-            self.id(),
-            &decided,
-        )?)))
-    }
-
-    /// The credit, on the payee's shard. Safe to repeat: a credit already applied
-    /// (by the coordinator or by recovery) is reported, never applied twice.
-    #[instrument(skip_all, fields(shard = %self.id(), transfer_id = %leg.transfer_id, fence = leg.fence))]
-    pub async fn credit_fenced(&self, leg: &FencedLeg) -> ShardResult<Credited> {
-        self.timed("fenced credit", async {
-            let mut conn = self.conn().await?;
-            let done = conn
-                .query_opt(
-                    "SELECT 1 FROM ledger_entries e JOIN accounts a USING (account_id)
-                     WHERE e.transfer_id = $1 AND a.user_id = $2",
-                    &[&leg.transfer_id.0, leg.user.as_uuid()],
-                )
-                .await
-                .map_err(self.pg("check credit"))?;
-            if done.is_some() {
-                return Ok(Credited::AlreadyApplied);
-            }
+                .map_err(self.pg("prepare fenced credits"))?;
+            let tid: Vec<uuid::Uuid> = credits.iter().map(|c| c.transfer_id.0).collect();
+            let user: Vec<uuid::Uuid> = credits.iter().map(|c| c.to_user.0).collect();
+            let amount: Vec<Decimal> = credits.iter().map(|c| c.amount).collect();
+            let currency: Vec<&str> = credits.iter().map(|c| c.currency.code()).collect();
+            let user_name: Vec<&str> = credits.iter().map(|c| c.to_username.as_str()).collect();
+            let party: Vec<Option<uuid::Uuid>> = vec![None; credits.len()];
+            let party_name: Vec<&str> = credits.iter().map(|c| c.from_username.as_str()).collect();
             let enforce = enforce_fence();
-            conn.begin(self.id()).await?;
-            let applied = conn
-                .query_opt(
-                    CREDIT_SQL,
+            let row = conn
+                .query_one(
+                    &stmt,
                     &[
-                        &leg.amount,
-                        leg.user.as_uuid(),
-                        &leg.currency.code(),
-                        &leg.fence,
-                        &leg.transfer_id.0,
-                        &leg.counterparty,
+                        &tid,
+                        &user,
+                        &amount,
+                        &currency,
+                        &user_name,
+                        &party,
+                        &party_name,
+                        &fence,
                         &enforce,
                     ],
                 )
-                .await;
-            match applied {
-                Ok(Some(_)) => {
-                    conn.batch_execute("COMMIT")
-                        .await
-                        .map_err(self.pg("commit credit"))?;
-                    conn.ended();
-                    Ok(Credited::Yes)
-                }
-                Ok(None) => {
-                    conn.rollback_quietly().await;
-                    let row = conn
-                        .query_opt(
-                            "SELECT last_fence FROM accounts WHERE user_id = $1",
-                            &[leg.user.as_uuid()],
-                        )
-                        .await
-                        .map_err(self.pg("diagnose fenced credit"))?;
-                    // The recipient was checked before the debit committed and
-                    // accounts are never deleted, so a missing row is corruption.
-                    let row = row.ok_or_else(|| {
-                        self.corrupt(format!("credit to {} found no account", leg.user))
-                    })?;
-                    Ok(Credited::FenceRejected {
-                        last_fence: row.get(0),
-                    })
-                }
-                // A concurrent applier won the race to the ledger's unique key.
-                Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
-                    conn.rollback_quietly().await;
-                    Ok(Credited::AlreadyApplied)
-                }
-                Err(e) => {
-                    conn.rollback_quietly().await;
-                    Err(ShardError::from_pg(self.id(), "apply fenced credit", e))
-                }
-            }
+                .await
+                .map_err(self.pg("apply fenced credits"))?;
+            let verdicts: Vec<Option<String>> = row.get(0);
+            verdicts
+                .iter()
+                .zip(credits)
+                .map(|(v, c)| match v.as_deref() {
+                    None => Ok(Credited::Yes),
+                    Some("applied:") => Ok(Credited::AlreadyApplied),
+                    Some(v) => match v.strip_prefix("fence:").and_then(|f| f.parse().ok()) {
+                        Some(last_fence) => Ok(Credited::FenceRejected { last_fence }),
+                        // The payee was read before the debit committed and
+                        // accounts are never deleted: a missing one is corruption.
+                        None => Err(self.corrupt(format!(
+                            "credit of transfer {} to {}: {v}",
+                            c.transfer_id, c.to_user
+                        ))),
+                    },
+                })
+                .collect()
         })
         .await
     }
 
-    pub async fn clear_pending_credit(&self, tid: TransferId) -> ShardResult<()> {
-        self.timed("clear pending credit", async {
-            let conn = self.conn().await?;
-            conn.execute(
-                "DELETE FROM pending_credits WHERE transfer_id = $1",
-                &[&tid.0],
-            )
-            .await
-            .map_err(self.pg("clear pending credit"))?;
+    /// Clears the pending credits of transfers whose credit is applied, with
+    /// an asynchronous commit: a clear lost in a crash leaves a pending credit
+    /// that recovery finds applied and clears again, so it need not wait for
+    /// its own fsync (the credit it follows did).
+    pub async fn clear_pending_credits(&self, tids: &[TransferId]) -> ShardResult<()> {
+        self.timed("clear pending credits", async {
+            let mut conn = self.conn().await?;
+            let stmt = conn
+                .prepare_cached("DELETE FROM pending_credits WHERE transfer_id = ANY ($1)")
+                .await
+                .map_err(self.pg("prepare clear pending credits"))?;
+            let ids: Vec<uuid::Uuid> = tids.iter().map(|t| t.0).collect();
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&ids];
+            conn.mark_in_txn();
+            // Pipelined, in order: the statement is prepared, so each of the
+            // three goes out on its first poll.
+            let (begun, deleted, committed) = tokio::join!(
+                conn.batch_execute(
+                    "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL synchronous_commit = off"
+                ),
+                conn.execute(&stmt, &params),
+                conn.batch_execute("COMMIT")
+            );
+            begun.map_err(self.pg("begin clear pending credits"))?;
+            deleted.map_err(self.pg("clear pending credits"))?;
+            committed.map_err(self.pg("commit clear pending credits"))?;
+            conn.ended();
             Ok(())
         })
         .await
     }
 
-    /// Records a failed attempt at a pending credit, with its reason.
-    pub async fn pending_credit_failed(&self, tid: TransferId, reason: &str) -> ShardResult<()> {
+    /// Records a failed attempt at pending credits, with its reason.
+    pub async fn pending_credits_failed(
+        &self,
+        tids: &[TransferId],
+        reason: &str,
+    ) -> ShardResult<()> {
         self.timed("record pending credit attempt", async {
             let conn = self.conn().await?;
+            let ids: Vec<uuid::Uuid> = tids.iter().map(|t| t.0).collect();
             conn.execute(
                 "UPDATE pending_credits
                  SET attempts = attempts + 1, last_error = $2, last_attempt_at = now()
-                 WHERE transfer_id = $1",
-                &[&tid.0, &reason],
+                 WHERE transfer_id = ANY ($1)",
+                &[&ids, &reason],
             )
             .await
             .map_err(self.pg("record pending credit attempt"))?;

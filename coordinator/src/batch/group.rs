@@ -18,7 +18,7 @@ use crate::error::{crash_point, CoordinatorError};
 use crate::suspects::{mark_silent, Suspect};
 
 /// Copies an error for each transfer of a group (errors are not `Clone`).
-fn each(e: &CoordinatorError) -> CoordinatorError {
+pub(super) fn each(e: &CoordinatorError) -> CoordinatorError {
     match e {
         CoordinatorError::Shard(ShardError::LockTimeout { shard }) => {
             ShardError::LockTimeout { shard: *shard }.into()
@@ -44,7 +44,7 @@ fn each(e: &CoordinatorError) -> CoordinatorError {
 /// Copies a shard's error for each transfer of a group (errors are not
 /// `Clone`): a lock timeout and a corrupt row stay what they are, anything
 /// else reads as the shard unavailable.
-fn each_shard_error(e: &ShardError) -> ShardError {
+pub(super) fn each_shard_error(e: &ShardError) -> ShardError {
     match e {
         ShardError::LockTimeout { shard } => ShardError::LockTimeout { shard: *shard },
         ShardError::CorruptRow { shard, detail } => ShardError::CorruptRow {
@@ -113,7 +113,7 @@ async fn fail_unwritten(group: Vec<Job>, e: ShardError, run: Run) {
 /// hold a row for a few milliseconds; a wait this long is a row held outside
 /// any group (an in-doubt leg, a deposit settling), and only the blocked
 /// transfer should wait for it, alone.
-const LOCAL_GROUP_LOCK_WAIT_MS: u64 = 200;
+pub(super) const LOCAL_GROUP_LOCK_WAIT_MS: u64 = 200;
 
 /// What a group that failed at its check marks (`crate::suspects`), so the
 /// next transfers touching it run alone instead of stalling another group
@@ -122,7 +122,8 @@ const LOCAL_GROUP_LOCK_WAIT_MS: u64 = 200;
 ///   (which row was held is not known; one of them is the culprit, and the
 ///   others' next transfers merely run alone for a while);
 /// - a shard that did not answer: the shard, once a ping confirms it.
-fn mark_unanswered(group: &[Job], e: &ShardError) {
+pub(super) fn mark_unanswered<'a>(group: impl IntoIterator<Item = &'a Job>, e: &ShardError) {
+    let group: Vec<&Job> = group.into_iter().collect();
     let Some(suspects) = group.first().map(|j| j.suspects.clone()) else {
         return;
     };
@@ -166,19 +167,27 @@ fn answer_all(group: Vec<Job>, answers: Vec<GroupAnswer>) {
                 job.tid
             ))),
         };
-        job.span.in_scope(|| match &result {
-            Ok(Submitted::New(r)) => {
-                info!(state = ?r.state, code = ?r.failure_code, "transfer decided")
-            }
-            Ok(other) => info!(answer = ?std::mem::discriminant(other), "answered without writing"),
-            Err(e) => info!(%e, "refused"),
-        });
-        job.answer(result);
+        answer_one(job, result);
     }
 }
 
+/// Answers one transfer, logged on its own span.
+pub(super) fn answer_one(job: Job, result: Result<Submitted, CoordinatorError>) {
+    job.span.in_scope(|| match &result {
+        Ok(Submitted::New(r)) => {
+            info!(state = ?r.state, code = ?r.failure_code, "transfer decided")
+        }
+        Ok(other) => info!(answer = ?std::mem::discriminant(other), "answered without writing"),
+        Err(e) => info!(%e, "refused"),
+    });
+    job.answer(result);
+}
+
 /// The client's answer from the group's answer on the payer's shard.
-fn client_answer(answer: GroupAnswer, shard: ShardId) -> Result<Submitted, CoordinatorError> {
+pub(super) fn client_answer(
+    answer: GroupAnswer,
+    shard: ShardId,
+) -> Result<Submitted, CoordinatorError> {
     match answer.submitted(shard)? {
         Ok(submitted) => Ok(submitted),
         Err(Answer::Unauthorized) => Err(CoordinatorError::Unauthorized),
@@ -393,7 +402,7 @@ fn broken_commit_unprepared() -> bool {
 /// rolled back: this group can never commit, since its ID is never sent
 /// again. Any other error (no answer, a lost connection) leaves the outcome
 /// unknown.
-fn nothing_committed(e: &ShardError) -> bool {
+pub(super) fn nothing_committed(e: &ShardError) -> bool {
     matches!(
         e,
         ShardError::LockTimeout { .. } | ShardError::Database { .. }

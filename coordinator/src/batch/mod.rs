@@ -50,12 +50,17 @@ use tracing::{Instrument, Span};
 
 use crate::cluster::Routing;
 use crate::error::CoordinatorError;
+use crate::redis_lock::LockService;
 use crate::suspects::{settle_fault, Fault, Suspect, Suspects};
 
 mod group;
+mod redis;
 
 pub use group::GROUP_CHECK_TIMEOUT_MS;
 use group::{run_cross, run_local, Run};
+pub(crate) use redis::raise_floor;
+use redis::run_redis;
+pub use redis::{FAILPOINTS as REDIS_FAILPOINTS, GROUP_GRANT_WAIT_MS};
 
 /// The batched protocol's failpoints, in protocol order.
 pub const FAILPOINTS: [&str; 4] = [
@@ -83,6 +88,8 @@ struct Job {
     reply: Reply,
     /// When the transfer was handed to its lane.
     queued: Instant,
+    /// Redis mode: the locks its cross-shard groups run under.
+    locks: Option<Arc<LockService>>,
 }
 
 impl Job {
@@ -106,10 +113,10 @@ impl Job {
         tokio::spawn(async move {
             let local = self.home().id() == self.remote().id();
             let group = vec![self];
-            if local {
-                run_local(group, None, Run::Alone).await;
-            } else {
-                run_cross(group, None, Run::Alone).await;
+            match (local, group[0].locks.clone()) {
+                (true, _) => run_local(group, None, Run::Alone).await,
+                (false, Some(locks)) => run_redis(group, None, Run::Alone, locks).await,
+                (false, None) => run_cross(group, None, Run::Alone).await,
             }
         });
     }
@@ -163,6 +170,9 @@ pub struct Batcher {
     suspects: Arc<Suspects>,
     /// Bounds the transfers running alone because of a mark ([`ALONE_MAX`]).
     alone_slots: Arc<Semaphore>,
+    /// Redis mode: cross-shard groups run under these locks instead of
+    /// two-phase commit.
+    locks: Option<Arc<LockService>>,
 }
 
 /// Groups started and the transfers in them since the batcher started, for
@@ -239,7 +249,14 @@ impl GroupCounts {
 }
 
 impl Batcher {
-    pub fn new(max: usize, workers: usize, linger: Duration, queue_max: usize) -> Batcher {
+    /// `locks`: Redis mode's lock service, or `None` for two-phase commit.
+    pub fn new(
+        max: usize,
+        workers: usize,
+        linger: Duration,
+        queue_max: usize,
+        locks: Option<Arc<LockService>>,
+    ) -> Batcher {
         Batcher {
             lanes: Mutex::new(HashMap::new()),
             max: max.max(1),
@@ -249,6 +266,7 @@ impl Batcher {
             counts: Arc::default(),
             suspects: Arc::default(),
             alone_slots: Arc::new(Semaphore::new(ALONE_MAX)),
+            locks,
         }
     }
 
@@ -299,6 +317,7 @@ impl Batcher {
             span,
             reply,
             queued: Instant::now(),
+            locks: self.locks.clone(),
         };
         if suspect {
             // A fault met recently on this user or shard: only this transfer
@@ -341,9 +360,10 @@ impl Batcher {
                 let (tx, rx) = mpsc::channel(self.queue_max);
                 // A shard's same-shard groups run one at a time: there is a lane
                 // per shard, and a measured 0.85x against 0.76x with two.
-                let workers = match lane {
-                    Lane::Local(_) => 1,
-                    Lane::Cross => self.workers,
+                let workers = match (lane, &self.locks) {
+                    (Lane::Local(_), _) => 1,
+                    (Lane::Cross, None) => self.workers,
+                    (Lane::Cross, Some(_)) => self.workers.max(REDIS_GROUPS_AT_ONCE),
                 };
                 // Only the cross-shard lane waits for returning clients: it is the
                 // one lane every cross-shard transfer comes back to, while a
@@ -359,6 +379,7 @@ impl Batcher {
                     workers,
                     linger,
                     self.counts.clone(),
+                    self.locks.clone(),
                 ));
                 tx
             })
@@ -372,6 +393,12 @@ impl Batcher {
 /// at once with 503 `shard_busy` rather than queued without bound behind a lane
 /// that cannot keep up.
 pub const LANE_QUEUE_MAX: usize = 1024;
+
+/// Redis mode: the fewest cross-shard groups that run at once. A group
+/// whose holder stalls (a pause past its locks' TTL) must not stop the lane:
+/// the next groups take the expired locks and go on, and the fencing token
+/// refuses the stalled one's writes.
+pub const REDIS_GROUPS_AT_ONCE: usize = 4;
 
 /// Most scheduler turns a lane lingers for more transfers before it starts a group.
 const LINGER_YIELDS_MAX: usize = 16;
@@ -447,6 +474,7 @@ async fn run_lane(
     workers: usize,
     linger: Duration,
     counts: Arc<GroupCounts>,
+    locks: Option<Arc<LockService>>,
 ) {
     let slots = Arc::new(Semaphore::new(workers));
     let answered = Arc::new(AnswerMark::new());
@@ -506,10 +534,14 @@ async fn run_lane(
         last_group = group.len();
         counts.record(lane, group.len());
         let answered = answered.clone();
+        let locks = locks.clone();
         tokio::spawn(async move {
-            match lane {
-                Lane::Local(_) => run_local(group, Some(&answered), Run::Grouped).await,
-                Lane::Cross => run_cross(group, Some(&answered), Run::Grouped).await,
+            match (lane, locks) {
+                (Lane::Local(_), _) => run_local(group, Some(&answered), Run::Grouped).await,
+                (Lane::Cross, Some(locks)) => {
+                    run_redis(group, Some(&answered), Run::Grouped, locks).await
+                }
+                (Lane::Cross, None) => run_cross(group, Some(&answered), Run::Grouped).await,
             }
             drop(slot);
         });

@@ -17,11 +17,15 @@
 --     several times in a group. Generic plans, as in wallet_batch_check.
 --   - It never decides: a cross-shard group's decision is wallet_batch_decide,
 --     sent once every other shard has prepared.
+--   - p_fence (Redis mode; NULL otherwise) is the fencing token of the locks
+--     the group runs under: every account it moves records it as its
+--     last_fence, and every ledger entry as its fence. The callers check it
+--     against the accounts first (wallet_redis_debit, wallet_redis_credit).
 CREATE OR REPLACE FUNCTION wallet_batch_apply(
     p_participants text[], p_mode text,
     p_transfer uuid[], p_debit boolean[], p_user uuid[], p_amount numeric[],
     p_currency text[], p_user_name text[], p_party uuid[], p_party_name text[],
-    p_outcome text[]
+    p_outcome text[], p_fence bigint
 ) RETURNS TABLE (
     for_transfer uuid, verdict text,
     transfer_id uuid, kind text, mode text, from_user uuid, from_username text, to_user uuid,
@@ -59,7 +63,8 @@ BEGIN
     -- The rows are locked since the check; the index condition keeps the
     -- planner, which cannot size the arrays, on the index.
     WITH moved AS (
-        UPDATE accounts a SET balance = a.balance + d.total
+        UPDATE accounts a SET balance = a.balance + d.total,
+                              last_fence = coalesce(p_fence, a.last_fence)
           FROM unnest(v_users, v_totals) AS d (user_id, total)
          WHERE a.user_id = d.user_id AND a.user_id = ANY (v_users)
         RETURNING a.user_id, a.account_id, a.balance - d.total AS opening
@@ -79,11 +84,12 @@ BEGIN
         v_account[i] := v_moved_account[v_at];
         v_balance[i] := v_running[v_at];
     END LOOP;
-    INSERT INTO ledger_entries (account_id, transfer_id, kind, amount, balance_after, counterparty)
+    INSERT INTO ledger_entries (account_id, transfer_id, kind, amount, balance_after, counterparty,
+                                fence)
     SELECT v_account[x], p_transfer[x],
            CASE WHEN p_debit[x] THEN 'transfer_debit' ELSE 'transfer_credit' END,
            CASE WHEN p_debit[x] THEN -p_amount[x] ELSE p_amount[x] END,
-           v_balance[x], p_party_name[x]
+           v_balance[x], p_party_name[x], p_fence
       FROM generate_subscripts(p_transfer, 1) AS x
      WHERE p_outcome[x] IS NULL
      ORDER BY x;

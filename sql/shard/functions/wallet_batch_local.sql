@@ -33,6 +33,7 @@ BEGIN
         p_user_name, p_party, p_party_name,
         wallet_batch_check(p_transfer, p_debit, p_user, p_amount, p_currency,
                            p_key_user, p_key, p_fingerprint, p_session,
-                           array_fill(NULL::text, ARRAY[coalesce(array_length(p_transfer, 1), 0)])));
+                           array_fill(NULL::text, ARRAY[coalesce(array_length(p_transfer, 1), 0)])),
+        NULL);
 END
 $$;
