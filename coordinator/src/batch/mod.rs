@@ -14,8 +14,10 @@
 //! transfers keep arriving (the clients of the group that just finished).
 //!
 //! A group never holds one payer twice, nor a payer that is also a payee: each
-//! leg's check then depends on its own account alone. Such a transfer waits for
-//! the next group.
+//! leg's check then depends on its own account alone. Nor does it touch an
+//! account that a running group of its lane touches ([`Held`]), so groups of
+//! one lane never wait on each other's locks, and a hot payee's transfers
+//! gather in the next group. Such a transfer waits for the next group.
 //!
 //! Cross-shard protocol for a group (every step has a failpoint):
 //! 1. claim keys, lock, check: on every shard at once with lock waits bounded
@@ -360,10 +362,9 @@ impl Batcher {
                 let (tx, rx) = mpsc::channel(self.queue_max);
                 // A shard's same-shard groups run one at a time: there is a lane
                 // per shard, and a measured 0.85x against 0.76x with two.
-                let workers = match (lane, &self.locks) {
-                    (Lane::Local(_), _) => 1,
-                    (Lane::Cross, None) => self.workers,
-                    (Lane::Cross, Some(_)) => self.workers.max(REDIS_GROUPS_AT_ONCE),
+                let workers = match lane {
+                    Lane::Local(_) => 1,
+                    Lane::Cross => self.workers,
                 };
                 // Only the cross-shard lane waits for returning clients: it is the
                 // one lane every cross-shard transfer comes back to, while a
@@ -393,12 +394,6 @@ impl Batcher {
 /// at once with 503 `shard_busy` rather than queued without bound behind a lane
 /// that cannot keep up.
 pub const LANE_QUEUE_MAX: usize = 1024;
-
-/// Redis mode: the fewest cross-shard groups that run at once. A group
-/// whose holder stalls (a pause past its locks' TTL) must not stop the lane:
-/// the next groups take the expired locks and go on, and the fencing token
-/// refuses the stalled one's writes.
-pub const REDIS_GROUPS_AT_ONCE: usize = 4;
 
 /// Most scheduler turns a lane lingers for more transfers before it starts a group.
 const LINGER_YIELDS_MAX: usize = 16;
@@ -476,10 +471,19 @@ async fn run_lane(
     counts: Arc<GroupCounts>,
     locks: Option<Arc<LockService>>,
 ) {
+    // How long the lane keeps a running group's accounts from its next groups
+    // ([`Held`]): the Redis locks' TTL, or in 2PC mode GROUP_CHECK_TIMEOUT_MS
+    // (past it the next group meets the row locks, whose waits are bounded).
+    let hold_max = Duration::from_millis(match &locks {
+        Some(locks) => locks.config().lock_ttl_ms,
+        None => GROUP_CHECK_TIMEOUT_MS,
+    });
     let slots = Arc::new(Semaphore::new(workers));
     let answered = Arc::new(AnswerMark::new());
+    let held = Arc::new(Held::default());
     let mut waiting: VecDeque<Job> = VecDeque::new();
     let mut last_group = 0;
+    let mut group_no: u64 = 0;
     loop {
         let slot = slots
             .clone()
@@ -530,12 +534,42 @@ async fn run_lane(
                 }
             }
         }
-        let group = take_group(&mut waiting, max);
+        let group = take_group(&mut waiting, max, &held.now());
+        if group.is_empty() {
+            // Everything waiting touches an account a running group holds:
+            // wait for a group to end (or its hold to run out), or for a
+            // transfer that may not.
+            drop(slot);
+            let expiry = held.next_expiry();
+            tokio::select! {
+                _ = held.freed.notified() => {}
+                _ = tokio::time::sleep_until(expiry) => {}
+                job = rx.recv(), if waiting.len() < max => {
+                    if let Some(job) = job {
+                        waiting.push_back(job);
+                    }
+                }
+            }
+            continue;
+        }
+        group_no += 1;
+        held.take(group_no, accounts_of(&group), hold_max);
         last_group = group.len();
         counts.record(lane, group.len());
         let answered = answered.clone();
         let locks = locks.clone();
-        tokio::spawn(async move {
+        let held = held.clone();
+        // In Redis mode a group holds its lane for no longer than its locks
+        // last: one stalled past their TTL (a paused holder) lets the next
+        // groups take the expired locks and go on, and its own writes are
+        // refused by their fencing token. Its own bounds (each shard call's
+        // timeout) end it.
+        let lease = match (lane, &locks) {
+            (Lane::Cross, Some(_)) => Some(hold_max),
+            _ => None,
+        };
+        let run = tokio::spawn(async move {
+            let users = accounts(&group);
             match (lane, locks) {
                 (Lane::Local(_), _) => run_local(group, Some(&answered), Run::Grouped).await,
                 (Lane::Cross, Some(locks)) => {
@@ -543,9 +577,90 @@ async fn run_lane(
                 }
                 (Lane::Cross, None) => run_cross(group, Some(&answered), Run::Grouped).await,
             }
+            held.give_back(group_no, users);
+        });
+        tokio::spawn(async move {
+            match lease {
+                Some(lease) => {
+                    let _ = tokio::time::timeout(lease, run).await;
+                }
+                None => {
+                    let _ = run.await;
+                }
+            }
             drop(slot);
         });
     }
+}
+
+/// The accounts a lane's running groups touch, so that it never runs two
+/// groups that touch one account at once: a transfer to a hot payee waits
+/// for the group holding that payee and joins the next one, instead of
+/// waiting on a row lock or a Redis lock inside a group of its own. Each
+/// hold runs out after the lane's `hold_max` (a stalled group's accounts are
+/// free again for the next group, as its Redis locks are once their TTL ran
+/// out; the fencing token or the row locks still keep the stalled one out).
+#[derive(Default)]
+struct Held {
+    /// Account -> (the group holding it, when the hold runs out).
+    accounts: Mutex<HashMap<UserId, (u64, tokio::time::Instant)>>,
+    /// Woken when a group gives its accounts back.
+    freed: tokio::sync::Notify,
+}
+
+impl Held {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<UserId, (u64, tokio::time::Instant)>> {
+        self.accounts
+            .lock()
+            .expect("invariant: no code panics while holding the lane's accounts")
+    }
+
+    /// The accounts held now (holds that ran out are dropped).
+    fn now(&self) -> HashSet<UserId> {
+        let now = tokio::time::Instant::now();
+        let mut accounts = self.lock();
+        accounts.retain(|_, (_, until)| *until > now);
+        accounts.keys().copied().collect()
+    }
+
+    /// When the first hold runs out (far ahead when none is held).
+    fn next_expiry(&self) -> tokio::time::Instant {
+        self.lock()
+            .values()
+            .map(|(_, until)| *until)
+            .min()
+            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600))
+    }
+
+    fn take(&self, group: u64, users: impl IntoIterator<Item = UserId>, hold_max: Duration) {
+        let until = tokio::time::Instant::now() + hold_max;
+        let mut accounts = self.lock();
+        for user in users {
+            accounts.insert(user, (group, until));
+        }
+    }
+
+    /// Gives back what `group` still holds (a hold that ran out may belong
+    /// to a later group by now).
+    fn give_back(&self, group: u64, users: Vec<UserId>) {
+        {
+            let mut accounts = self.lock();
+            for user in users {
+                if accounts.get(&user).is_some_and(|(g, _)| *g == group) {
+                    accounts.remove(&user);
+                }
+            }
+        }
+        self.freed.notify_one();
+    }
+}
+
+fn accounts_of(jobs: &[Job]) -> impl Iterator<Item = UserId> + '_ {
+    jobs.iter().flat_map(|j| [j.order.from, j.order.to])
+}
+
+fn accounts(jobs: &[Job]) -> Vec<UserId> {
+    accounts_of(jobs).collect()
 }
 
 /// Moves what is queued into `waiting` until it holds a full group: the rest
@@ -561,21 +676,15 @@ fn pull(rx: &mut mpsc::Receiver<Job>, waiting: &mut VecDeque<Job>, max: usize) {
 }
 
 /// The next group, in arrival order: a transfer whose payer is already in the
-/// group, or whose payee is a payer of it, or whose payer is a payee of it, waits.
-fn take_group(waiting: &mut VecDeque<Job>, max: usize) -> Vec<Job> {
-    let mut payers: HashSet<UserId> = HashSet::new();
-    let mut payees: HashSet<UserId> = HashSet::new();
+/// group, or whose payee is a payer of it, or whose payer is a payee of it,
+/// or that touches an account in `held` (a running group's), waits.
+fn take_group(waiting: &mut VecDeque<Job>, max: usize, held: &HashSet<UserId>) -> Vec<Job> {
+    let pairs: Vec<(UserId, UserId)> = waiting.iter().map(|j| (j.order.from, j.order.to)).collect();
+    let picked = pick(&pairs, max, held);
     let mut group = Vec::new();
     let mut later = VecDeque::new();
-    while let Some(job) = waiting.pop_front() {
-        let (from, to) = (job.order.from, job.order.to);
-        let fits = group.len() < max
-            && !payers.contains(&from)
-            && !payees.contains(&from)
-            && !payers.contains(&to);
-        if fits {
-            payers.insert(from);
-            payees.insert(to);
+    for (job, picked) in waiting.drain(..).zip(picked) {
+        if picked {
             group.push(job);
         } else {
             later.push_back(job);
@@ -585,9 +694,110 @@ fn take_group(waiting: &mut VecDeque<Job>, max: usize) -> Vec<Job> {
     group
 }
 
+/// Which of the waiting transfers, as (payer, payee) in arrival order, go
+/// into the next group (see [`take_group`]).
+fn pick(waiting: &[(UserId, UserId)], max: usize, held: &HashSet<UserId>) -> Vec<bool> {
+    let mut payers: HashSet<UserId> = HashSet::new();
+    let mut payees: HashSet<UserId> = HashSet::new();
+    let mut taken = 0;
+    waiting
+        .iter()
+        .map(|&(from, to)| {
+            let fits = taken < max
+                && !held.contains(&from)
+                && !held.contains(&to)
+                && !payers.contains(&from)
+                && !payees.contains(&from)
+                && !payers.contains(&to);
+            if fits {
+                payers.insert(from);
+                payees.insert(to);
+                taken += 1;
+            }
+            fits
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    #[tokio::test]
+    async fn a_running_group_holds_its_accounts_until_it_gives_them_back_or_its_hold_runs_out() {
+        let held = Held::default();
+        let (a, b, c) = (
+            UserId::for_username("held_a"),
+            UserId::for_username("held_b"),
+            UserId::for_username("held_c"),
+        );
+        held.take(1, [a, b], Duration::from_secs(60));
+        held.take(2, [c], Duration::from_millis(30));
+        assert_eq!(held.now(), HashSet::from([a, b, c]));
+        held.give_back(2, vec![a]);
+        assert!(held.now().contains(&a), "a is group 1's, not group 2's");
+        held.give_back(1, vec![a, b]);
+        assert_eq!(held.now(), HashSet::from([c]));
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        assert!(held.now().is_empty(), "c's hold ran out");
+        // A hold that ran out and was taken again belongs to the new group.
+        held.take(3, [c], Duration::from_secs(60));
+        held.give_back(2, vec![c]);
+        assert_eq!(held.now(), HashSet::from([c]));
+    }
+
+    proptest! {
+        /// A group never holds a payer twice, a payer that is also a payee,
+        /// nor an account a running group holds, never exceeds its size, and
+        /// leaves out only a transfer that breaks one of those rules against
+        /// what came before it (arrival order).
+        #[test]
+        fn a_group_takes_every_waiting_transfer_that_fits_and_no_other(
+            waiting in proptest::collection::vec((0u8..12, 0u8..12), 0..40),
+            held in proptest::collection::hash_set(0u8..12, 0..4),
+            max in 1usize..10,
+        ) {
+            let user = |n: u8| UserId::for_username(&format!("u{n}"));
+            let pairs: Vec<(UserId, UserId)> = waiting
+                .iter()
+                .filter(|(a, b)| a != b)
+                .map(|&(a, b)| (user(a), user(b)))
+                .collect();
+            let held: HashSet<UserId> = held.into_iter().map(user).collect();
+            let picked = pick(&pairs, max, &held);
+            let group: Vec<(UserId, UserId)> = pairs
+                .iter()
+                .zip(&picked)
+                .filter(|(_, &p)| p)
+                .map(|(&t, _)| t)
+                .collect();
+            prop_assert!(group.len() <= max);
+            for (i, &(from, to)) in group.iter().enumerate() {
+                prop_assert!(!held.contains(&from) && !held.contains(&to));
+                for &(f2, t2) in &group[..i] {
+                    prop_assert!(f2 != from, "a payer twice");
+                    prop_assert!(t2 != from && f2 != to, "a payer that is a payee");
+                }
+            }
+            for (i, &(from, to)) in pairs.iter().enumerate() {
+                if picked[i] {
+                    continue;
+                }
+                let before: Vec<(UserId, UserId)> = pairs[..i]
+                    .iter()
+                    .zip(&picked[..i])
+                    .filter(|(_, &p)| p)
+                    .map(|(&t, _)| t)
+                    .collect();
+                let conflicts = before.len() >= max
+                    || held.contains(&from)
+                    || held.contains(&to)
+                    || before.iter().any(|&(f, t)| f == from || t == from || f == to);
+                prop_assert!(conflicts, "transfer {i} was left out without a reason");
+            }
+        }
+    }
 
     #[test]
     fn group_stats_give_the_mean_group_size_between_two_snapshots() {

@@ -83,7 +83,9 @@ pub(super) async fn run_redis(
             .iter()
             .map(|j| vec![j.order.from, j.order.to])
             .collect();
-        let (held, granted) = match locks.grant(&wants).await {
+        // The payees are read unlocked, so at the same time as the grant.
+        let (grant, payees) = tokio::join!(locks.grant(&wants), read_payees(&pending));
+        let (held, granted) = match grant {
             Ok(grant) => grant,
             Err(e) => {
                 warn!(%e, transfers = pending.len(), "locks not granted; the transfers are aborted, nothing moved");
@@ -92,15 +94,21 @@ pub(super) async fn run_redis(
             }
         };
         let (mut ready, mut rest) = (Vec::new(), Vec::new());
-        for (job, granted) in pending.into_iter().zip(granted) {
+        for ((job, payee), granted) in pending.into_iter().zip(payees).zip(granted) {
             if granted {
-                ready.push(job);
+                ready.push((job, payee));
             } else {
                 rest.push(job);
             }
         }
-        if !ready.is_empty() {
-            parts.push(tokio::spawn(locked(ready, held, run, locks.clone())));
+        if let (false, Some(held)) = (ready.is_empty(), held) {
+            let (ready, payees): (Vec<Job>, Vec<PayeeRead>) = ready.into_iter().unzip();
+            parts.push(tokio::spawn(locked(
+                ready,
+                Some((held, payees)),
+                run,
+                locks.clone(),
+            )));
         }
         if rest.is_empty() {
             break;
@@ -132,19 +140,57 @@ pub(super) async fn run_redis(
     }
 }
 
-/// One granted part of a group (or, with `held` of `None`, transfers that
-/// got no lock: they are recorded as aborted with `lock_unavailable`).
-async fn locked(group: Vec<Job>, held: Option<Held>, run: Run, locks: Arc<LockService>) {
+/// What a payee's shard said of a transfer's payee: a refusal or none, or
+/// the shard's error.
+type PayeeRead = Result<Option<FailureCode>, ShardError>;
+
+/// Each transfer's payee, read on each payee shard at once (unlocked:
+/// accounts are never deleted and never change currency).
+async fn read_payees(group: &[Job]) -> Vec<PayeeRead> {
+    let payees = by_shard(group, 0..group.len(), |j| j.remote());
+    let read = join_all(payees.into_values().map(|(agent, members)| async move {
+        let wanted: Vec<(UserId, _)> = members
+            .iter()
+            .map(|&i| (group[i].order.to, group[i].order.amount.currency()))
+            .collect();
+        (agent.payee_refusals(&wanted).await, members)
+    }))
+    .await;
+    let mut out: Vec<(usize, PayeeRead)> = Vec::with_capacity(group.len());
+    for (r, members) in read {
+        match r {
+            Ok(codes) => out.extend(members.into_iter().zip(codes.into_iter().map(Ok))),
+            Err(e) => out.extend(members.into_iter().map(|i| (i, Err(each_shard_error(&e))))),
+        }
+    }
+    // Every member was in exactly one shard's part: back to the group's order.
+    out.sort_by_key(|(i, _)| *i);
+    out.into_iter().map(|(_, r)| r).collect()
+}
+
+/// One granted part of a group, with its locks and its payees as read (or,
+/// with `granted` of `None`, transfers that got no lock: they are recorded as
+/// aborted with `lock_unavailable`).
+async fn locked(
+    group: Vec<Job>,
+    granted: Option<(Held, Vec<PayeeRead>)>,
+    run: Run,
+    locks: Arc<LockService>,
+) {
+    let (held, payees) = match granted {
+        Some((held, payees)) => (Some(held), Some(payees)),
+        None => (None, None),
+    };
     let fence = held.as_ref().map(Held::token);
     let span = tracing::info_span!("redis group", transfers = group.len(), fence, alone = (run == Run::Alone),
         transfer_ids = %group.iter().map(|j| j.tid.to_string()).collect::<Vec<_>>().join(","));
-    let result = steps(&group, fence, run, &locks)
+    let result = steps(&group, fence.zip(payees), run, &locks)
         .instrument(span.clone())
         .await;
-    if let Some(held) = held {
-        locks.release(held).await;
-    }
-    let _entered = span.enter();
+    // Answered before the locks are released: the lane keeps these accounts
+    // out of its next groups until this part ends, so nothing of ours waits
+    // on them meanwhile.
+    let entered = span.enter();
     match result {
         Ok(fates) => {
             for (job, fate) in group.into_iter().zip(fates) {
@@ -160,6 +206,10 @@ async fn locked(group: Vec<Job>, held: Option<Held>, run: Run, locks: Arc<LockSe
                 job.answer(Err(each(&e)));
             }
         }
+    }
+    drop(entered);
+    if let Some(held) = held {
+        locks.release(held).instrument(span).await;
     }
 }
 
@@ -182,11 +232,12 @@ fn by_shard<'a>(
     parts
 }
 
-/// Steps 2 to 4 for transfers holding their locks under `fence` (`None`: no
-/// lock, so each is only recorded as aborted). Returns each transfer's fate.
+/// Steps 2 to 4 for transfers holding their locks under a fence, with
+/// their payees as read (`None`: no lock, so each is only recorded as
+/// aborted). Returns each transfer's fate.
 async fn steps(
     group: &[Job],
-    fence: Option<i64>,
+    locked: Option<(i64, Vec<PayeeRead>)>,
     run: Run,
     locks: &LockService,
 ) -> Result<Vec<Fate>, CoordinatorError> {
@@ -204,32 +255,25 @@ async fn steps(
         }
     };
     let mut prior = vec![Verdict::Refused(FailureCode::LockUnavailable); n];
-    if fence.is_some() {
-        crash_point!("redis-after-lock");
-        stall_point!("redis-stall-after-lock");
-        prior = vec![Verdict::Pass; n];
-        let payees = by_shard(group, 0..n, |j| j.remote());
-        let read = join_all(payees.into_values().map(|(agent, members)| async move {
-            let wanted: Vec<(UserId, _)> = members
-                .iter()
-                .map(|&i| (group[i].order.to, group[i].order.amount.currency()))
-                .collect();
-            (agent.payee_refusals(&wanted).await, members)
-        }))
-        .await;
-        for (r, members) in read {
-            match r {
-                Ok(codes) => {
-                    for (&i, code) in members.iter().zip(codes) {
-                        if let Some(code) = code {
-                            prior[i] = Verdict::Refused(code);
-                        }
-                    }
+    let fence = match locked {
+        None => None,
+        Some((fence, payees)) => {
+            crash_point!("redis-after-lock");
+            stall_point!("redis-stall-after-lock");
+            let mut failed: BTreeMap<ShardId, (ShardError, Vec<usize>)> = BTreeMap::new();
+            for (i, payee) in payees.into_iter().enumerate() {
+                match payee {
+                    Ok(None) => prior[i] = Verdict::Pass,
+                    Ok(Some(code)) => prior[i] = Verdict::Refused(code),
+                    Err(e) => failed.entry(e.shard()).or_insert((e, Vec::new())).1.push(i),
                 }
-                Err(e) => unwritten(&mut fate, &members, &e),
             }
+            for (e, members) in failed.into_values() {
+                unwritten(&mut fate, &members, &e);
+            }
+            Some(fence)
         }
-    }
+    };
 
     // Step 3: the debits, the commit point.
     let payers = by_shard(group, (0..n).filter(|&i| fate[i].is_none()), |j| j.home());
