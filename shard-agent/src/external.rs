@@ -324,6 +324,14 @@ impl ShardAgent {
         } else {
             Decimal::ZERO
         };
+        if funds_held {
+            conn.execute(
+                "UPDATE accounts SET held = held - $2 WHERE user_id = $1",
+                &[order.user.as_uuid(), &release],
+            )
+            .await
+            .map_err(self.pg("release held funds"))?;
+        }
         if failure.is_none() {
             let signed = match order.direction {
                 Direction::Deposit => order.amount.value(),
@@ -333,32 +341,30 @@ impl ShardAgent {
                 Direction::Deposit => "deposit",
                 Direction::Withdrawal => "withdrawal",
             };
-            let written = conn
-                .execute(
-                    "WITH u AS (UPDATE accounts SET balance = balance + $1, held = held - $9
-                                WHERE user_id = $2
-                                RETURNING account_id, balance),
-                          c AS (UPDATE accounts SET balance = balance - $1
-                                WHERE kind = 'clearing' AND currency = $3
-                                RETURNING account_id, balance)
-                     INSERT INTO ledger_entries (account_id, transfer_id, kind, amount, balance_after, counterparty)
-                     SELECT account_id, $4::uuid, $5::text, $1::numeric, balance, $6::text FROM u
-                     UNION ALL
-                     SELECT account_id, $4::uuid, 'clearing', $7::numeric, balance, $8::text FROM c",
-                    &[&signed, order.user.as_uuid(), &order.amount.currency().code(), &tid.0, &kind, &order.provider, &-signed, &order.username, &release],
-                )
-                .await
-                .map_err(self.pg("apply external"))?;
-            if written != 2 {
-                return Err(self.corrupt(format!("external {tid} wrote {written} ledger entries")));
-            }
-        } else if funds_held {
+            // The user's account and the clearing account of the currency, by
+            // the one posting function every movement goes through.
             conn.execute(
-                "UPDATE accounts SET held = held - $2 WHERE user_id = $1",
-                &[order.user.as_uuid(), &release],
+                "SELECT wallet_post(
+                     ARRAY[$1, $1]::uuid[],
+                     ARRAY[(SELECT account_id FROM accounts WHERE user_id = $2),
+                           (SELECT account_id FROM accounts
+                             WHERE kind = 'clearing' AND currency = $3)],
+                     ARRAY[$4::text, 'clearing'],
+                     ARRAY[$5::numeric, -$5::numeric],
+                     ARRAY[$6::text, $7::text],
+                     NULL)",
+                &[
+                    &tid.0,
+                    order.user.as_uuid(),
+                    &order.amount.currency().code(),
+                    &kind,
+                    &signed,
+                    &order.provider,
+                    &order.username,
+                ],
             )
             .await
-            .map_err(self.pg("release held funds"))?;
+            .map_err(self.pg("apply external"))?;
         }
         let (state, code) = match failure {
             None => ("committed", None),

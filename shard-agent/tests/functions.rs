@@ -390,3 +390,45 @@ async fn an_agent_refuses_a_shard_without_functions() {
     let dsn = fresh_database("fn_agent_none").await;
     assert_eq!(mismatch(agent(&dsn).ping().await), Found::Nothing);
 }
+
+/// Every balance and every ledger entry is written by one function,
+/// `wallet_post`: no other function file and no SQL in the shard agent
+/// writes them (the bulk import's opening balances aside, which move no money
+/// between accounts).
+#[test]
+fn money_is_posted_in_one_place() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut sources: Vec<(String, String)> = FILES
+        .iter()
+        .map(|f| (format!("{}.sql", f.name), f.sql.to_owned()))
+        .collect();
+    let mut dirs = vec![root.join("src")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read the agent's sources") {
+            let path = entry.expect("a directory entry").path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).expect("read a source file");
+                sources.push((path.display().to_string(), text));
+            }
+        }
+    }
+    let writers = |needle: &str| -> Vec<String> {
+        let mut found: Vec<String> = sources
+            .iter()
+            .filter(|(_, text)| text.to_lowercase().contains(needle))
+            .map(|(name, _)| {
+                std::path::Path::new(name)
+                    .file_name()
+                    .expect("a file name")
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        found.sort();
+        found
+    };
+    assert_eq!(writers("insert into ledger_entries"), ["wallet_post.sql"]);
+    assert_eq!(writers("set balance"), ["bulk.rs", "wallet_post.sql"]);
+}

@@ -11,16 +11,10 @@
 --     locks taken by wallet_batch_check keep those checks true.
 --   - Every transfer whose payer is here (its debit leg) is recorded in its
 --     final state, except one answered without writing.
---   - One balance update per account for the whole group (by the sum of its
---     legs) and one ledger insert; each leg's balance_after runs in leg order
---     from the account's opening balance, since a payee may be credited
---     several times in a group. Generic plans, as in wallet_batch_check.
+--   - The money moves through wallet_post, one call for the group's legs
+--     (p_fence, Redis mode's token, is passed on to it).
 --   - It never decides: a cross-shard group's decision is wallet_batch_decide,
 --     sent once every other shard has prepared.
---   - p_fence (Redis mode; NULL otherwise) is the fencing token of the locks
---     the group runs under: every account it moves records it as its
---     last_fence, and every ledger entry as its fence. The callers check it
---     against the accounts first (wallet_redis_debit, wallet_redis_credit).
 CREATE OR REPLACE FUNCTION wallet_batch_apply(
     p_participants text[], p_mode text,
     p_transfer uuid[], p_debit boolean[], p_user uuid[], p_amount numeric[],
@@ -36,63 +30,33 @@ LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 #variable_conflict use_column
 DECLARE
     n int := coalesce(array_length(p_transfer, 1), 0);
-    v_delta numeric[] := array_fill(NULL::numeric, ARRAY[n]);
-    v_users uuid[] := '{}';
-    v_totals numeric[] := '{}';
-    v_moved uuid[];
-    v_moved_account uuid[];
-    v_running numeric[];
-    v_account uuid[] := array_fill(NULL::uuid, ARRAY[n]);
-    v_balance numeric[] := array_fill(NULL::numeric, ARRAY[n]);
-    v_at int;
+    v_ids uuid[];
+    v_accounts uuid[];
+    v_transfer uuid[] := '{}';
+    v_account uuid[] := '{}';
+    v_kind text[] := '{}';
+    v_amount numeric[] := '{}';
+    v_party text[] := '{}';
     v_pointed uuid;
     i int;
 BEGIN
-    -- Each account's total change: one update per account for the group.
+    -- The accounts of the legs that move money, locked since the check; the
+    -- index condition keeps the planner, which cannot size the arrays, on
+    -- the index.
+    SELECT coalesce(array_agg(a.user_id), '{}'), coalesce(array_agg(a.account_id), '{}')
+      INTO v_ids, v_accounts
+      FROM accounts a
+     WHERE a.user_id = ANY (ARRAY(SELECT p_user[x] FROM generate_subscripts(p_user, 1) AS x
+                                  WHERE p_outcome[x] IS NULL));
     FOR i IN 1..n LOOP
         CONTINUE WHEN p_outcome[i] IS NOT NULL;
-        v_delta[i] := CASE WHEN p_debit[i] THEN -p_amount[i] ELSE p_amount[i] END;
-        v_at := array_position(v_users, p_user[i]);
-        IF v_at IS NULL THEN
-            v_users := v_users || p_user[i];
-            v_totals := v_totals || v_delta[i];
-        ELSE
-            v_totals[v_at] := v_totals[v_at] + v_delta[i];
-        END IF;
+        v_transfer := v_transfer || p_transfer[i];
+        v_account := v_account || v_accounts[array_position(v_ids, p_user[i])];
+        v_kind := v_kind || CASE WHEN p_debit[i] THEN 'transfer_debit' ELSE 'transfer_credit' END;
+        v_amount := v_amount || CASE WHEN p_debit[i] THEN -p_amount[i] ELSE p_amount[i] END;
+        v_party := v_party || p_party_name[i];
     END LOOP;
-    -- The rows are locked since the check; the index condition keeps the
-    -- planner, which cannot size the arrays, on the index.
-    WITH moved AS (
-        UPDATE accounts a SET balance = a.balance + d.total,
-                              last_fence = coalesce(p_fence, a.last_fence)
-          FROM unnest(v_users, v_totals) AS d (user_id, total)
-         WHERE a.user_id = d.user_id AND a.user_id = ANY (v_users)
-        RETURNING a.user_id, a.account_id, a.balance - d.total AS opening
-    )
-    SELECT coalesce(array_agg(user_id), '{}'), coalesce(array_agg(account_id), '{}'),
-           coalesce(array_agg(opening), '{}')
-      INTO v_moved, v_moved_account, v_running
-      FROM moved;
-    -- Each leg's balance_after runs in leg order from the account's opening.
-    -- A leg whose account did not move (impossible under the check's locks)
-    -- keeps NULLs, which the ledger's NOT NULL then refuses.
-    FOR i IN 1..n LOOP
-        CONTINUE WHEN p_outcome[i] IS NOT NULL;
-        v_at := array_position(v_moved, p_user[i]);
-        CONTINUE WHEN v_at IS NULL;
-        v_running[v_at] := v_running[v_at] + v_delta[i];
-        v_account[i] := v_moved_account[v_at];
-        v_balance[i] := v_running[v_at];
-    END LOOP;
-    INSERT INTO ledger_entries (account_id, transfer_id, kind, amount, balance_after, counterparty,
-                                fence)
-    SELECT v_account[x], p_transfer[x],
-           CASE WHEN p_debit[x] THEN 'transfer_debit' ELSE 'transfer_credit' END,
-           CASE WHEN p_debit[x] THEN -p_amount[x] ELSE p_amount[x] END,
-           v_balance[x], p_party_name[x], p_fence
-      FROM generate_subscripts(p_transfer, 1) AS x
-     WHERE p_outcome[x] IS NULL
-     ORDER BY x;
+    PERFORM wallet_post(v_transfer, v_account, v_kind, v_amount, v_party, p_fence);
     -- The records written, each the answer to its own transfer: a refusal's
     -- verdict is its failure code.
     RETURN QUERY

@@ -1,0 +1,69 @@
+-- Posts money: the one place balances and ledger entries are written, for
+-- every movement (a group's transfers, through wallet_batch_apply; a
+-- deposit's or a withdrawal's settling, from the shard agent).
+--
+-- One element per ledger entry, in order: the account (accounts.account_id),
+-- the entry's kind, its signed amount (negative takes money out) and the
+-- counterparty shown on it.
+--
+-- Rules owned here:
+--   - One balance update per account for the whole call, by the sum of its
+--     entries, and one ledger insert; each entry's balance_after runs in
+--     entry order from the account's opening balance (a payee credited
+--     several times in one group sees each step).
+--   - p_fence (Redis mode; NULL otherwise) is the fencing token of the locks
+--     the call runs under: every account it moves records it as its
+--     last_fence, and every entry as its fence.
+--   - It checks nothing: the caller holds the accounts' row locks and has
+--     applied every rule (funds, currency, fence). A user account that would
+--     still go negative is refused by the table's no_overdraft constraint, and
+--     an entry whose account did not move by its NULL balance_after.
+--   - Generic plans: every statement stays on its index whatever the arrays
+--     hold.
+CREATE OR REPLACE FUNCTION wallet_post(
+    p_transfer uuid[], p_account uuid[], p_kind text[], p_amount numeric[],
+    p_party text[], p_fence bigint
+) RETURNS void
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    n int := coalesce(array_length(p_transfer, 1), 0);
+    v_accounts uuid[] := '{}';
+    v_totals numeric[] := '{}';
+    v_moved uuid[];
+    v_running numeric[];
+    v_balance numeric[] := array_fill(NULL::numeric, ARRAY[n]);
+    v_at int;
+    i int;
+BEGIN
+    FOR i IN 1..n LOOP
+        v_at := array_position(v_accounts, p_account[i]);
+        IF v_at IS NULL THEN
+            v_accounts := v_accounts || p_account[i];
+            v_totals := v_totals || p_amount[i];
+        ELSE
+            v_totals[v_at] := v_totals[v_at] + p_amount[i];
+        END IF;
+    END LOOP;
+    WITH moved AS (
+        UPDATE accounts a SET balance = a.balance + d.total,
+                              last_fence = coalesce(p_fence, a.last_fence)
+          FROM unnest(v_accounts, v_totals) AS d (id, total)
+         WHERE a.account_id = d.id AND a.account_id = ANY (v_accounts)
+        RETURNING a.account_id, a.balance - d.total AS opening
+    )
+    SELECT coalesce(array_agg(m.account_id), '{}'), coalesce(array_agg(m.opening), '{}')
+      INTO v_moved, v_running
+      FROM moved AS m;
+    FOR i IN 1..n LOOP
+        v_at := array_position(v_moved, p_account[i]);
+        CONTINUE WHEN v_at IS NULL;
+        v_running[v_at] := v_running[v_at] + p_amount[i];
+        v_balance[i] := v_running[v_at];
+    END LOOP;
+    INSERT INTO ledger_entries (account_id, transfer_id, kind, amount, balance_after, counterparty,
+                                fence)
+    SELECT p_account[x], p_transfer[x], p_kind[x], p_amount[x], v_balance[x], p_party[x], p_fence
+      FROM generate_subscripts(p_transfer, 1) AS x
+     ORDER BY x;
+END
+$$;
