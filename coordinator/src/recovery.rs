@@ -430,6 +430,12 @@ impl Recovery {
                         }
                     }
                 }
+                Ok(Credited::Missing) => {
+                    tracing::error!(transfer_id = %p.transfer_id, payee = %p.to_user, "recovery: the payee's account is gone from its shard; the credit stays pending");
+                    pass.count(|s| s.errors += 1);
+                    self.note_failed(home, p.transfer_id, "the payee has no account", pass)
+                        .await;
+                }
                 Ok(Credited::FenceRejected { last_fence }) => {
                     warn!(
                         transfer_id = %p.transfer_id,

@@ -311,7 +311,7 @@ impl LockService {
     ) -> Result<(Option<Held>, Vec<bool>), LockError> {
         let owner = uuid::Uuid::new_v4().simple().to_string();
         let mut c = self.conn().await?;
-        for _ in 0..SEED_ATTEMPTS_MAX {
+        for attempt in 0..=SEED_ATTEMPTS_MAX {
             let mut call = self.grant.key(self.fence_key());
             for users in transfers {
                 for user in users {
@@ -322,14 +322,29 @@ impl LockService {
             for users in transfers {
                 call.arg(users.len());
             }
-            let out: Vec<i64> = call
-                .invoke_async(&mut c)
-                .await
-                .map_err(|e| LockError::Unavailable(e.to_string()))?;
+            let out: Vec<i64> = match call.invoke_async(&mut c).await {
+                Ok(out) => out,
+                Err(e) => {
+                    // The script may have run and its answer been lost: free
+                    // whatever it granted (only this grant's owner), rather
+                    // than leave those accounts locked until the TTL.
+                    let all: Vec<UserId> = transfers.iter().flatten().copied().collect();
+                    self.release(Held {
+                        users: all,
+                        owner: owner.clone(),
+                        fence: 0,
+                    })
+                    .await;
+                    return Err(LockError::Unavailable(e.to_string()));
+                }
+            };
             let Some((&fence, granted)) = out.split_first() else {
                 return Err(LockError::Unavailable("empty answer to a grant".into()));
             };
             if fence == -1 {
+                if attempt == SEED_ATTEMPTS_MAX {
+                    break;
+                }
                 self.seed().await?;
                 continue;
             }

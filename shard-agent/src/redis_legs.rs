@@ -48,6 +48,10 @@ pub enum Credited {
     FenceRejected {
         last_fence: i64,
     },
+    /// The payee has no account here: nothing written. The payee was read
+    /// before the debit committed and accounts are never deleted, so this is
+    /// a corrupt shard; the credit stays pending and is reported.
+    Missing,
 }
 
 /// Pending credits of one home shard older than `in_doubt_after`: in doubt until
@@ -148,19 +152,15 @@ impl ShardAgent {
             let verdicts: Vec<Option<String>> = row.get(0);
             verdicts
                 .iter()
-                .zip(credits)
-                .map(|(v, c)| match v.as_deref() {
+                .map(|v| match v.as_deref() {
                     None => Ok(Credited::Yes),
                     Some("applied:") => Ok(Credited::AlreadyApplied),
-                    Some(v) => match v.strip_prefix("fence:").and_then(|f| f.parse().ok()) {
-                        Some(last_fence) => Ok(Credited::FenceRejected { last_fence }),
-                        // The payee was read before the debit committed and
-                        // accounts are never deleted: a missing one is corruption.
-                        None => Err(self.corrupt(format!(
-                            "credit of transfer {} to {}: {v}",
-                            c.transfer_id, c.to_user
-                        ))),
-                    },
+                    Some("missing:") => Ok(Credited::Missing),
+                    Some(v) => v
+                        .strip_prefix("fence:")
+                        .and_then(|f| f.parse().ok())
+                        .map(|last_fence| Credited::FenceRejected { last_fence })
+                        .ok_or_else(|| self.corrupt(format!("fenced credit answered {v:?}"))),
                 })
                 .collect()
         })

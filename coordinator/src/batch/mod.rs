@@ -484,6 +484,7 @@ async fn run_lane(
     let mut waiting: VecDeque<Job> = VecDeque::new();
     let mut last_group = 0;
     let mut group_no: u64 = 0;
+    let mut closed = false;
     loop {
         let slot = slots
             .clone()
@@ -544,9 +545,12 @@ async fn run_lane(
             tokio::select! {
                 _ = held.freed.notified() => {}
                 _ = tokio::time::sleep_until(expiry) => {}
-                job = rx.recv(), if waiting.len() < max => {
-                    if let Some(job) = job {
-                        waiting.push_back(job);
+                job = rx.recv(), if !closed && waiting.len() < max => {
+                    match job {
+                        Some(job) => waiting.push_back(job),
+                        // The batcher is gone: only the held accounts'
+                        // return can move what is left.
+                        None => closed = true,
                     }
                 }
             }
@@ -573,7 +577,7 @@ async fn run_lane(
             match (lane, locks) {
                 (Lane::Local(_), _) => run_local(group, Some(&answered), Run::Grouped).await,
                 (Lane::Cross, Some(locks)) => {
-                    run_redis(group, Some(&answered), Run::Grouped, locks).await
+                    run_redis(group, Some(answered), Run::Grouped, locks).await
                 }
                 (Lane::Cross, None) => run_cross(group, Some(&answered), Run::Grouped).await,
             }

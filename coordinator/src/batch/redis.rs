@@ -15,7 +15,8 @@
 //!    commit point: keys, sessions and refusals by the group's check, the
 //!    fence, the money, the records, and a pending credit per transfer.
 //! 4. Credits: one statement per payee shard (`wallet_redis_credit`); then the
-//!    pending credits are cleared on each payer shard, and the locks released.
+//!    pending credits are cleared on each payer shard (an asynchronous
+//!    commit), the clients answered and the locks released.
 //!
 //! Crash rule: before a payer shard's debit statement commits, nothing of
 //! its transfers exists; after it, they are committed and recovery applies
@@ -67,7 +68,7 @@ enum Fate {
 /// transfer (or sends it to run alone).
 pub(super) async fn run_redis(
     group: Vec<Job>,
-    answered: Option<&AnswerMark>,
+    answered: Option<Arc<AnswerMark>>,
     run: Run,
     locks: Arc<LockService>,
 ) {
@@ -77,6 +78,9 @@ pub(super) async fn run_redis(
     };
     let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
     let mut pending = group;
+    // The payees as read in the first round, kept for the transfers that ask
+    // again (accounts are never deleted and never change currency).
+    let mut carried: Option<Vec<PayeeRead>> = None;
     let mut parts = Vec::new();
     loop {
         let wants: Vec<Vec<UserId>> = pending
@@ -84,21 +88,31 @@ pub(super) async fn run_redis(
             .map(|j| vec![j.order.from, j.order.to])
             .collect();
         // The payees are read unlocked, so at the same time as the grant.
-        let (grant, payees) = tokio::join!(locks.grant(&wants), read_payees(&pending));
+        let (grant, payees) = match carried.take() {
+            Some(payees) => (locks.grant(&wants).await, payees),
+            None => tokio::join!(locks.grant(&wants), read_payees(&pending)),
+        };
         let (held, granted) = match grant {
             Ok(grant) => grant,
             Err(e) => {
                 warn!(%e, transfers = pending.len(), "locks not granted; the transfers are aborted, nothing moved");
-                parts.push(tokio::spawn(locked(pending, None, run, locks.clone())));
+                parts.push(tokio::spawn(locked(
+                    pending,
+                    None,
+                    run,
+                    locks.clone(),
+                    answered.clone(),
+                )));
                 break;
             }
         };
-        let (mut ready, mut rest) = (Vec::new(), Vec::new());
+        let (mut ready, mut rest, mut rest_payees) = (Vec::new(), Vec::new(), Vec::new());
         for ((job, payee), granted) in pending.into_iter().zip(payees).zip(granted) {
             if granted {
                 ready.push((job, payee));
             } else {
                 rest.push(job);
+                rest_payees.push(payee);
             }
         }
         if let (false, Some(held)) = (ready.is_empty(), held) {
@@ -108,6 +122,7 @@ pub(super) async fn run_redis(
                 Some((held, payees)),
                 run,
                 locks.clone(),
+                answered.clone(),
             )));
         }
         if rest.is_empty() {
@@ -121,12 +136,19 @@ pub(super) async fn run_redis(
                         waited_ms = wait_ms,
                         "locks held elsewhere for too long; the transfer is aborted, nothing moved"
                     );
-                    parts.push(tokio::spawn(locked(rest, None, run, locks.clone())));
+                    parts.push(tokio::spawn(locked(
+                        rest,
+                        None,
+                        run,
+                        locks.clone(),
+                        answered.clone(),
+                    )));
                 }
             }
             break;
         }
         pending = rest;
+        carried = Some(rest_payees);
         let pause = rand::thread_rng().gen_range(1..5);
         tokio::time::sleep(Duration::from_millis(pause)).await;
     }
@@ -134,9 +156,6 @@ pub(super) async fn run_redis(
         // A part that panicked has dropped its replies: its clients see the
         // transfer end without an answer.
         let _ = part.await;
-    }
-    if let Some(answered) = answered {
-        answered.mark();
     }
 }
 
@@ -176,6 +195,7 @@ async fn locked(
     granted: Option<(Held, Vec<PayeeRead>)>,
     run: Run,
     locks: Arc<LockService>,
+    answered: Option<Arc<AnswerMark>>,
 ) {
     let (held, payees) = match granted {
         Some((held, payees)) => (Some(held), Some(payees)),
@@ -187,9 +207,13 @@ async fn locked(
     let result = steps(&group, fence.zip(payees), run, &locks)
         .instrument(span.clone())
         .await;
-    // Answered before the locks are released: the lane keeps these accounts
-    // out of its next groups until this part ends, so nothing of ours waits
-    // on them meanwhile.
+    // The lane's mark goes before the answers: a client back before it would
+    // be counted twice in the lane's estimate of its next group. The answers
+    // go before the locks are released: the lane keeps these accounts out of
+    // its next groups until this part ends.
+    if let Some(answered) = &answered {
+        answered.mark();
+    }
     let entered = span.enter();
     match result {
         Ok(fates) => {
@@ -363,6 +387,10 @@ async fn steps(
                 for (&i, credited) in members.iter().zip(results) {
                     match credited {
                         Credited::Yes | Credited::AlreadyApplied => cleared.push(i),
+                        Credited::Missing => {
+                            tracing::error!(transfer_id = %group[i].tid, payee = %group[i].order.to, "the payee's account is gone from its shard; the credit stays pending");
+                            failed.push((i, "the payee has no account".into()));
+                        }
                         Credited::FenceRejected { last_fence } => {
                             warn!(transfer_id = %group[i].tid, fence, last_fence, "credit refused by its fence; in doubt until recovery applies it");
                             raise_floor(locks, last_fence).await;
@@ -377,6 +405,9 @@ async fn steps(
             }
         }
     }
+    for (i, reason) in failed {
+        note_failed_credit(group[i].home(), group[i].tid, &reason).await;
+    }
     let homes = by_shard(group, cleared, |j| j.home());
     join_all(homes.into_values().map(|(agent, members)| async move {
         let tids: Vec<TransferId> = members.iter().map(|&i| group[i].tid).collect();
@@ -385,9 +416,6 @@ async fn steps(
         }
     }))
     .await;
-    for (i, reason) in failed {
-        note_failed_credit(group[i].home(), group[i].tid, &reason).await;
-    }
     crash_point!("redis-before-reply");
     Ok(finish(fate))
 }

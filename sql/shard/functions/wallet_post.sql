@@ -13,7 +13,7 @@
 --     several times in one group sees each step).
 --   - p_fence (Redis mode; NULL otherwise) is the fencing token of the locks
 --     the call runs under: every account it moves records it as its
---     last_fence, and every entry as its fence.
+--     last_fence (never lowering it), and every entry as its fence.
 --   - It checks nothing: the caller holds the accounts' row locks and has
 --     applied every rule (funds, currency, fence). A user account that would
 --     still go negative is refused by the table's no_overdraft constraint, and
@@ -46,7 +46,7 @@ BEGIN
     END LOOP;
     WITH moved AS (
         UPDATE accounts a SET balance = a.balance + d.total,
-                              last_fence = coalesce(p_fence, a.last_fence)
+                              last_fence = greatest(a.last_fence, p_fence)
           FROM unnest(v_accounts, v_totals) AS d (id, total)
          WHERE a.account_id = d.id AND a.account_id = ANY (v_accounts)
         RETURNING a.account_id, a.balance - d.total AS opening
