@@ -168,10 +168,10 @@ async fn a_coordinator_dead_before_answering_a_committed_group_replays() {
     crash_at("batch-before-reply", true).await;
 }
 
-// Redis-lock mode's cross-shard transfers (not groups yet), step by step:
-// before the debit the outcome is abort (recovery aborts the `preparing`
-// record as `coordinator_timeout`, a fault, so the retry runs afresh); from the
-// debit on it is commit (recovery applies the pending credit).
+// Redis-lock mode's cross-shard groups, step by step: before the debit
+// statement nothing of the transfer exists (no key, no record), so the retry
+// runs afresh; from the debit on it is committed (recovery applies the
+// pending credit, and the retry replays).
 
 #[tokio::test]
 async fn redis_mode_a_coordinator_dead_holding_its_locks_leaves_nothing() {

@@ -106,9 +106,10 @@ async fn a_small_bench_run_reports_every_scenario_and_passes_the_checker() {
                 > 0.0,
             "{name}"
         );
-        // Batched scenarios report their mean group size; baselines and Redis
-        // mode's cross-shard transfers (never batched) report none.
-        let batched = s["protocol"] == "same-shard" || s["protocol"] == "2pc";
+        // The wallet's scenarios (every transfer runs in a group, in either
+        // mode) report their mean group size; the baselines report none.
+        let batched =
+            ["same-shard", "2pc", "redis"].contains(&s["protocol"].as_str().unwrap_or(""));
         match s["transfers_per_group"].as_f64() {
             Some(g) => assert!(batched && g >= 1.0, "{name}: {g} transfers per group"),
             None => assert!(!batched, "{name} reports its group size"),
