@@ -47,6 +47,9 @@ pub struct Cluster {
     catalog_dsn: String,
     agent_config: AgentConfig,
     routing: RwLock<Arc<Routing>>,
+    /// One reload at a time: the callers that a refused write sends to
+    /// [`Cluster::reload_after`] at once share one catalog read.
+    reloading: tokio::sync::Mutex<()>,
 }
 
 impl Cluster {
@@ -60,10 +63,14 @@ impl Cluster {
         catalog.bootstrap(shards).await?;
         let routing = build(&mut catalog, &agent_config, None).await?;
         info!(epoch = %routing.map.epoch(), shards = routing.agents.len(), "loaded bucket map");
+        let routing = Arc::new(routing);
+        // In the background: a shard that is down must not hold up the start.
+        tokio::spawn(record_ownership(routing.clone()));
         Ok(Cluster {
             catalog_dsn: catalog_dsn.to_owned(),
             agent_config,
-            routing: RwLock::new(Arc::new(routing)),
+            routing: RwLock::new(routing),
+            reloading: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -95,6 +102,20 @@ impl Cluster {
         Ok(true)
     }
 
+    /// Reloads the map after a shard refused a write of a bucket it no longer
+    /// serves (or serves only once a move's cutover ends), unless another
+    /// caller already moved past `seen`, the epoch the refused call was
+    /// routed with.
+    pub async fn reload_after(&self, seen: Epoch) {
+        let _one = self.reloading.lock().await;
+        if self.epoch() != seen {
+            return;
+        }
+        if let Err(e) = self.refresh().await {
+            warn!(%e, "could not reload the bucket map");
+        }
+    }
+
     /// Polls the epoch forever; meant to be spawned.
     pub async fn watch(self: Arc<Self>, every: Duration) {
         let mut tick = tokio::time::interval(every);
@@ -124,6 +145,29 @@ impl FenceFloor for Cluster {
             Ok(highest)
         })
     }
+}
+
+/// Records on each shard whose ownership was never recorded the buckets the
+/// catalog gives it (see `shard_agent::ownership`); shards already recorded
+/// keep theirs, which only moves change.
+async fn record_ownership(routing: Arc<Routing>) {
+    let records = routing.agents.iter().map(|(id, agent)| {
+        let buckets: Vec<u16> = routing.map.buckets_of(*id).iter().map(|b| b.0).collect();
+        // A shard down now keeps serving every bucket the map gives it until
+        // a later start, or the first rebalance, records them (a move records
+        // every shard's first).
+        let epoch = routing.map.epoch().0;
+        async move {
+            match agent.init_ownership(&buckets, epoch).await {
+                Ok(true) => {
+                    info!(shard = %id, buckets = buckets.len(), "recorded the shard's buckets")
+                }
+                Ok(false) => {}
+                Err(e) => warn!(shard = %id, %e, "could not record the shard's buckets yet"),
+            }
+        }
+    });
+    futures::future::join_all(records).await;
 }
 
 async fn build(

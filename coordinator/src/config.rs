@@ -196,6 +196,16 @@ pub struct Limits {
     /// Transfers that may wait for one batch lane; more get 503 `shard_busy`
     /// at once (nothing claimed, so a retry with the same key runs afresh).
     pub batch_queue_max: usize,
+    /// How long a request whose user's bucket is being moved waits, reloading
+    /// the map and trying again, before it is answered 409 `bucket_moving`
+    /// (nothing written; a retry with the same key runs afresh). A move's
+    /// cutover pauses a bucket for at most its own bound (500 ms by default).
+    #[serde(default = "move_wait_ms_default")]
+    pub move_wait_ms: u64,
+}
+
+fn move_wait_ms_default() -> u64 {
+    5_000
 }
 
 impl Default for Limits {
@@ -219,6 +229,7 @@ impl Default for Limits {
             batch_workers: 1,
             batch_linger_us: 2_000,
             batch_queue_max: crate::batch::LANE_QUEUE_MAX,
+            move_wait_ms: move_wait_ms_default(),
         }
     }
 }

@@ -18,7 +18,7 @@ use tracing::{info, warn, Instrument};
 
 use crate::auth::{new_token, token_hash, token_user, AuthError, PasswordPolicy, PasswordWork};
 use crate::batch::Batcher;
-use crate::cluster::{Cluster, ClusterError};
+use crate::cluster::{Cluster, ClusterError, Routing};
 use crate::config::{Config, Limits, LockMode};
 use crate::error::CoordinatorError;
 use crate::inputs::{Email, IdemKey, Password, Username};
@@ -263,6 +263,21 @@ impl Coordinator {
         self.locks.as_ref()
     }
 
+    fn move_wait(&self) -> Duration {
+        Duration::from_millis(self.limits.move_wait_ms)
+    }
+
+    /// [`retry_moved`] with this coordinator's map and bound.
+    async fn routed<T, Fut>(
+        &self,
+        op: impl FnMut(Arc<Routing>) -> Fut,
+    ) -> Result<T, CoordinatorError>
+    where
+        Fut: std::future::Future<Output = Result<T, CoordinatorError>>,
+    {
+        retry_moved(&self.cluster, self.move_wait(), op).await
+    }
+
     pub async fn sign_up(
         &self,
         username: Username,
@@ -276,8 +291,6 @@ impl Coordinator {
             .hash(password.into_inner())
             .await
             .map_err(password_error)?;
-        let routing = self.cluster.routing();
-        let agent = routing.agent_for(&user_id);
         let new = NewUser {
             user_id,
             bucket: bucket_of(&user_id),
@@ -286,10 +299,16 @@ impl Coordinator {
             password_hash,
             currency,
         };
-        match agent.create_user(&new).await? {
+        let created = self
+            .routed(|routing| {
+                let new = &new;
+                async move { Ok(routing.agent_for(&user_id).create_user(new).await?) }
+            })
+            .await?;
+        match created {
             Created::UsernameTaken => Ok(SignUp::UsernameTaken),
             Created::Yes => {
-                info!(user = %user_id, shard = %agent.id(), "user signed up");
+                info!(user = %user_id, "user signed up");
                 Ok(SignUp::Created(UserRow {
                     user_id,
                     username: new.username,
@@ -310,11 +329,10 @@ impl Coordinator {
         let found = match Username::parse(username) {
             Ok(name) => {
                 let user_id = name.user_id();
-                self.cluster
-                    .routing()
-                    .agent_for(&user_id)
-                    .credentials(user_id)
-                    .await?
+                self.routed(|routing| async move {
+                    Ok(routing.agent_for(&user_id).credentials(user_id).await?)
+                })
+                .await?
             }
             Err(_) => None,
         };
@@ -337,11 +355,17 @@ impl Coordinator {
         let token = new_token(&name);
         let ttl = chrono::Duration::seconds(self.limits.session_ttl_s as i64);
         let expires_at = Utc::now() + ttl;
-        self.cluster
-            .routing()
-            .agent_for(&user.user_id)
-            .create_session(user.user_id, &token_hash(&token), expires_at)
-            .await?;
+        let hash = token_hash(&token);
+        self.routed(|routing| {
+            let hash = &hash;
+            async move {
+                Ok(routing
+                    .agent_for(&user.user_id)
+                    .create_session(user.user_id, hash, expires_at)
+                    .await?)
+            }
+        })
+        .await?;
         Ok(Some(Session {
             token,
             expires_at,
@@ -366,12 +390,12 @@ impl Coordinator {
         let Some(user) = token_user(token) else {
             return Ok(false);
         };
-        Ok(self
-            .cluster
-            .routing()
-            .agent_for(&user)
-            .revoke_session(&token_hash(token))
-            .await?)
+        let hash = token_hash(token);
+        self.routed(|routing| {
+            let hash = &hash;
+            async move { Ok(routing.agent_for(&user).revoke_session(user, hash).await?) }
+        })
+        .await
     }
 
     pub async fn account(
@@ -380,12 +404,13 @@ impl Coordinator {
         limit: i64,
         before: Option<i64>,
     ) -> Result<Option<AccountView>, CoordinatorError> {
-        Ok(self
-            .cluster
-            .routing()
-            .agent_for(&user.user_id)
-            .account_view(user.user_id, limit, before)
-            .await?)
+        self.routed(|routing| async move {
+            Ok(routing
+                .agent_for(&user.user_id)
+                .account_view(user.user_id, limit, before)
+                .await?)
+        })
+        .await
     }
 
     /// Moves `amount` from `payer` to `to`, in a group: one local statement
@@ -427,12 +452,19 @@ impl Coordinator {
                 ]),
             },
         };
-        let routing = self.cluster.routing();
         let span = tracing::info_span!("transfer", from = %order.from, to = %order.to, key = %key.as_str(), transfer_id = tracing::field::Empty);
         let batcher = self.batcher.clone();
+        let cluster = self.cluster.clone();
+        let wait = self.move_wait();
         let task = tokio::spawn(
             // The group's check reads a claimed session.
-            async move { batcher.transfer(routing, order, session).await }.instrument(span),
+            async move {
+                retry_moved(&cluster, wait, |routing| {
+                    batcher.transfer(routing, order.clone(), session.clone())
+                })
+                .await
+            }
+            .instrument(span),
         );
         let path = {
             let routing = self.cluster.routing();
@@ -484,25 +516,29 @@ impl Coordinator {
             provider: self.provider.name().to_owned(),
             payment_token: payment_token.to_owned(),
         };
-        let routing = self.cluster.routing();
+        let cluster = self.cluster.clone();
+        let wait = self.move_wait();
         let provider = self.provider.clone();
         let timeout = Duration::from_millis(self.limits.payment_timeout_ms);
         let task = tokio::spawn(
             async move {
-                let agent = routing.agent_for(&order.user);
-                agent
-                    .run_external(&order, |reference| {
-                        let order = &order;
-                        async move { call_for(provider.as_ref(), timeout, order, reference).await }
-                    })
-                    .await
+                retry_moved(&cluster, wait, |routing| {
+                    let (order, provider) = (&order, provider.clone());
+                    async move {
+                        let agent = routing.agent_for(&order.user);
+                        Ok(agent
+                            .run_external(order, |reference| async move {
+                                call_for(provider.as_ref(), timeout, order, reference).await
+                            })
+                            .await?)
+                    }
+                })
+                .await
             }
             .instrument(tracing::info_span!("external", user = %user.user_id, op)),
         );
-        let result: Result<Submitted, ShardError> = task
-            .await
-            .map_err(|e| CoordinatorError::Corrupt(format!("{op} task failed: {e}")))?;
-        Ok(result?)
+        task.await
+            .map_err(|e| CoordinatorError::Corrupt(format!("{op} task failed: {e}")))?
     }
 
     /// A transfer as `user` may see it (payer or payee); `None` otherwise.
@@ -511,14 +547,55 @@ impl Coordinator {
         user: &UserRow,
         tid: TransferId,
     ) -> Result<Option<TransferRecord>, CoordinatorError> {
-        Ok(self
-            .cluster
-            .routing()
-            .agent_for(&user.user_id)
-            .transfer_for_party(user, tid)
-            .await?)
+        self.routed(|routing| async move {
+            Ok(routing
+                .agent_for(&user.user_id)
+                .transfer_for_party(user, tid)
+                .await?)
+        })
+        .await
     }
 }
+
+/// Runs `op` with the current map. A shard that refuses because it does not
+/// serve the user's bucket ([`ShardError::NotOwner`]: nothing was written)
+/// means the map is stale or a move's cutover is under way: the map is
+/// reloaded and `op` runs again, after a pause that doubles from
+/// [`MOVE_RETRY_FIRST_MS`] to [`MOVE_RETRY_MAX_MS`], until `wait` has passed;
+/// then the refusal is the answer (409 `bucket_moving`).
+pub async fn retry_moved<T, Fut>(
+    cluster: &Cluster,
+    wait: Duration,
+    mut op: impl FnMut(Arc<Routing>) -> Fut,
+) -> Result<T, CoordinatorError>
+where
+    Fut: std::future::Future<Output = Result<T, CoordinatorError>>,
+{
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut pause = Duration::from_millis(MOVE_RETRY_FIRST_MS);
+    loop {
+        let routing = cluster.routing();
+        let epoch = routing.map.epoch();
+        match op(routing).await {
+            Err(CoordinatorError::Shard(ShardError::NotOwner {
+                shard,
+                bucket,
+                state,
+            })) if tokio::time::Instant::now() + pause < deadline => {
+                info!(%shard, bucket, state, "bucket not served there; reloading the map");
+                cluster.reload_after(epoch).await;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(MOVE_RETRY_MAX_MS));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// First pause of [`retry_moved`].
+pub const MOVE_RETRY_FIRST_MS: u64 = 5;
+/// Longest pause of [`retry_moved`].
+pub const MOVE_RETRY_MAX_MS: u64 = 100;
 
 /// A digest of an operation's parameters: the same Idempotency-Key with a different
 /// request is refused. Fields are length-prefixed so no two requests collide.

@@ -17,7 +17,13 @@ use testkit::{init_tracing, test_limits, TestCluster};
 /// longer than a pass may take, so a pass that waited for it would show.
 const DEAD_SHARD_CALL_MS: u64 = 20_000;
 
-async fn user_on(agent: &ShardAgent, name: &str) -> UserId {
+/// A user named after `prefix` whose bucket `map` gives `agent`'s shard.
+async fn user_on(agent: &ShardAgent, map: &router::ShardMap, prefix: &str) -> UserId {
+    let name = (0..)
+        .map(|k| format!("{prefix}_{k}"))
+        .find(|n| map.shard_of(&UserId::for_username(n)) == agent.id())
+        .expect("some name lands on every shard");
+    let name = name.as_str();
     let user_id = UserId::for_username(name);
     agent
         .create_user(&NewUser {
@@ -72,8 +78,8 @@ async fn a_black_holed_home_shard_does_not_delay_legs_homed_elsewhere() {
     let mut payees = Vec::new();
     for i in 0..4 {
         payees.push((
-            user_on(&s0, &format!("payee{i}_on_0")).await,
-            user_on(&s1, &format!("payee{i}_on_1")).await,
+            user_on(&s0, &routing.map, &format!("payee{i}_on_0")).await,
+            user_on(&s1, &routing.map, &format!("payee{i}_on_1")).await,
         ));
     }
 

@@ -37,6 +37,7 @@ pub async fn provision(
             .with_context(|| format!("migrate shard {i}"))?;
         entries.push(ShardEntry {
             id: ShardId(i as u16),
+            name: None,
             dsn,
             weight: 1,
         });

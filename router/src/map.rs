@@ -134,6 +134,15 @@ impl ShardMap {
         self.table.iter().copied().collect()
     }
 
+    /// The buckets `shard` owns, in bucket order.
+    pub fn buckets_of(&self, shard: ShardId) -> Vec<Bucket> {
+        Bucket::all()
+            .zip(&self.table)
+            .filter(|(_, owner)| **owner == shard)
+            .map(|(b, _)| b)
+            .collect()
+    }
+
     /// Buckets owned by each shard that owns any.
     pub fn bucket_counts(&self) -> BTreeMap<ShardId, usize> {
         let mut counts = BTreeMap::new();

@@ -243,18 +243,27 @@ impl ShardAgent {
         }
     }
 
-    /// Runs `body` in one transaction under `call_timeout_ms`: committed if it
+    /// Runs `body` in one transaction under `call_timeout_ms`, after
+    /// `wallet_own`'s write check of `buckets`: committed if it
     /// returns `Ok`, rolled back otherwise (and, if cut short, its connection
     /// is dropped, which rolls it back as well).
     pub(crate) async fn in_txn<T>(
         &self,
         context: &'static str,
+        buckets: &[i32],
         body: impl AsyncFnOnce(&Conn) -> ShardResult<T>,
     ) -> ShardResult<T> {
         self.timed(context, async {
             let mut conn = self.conn().await?;
-            conn.begin(self.id).await?;
-            match body(&conn).await {
+            conn.in_txn_begin("BEGIN ISOLATION LEVEL READ COMMITTED", self.id)
+                .await?;
+            let owned = conn.own(self.id, buckets, true).await;
+            match async {
+                owned?;
+                body(&conn).await
+            }
+            .await
+            {
                 Ok(value) => {
                     conn.batch_execute("COMMIT")
                         .await
@@ -271,10 +280,37 @@ impl ShardAgent {
         .await
     }
 
+    /// [`Conn::owned_autocommit`] on `conn`, for this shard.
+    pub(crate) async fn owned_autocommit(
+        &self,
+        conn: &mut Conn,
+        buckets: &[i32],
+        stmt: &tokio_postgres::Statement,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+        on_err: impl Fn(tokio_postgres::Error) -> ShardError,
+    ) -> ShardResult<Vec<tokio_postgres::Row>> {
+        conn.owned_autocommit(self.id, buckets, stmt, params, on_err)
+            .await
+    }
+
     pub(crate) fn pg(&self, context: &'static str) -> impl Fn(tokio_postgres::Error) -> ShardError {
         let shard = self.id;
         move |e| ShardError::from_pg(shard, context, e)
     }
+}
+
+/// The statement every write transaction on a user's rows runs first
+/// (sql/shard/functions/wallet_own.sql); `$1` is the users' buckets.
+pub(crate) const OWN_WRITE: &str = "SELECT wallet_own($1, true)";
+/// The same check for a view: a bucket being fenced may still be read.
+pub(crate) const OWN_READ: &str = "SELECT wallet_own($1, false)";
+
+/// The buckets of `users`, as `wallet_own` takes them.
+pub(crate) fn buckets_of<'a>(users: impl IntoIterator<Item = &'a router::UserId>) -> Vec<i32> {
+    users
+        .into_iter()
+        .map(|u| i32::from(router::bucket_of(u).0))
+        .collect()
 }
 
 /// A pooled connection that is thrown away, not returned to the pool, when it is
@@ -320,6 +356,60 @@ impl Conn {
     /// Marks the explicit transaction finished (committed, rolled back or prepared).
     pub(crate) fn ended(&mut self) {
         self.in_txn = false;
+    }
+
+    /// `wallet_own` on this connection (inside the caller's transaction when
+    /// `write`): [`ShardError::NotOwner`] unless the shard serves `buckets`.
+    pub(crate) async fn own(
+        &self,
+        shard: ShardId,
+        buckets: &[i32],
+        write: bool,
+    ) -> ShardResult<()> {
+        let stmt = self
+            .prepare_cached(if write { OWN_WRITE } else { OWN_READ })
+            .await
+            .map_err(|e| ShardError::from_pg(shard, "prepare ownership check", e))?;
+        self.execute(&stmt, &[&buckets])
+            .await
+            .map_err(|e| ShardError::from_pg(shard, "ownership check", e))?;
+        Ok(())
+    }
+
+    /// Runs `stmt` as a transaction of its own that first passes `wallet_own`'s
+    /// write check of `buckets`, all in one round trip: BEGIN, the check, the
+    /// statement and COMMIT are pipelined. A refused check is
+    /// [`ShardError::NotOwner`] and the statement then writes nothing (it runs
+    /// in an aborted transaction, and the COMMIT rolls back). `on_err` maps the
+    /// statement's own error.
+    pub(crate) async fn owned_autocommit(
+        &mut self,
+        shard: ShardId,
+        buckets: &[i32],
+        stmt: &tokio_postgres::Statement,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+        on_err: impl Fn(tokio_postgres::Error) -> ShardError,
+    ) -> ShardResult<Vec<tokio_postgres::Row>> {
+        let own = self
+            .prepare_cached(OWN_WRITE)
+            .await
+            .map_err(|e| ShardError::from_pg(shard, "prepare ownership check", e))?;
+        self.mark_in_txn();
+        let own_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&buckets];
+        let (begun, owned, rows, committed) = tokio::join!(
+            self.batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED"),
+            self.execute(&own, &own_params),
+            self.query(stmt, params),
+            self.batch_execute("COMMIT")
+        );
+        if committed.is_ok() {
+            self.ended();
+        }
+        begun.map_err(|e| ShardError::from_pg(shard, "begin", e))?;
+        owned.map_err(|e| ShardError::from_pg(shard, "ownership check", e))?;
+        let rows = rows.map_err(on_err)?;
+        committed.map_err(|e| ShardError::from_pg(shard, "commit", e))?;
+        Ok(rows)
     }
 
     /// Rolls back after a failure; a connection that cannot even do that is dropped.

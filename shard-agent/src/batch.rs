@@ -318,7 +318,8 @@ impl ShardAgent {
     ) -> ShardResult<Vec<GroupAnswer>> {
         self.timed("local batch", async {
             let c = Columns::of(legs);
-            let conn = self.conn().await?;
+            let buckets = crate::agent::buckets_of(legs.iter().map(|l| &l.user));
+            let mut conn = self.conn().await?;
             let stmt = conn
                 .prepare_cached(&format!(
                     "SELECT {ANSWER_COLUMNS} FROM wallet_batch_local($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
@@ -333,10 +334,11 @@ impl ShardAgent {
                 &c.party_name,
                 &lock_wait_ms,
             ]);
-            let rows = conn
-                .query(&stmt, &params)
-                .await
-                .map_err(|e| self.batch_error("local batch", e))?;
+            let rows = self
+                .owned_autocommit(&mut conn, &buckets, &stmt, &params, |e| {
+                    self.batch_error("local batch", e)
+                })
+                .await?;
             rows.iter()
                 .map(|r| GroupAnswer::from_row(self, r))
                 .collect()
@@ -364,7 +366,8 @@ impl ShardAgent {
         self.timed("fenced debits", async {
             let c = Columns::of(legs);
             let prior: Vec<Option<String>> = prior.iter().map(|v| v.as_sql()).collect();
-            let conn = self.conn().await?;
+            let buckets = crate::agent::buckets_of(legs.iter().map(|l| &l.user));
+            let mut conn = self.conn().await?;
             let stmt = conn
                 .prepare_cached(&format!(
                     "SELECT {ANSWER_COLUMNS} FROM wallet_redis_debit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
@@ -390,10 +393,11 @@ impl ShardAgent {
                 &enforce,
                 &lock_wait_ms,
             ];
-            let rows = conn
-                .query(&stmt, &params)
-                .await
-                .map_err(|e| self.batch_error("fenced debits", e))?;
+            let rows = self
+                .owned_autocommit(&mut conn, &buckets, &stmt, &params, |e| {
+                    self.batch_error("fenced debits", e)
+                })
+                .await?;
             rows.iter()
                 .map(|r| GroupAnswer::from_row(self, r))
                 .collect()
@@ -436,10 +440,21 @@ impl ShardAgent {
                 }
                 None => "BEGIN ISOLATION LEVEL READ COMMITTED".to_owned(),
             };
-            // Pipelined: BEGIN and the check go out together.
-            let (begun, checked) =
-                tokio::join!(conn.batch_execute(&begin), conn.query_one(&stmt, &params));
+            let own = conn
+                .prepare_cached(crate::agent::OWN_WRITE)
+                .await
+                .map_err(self.pg("prepare ownership check"))?;
+            let buckets = crate::agent::buckets_of(legs.iter().map(|l| &l.user));
+            let own_params: [&(dyn ToSql + Sync); 1] = [&buckets];
+            // Pipelined: BEGIN, the ownership check and the group's check go
+            // out together.
+            let (begun, owned, checked) = tokio::join!(
+                conn.batch_execute(&begin),
+                conn.execute(&own, &own_params),
+                conn.query_one(&stmt, &params)
+            );
             begun.map_err(self.pg("begin batch"))?;
+            owned.map_err(self.pg("ownership check"))?;
             let row = checked.map_err(|e| self.batch_error("batch check", e))?;
             let verdicts: Vec<Option<String>> = row.get(0);
             let verdicts = verdicts

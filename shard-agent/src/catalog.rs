@@ -31,8 +31,20 @@ pub enum CatalogError {
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardEntry {
     pub id: ShardId,
+    /// What operators call the shard (`wallet shards`); `shard<id>` if unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     pub dsn: String,
     pub weight: u32,
+}
+
+impl ShardEntry {
+    /// The shard's name, `shard<id>` unless one was given.
+    pub fn name(&self) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| format!("shard{}", self.id.0))
+    }
 }
 
 /// Shows the DSN redacted: entries end up in logs and in `Config`'s Debug.
@@ -40,10 +52,24 @@ impl std::fmt::Debug for ShardEntry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ShardEntry")
             .field("id", &self.id)
+            .field("name", &self.name)
             .field("dsn", &crate::dsn::redact(&self.dsn))
             .field("weight", &self.weight)
             .finish()
     }
+}
+
+/// A catalog connection, its connection task spawned.
+pub(crate) async fn connect_client(dsn: &str) -> Result<Client, CatalogError> {
+    let (client, connection) = crate::tls::connect(dsn)
+        .await
+        .map_err(CatalogError::Unavailable)?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(%e, "catalog connection closed");
+        }
+    });
+    Ok(client)
 }
 
 pub struct Catalog {
@@ -52,15 +78,9 @@ pub struct Catalog {
 
 impl Catalog {
     pub async fn connect(dsn: &str) -> Result<Catalog, CatalogError> {
-        let (client, connection) = crate::tls::connect(dsn)
-            .await
-            .map_err(CatalogError::Unavailable)?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::warn!(%e, "catalog connection closed");
-            }
-        });
-        Ok(Catalog { client })
+        Ok(Catalog {
+            client: connect_client(dsn).await?,
+        })
     }
 
     /// On an empty catalog, records `shards` and places every bucket with the
@@ -95,8 +115,8 @@ impl Catalog {
         let map = ShardMap::from_weights(Epoch(1), &weights)?;
         for s in shards {
             txn.execute(
-                "INSERT INTO shards (shard_id, dsn, weight) VALUES ($1, $2, $3)",
-                &[&i32::from(s.id.0), &s.dsn, &(s.weight as i32)],
+                "INSERT INTO shards (shard_id, name, dsn, weight) VALUES ($1, $2, $3, $4)",
+                &[&i32::from(s.id.0), &s.name(), &s.dsn, &(s.weight as i32)],
             )
             .await
             .map_err(q("insert shard"))?;
@@ -152,12 +172,13 @@ impl Catalog {
             })?;
         let epoch = Epoch(epoch_row.get::<_, i64>(0) as u64);
         let shards = txn
-            .query("SELECT shard_id, dsn, weight FROM shards WHERE state <> 'removed' ORDER BY shard_id", &[])
+            .query("SELECT shard_id, name, dsn, weight FROM shards WHERE state <> 'removed' ORDER BY shard_id", &[])
             .await
             .map_err(q("read shards"))?
             .iter()
             .map(|r| ShardEntry {
                 id: ShardId(r.get::<_, i32>("shard_id") as u16),
+                name: Some(r.get("name")),
                 dsn: r.get("dsn"),
                 weight: r.get::<_, i32>("weight") as u32,
             })

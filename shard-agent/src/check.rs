@@ -62,7 +62,38 @@ pub struct EntryRow {
     pub amount: Decimal,
 }
 
+/// The rows an audit counts: those of the buckets this shard serves
+/// (`wallet_serves`), and the clearing accounts. A bucket copied in by a move
+/// that has not switched, or switched away and not cleaned yet, is another
+/// shard's.
+const SERVED: &str = "(kind = 'clearing' OR wallet_serves(bucket))";
+const SERVED_A: &str = "(a.kind = 'clearing' OR wallet_serves(a.bucket))";
+/// A transfer record belongs to its home user's bucket.
+const SERVED_T: &str = "coalesce((SELECT wallet_serves(u.bucket) FROM users u
+                                   WHERE u.user_id = coalesce(t.from_user, t.to_user)), true)";
+
 impl ShardAgent {
+    /// Users this shard serves, and the sum of their balances per currency.
+    pub async fn served_totals(&self) -> ShardResult<(i64, BTreeMap<String, Decimal>)> {
+        self.timed("served totals", async {
+            let conn = self.conn().await?;
+            let rows = conn
+                .query(
+                    &format!(
+                        "SELECT trim(currency), count(*), coalesce(sum(balance), 0) FROM accounts
+                          WHERE kind = 'user' AND {SERVED} GROUP BY currency"
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(self.pg("served totals"))?;
+            let users = rows.iter().map(|r| r.get::<_, i64>(1)).sum();
+            let balances = rows.iter().map(|r| (r.get(0), r.get(2))).collect();
+            Ok((users, balances))
+        })
+        .await
+    }
+
     /// WAL flushes this shard's server has made since its statistics were reset
     /// (`pg_stat_wal.wal_sync`, by backends and the WAL writer together): with the
     /// number of transfers, the fsyncs each one cost.
@@ -96,7 +127,7 @@ impl ShardAgent {
             conn.in_txn_begin("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", self.id()).await?;
             let mut audit = ShardAudit { prepared, ..ShardAudit::default() };
             for row in conn
-                .query("SELECT kind, currency, sum(balance), sum(opening_balance) FROM accounts GROUP BY kind, currency", &[])
+                .query(&format!("SELECT kind, currency, sum(balance), sum(opening_balance) FROM accounts WHERE {SERVED} GROUP BY kind, currency"), &[])
                 .await
                 .map_err(&pg)?
             {
@@ -114,22 +145,22 @@ impl ShardAgent {
             }
             let row = conn
                 .query_one(
-                    "SELECT
-                       (SELECT count(*) FROM accounts WHERE kind = 'user' AND balance - held < 0),
+                    &format!("SELECT
+                       (SELECT count(*) FROM accounts WHERE kind = 'user' AND balance - held < 0 AND {SERVED}),
                        (SELECT count(*) FROM accounts a
-                          WHERE a.opening_balance + coalesce((SELECT sum(amount) FROM ledger_entries e
+                          WHERE {SERVED_A} AND a.opening_balance + coalesce((SELECT sum(amount) FROM ledger_entries e
                                                      WHERE e.account_id = a.account_id), 0) <> a.balance),
-                       (SELECT count(*) FROM transfers WHERE state = 'preparing'),
+                       (SELECT count(*) FROM transfers t WHERE state = 'preparing' AND {SERVED_T}),
                        (SELECT count(*) FROM accounts a
-                          WHERE a.held <> coalesce((SELECT sum(t.amount) FROM transfers t
+                          WHERE {SERVED_A} AND a.held <> coalesce((SELECT sum(t.amount) FROM transfers t
                                                      WHERE t.from_user = a.user_id AND t.funds_held
                                                        AND t.kind = 'withdrawal'
                                                        AND t.state = 'preparing'), 0)),
-                       (SELECT count(*) FROM pending_credits),
+                       (SELECT count(*) FROM pending_credits p JOIN transfers t USING (transfer_id) WHERE {SERVED_T}),
                        (SELECT count(*) FROM (
                           SELECT fence, lag(fence) OVER (PARTITION BY account_id ORDER BY entry_id) AS prev
                           FROM ledger_entries WHERE fence IS NOT NULL) f
-                        WHERE fence < prev)",
+                        WHERE fence < prev)"),
                     &[],
                 )
                 .await
@@ -141,7 +172,7 @@ impl ShardAgent {
             audit.pending_credits = row.get(4);
             audit.fence_regressions = row.get(5);
             audit.decisions = conn
-                .query("SELECT transfer_id, kind, state, amount FROM transfers", &[])
+                .query(&format!("SELECT transfer_id, kind, state, amount FROM transfers t WHERE {SERVED_T}"), &[])
                 .await
                 .map_err(&pg)?
                 .iter()
@@ -149,8 +180,8 @@ impl ShardAgent {
                 .collect();
             audit.entries = conn
                 .query(
-                    "SELECT e.transfer_id, e.kind, e.amount FROM ledger_entries e
-                     JOIN accounts a USING (account_id) WHERE a.kind = 'user'",
+                    &format!("SELECT e.transfer_id, e.kind, e.amount FROM ledger_entries e
+                     JOIN accounts a USING (account_id) WHERE a.kind = 'user' AND {SERVED_A}"),
                     &[],
                 )
                 .await
@@ -159,7 +190,7 @@ impl ShardAgent {
                 .map(|r| EntryRow { transfer_id: r.get(0), kind: r.get(1), amount: r.get(2) })
                 .collect();
             audit.balances_by_user = conn
-                .query("SELECT u.username, a.balance FROM users u JOIN accounts a USING (user_id)", &[])
+                .query(&format!("SELECT u.username, a.balance FROM users u JOIN accounts a USING (user_id) WHERE {SERVED_A}"), &[])
                 .await
                 .map_err(&pg)?
                 .iter()

@@ -30,6 +30,16 @@ pub enum ShardError {
     },
     #[error("shard {shard}: stored data is invalid: {detail}")]
     CorruptRow { shard: ShardId, detail: String },
+    /// The shard does not serve `bucket` (SQLSTATE WB001 from `wallet_own`):
+    /// the bucket is being moved (`fenced`, `moved`, `incoming`) or lives
+    /// elsewhere (`gone`). Nothing was written. The caller's map is stale or
+    /// the move's cutover is under way: reload the map and retry.
+    #[error("shard {shard} does not serve bucket {bucket} ({state})")]
+    NotOwner {
+        shard: ShardId,
+        bucket: u16,
+        state: String,
+    },
     /// The shard's SQL functions are not the ones this build was compiled with
     /// (another build's, none, or edited by hand since they were applied):
     /// nothing was sent to it. Migrating the shard with this build fixes it,
@@ -43,12 +53,17 @@ pub enum ShardError {
     },
 }
 
+/// SQLSTATE of `wallet_own`'s refusal (sql/shard/functions/wallet_own.sql).
+pub const NOT_OWNER: &str = "WB001";
+
 impl ShardError {
     /// Whether retrying the same request later may succeed.
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            ShardError::Unavailable { .. } | ShardError::LockTimeout { .. }
+            ShardError::Unavailable { .. }
+                | ShardError::LockTimeout { .. }
+                | ShardError::NotOwner { .. }
         )
     }
 
@@ -59,6 +74,7 @@ impl ShardError {
             | ShardError::PrepareFailed { shard, .. }
             | ShardError::Database { shard, .. }
             | ShardError::CorruptRow { shard, .. }
+            | ShardError::NotOwner { shard, .. }
             | ShardError::FunctionsMismatch { shard, .. } => *shard,
         }
     }
@@ -76,6 +92,17 @@ impl ShardError {
             // across shards: the transfer gave way, retry with the same key.
             if *code == SqlState::LOCK_NOT_AVAILABLE || *code == SqlState::T_R_DEADLOCK_DETECTED {
                 return ShardError::LockTimeout { shard };
+            }
+            if code.code() == NOT_OWNER {
+                let db = err.as_db_error();
+                return ShardError::NotOwner {
+                    shard,
+                    bucket: db
+                        .and_then(|d| d.detail())
+                        .and_then(|d| d.parse().ok())
+                        .unwrap_or(u16::MAX),
+                    state: db.and_then(|d| d.hint()).unwrap_or("gone").to_owned(),
+                };
             }
             if *code == SqlState::QUERY_CANCELED
                 || *code == SqlState::ADMIN_SHUTDOWN

@@ -31,6 +31,7 @@ use router::UserId;
 use rust_decimal::Decimal;
 use tracing::instrument;
 
+use crate::agent::buckets_of;
 use crate::agent::{Conn, ShardAgent};
 use crate::error::ShardResult;
 use crate::idempotency::{Claim, IdempotencyKey, NewTransfer};
@@ -181,7 +182,7 @@ impl ShardAgent {
     /// is decided here, with nothing moved.
     async fn lease_external(&self, order: &ExternalOrder, tid: TransferId) -> ShardResult<Leased> {
         let lease_ms = self.config().settle_lease_ms;
-        self.in_txn("lease external", async |conn| {
+        self.in_txn("lease external", &buckets_of([&order.user]), async |conn| {
             let leased = conn
                 .query_opt(
                     &format!(
@@ -259,31 +260,35 @@ impl ShardAgent {
         tid: TransferId,
         failure: Option<FailureCode>,
     ) -> ShardResult<TransferRecord> {
-        self.in_txn("settle external", async |conn| {
-            let current = conn
-                .query_one(
-                    &format!(
-                        "SELECT {TRANSFER_COLUMNS}, funds_held FROM transfers
+        self.in_txn(
+            "settle external",
+            &buckets_of([&order.user]),
+            async |conn| {
+                let current = conn
+                    .query_one(
+                        &format!(
+                            "SELECT {TRANSFER_COLUMNS}, funds_held FROM transfers
                           WHERE transfer_id = $1 FOR UPDATE"
-                    ),
-                    &[&tid.0],
-                )
-                .await
-                .map_err(self.pg("lock external"))?;
-            let funds_held: bool = current.get("funds_held");
-            let current = TransferRecord::from_row(self.id(), &current)?;
-            if current.state != TransferState::Preparing {
-                return Ok(current);
-            }
-            fail::fail_point!("external-after-provider", |_| Err(
-                crate::error::ShardError::Unavailable {
-                    shard: self.id(),
-                    reason: "failpoint external-after-provider".into(),
+                        ),
+                        &[&tid.0],
+                    )
+                    .await
+                    .map_err(self.pg("lock external"))?;
+                let funds_held: bool = current.get("funds_held");
+                let current = TransferRecord::from_row(self.id(), &current)?;
+                if current.state != TransferState::Preparing {
+                    return Ok(current);
                 }
-            ));
-            self.decide_external(conn, order, tid, funds_held, failure)
-                .await
-        })
+                fail::fail_point!("external-after-provider", |_| Err(
+                    crate::error::ShardError::Unavailable {
+                        shard: self.id(),
+                        reason: "failpoint external-after-provider".into(),
+                    }
+                ));
+                self.decide_external(conn, order, tid, funds_held, failure)
+                    .await
+            },
+        )
         .await
     }
 

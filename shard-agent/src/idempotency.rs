@@ -13,6 +13,7 @@
 use router::{ShardId, UserId};
 use rust_decimal::Decimal;
 
+use crate::agent::buckets_of;
 use crate::agent::Conn;
 use crate::error::{ShardError, ShardResult};
 use crate::gid::Gid;
@@ -88,7 +89,9 @@ pub(crate) async fn claim(
             .map_err(pg("prepare claim"))?;
         let participants = gids(tid, new);
         let rows = conn
-            .query(
+            .owned_autocommit(
+                shard,
+                &buckets_of([&key.user]),
                 &stmt,
                 &[
                     key.user.as_uuid(),
@@ -106,9 +109,9 @@ pub(crate) async fn claim(
                     &participants,
                     &new.payment_token,
                 ],
+                pg("claim idempotency key"),
             )
-            .await
-            .map_err(pg("claim idempotency key"))?;
+            .await?;
         if let Some(row) = rows.first() {
             return Ok(Claim::Started(TransferRecord::from_row(shard, row)?));
         }
@@ -155,8 +158,12 @@ async fn existing(
     key: &IdempotencyKey,
     new: &NewTransfer,
 ) -> ShardResult<Option<Claim>> {
-    conn.begin(shard).await?;
-    let result = existing_in_txn(conn, shard, key, new).await;
+    conn.in_txn_begin("BEGIN ISOLATION LEVEL READ COMMITTED", shard)
+        .await?;
+    let result = match conn.own(shard, &buckets_of([&key.user]), true).await {
+        Ok(()) => existing_in_txn(conn, shard, key, new).await,
+        Err(e) => Err(e),
+    };
     match &result {
         Ok(_) => {
             conn.batch_execute("COMMIT")

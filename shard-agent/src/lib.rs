@@ -36,6 +36,8 @@ pub mod gid;
 pub mod idempotency;
 pub mod migrate;
 pub mod money;
+pub mod moves;
+pub mod ownership;
 pub mod records;
 pub mod redis_legs;
 pub mod secret;

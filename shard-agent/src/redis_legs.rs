@@ -119,7 +119,8 @@ impl ShardAgent {
         fence: i64,
     ) -> ShardResult<Vec<Credited>> {
         self.timed("fenced credits", async {
-            let conn = self.conn().await?;
+            let buckets = crate::agent::buckets_of(credits.iter().map(|c| &c.to_user));
+            let mut conn = self.conn().await?;
             let stmt = conn
                 .prepare_cached("SELECT wallet_redis_credit($1, $2, $3, $4, $5, $6, $7, $8, $9)")
                 .await
@@ -132,8 +133,10 @@ impl ShardAgent {
             let party: Vec<Option<uuid::Uuid>> = vec![None; credits.len()];
             let party_name: Vec<&str> = credits.iter().map(|c| c.from_username.as_str()).collect();
             let enforce = enforce_fence();
-            let row = conn
-                .query_one(
+            let rows = self
+                .owned_autocommit(
+                    &mut conn,
+                    &buckets,
                     &stmt,
                     &[
                         &tid,
@@ -146,9 +149,12 @@ impl ShardAgent {
                         &fence,
                         &enforce,
                     ],
+                    self.pg("apply fenced credits"),
                 )
-                .await
-                .map_err(self.pg("apply fenced credits"))?;
+                .await?;
+            let row = rows
+                .first()
+                .ok_or_else(|| self.corrupt("fenced credits answered no row".into()))?;
             let verdicts: Vec<Option<String>> = row.get(0);
             verdicts
                 .iter()

@@ -5,6 +5,7 @@ use router::{Bucket, UserId};
 use rust_decimal::Decimal;
 use tokio_postgres::error::SqlState;
 
+use crate::agent::buckets_of;
 use crate::agent::ShardAgent;
 use crate::error::{ShardError, ShardResult};
 use crate::money::Currency;
@@ -47,7 +48,15 @@ impl ShardAgent {
     pub async fn create_user(&self, new: &NewUser) -> ShardResult<Created> {
         self.timed("create user", async {
             let mut conn = self.conn().await?;
-            conn.begin(self.id()).await?;
+            conn.in_txn_begin("BEGIN ISOLATION LEVEL READ COMMITTED", self.id())
+                .await?;
+            if let Err(e) = conn
+                .own(self.id(), &[i32::from(new.bucket.0)], true)
+                .await
+            {
+                conn.rollback_quietly().await;
+                return Err(e);
+            }
             let inserted = conn
                 .execute(
                     "INSERT INTO users (user_id, username, email, password_hash, currency, bucket)
@@ -94,6 +103,7 @@ impl ShardAgent {
     pub async fn credentials(&self, user: UserId) -> ShardResult<Option<(UserRow, String)>> {
         self.timed("read credentials", async {
             let conn = self.conn().await?;
+            conn.own(self.id(), &buckets_of([&user]), false).await?;
             let row = conn
                 .query_opt(
                     &format!(
@@ -117,13 +127,21 @@ impl ShardAgent {
         expires_at: DateTime<Utc>,
     ) -> ShardResult<()> {
         self.timed("create session", async {
-            let conn = self.conn().await?;
-            conn.execute(
-                "INSERT INTO sessions (token_hash, user_id, expires_at) VALUES ($1, $2, $3)",
+            let mut conn = self.conn().await?;
+            let stmt = conn
+                .prepare_cached(
+                    "INSERT INTO sessions (token_hash, user_id, expires_at) VALUES ($1, $2, $3)",
+                )
+                .await
+                .map_err(self.pg("prepare create session"))?;
+            self.owned_autocommit(
+                &mut conn,
+                &buckets_of([&user]),
+                &stmt,
                 &[&token_hash, user.as_uuid(), &expires_at],
+                self.pg("create session"),
             )
-            .await
-            .map_err(self.pg("create session"))?;
+            .await?;
             Ok(())
         })
         .await
@@ -151,17 +169,26 @@ impl ShardAgent {
     }
 
     /// Revokes a session; true when it was live.
-    pub async fn revoke_session(&self, token_hash: &[u8]) -> ShardResult<bool> {
+    pub async fn revoke_session(&self, user: UserId, token_hash: &[u8]) -> ShardResult<bool> {
         self.timed("revoke session", async {
-            let conn = self.conn().await?;
-            let n = conn
-                .execute(
-                    "UPDATE sessions SET revoked_at = now() WHERE token_hash = $1 AND revoked_at IS NULL",
-                    &[&token_hash],
+            let mut conn = self.conn().await?;
+            let stmt = conn
+                .prepare_cached(
+                    "UPDATE sessions SET revoked_at = now() WHERE token_hash = $1 AND revoked_at IS NULL
+                     RETURNING 1",
                 )
                 .await
-                .map_err(self.pg("revoke session"))?;
-            Ok(n == 1)
+                .map_err(self.pg("prepare revoke session"))?;
+            let rows = self
+                .owned_autocommit(
+                    &mut conn,
+                    &buckets_of([&user]),
+                    &stmt,
+                    &[&token_hash],
+                    self.pg("revoke session"),
+                )
+                .await?;
+            Ok(rows.len() == 1)
         })
         .await
     }
@@ -176,6 +203,7 @@ impl ShardAgent {
         let limit = limit.clamp(1, LEDGER_PAGE_MAX);
         self.timed("read account", async {
             let conn = self.conn().await?;
+            conn.own(self.id(), &buckets_of([&user]), false).await?;
             let Some(row) = conn
                 .query_opt(
                     &format!(
@@ -228,6 +256,8 @@ impl ShardAgent {
     ) -> ShardResult<Option<TransferRecord>> {
         self.timed("read transfer for party", async {
             let conn = self.conn().await?;
+            conn.own(self.id(), &buckets_of([&party.user_id]), false)
+                .await?;
             let own = conn
                 .query_opt(
                     &format!(

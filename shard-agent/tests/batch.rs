@@ -418,7 +418,11 @@ async fn a_payer_whose_session_is_not_live_gets_nothing_written_and_the_group_ru
     };
     let live_hash = session(&p.a, live, true).await;
     let revoked_hash = session(&p.a, revoked, true).await;
-    assert!(p.a.revoke_session(&revoked_hash).await.expect("revoke"));
+    assert!(p
+        .a
+        .revoke_session(revoked, &revoked_hash)
+        .await
+        .expect("revoke"));
     let expired_hash = session(&p.a, expired, false).await;
     let euros_hash = session(&p.a, euros, true).await;
     // The forged token is live, but another user's session.

@@ -63,6 +63,10 @@ pub enum ErrorCode {
     RateLimited,
     /// 500: a bug; details are in the server log.
     Internal,
+    /// 409: the user's bucket is moving between shards and its cutover took
+    /// longer than the server waits; nothing was written, retry with the same
+    /// key (`Retry-After`).
+    BucketMoving,
     /// 503: a shard could not be reached or answered too late; retry with the same key.
     ShardUnavailable,
     /// 503: an account was locked by another transfer for too long; retry with the same key.
@@ -95,7 +99,7 @@ impl ErrorCode {
             RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            UsernameTaken | RequestInProgress => StatusCode::CONFLICT,
+            UsernameTaken | RequestInProgress | BucketMoving => StatusCode::CONFLICT,
             PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             SameAccount | CurrencyMismatch | InsufficientFunds | IdempotencyKeyReused => {
                 StatusCode::UNPROCESSABLE_ENTITY
@@ -221,6 +225,13 @@ impl From<CoordinatorError> for ApiError {
         match e {
             CoordinatorError::Shard(ShardError::LockTimeout { shard }) => {
                 ApiError::detail(ErrorCode::ShardBusy, format!("shard {shard} is busy"))
+            }
+            CoordinatorError::Shard(e @ ShardError::NotOwner { .. }) => {
+                tracing::warn!(%e, "request failed: bucket still moving");
+                ApiError {
+                    retry_after_s: Some(1),
+                    ..ApiError::detail(ErrorCode::BucketMoving, e.to_string())
+                }
             }
             CoordinatorError::Shard(e) if e.is_retryable() => {
                 tracing::warn!(%e, "request failed: shard unavailable");

@@ -23,6 +23,7 @@ pub(super) fn each(e: &CoordinatorError) -> CoordinatorError {
         CoordinatorError::Shard(ShardError::LockTimeout { shard }) => {
             ShardError::LockTimeout { shard: *shard }.into()
         }
+        CoordinatorError::Shard(e @ ShardError::NotOwner { .. }) => each_shard_error(e).into(),
         CoordinatorError::Shard(s) => ShardError::Unavailable {
             shard: s.shard(),
             reason: s.to_string(),
@@ -42,11 +43,20 @@ pub(super) fn each(e: &CoordinatorError) -> CoordinatorError {
 }
 
 /// Copies a shard's error for each transfer of a group (errors are not
-/// `Clone`): a lock timeout and a corrupt row stay what they are, anything
+/// `Clone`): a lock timeout, a refused bucket and a corrupt row stay what they are, anything
 /// else reads as the shard unavailable.
 pub(super) fn each_shard_error(e: &ShardError) -> ShardError {
     match e {
         ShardError::LockTimeout { shard } => ShardError::LockTimeout { shard: *shard },
+        ShardError::NotOwner {
+            shard,
+            bucket,
+            state,
+        } => ShardError::NotOwner {
+            shard: *shard,
+            bucket: *bucket,
+            state: state.clone(),
+        },
         ShardError::CorruptRow { shard, detail } => ShardError::CorruptRow {
             shard: *shard,
             detail: detail.clone(),
@@ -97,7 +107,12 @@ pub(super) async fn run_local(group: Vec<Job>, answered: Option<&AnswerMark>, ru
 async fn fail_unwritten(group: Vec<Job>, e: ShardError, run: Run) {
     match run {
         Run::Grouped => {
-            warn!(%e, transfers = group.len(), "group check failed; its transfers run again alone");
+            if matches!(e, ShardError::NotOwner { .. }) {
+                // A bucket moving: expected, and only its transfers will wait.
+                info!(%e, transfers = group.len(), "group met a moving bucket; its transfers run again alone");
+            } else {
+                warn!(%e, transfers = group.len(), "group check failed; its transfers run again alone");
+            }
             mark_unanswered(&group, &e);
             group.into_iter().for_each(Job::alone);
         }
