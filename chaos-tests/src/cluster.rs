@@ -223,6 +223,28 @@ impl ChaosCluster {
         }
     }
 
+    /// Starts the mover process (`chaos move`): it resumes the journal's open
+    /// moves and starts at most `max_moves` new ones, through the proxies like
+    /// the coordinator. Its output goes to `mover.log`.
+    pub fn spawn_mover(&self, max_moves: usize) -> anyhow::Result<Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("mover.log"))?;
+        Command::new(&self.exe)
+            .arg("move")
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("--max-moves")
+            .arg(max_moves.to_string())
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("start mover {}", self.exe.display()))
+    }
+
     pub fn coordinator_starts(&self) -> u32 {
         self.coordinator_starts
     }

@@ -74,6 +74,18 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// (internal) The rebalancing CLI's work, as a process the rebalance
+    /// scenarios start and kill -9: resumes the journal's open moves and
+    /// starts at most `max_moves` new ones.
+    #[command(hide = true)]
+    Move {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, default_value_t = 20)]
+        max_moves: usize,
+        #[arg(long, default_value_t = 2)]
+        max_parallel: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -104,6 +116,26 @@ fn main() -> anyhow::Result<()> {
                 false,
                 coordinator::serve::shutdown_signal(),
             ))
+        }
+        Command::Move {
+            config,
+            max_moves,
+            max_parallel,
+        } => {
+            let _failpoints = fail::FailScenario::setup();
+            let config = coordinator::config::Config::load(&config)?;
+            runtime.block_on(async {
+                let admin =
+                    rebalance::Admin::open(&config.catalog_dsn, config.agent.clone()).await?;
+                let opts = rebalance::MoveOptions {
+                    max_moves: Some(max_moves),
+                    max_parallel,
+                    ..rebalance::MoveOptions::default()
+                };
+                let report = admin.rebalance(&opts, &rebalance::mover::Quiet).await?;
+                println!("{}", serde_json::to_string(&report)?);
+                anyhow::Ok(())
+            })
         }
         Command::Run {
             scenario,

@@ -139,6 +139,19 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> anyhow::Result<Repor
     let snap = wait_quiescent(&cluster.direct, quiet_within).await?;
     let heal_to_quiet_ms = heal_started.elapsed().as_millis();
     violations.extend(check(&snap, &records, &users));
+    if let Kind::Rebalance { .. } = scenario.kind {
+        let admin =
+            rebalance::Admin::open(&cluster.config.catalog_dsn, cluster.config.agent.clone())
+                .await?;
+        let verdict = admin.verify().await?;
+        violations.extend(verdict.problems.into_iter().map(|p| format!("verify: {p}")));
+        if verdict.moves_open > 0 {
+            violations.push(format!(
+                "{} moves left open after healing",
+                verdict.moves_open
+            ));
+        }
+    }
     let expected = scenario.expect_violations();
     Ok(Report {
         scenario: scenario.name.clone(),
@@ -170,6 +183,10 @@ async fn inject(
     let mut rng = StdRng::seed_from_u64(opts.seed ^ 0x5eed_fa17);
     let end = Instant::now() + opts.duration;
     let mut crashes = 0;
+    let mut mover = match scenario.kind {
+        Kind::Rebalance { .. } => Some(Mover::new(cluster).await?),
+        _ => None,
+    };
     let mut next_fault = Instant::now() + Duration::from_millis(rng.gen_range(300..1_200));
     while Instant::now() < end {
         if cluster.coordinator_exit().is_some() {
@@ -181,9 +198,12 @@ async fn inject(
                 .start_coordinator(&scenario.failpoints_running(crashes))
                 .await?;
         }
+        if let Some(mover) = mover.as_mut() {
+            mover.step(cluster, &mut rng, faults).await?;
+        }
         let fault = match scenario.kind {
             Kind::Repeat(f) => Some(f),
-            Kind::Random => {
+            Kind::Random | Kind::Rebalance { faults: true } => {
                 let faults = Fault::for_mode(opts.cluster.lock_mode);
                 Some(faults[rng.gen_range(0..faults.len())])
             }
@@ -205,7 +225,86 @@ async fn inject(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    if let Some(mover) = mover.as_mut() {
+        mover.kill();
+    }
     Ok(())
+}
+
+/// The rebalance scenarios' mover: one shard goes draining and back to
+/// active, again and again, and a `chaos move` process carries out the
+/// resulting moves, 20 at a time; some of those processes are kill -9'd at a
+/// random moment, and the next one resumes their journal.
+struct Mover {
+    catalog: shard_agent::moves::MoveCatalog,
+    child: Option<std::process::Child>,
+    /// The shard whose buckets go and come back, and whether it is draining.
+    shard: router::ShardId,
+    draining: bool,
+    runs: u32,
+}
+
+impl Mover {
+    async fn new(cluster: &ChaosCluster) -> anyhow::Result<Mover> {
+        Ok(Mover {
+            catalog: shard_agent::moves::MoveCatalog::connect(&cluster.config.catalog_dsn).await?,
+            child: None,
+            shard: router::ShardId(0),
+            draining: false,
+            runs: 0,
+        })
+    }
+
+    async fn step(
+        &mut self,
+        cluster: &ChaosCluster,
+        rng: &mut StdRng,
+        faults: &mut BTreeMap<String, u32>,
+    ) -> anyhow::Result<()> {
+        if let Some(child) = self.child.as_mut() {
+            if child.try_wait()?.is_none() {
+                return Ok(());
+            }
+            self.child = None;
+        }
+        // The previous run ended (or was killed): every few runs, turn
+        // around, so that buckets go and come back; then start the next.
+        self.runs += 1;
+        if self.runs % 4 == 1 {
+            self.draining = !self.draining;
+            let state = if self.draining { "draining" } else { "active" };
+            // The catalog may be behind a partition: try again next step.
+            if self
+                .catalog
+                .set_shard_state(self.shard, state)
+                .await
+                .is_err()
+            {
+                self.draining = !self.draining;
+                self.runs -= 1;
+                return Ok(());
+            }
+        }
+        let mut child = cluster.spawn_mover(20)?;
+        *faults.entry("mover-runs".into()).or_default() += 1;
+        if rng.gen_bool(0.4) {
+            // Killed part-way: at a random moment of its moves.
+            tokio::time::sleep(Duration::from_millis(rng.gen_range(20..1_500))).await;
+            let _ = child.kill();
+            let _ = child.wait();
+            *faults.entry("kill-mover".into()).or_default() += 1;
+        } else {
+            self.child = Some(child);
+        }
+        Ok(())
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// Applies one fault for `hold`, then undoes it.
@@ -293,7 +392,18 @@ async fn heal(scenario: &Scenario, cluster: &mut ChaosCluster) -> anyhow::Result
     cluster.kill_coordinator();
     cluster
         .start_coordinator(&scenario.failpoints_healed())
-        .await
+        .await?;
+    if let Kind::Rebalance { .. } = scenario.kind {
+        // Healed: the moves a killed mover left open are finished (or rolled
+        // back), and no new one starts.
+        let mut child = cluster.spawn_mover(0)?;
+        let status = tokio::task::block_in_place(|| child.wait())?;
+        anyhow::ensure!(
+            status.success(),
+            "the last mover run failed ({status}); see mover.log"
+        );
+    }
+    Ok(())
 }
 
 /// Reads totals every second while faults run, for the report only.
@@ -350,6 +460,26 @@ pub fn check(snap: &Snapshot, records: &[Record], users: &[User]) -> Vec<String>
         .iter()
         .flat_map(|(_, a)| a.balances_by_user.iter().map(|(n, b)| (n.as_str(), *b)))
         .collect();
+    // Invariant 6: each user is served by exactly one shard.
+    let mut served: HashMap<&str, Vec<u16>> = HashMap::new();
+    for (shard, a) in &snap.audits {
+        for (name, _) in &a.balances_by_user {
+            served.entry(name.as_str()).or_default().push(*shard);
+        }
+    }
+    let mut routing: Vec<String> = users
+        .iter()
+        .filter_map(|u| match served.get(u.name.as_str()).map(Vec::as_slice) {
+            Some([_]) => None,
+            None | Some([]) => Some(format!("invariant 6: {} is served by no shard", u.name)),
+            Some(many) => Some(format!(
+                "invariant 6: {} is served by shards {many:?}",
+                u.name
+            )),
+        })
+        .collect();
+    routing.sort();
+    v.extend(routing.into_iter().take(20));
     let mut mismatches: Vec<_> = model
         .iter()
         .filter(|(name, want)| actual.get(*name) != Some(want))

@@ -86,6 +86,10 @@ pub enum Kind {
     },
     /// A failpoint armed (FAILPOINTS syntax) for the whole run, e.g. stalls.
     Stall { armed: &'static str },
+    /// Buckets move back and forth between shards all run long (a mover
+    /// process, kill -9'd at random moments and started again), with every
+    /// other fault as well when `faults`.
+    Rebalance { faults: bool },
 }
 
 #[derive(Clone, Debug)]
@@ -165,6 +169,17 @@ pub fn all(mode: LockMode) -> Vec<Scenario> {
         name: "random".into(),
         kind: Kind::Random,
         about: "a seeded mix of every fault above".into(),
+    });
+    out.push(Scenario {
+        name: "rebalance".into(),
+        kind: Kind::Rebalance { faults: false },
+        about: "buckets move between shards all run long; the mover is kill -9'd at random moments and resumed".into(),
+    });
+    out.push(Scenario {
+        name: "rebalance-random".into(),
+        kind: Kind::Rebalance { faults: true },
+        about: "rebalance, plus a seeded mix of every fault above (coordinators, shards, links)"
+            .into(),
     });
     if mode == LockMode::Redis {
         out.push(Scenario {

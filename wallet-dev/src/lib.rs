@@ -11,6 +11,19 @@ use coordinator::redis_lock::RedisConfig;
 use local_cluster::{free_port, provision, PgServer, PgServerConfig, RedisServer};
 
 pub const CLUSTER_FILE: &str = "cluster.json";
+/// The shards `wallet dev spawn-shard` started, which every later `wallet dev`
+/// run starts too (a list of [`Spawned`]).
+pub const SPAWNED_FILE: &str = "spawned-shards.json";
+
+/// A PostgreSQL server `wallet dev spawn-shard` started for one more shard.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Spawned {
+    pub name: String,
+    pub port: u16,
+    pub database: String,
+    /// What `wallet shards add --dsn` takes.
+    pub dsn: String,
+}
 
 pub struct DevOptions {
     pub listen: SocketAddr,
@@ -57,6 +70,19 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
         );
         servers.push(server);
     }
+    // The servers of shards added since (`spawn-shard`): the catalog names
+    // them, so they must run before the coordinator opens it.
+    let mut spawned_servers = Vec::new();
+    for spawned in read_spawned(&opts.data_dir)? {
+        let server = start_spawned(&opts.data_dir, &spawned.name, spawned.port, true).await?;
+        println!(
+            "  {}: PostgreSQL on 127.0.0.1:{} (pid {}, spawned)",
+            spawned.name,
+            server.port(),
+            server.pid().unwrap_or(0)
+        );
+        spawned_servers.push(server);
+    }
     let refs: Vec<&PgServer> = servers.iter().collect();
     let (catalog_dsn, shards) = provision(&refs, opts.shards, "wallet").await?;
     let admin_token = previous
@@ -98,9 +124,91 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
     .await?;
     println!("stopping the shards…");
     drop(redis_server);
+    drop(spawned_servers);
     drop(servers);
     println!("stopped");
     Ok(())
+}
+
+/// `wallet dev spawn-shard NAME`: starts one more PostgreSQL server for the
+/// dev cluster in `data_dir` (left running when this returns; the next
+/// `wallet dev` run adopts it, and stops it when it stops), creates and
+/// migrates its database, records it in [`SPAWNED_FILE`], and returns its
+/// DSN for `wallet shards add`.
+pub async fn spawn_shard(data_dir: &Path, name: &str) -> anyhow::Result<Spawned> {
+    if name.is_empty()
+        || name.len() > 40
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        bail!("shard name {name:?}: use 1-40 letters, digits, '-' or '_'");
+    }
+    if !data_dir.join(CLUSTER_FILE).exists() {
+        bail!(
+            "{} holds no dev cluster (no {CLUSTER_FILE}): run `wallet dev --data-dir {}` first",
+            data_dir.display(),
+            data_dir.display()
+        );
+    }
+    let mut spawned = read_spawned(data_dir)?;
+    if spawned.iter().any(|s| s.name == name) {
+        bail!("{name:?} was spawned already; `wallet dev` starts it with the cluster");
+    }
+    let port = free_port()?;
+    let server = start_spawned(data_dir, name, port, false).await?;
+    let database = format!("wallet_{}", name.to_ascii_lowercase().replace('-', "_"));
+    local_cluster::create_database(&server, &database)
+        .await
+        .with_context(|| format!("create database {database}"))?;
+    shard_agent_migrate(&server.dsn(&database)).await?;
+    let entry = Spawned {
+        name: name.to_owned(),
+        port: server.port(),
+        dsn: format!("postgres://postgres@127.0.0.1:{}/{database}", server.port()),
+        database,
+    };
+    spawned.push(entry.clone());
+    let path = data_dir.join(SPAWNED_FILE);
+    std::fs::write(&path, serde_json::to_string_pretty(&spawned)?)
+        .with_context(|| format!("write {}", path.display()))?;
+    server.detach();
+    Ok(entry)
+}
+
+async fn shard_agent_migrate(dsn: &str) -> anyhow::Result<()> {
+    shard_agent::migrate::migrate_shard(dsn)
+        .await
+        .context("migrate the new shard")?;
+    Ok(())
+}
+
+async fn start_spawned(
+    data_dir: &Path,
+    name: &str,
+    port: u16,
+    die_with_parent: bool,
+) -> anyhow::Result<PgServer> {
+    let mut config = PgServerConfig::new(
+        format!("spawned-{name}"),
+        data_dir.join(format!("spawned-{name}")),
+        port,
+    );
+    config.die_with_parent = die_with_parent;
+    tokio::task::spawn_blocking(move || PgServer::start(config))
+        .await?
+        .with_context(|| format!("start PostgreSQL for shard {name}"))
+}
+
+/// The servers `spawn-shard` started in `data_dir`.
+pub fn read_spawned(data_dir: &Path) -> anyhow::Result<Vec<Spawned>> {
+    let path = data_dir.join(SPAWNED_FILE);
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))
 }
 
 fn read_previous(path: &Path) -> anyhow::Result<Option<Config>> {

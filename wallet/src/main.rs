@@ -8,6 +8,8 @@ use clap::{Parser, Subcommand};
 use coordinator::config::{Config, LockMode};
 use tracing_subscriber::EnvFilter;
 
+mod shards;
+
 #[derive(Parser)]
 #[command(
     name = "wallet",
@@ -33,6 +35,8 @@ enum LogFormat {
 enum Command {
     /// Start a local cluster: PostgreSQL shards of its own plus the API.
     Dev {
+        #[command(subcommand)]
+        action: Option<DevAction>,
         /// Address the API listens on.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
@@ -46,6 +50,9 @@ enum Command {
         #[arg(long, value_enum, default_value = "2pc")]
         lock_mode: LockMode,
     },
+    /// Rebalancing: list, add, drain and remove shards, and move buckets
+    /// between them online.
+    Shards(shards::ShardsCli),
     /// Serve the API against running shards described by a config file (the
     /// cluster.json `wallet dev` writes has this format).
     Serve {
@@ -109,6 +116,17 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum DevAction {
+    /// Start one more local PostgreSQL server for the dev cluster, migrate
+    /// it, and print its DSN (for `wallet shards add`) on the last line.
+    SpawnShard {
+        name: String,
+        #[arg(long, default_value = ".wallet-dev")]
+        data_dir: PathBuf,
+    },
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -116,6 +134,11 @@ async fn main() -> anyhow::Result<()> {
     // would measure the terminal. RUST_LOG still overrides.
     let default_filter = match cli.command {
         Command::Bench { .. } => "warn,deadpool=error",
+        // The CLI prints its own report; logs only say what went wrong.
+        Command::Shards(_)
+        | Command::Dev {
+            action: Some(_), ..
+        } => "warn,deadpool=error",
         _ => "info,tower_http=warn",
     };
     let filter =
@@ -132,6 +155,30 @@ async fn main() -> anyhow::Result<()> {
     }
     match cli.command {
         Command::Dev {
+            action: Some(DevAction::SpawnShard { name, data_dir }),
+            ..
+        } => {
+            let spawned = wallet_dev::spawn_shard(&data_dir, &name).await?;
+            println!(
+                "spawned shard {name}: PostgreSQL on 127.0.0.1:{}, database {}, migrated\n\
+                 add it with: wallet shards add {name} --dsn {} --data-dir {}",
+                spawned.port,
+                spawned.database,
+                spawned.dsn,
+                data_dir.display()
+            );
+            println!("{}", spawned.dsn);
+            Ok(())
+        }
+        Command::Shards(cli) => {
+            let code = shards::run(cli).await?;
+            if code != 0 {
+                std::process::exit(code);
+            }
+            Ok(())
+        }
+        Command::Dev {
+            action: None,
             listen,
             shards,
             data_dir,
