@@ -280,6 +280,37 @@ impl ShardAgent {
         .await
     }
 
+    /// Runs the reads of `body` in one read-only snapshot that first passes
+    /// `wallet_own`'s read check of `buckets`: a bucket's rows leave a shard
+    /// in the transaction that forgets the bucket, so a check that passes
+    /// sees every row it passed for (a moved user never reads as missing).
+    pub(crate) async fn owned_read<T>(
+        &self,
+        buckets: &[i32],
+        body: impl AsyncFnOnce(&Conn) -> ShardResult<T>,
+    ) -> ShardResult<T> {
+        let mut conn = self.conn().await?;
+        conn.in_txn_begin("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", self.id)
+            .await?;
+        let result = match conn.own(self.id, buckets, false).await {
+            Ok(()) => body(&conn).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(value) => {
+                conn.batch_execute("COMMIT")
+                    .await
+                    .map_err(self.pg("end read"))?;
+                conn.ended();
+                Ok(value)
+            }
+            Err(e) => {
+                conn.rollback_quietly().await;
+                Err(e)
+            }
+        }
+    }
+
     /// [`Conn::owned_autocommit`] on `conn`, for this shard.
     pub(crate) async fn owned_autocommit(
         &self,

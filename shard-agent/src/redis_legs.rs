@@ -78,21 +78,43 @@ pub(crate) fn enforce_fence() -> bool {
 impl ShardAgent {
     /// Why each payee cannot be credited: read before the debits commit, so
     /// forward recovery never meets a credit it cannot apply. Unlocked:
-    /// accounts are never deleted and never change currency.
+    /// accounts never change currency, and leave a shard only with their
+    /// bucket, which the read checks this shard still serves
+    /// ([`ShardError::NotOwner`] otherwise: a missing row must not read as
+    /// `recipient_not_found` when the payee merely moved).
     pub async fn payee_refusals(
         &self,
         payees: &[(UserId, Currency)],
     ) -> ShardResult<Vec<Option<FailureCode>>> {
         self.timed("read payees", async {
-            let conn = self.conn().await?;
+            let mut conn = self.conn().await?;
             let ids: Vec<uuid::Uuid> = payees.iter().map(|(u, _)| u.0).collect();
-            let rows = conn
-                .query(
-                    "SELECT user_id, currency FROM accounts WHERE user_id = ANY ($1)",
-                    &[&ids],
-                )
+            let buckets = crate::agent::buckets_of(payees.iter().map(|(u, _)| u));
+            let own = conn
+                .prepare_cached(crate::agent::OWN_READ)
                 .await
-                .map_err(self.pg("read payees"))?;
+                .map_err(self.pg("prepare ownership check"))?;
+            let own_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&buckets];
+            let read_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&ids];
+            // Pipelined, in one snapshot: a bucket's rows leave a shard in the
+            // transaction that forgets the bucket, so a check that passes
+            // sees the rows it passed for.
+            conn.mark_in_txn();
+            let (begun, owned, rows, ended) = tokio::join!(
+                conn.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"),
+                conn.execute(&own, &own_params),
+                conn.query(
+                    "SELECT user_id, currency FROM accounts WHERE user_id = ANY ($1)",
+                    &read_params,
+                ),
+                conn.batch_execute("COMMIT")
+            );
+            if ended.is_ok() {
+                conn.ended();
+            }
+            begun.map_err(self.pg("begin"))?;
+            owned.map_err(self.pg("ownership check"))?;
+            let rows = rows.map_err(self.pg("read payees"))?;
             let held: HashMap<uuid::Uuid, String> = rows
                 .iter()
                 .map(|r| (r.get(0), r.get::<_, String>(1).trim().to_owned()))

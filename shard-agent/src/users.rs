@@ -101,22 +101,23 @@ impl ShardAgent {
 
     /// The user and their password hash, for login.
     pub async fn credentials(&self, user: UserId) -> ShardResult<Option<(UserRow, String)>> {
-        self.timed("read credentials", async {
-            let conn = self.conn().await?;
-            conn.own(self.id(), &buckets_of([&user]), false).await?;
-            let row = conn
-                .query_opt(
-                    &format!(
-                        "SELECT {}, u.password_hash FROM users u WHERE u.user_id = $1",
-                        UserRow::COLUMNS
-                    ),
-                    &[user.as_uuid()],
-                )
-                .await
-                .map_err(self.pg("read credentials"))?;
-            row.map(|r| Ok((UserRow::from_row(self.id(), &r)?, r.get("password_hash"))))
-                .transpose()
-        })
+        self.timed(
+            "read credentials",
+            self.owned_read(&buckets_of([&user]), async |conn| {
+                let row = conn
+                    .query_opt(
+                        &format!(
+                            "SELECT {}, u.password_hash FROM users u WHERE u.user_id = $1",
+                            UserRow::COLUMNS
+                        ),
+                        &[user.as_uuid()],
+                    )
+                    .await
+                    .map_err(self.pg("read credentials"))?;
+                row.map(|r| Ok((UserRow::from_row(self.id(), &r)?, r.get("password_hash"))))
+                    .transpose()
+            }),
+        )
         .await
     }
 
@@ -201,9 +202,7 @@ impl ShardAgent {
         before: Option<i64>,
     ) -> ShardResult<Option<AccountView>> {
         let limit = limit.clamp(1, LEDGER_PAGE_MAX);
-        self.timed("read account", async {
-            let conn = self.conn().await?;
-            conn.own(self.id(), &buckets_of([&user]), false).await?;
+        self.timed("read account", self.owned_read(&buckets_of([&user]), async |conn| {
             let Some(row) = conn
                 .query_opt(
                     &format!(
@@ -242,7 +241,7 @@ impl ShardAgent {
                 entries,
                 next_before,
             }))
-        })
+        }))
         .await
     }
 
@@ -254,52 +253,52 @@ impl ShardAgent {
         party: &UserRow,
         tid: TransferId,
     ) -> ShardResult<Option<TransferRecord>> {
-        self.timed("read transfer for party", async {
-            let conn = self.conn().await?;
-            conn.own(self.id(), &buckets_of([&party.user_id]), false)
-                .await?;
-            let own = conn
-                .query_opt(
-                    &format!(
-                        "SELECT {TRANSFER_COLUMNS} FROM transfers
+        self.timed(
+            "read transfer for party",
+            self.owned_read(&buckets_of([&party.user_id]), async |conn| {
+                let own = conn
+                    .query_opt(
+                        &format!(
+                            "SELECT {TRANSFER_COLUMNS} FROM transfers
                          WHERE transfer_id = $1 AND (from_user = $2 OR to_user = $2)"
-                    ),
-                    &[&tid.0, party.user_id.as_uuid()],
-                )
-                .await
-                .map_err(self.pg("read own transfer"))?;
-            if let Some(row) = own {
-                return TransferRecord::from_row(self.id(), &row).map(Some);
-            }
-            let credit = conn
-                .query_opt(
-                    "SELECT e.amount, e.counterparty, e.created_at FROM ledger_entries e
+                        ),
+                        &[&tid.0, party.user_id.as_uuid()],
+                    )
+                    .await
+                    .map_err(self.pg("read own transfer"))?;
+                if let Some(row) = own {
+                    return TransferRecord::from_row(self.id(), &row).map(Some);
+                }
+                let credit = conn
+                    .query_opt(
+                        "SELECT e.amount, e.counterparty, e.created_at FROM ledger_entries e
                      JOIN accounts a USING (account_id)
                      WHERE e.transfer_id = $1 AND a.user_id = $2 AND e.kind = 'transfer_credit'",
-                    &[&tid.0, party.user_id.as_uuid()],
-                )
-                .await
-                .map_err(self.pg("read incoming transfer"))?;
-            Ok(credit.map(|row| {
-                let from_username: Option<String> = row.get("counterparty");
-                TransferRecord {
-                    transfer_id: tid,
-                    kind: TransferKind::Transfer,
-                    mode: Mode::TwoPc,
-                    from_user: from_username.as_deref().map(UserId::for_username),
-                    from_username,
-                    to_user: Some(party.user_id),
-                    to_username: Some(party.username.clone()),
-                    amount: row.get("amount"),
-                    currency: party.currency,
-                    state: TransferState::Committed,
-                    failure_code: None,
-                    participants: Vec::new(),
-                    created_at: row.get("created_at"),
-                    decided_at: Some(row.get("created_at")),
-                }
-            }))
-        })
+                        &[&tid.0, party.user_id.as_uuid()],
+                    )
+                    .await
+                    .map_err(self.pg("read incoming transfer"))?;
+                Ok(credit.map(|row| {
+                    let from_username: Option<String> = row.get("counterparty");
+                    TransferRecord {
+                        transfer_id: tid,
+                        kind: TransferKind::Transfer,
+                        mode: Mode::TwoPc,
+                        from_user: from_username.as_deref().map(UserId::for_username),
+                        from_username,
+                        to_user: Some(party.user_id),
+                        to_username: Some(party.username.clone()),
+                        amount: row.get("amount"),
+                        currency: party.currency,
+                        state: TransferState::Committed,
+                        failure_code: None,
+                        participants: Vec::new(),
+                        created_at: row.get("created_at"),
+                        decided_at: Some(row.get("created_at")),
+                    }
+                }))
+            }),
+        )
         .await
     }
 }

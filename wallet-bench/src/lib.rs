@@ -16,6 +16,7 @@ pub mod baseline;
 pub mod drivers;
 pub mod isolation;
 pub mod load;
+pub mod moving;
 pub mod report;
 pub mod setup;
 
@@ -219,8 +220,12 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
         .into_iter()
         .filter(|f| opts.only.is_empty() || opts.only.iter().any(|o| f.name().contains(o.as_str())))
         .collect();
+    // The rebalance scenario changes the cluster it measures: it runs once,
+    // after everything else.
+    let rebalance_wanted =
+        opts.only.is_empty() || opts.only.iter().any(|o| "rebalance".contains(o.as_str()));
     anyhow::ensure!(
-        !selected.is_empty() || !faults.is_empty(),
+        !selected.is_empty() || !faults.is_empty() || rebalance_wanted,
         "no scenario matches {:?}",
         opts.only
     );
@@ -465,9 +470,20 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
     for report in &mut reports {
         relate(report, &all);
     }
+    let rebalance = if rebalance_wanted {
+        let config = cluster.config_for(LockMode::TwoPc);
+        let front = match fronts.entry(LockMode::TwoPc.as_str()) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(e) => e.insert(Front::start(&config).await?),
+        };
+        Some(moving::run(&dir, &cluster, front.coordinator.clone(), &opts).await?)
+    } else {
+        None
+    };
     drop(fronts);
-    let invariants_ok =
-        reports.iter().all(|r| r.invariants_ok) && isolated.iter().all(|r| r.violations.is_empty());
+    let invariants_ok = rebalance.as_ref().is_none_or(|r| r.verified)
+        && reports.iter().all(|r| r.invariants_ok)
+        && isolated.iter().all(|r| r.violations.is_empty());
     let report = Report {
         started_at: chrono::Utc::now().to_rfc3339(),
         command: opts.command.clone(),
@@ -489,9 +505,13 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
         goals: Report::goals(&reports, &isolated, opts.clients),
         scenarios: reports,
         isolation: isolated,
+        rebalance,
         invariants_ok,
     };
     report.print();
+    if let Some(r) = &report.rebalance {
+        r.print();
+    }
     if let Some(path) = &opts.json {
         report.write_json(path)?;
         println!("JSON: {}", path.display());

@@ -233,6 +233,9 @@ pub struct Report {
     pub scenarios: Vec<ScenarioReport>,
     /// Healthy traffic beside one fault (`wallet bench --only isolation`).
     pub isolation: Vec<super::isolation::IsolationReport>,
+    /// A shard added under load (`wallet bench --only rebalance`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rebalance: Option<super::moving::RebalanceBench>,
     pub goals: Vec<Goal>,
     pub invariants_ok: bool,
 }
