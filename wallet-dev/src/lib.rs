@@ -11,9 +11,10 @@ use coordinator::redis_lock::RedisConfig;
 use local_cluster::{free_port, provision, PgServer, PgServerConfig, RedisServer};
 
 pub const CLUSTER_FILE: &str = "cluster.json";
-/// The shards `wallet dev spawn-shard` started, which every later `wallet dev`
-/// run starts too (a list of [`Spawned`]).
-pub const SPAWNED_FILE: &str = "spawned-shards.json";
+/// The field of cluster.json that lists the shards `wallet dev spawn-shard`
+/// started (each a [`Spawned`]), which every later `wallet dev` run starts
+/// too. The coordinator's config ignores it.
+pub const SPAWNED_FIELD: &str = "spawned_shards";
 
 /// A PostgreSQL server `wallet dev spawn-shard` started for one more shard.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -73,7 +74,8 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
     // The servers of shards added since (`spawn-shard`): the catalog names
     // them, so they must run before the coordinator opens it.
     let mut spawned_servers = Vec::new();
-    for spawned in read_spawned(&opts.data_dir)? {
+    let spawned = read_spawned(&opts.data_dir)?;
+    for spawned in &spawned {
         let server = start_spawned(&opts.data_dir, &spawned.name, spawned.port, true).await?;
         println!(
             "  {}: PostgreSQL on 127.0.0.1:{} (pid {}, spawned)",
@@ -114,8 +116,7 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
         http: Default::default(),
         rate_limits: Default::default(),
     };
-    std::fs::write(&cluster_file, serde_json::to_string_pretty(&config)?)
-        .with_context(|| format!("write {}", cluster_file.display()))?;
+    write_cluster_file(&cluster_file, serde_json::to_value(&config)?, &spawned)?;
     coordinator::serve::serve(
         &config,
         || print_banner(&config, &cluster_file),
@@ -124,6 +125,17 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
     .await?;
     println!("stopping the shards…");
     drop(redis_server);
+    // Shards spawned while the cluster ran are stopped with it too: adopted,
+    // then dropped (which shuts an adopted server down).
+    let started: Vec<String> = spawned.iter().map(|s| s.name.clone()).collect();
+    for late in read_spawned(&opts.data_dir)?
+        .into_iter()
+        .filter(|s| !started.contains(&s.name))
+    {
+        if let Ok(server) = start_spawned(&opts.data_dir, &late.name, late.port, true).await {
+            spawned_servers.push(server);
+        }
+    }
     drop(spawned_servers);
     drop(servers);
     println!("stopped");
@@ -133,7 +145,7 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
 /// `wallet dev spawn-shard NAME`: starts one more PostgreSQL server for the
 /// dev cluster in `data_dir` (left running when this returns; the next
 /// `wallet dev` run adopts it, and stops it when it stops), creates and
-/// migrates its database, records it in [`SPAWNED_FILE`], and returns its
+/// migrates its database, records it in cluster.json ([`SPAWNED_FIELD`]), and returns its
 /// DSN for `wallet shards add`.
 pub async fn spawn_shard(data_dir: &Path, name: &str) -> anyhow::Result<Spawned> {
     if name.is_empty()
@@ -169,9 +181,12 @@ pub async fn spawn_shard(data_dir: &Path, name: &str) -> anyhow::Result<Spawned>
         database,
     };
     spawned.push(entry.clone());
-    let path = data_dir.join(SPAWNED_FILE);
-    std::fs::write(&path, serde_json::to_string_pretty(&spawned)?)
-        .with_context(|| format!("write {}", path.display()))?;
+    let path = data_dir.join(CLUSTER_FILE);
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+    let description: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
+    write_cluster_file(&path, description, &spawned)?;
     server.detach();
     Ok(entry)
 }
@@ -200,15 +215,38 @@ async fn start_spawned(
         .with_context(|| format!("start PostgreSQL for shard {name}"))
 }
 
-/// The servers `spawn-shard` started in `data_dir`.
+/// The servers `spawn-shard` started for the cluster in `data_dir`.
 pub fn read_spawned(data_dir: &Path) -> anyhow::Result<Vec<Spawned>> {
-    let path = data_dir.join(SPAWNED_FILE);
+    let path = data_dir.join(CLUSTER_FILE);
     if !path.exists() {
         return Ok(Vec::new());
     }
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))
+    let description: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
+    match description.get(SPAWNED_FIELD) {
+        None => Ok(Vec::new()),
+        Some(list) => serde_json::from_value(list.clone())
+            .with_context(|| format!("{SPAWNED_FIELD} in {}", path.display())),
+    }
+}
+
+/// Writes cluster.json: `description` (the config) with the spawned shards.
+fn write_cluster_file(
+    path: &Path,
+    mut description: serde_json::Value,
+    spawned: &[Spawned],
+) -> anyhow::Result<()> {
+    if let Some(map) = description.as_object_mut() {
+        if spawned.is_empty() {
+            map.remove(SPAWNED_FIELD);
+        } else {
+            map.insert(SPAWNED_FIELD.to_owned(), serde_json::to_value(spawned)?);
+        }
+    }
+    std::fs::write(path, serde_json::to_string_pretty(&description)?)
+        .with_context(|| format!("write {}", path.display()))
 }
 
 fn read_previous(path: &Path) -> anyhow::Result<Option<Config>> {
