@@ -47,9 +47,10 @@ pub struct Cluster {
     catalog_dsn: String,
     agent_config: AgentConfig,
     routing: RwLock<Arc<Routing>>,
-    /// One reload at a time: the callers that a refused write sends to
-    /// [`Cluster::reload_after`] at once share one catalog read.
-    reloading: tokio::sync::Mutex<()>,
+    /// One reload at a time, on one kept catalog connection: the callers
+    /// that a refused write sends to [`Cluster::reload_after`] at once share
+    /// one catalog read.
+    reloading: tokio::sync::Mutex<Option<Catalog>>,
 }
 
 impl Cluster {
@@ -70,7 +71,7 @@ impl Cluster {
             catalog_dsn: catalog_dsn.to_owned(),
             agent_config,
             routing: RwLock::new(routing),
-            reloading: tokio::sync::Mutex::new(()),
+            reloading: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -88,18 +89,34 @@ impl Cluster {
     /// Reloads the map if the catalog's epoch moved. Agents of unchanged shards are
     /// kept, so their pools (and in-flight work) carry over.
     pub async fn refresh(&self) -> Result<bool, ClusterError> {
-        let mut catalog = Catalog::connect(&self.catalog_dsn).await?;
-        if catalog.epoch().await? == self.epoch() {
-            return Ok(false);
+        let mut slot = self.reloading.lock().await;
+        self.refresh_with(&mut slot).await
+    }
+
+    /// [`Cluster::refresh`] on the kept catalog connection (made again if
+    /// it broke), under the reload lock, so that two reloads never race and
+    /// an older map never replaces a newer one.
+    async fn refresh_with(&self, slot: &mut Option<Catalog>) -> Result<bool, ClusterError> {
+        let mut catalog = match slot.take() {
+            Some(c) if !c.is_closed() => c,
+            _ => Catalog::connect(&self.catalog_dsn).await?,
+        };
+        let result = async {
+            if catalog.epoch().await? <= self.epoch() {
+                return Ok(false);
+            }
+            let current = self.routing();
+            let next = build(&mut catalog, &self.agent_config, Some(&current)).await?;
+            info!(from = %current.map.epoch(), to = %next.map.epoch(), "bucket map changed");
+            *self
+                .routing
+                .write()
+                .expect("invariant: routing lock is never held across a panic") = Arc::new(next);
+            Ok(true)
         }
-        let current = self.routing();
-        let next = build(&mut catalog, &self.agent_config, Some(&current)).await?;
-        info!(from = %current.map.epoch(), to = %next.map.epoch(), "bucket map changed");
-        *self
-            .routing
-            .write()
-            .expect("invariant: routing lock is never held across a panic") = Arc::new(next);
-        Ok(true)
+        .await;
+        *slot = Some(catalog);
+        result
     }
 
     /// Reloads the map after a shard refused a write of a bucket it no longer
@@ -107,11 +124,11 @@ impl Cluster {
     /// caller already moved past `seen`, the epoch the refused call was
     /// routed with.
     pub async fn reload_after(&self, seen: Epoch) {
-        let _one = self.reloading.lock().await;
+        let mut slot = self.reloading.lock().await;
         if self.epoch() != seen {
             return;
         }
-        if let Err(e) = self.refresh().await {
+        if let Err(e) = self.refresh_with(&mut slot).await {
             warn!(%e, "could not reload the bucket map");
         }
     }

@@ -83,6 +83,11 @@ impl Catalog {
         })
     }
 
+    /// Whether the connection is gone (make a new one).
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
     /// On an empty catalog, records `shards` and places every bucket with the
     /// consistent-hash ring at epoch 1. On a populated one, changes nothing: the
     /// stored map wins over configuration (shards are added by rebalancing, which

@@ -61,6 +61,9 @@ pub struct BenchOptions {
     /// Where the servers' data lives (a fresh temporary directory when unset).
     pub data_dir: Option<PathBuf>,
     pub command: String,
+    /// The rebalance scenario's `--max-parallel` and `--rate`.
+    pub move_parallel: usize,
+    pub move_rate: Option<f64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -15,15 +15,12 @@ use crate::drivers::InProcess;
 use crate::load::{self, Distribution, LoadResult, LoadSpec, Picker, Placement};
 use crate::setup::BenchCluster;
 
-/// Moves running at once: one per core of the machine the figures were
-/// taken on, so that moving competes with the clients the way an operator's
-/// default would.
-const MAX_PARALLEL: usize = 2;
-
 /// What the rebalance scenario measured.
 #[derive(Clone, Debug, Serialize)]
 pub struct RebalanceBench {
     pub shards_before: usize,
+    pub max_parallel: usize,
+    pub rate_users_per_s: Option<f64>,
     pub buckets_moved: usize,
     pub users_moved: i64,
     pub money_moved: Decimal,
@@ -94,13 +91,12 @@ pub async fn run(
     );
     let moving = {
         let admin = admin.clone();
-        tokio::spawn(async move {
-            let opts = MoveOptions {
-                max_parallel: MAX_PARALLEL,
-                ..MoveOptions::default()
-            };
-            admin.rebalance(&opts, &Quiet).await
-        })
+        let opts = MoveOptions {
+            max_parallel: opts.move_parallel,
+            rate_users_per_s: opts.move_rate,
+            ..MoveOptions::default()
+        };
+        tokio::spawn(async move { admin.rebalance(&opts, &Quiet).await })
     };
     // Clients run in windows of a second until the moves are done.
     let started = Instant::now();
@@ -136,6 +132,8 @@ pub async fn run(
     problems.extend(report.errors.iter().cloned());
     Ok(RebalanceBench {
         shards_before: opts.shards,
+        max_parallel: opts.move_parallel,
+        rate_users_per_s: opts.move_rate,
         buckets_moved: report.cleaned,
         users_moved: report.users,
         money_moved: report.money,
@@ -160,8 +158,10 @@ pub async fn run(
 impl RebalanceBench {
     pub fn print(&self) {
         println!(
-            "\nrebalance: a shard added to {} under load: {} buckets, {} users, {} money in {:.1} s ({:.0} users/s, {:.2} money/s)",
+            "\nrebalance: a shard added to {} under load (--max-parallel {}, --rate {}): {} buckets, {} users, {} money in {:.1} s ({:.0} users/s, {:.2} money/s)",
             self.shards_before,
+            self.max_parallel,
+            self.rate_users_per_s.map_or("none".to_owned(), |r| r.to_string()),
             self.buckets_moved,
             self.users_moved,
             self.money_moved,

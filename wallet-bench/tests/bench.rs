@@ -41,6 +41,8 @@ async fn a_small_bench_run_reports_every_scenario_and_passes_the_checker() {
         svg: Some(svg.clone()),
         data_dir: Some(dir.path().join("data")),
         command: "test".into(),
+        move_parallel: 2,
+        move_rate: None,
     })
     .await
     .expect("bench runs");

@@ -113,6 +113,12 @@ enum Command {
         /// Keep the servers' data here instead of a temporary directory.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// The rebalance scenario's moves at once (`wallet shards rebalance --max-parallel`).
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
+        move_parallel: u64,
+        /// The rebalance scenario's throttle in users per second (`--rate`); none when unset.
+        #[arg(long)]
+        move_rate: Option<f64>,
     },
 }
 
@@ -213,6 +219,8 @@ async fn main() -> anyhow::Result<()> {
             json,
             svg,
             data_dir,
+            move_parallel,
+            move_rate,
         } => {
             anyhow::ensure!(users >= 100, "--users must be at least 100");
             anyhow::ensure!(clients >= 1, "--clients must be at least 1");
@@ -232,6 +240,8 @@ async fn main() -> anyhow::Result<()> {
                 svg,
                 data_dir,
                 command: std::env::args().collect::<Vec<_>>().join(" "),
+                move_parallel: move_parallel as usize,
+                move_rate,
             })
             .await?;
             if !passed {
