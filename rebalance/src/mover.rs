@@ -58,6 +58,9 @@ pub struct MoveOptions {
 pub const PAUSE_MAX_MS: u64 = 500;
 /// Default of [`MoveOptions::fence_wait_ms`].
 pub const FENCE_WAIT_MS: u64 = 200;
+/// How long a rebalance waits for another's lock before it is refused.
+pub const MOVER_LOCK_WAIT_MS: u64 = 3_000;
+
 /// Default of [`MoveOptions::attempts_max`].
 pub const ATTEMPTS_MAX: i32 = 10;
 
@@ -116,6 +119,17 @@ impl Admin {
         progress: &dyn Progress,
     ) -> Result<RebalanceReport> {
         let started = Instant::now();
+        // A mover killed a moment ago may still hold the lock until its
+        // server notices the closed connection: ask again for a while.
+        let deadline = Instant::now() + Duration::from_millis(MOVER_LOCK_WAIT_MS);
+        while !self.catalog.lock_mover().await? {
+            if Instant::now() >= deadline {
+                return Err(RebalanceError::Refused(
+                    "another rebalance is running (it holds the catalog's rebalance lock)".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         self.record_ownership().await?;
         let mut plan = self.plan().await?;
         if let Some(max) = opts.max_moves {
@@ -314,6 +328,20 @@ impl Admin {
                     target
                         .set_bucket_state(m.bucket, m.move_id, &["incoming"], "owned", epoch + 1)
                         .await?;
+                    // Switch only if both changes hold (made now, or by an
+                    // earlier run of this step): never give the catalog a
+                    // bucket the target does not own, nor leave the source
+                    // serving it.
+                    let at_source = source.bucket_state(m.bucket).await?;
+                    let at_target = target.bucket_state(m.bucket).await?;
+                    if at_source != Some(("moved".into(), Some(m.move_id)))
+                        || at_target.as_ref().map(|(s, _)| s.as_str()) != Some("owned")
+                    {
+                        return Err(RebalanceError::Refused(format!(
+                            "move {} of bucket {}: cannot switch, the source is {at_source:?} and the target {at_target:?}",
+                            m.move_id, m.bucket
+                        )));
+                    }
                     crash_point("move-switched")?;
                     let after = self.catalog.journal_switch(&m).await?;
                     info!(epoch = after, "bucket switched");

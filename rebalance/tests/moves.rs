@@ -403,6 +403,25 @@ async fn refusals_say_why_and_change_nothing() {
     let list = admin.list().await.expect("list");
     assert_eq!(list.shards.len(), 2);
     assert!(admin.verify().await.expect("verify").ok);
+    // Two movers never drive one journal: the second is refused.
+    admin
+        .rebalance(&some(1), &Quiet)
+        .await
+        .expect("first mover");
+    let second = Admin::open(
+        &w.cluster.config.catalog_dsn,
+        w.cluster.config.agent.clone(),
+    )
+    .await
+    .expect("open");
+    let err = second
+        .rebalance(&some(1), &Quiet)
+        .await
+        .expect_err("second mover");
+    assert!(
+        matches!(err, RebalanceError::Refused(ref m) if m.contains("another rebalance")),
+        "{err}"
+    );
 }
 
 /// Each move failpoint, in the order a move passes them.
@@ -424,9 +443,19 @@ async fn crash_every_step(redis: bool) {
     // Moves that carry users first, so each crash strands real rows.
     let plan = admin.plan().await.expect("plan");
     assert!(plan.moves.iter().filter(|m| m.users > 0).count() >= 2);
+    drop(admin);
     for (i, point) in POINTS.iter().enumerate() {
         fail::cfg(*point, "return").expect("arm failpoint");
-        let crashed = admin.rebalance(&some(2), &Quiet).await;
+        // Each run its own admin (its own catalog session), dropped at the
+        // crash as a killed CLI's would be.
+        let crashed = Admin::open(
+            &w.cluster.config.catalog_dsn,
+            w.cluster.config.agent.clone(),
+        )
+        .await
+        .expect("open")
+        .rebalance(&some(2), &Quiet)
+        .await;
         fail::remove(*point);
         assert!(
             matches!(crashed, Err(RebalanceError::Crashed(at)) if at == *point),

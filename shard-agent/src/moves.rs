@@ -47,6 +47,18 @@ impl MoveCatalog {
         })
     }
 
+    /// Takes the catalog's rebalance lock for as long as this connection
+    /// lives (a killed mover's connection closes, which releases it): two
+    /// movers must never drive the same journal. False if another holds it.
+    pub async fn lock_mover(&self) -> Result<bool> {
+        Ok(self
+            .client
+            .query_one("SELECT pg_try_advisory_lock(1464598531, 0)", &[])
+            .await
+            .map_err(q("take the rebalance lock"))?
+            .get(0))
+    }
+
     /// Every shard ever registered, removed ones included.
     pub async fn shard_rows(&self) -> Result<Vec<ShardRow>> {
         Ok(self
@@ -195,12 +207,17 @@ pub struct MoveRow {
     pub updated_at: DateTime<Utc>,
     pub fenced_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// How long the bucket has been fenced, by the catalog's clock, when the
+    /// row was read (`None` unless fenced).
+    #[serde(skip)]
+    pub paused_ms: Option<i64>,
 }
 
 const MOVE_COLUMNS: &str = "m.move_id, m.bucket, m.from_shard, m.to_shard, f.name AS from_name,
     t.name AS to_name, m.step, m.attempts, m.epoch_before, m.epoch_after, m.rows, m.balance_sum,
     m.held_sum, m.pause_ms, m.verifier, m.error, m.created_at, m.updated_at, m.fenced_at,
-    m.finished_at";
+    m.finished_at,
+    (extract(epoch FROM clock_timestamp() - m.fenced_at) * 1000)::bigint AS paused_ms";
 
 fn from_row(r: &tokio_postgres::Row) -> MoveRow {
     MoveRow {
@@ -224,6 +241,7 @@ fn from_row(r: &tokio_postgres::Row) -> MoveRow {
         updated_at: r.get("updated_at"),
         fenced_at: r.get("fenced_at"),
         finished_at: r.get("finished_at"),
+        paused_ms: r.get("paused_ms"),
     }
 }
 
@@ -304,18 +322,19 @@ impl MoveCatalog {
     ) -> Result<bool> {
         let row = self
             .client
-            .query_one(
+            .query_opt(
                 "UPDATE bucket_moves
                     SET attempts = attempts + 1, error = $2, updated_at = now(), fenced_at = NULL,
                         step = CASE WHEN attempts + 1 >= $3 THEN 'rolled_back' ELSE 'planned' END,
                         finished_at = CASE WHEN attempts + 1 >= $3 THEN now() END
-                  WHERE move_id = $1
+                  WHERE move_id = $1 AND step IN ('planned', 'fenced', 'copied')
                  RETURNING step",
                 &[&move_id, &error, &attempts_max],
             )
             .await
             .map_err(q("journal retry"))?;
-        Ok(row.get::<_, String>(0) == "planned")
+        // No row: the move verified meanwhile (it only goes forward now).
+        Ok(row.is_some_and(|r| r.get::<_, String>(0) == "planned"))
     }
 
     /// Step "verified": the verifier's counts and sums.

@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use tokio_postgres::types::ToSql;
 
 use crate::agent::{Conn, ShardAgent};
-use crate::error::ShardResult;
+use crate::error::{ShardError, ShardResult};
 
 /// Advisory lock class of a bucket (the same number as in wallet_own.sql).
 const BUCKET_LOCK_CLASS: i32 = 1_464_598_530;
@@ -182,6 +182,21 @@ impl ShardAgent {
                 )
                 .await
                 .map_err(self.pg("wait for the bucket's writes"))?;
+                // A leg prepared before this shard's ownership was recorded
+                // may hold no bucket lock: the fence cannot see it, so it
+                // waits (as for a held lock) until recovery resolves it.
+                let unseen: i64 = conn
+                    .query_one(
+                        "SELECT count(*) FROM pg_prepared_xacts p, bucket_ownership_init i
+                          WHERE p.database = current_database() AND p.prepared <= i.at",
+                        &[],
+                    )
+                    .await
+                    .map_err(self.pg("count older prepared legs"))?
+                    .get(0);
+                if unseen > 0 {
+                    return Err(ShardError::LockTimeout { shard: self.id() });
+                }
                 let row = conn
                     .query_opt(
                         "UPDATE owned_buckets SET state = CASE WHEN state = 'owned' THEN 'fenced' ELSE state END,
@@ -204,6 +219,22 @@ impl ShardAgent {
             }
             .await;
             finish(&mut conn, self, result).await
+        })
+        .await
+    }
+
+    /// The state of `bucket` here and the move that set it, if it has a row.
+    pub async fn bucket_state(&self, bucket: u16) -> ShardResult<Option<(String, Option<i64>)>> {
+        self.timed("read bucket state", async {
+            let conn = self.conn().await?;
+            Ok(conn
+                .query_opt(
+                    "SELECT state, move_id FROM owned_buckets WHERE bucket = $1",
+                    &[&i32::from(bucket)],
+                )
+                .await
+                .map_err(self.pg("read bucket state"))?
+                .map(|r| (r.get(0), r.get(1))))
         })
         .await
     }
@@ -267,6 +298,21 @@ impl ShardAgent {
                     return Err(self.corrupt(format!(
                         "bucket {bucket} is {} here: a copy would overwrite it",
                         state.unwrap_or_default()
+                    )));
+                }
+                // Copy only a bucket this move has fenced on the source: an
+                // owned one could still be written after its copy.
+                let at_source = src
+                    .query_opt(
+                        "SELECT state, move_id FROM owned_buckets WHERE bucket = $1",
+                        &[&b],
+                    )
+                    .await
+                    .map_err(source.pg("read the source's bucket state"))?
+                    .map(|r| (r.get::<_, String>(0), r.get::<_, Option<i64>>(1)));
+                if at_source != Some(("fenced".to_owned(), Some(move_id))) {
+                    return Err(self.corrupt(format!(
+                        "bucket {bucket} is {at_source:?} on the source, not fenced by move {move_id}: nothing copied"
                     )));
                 }
                 delete_bucket_rows(&conn, self, b).await?;

@@ -15,7 +15,7 @@
 --     here and frozen). 'moved', 'incoming' and no row at all refuse both.
 --   - A shard whose ownership was never recorded (bucket_ownership_init
 --     empty) owns every bucket: no coordinator has opened it yet, so no move
---     can have touched it.
+--     can have touched it. Its writes take the locks all the same.
 CREATE OR REPLACE FUNCTION wallet_own(p_buckets int[], p_write boolean) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -23,9 +23,8 @@ DECLARE
     v_bad int;
     v_state text;
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM bucket_ownership_init) THEN
-        RETURN;
-    END IF;
+    -- The locks first, even before ownership is recorded: a leg prepared
+    -- then must still hold up the first fence of its bucket.
     IF p_write THEN
         IF current_setting('transaction_isolation') <> 'read committed' THEN
             RAISE EXCEPTION 'wallet_own needs READ COMMITTED, not %',
@@ -34,6 +33,9 @@ BEGIN
         FOR b IN SELECT DISTINCT x FROM unnest(p_buckets) AS x ORDER BY 1 LOOP
             PERFORM pg_advisory_xact_lock_shared(1464598530, b);
         END LOOP;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM bucket_ownership_init) THEN
+        RETURN;
     END IF;
     SELECT u.b, o.state INTO v_bad, v_state
       FROM unnest(p_buckets) AS u (b) LEFT JOIN owned_buckets o ON o.bucket = u.b
