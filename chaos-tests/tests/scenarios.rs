@@ -1,6 +1,6 @@
 //! The chaos suite as CI runs it: every failpoint scenario once, every process and
-//! network fault once, a short randomized run, and each deliberately broken
-//! variant, which the checker must catch. Runs are short here; README explains
+//! network fault once, a short randomized run, the rebalance scenarios, and
+//! each deliberately broken variant, which the checker must catch. Runs are short here; README explains
 //! how to run a long soak with the `chaos` binary.
 
 use std::time::Duration;
@@ -116,6 +116,16 @@ async fn the_checker_catches_every_deliberately_broken_variant_in_redis_mode() {
         LockMode::Redis,
         |k| matches!(k, Kind::Broken { .. }),
         Duration::from_secs(4),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rebalance_scenarios_keep_every_invariant() {
+    run_scenarios(
+        LockMode::TwoPc,
+        |k| matches!(k, Kind::Rebalance { .. }),
+        Duration::from_secs(8),
     )
     .await;
 }

@@ -33,6 +33,7 @@ pub mod error;
 pub mod external;
 pub mod functions;
 pub mod gid;
+pub mod holdings;
 pub mod idempotency;
 pub mod migrate;
 pub mod money;

@@ -13,7 +13,6 @@
 //! step of a move that was rolled back, never deletes rows the shard serves.
 
 use futures::{SinkExt, StreamExt};
-use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use tokio_postgres::types::ToSql;
@@ -27,7 +26,7 @@ const BUCKET_LOCK_CLASS: i32 = 1_464_598_530;
 /// Each table a bucket's rows live in, in the order they are copied (every
 /// row after the rows it references), with the filter that selects them.
 /// Deletes run in the reverse order.
-const TABLES: &[(&str, &str)] = &[
+pub(crate) const TABLES: &[(&str, &str)] = &[
     ("users", "bucket = $1"),
     ("accounts", "kind = 'user' AND bucket = $1"),
     (
@@ -59,18 +58,6 @@ pub struct Owned {
     pub bucket: u16,
     pub state: String,
     pub move_id: Option<i64>,
-}
-
-/// What a bucket holds on one shard, as the verifier compares it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BucketStats {
-    /// Rows per table.
-    pub rows: BTreeMap<String, i64>,
-    pub balance_sum: Decimal,
-    pub held_sum: Decimal,
-    pub opening_sum: Decimal,
-    /// Accounts whose opening balance plus ledger does not equal the balance.
-    pub ledger_mismatches: i64,
 }
 
 /// The answer of [`ShardAgent::fence_bucket`].
@@ -376,68 +363,6 @@ impl ShardAgent {
         .await
     }
 
-    /// The rows and money of `bucket` on this shard.
-    pub async fn bucket_stats(&self, bucket: u16) -> ShardResult<BucketStats> {
-        self.timed("bucket stats", async {
-            let mut conn = self.conn().await?;
-            conn.in_txn_begin("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", self.id())
-                .await?;
-            let result = async {
-                let b = i32::from(bucket);
-                let mut stats = BucketStats::default();
-                for (table, filter) in TABLES {
-                    let n: i64 = conn
-                        .query_one(&format!("SELECT count(*) FROM {table} WHERE {filter}"), &[&b])
-                        .await
-                        .map_err(self.pg("count bucket rows"))?
-                        .get(0);
-                    stats.rows.insert((*table).to_owned(), n);
-                }
-                let row = conn
-                    .query_one(
-                        "SELECT coalesce(sum(balance), 0), coalesce(sum(held), 0),
-                                coalesce(sum(opening_balance), 0),
-                                count(*) FILTER (WHERE a.opening_balance + coalesce(
-                                    (SELECT sum(amount) FROM ledger_entries e WHERE e.account_id = a.account_id), 0)
-                                    <> a.balance)
-                           FROM accounts a WHERE kind = 'user' AND bucket = $1",
-                        &[&b],
-                    )
-                    .await
-                    .map_err(self.pg("sum bucket"))?;
-                stats.balance_sum = row.get(0);
-                stats.held_sum = row.get(1);
-                stats.opening_sum = row.get(2);
-                stats.ledger_mismatches = row.get(3);
-                Ok(stats)
-            }
-            .await;
-            finish(&mut conn, self, result).await
-        })
-        .await
-    }
-
-    /// Users and money per bucket held here (the plan's figures): bucket ->
-    /// (users, balance sum).
-    pub async fn bucket_sizes(&self) -> ShardResult<BTreeMap<u16, (i64, Decimal)>> {
-        self.timed("bucket sizes", async {
-            let conn = self.conn().await?;
-            let rows = conn
-                .query(
-                    "SELECT bucket, count(*), coalesce(sum(balance), 0) FROM accounts
-                      WHERE kind = 'user' GROUP BY bucket",
-                    &[],
-                )
-                .await
-                .map_err(self.pg("bucket sizes"))?;
-            Ok(rows
-                .iter()
-                .map(|r| (r.get::<_, i32>(0) as u16, (r.get(1), r.get(2))))
-                .collect())
-        })
-        .await
-    }
-
     /// Deletes every row of `bucket` here and its ownership row, if the row
     /// is in one of `states` for `move_id` (the source's "moved" after a
     /// switch; the target's "incoming" when a move rolls back). Returns
@@ -475,85 +400,6 @@ impl ShardAgent {
             }
             .await;
             finish(&mut conn, self, result).await
-        })
-        .await
-    }
-
-    /// Rows held here of buckets this shard does not serve (owned or
-    /// fenced): what a finished move must never leave behind. Bucket -> users.
-    pub async fn stray_rows(&self) -> ShardResult<BTreeMap<u16, i64>> {
-        self.timed("stray rows", async {
-            let conn = self.conn().await?;
-            let rows = conn
-                .query(
-                    "SELECT u.bucket, count(*) FROM users u
-                      WHERE EXISTS (SELECT 1 FROM bucket_ownership_init)
-                        AND NOT EXISTS (SELECT 1 FROM owned_buckets o
-                                         WHERE o.bucket = u.bucket AND o.state IN ('owned', 'fenced'))
-                      GROUP BY u.bucket",
-                    &[],
-                )
-                .await
-                .map_err(self.pg("stray rows"))?;
-            Ok(rows
-                .iter()
-                .map(|r| (r.get::<_, i32>(0) as u16, r.get(1)))
-                .collect())
-        })
-        .await
-    }
-
-    /// `max_prepared_transactions` of this server (0: it cannot take part
-    /// in two-phase commit).
-    pub async fn max_prepared_transactions(&self) -> ShardResult<i64> {
-        self.timed("read settings", async {
-            let conn = self.conn().await?;
-            let v: String = conn
-                .query_one("SELECT current_setting('max_prepared_transactions')", &[])
-                .await
-                .map_err(self.pg("read max_prepared_transactions"))?
-                .get(0);
-            v.parse()
-                .map_err(|_| self.corrupt(format!("max_prepared_transactions is {v:?}")))
-        })
-        .await
-    }
-
-    /// What this shard holds that removing shard `home` would strand: its
-    /// prepared legs whose decision lives on `home` (the GID names it), and,
-    /// when this shard is `home` itself, any prepared leg, undecided record or
-    /// pending credit.
-    pub async fn in_doubt_for(&self, home: router::ShardId) -> ShardResult<i64> {
-        self.timed("in doubt", async {
-            let conn = self.conn().await?;
-            let gids = conn
-                .query(
-                    "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE $1",
-                    &[&crate::gid::Gid::like_pattern()],
-                )
-                .await
-                .map_err(self.pg("read prepared legs"))?;
-            let mut n = gids
-                .iter()
-                .filter(|r| {
-                    self.id() == home
-                        || r.get::<_, String>(0)
-                            .parse::<crate::gid::Gid>()
-                            .is_ok_and(|g| g.home == home)
-                })
-                .count() as i64;
-            if self.id() == home {
-                n += conn
-                    .query_one(
-                        "SELECT (SELECT count(*) FROM pending_credits)
-                              + (SELECT count(*) FROM transfers WHERE state = 'preparing')",
-                        &[],
-                    )
-                    .await
-                    .map_err(self.pg("count undecided work"))?
-                    .get::<_, i64>(0);
-            }
-            Ok(n)
         })
         .await
     }
@@ -608,7 +454,11 @@ async fn columns(conn: &Conn, agent: &ShardAgent, table: &str) -> ShardResult<St
 }
 
 /// Commits on `Ok`, rolls back on `Err`.
-async fn finish<T>(conn: &mut Conn, agent: &ShardAgent, result: ShardResult<T>) -> ShardResult<T> {
+pub(crate) async fn finish<T>(
+    conn: &mut Conn,
+    agent: &ShardAgent,
+    result: ShardResult<T>,
+) -> ShardResult<T> {
     match result {
         Ok(v) => {
             conn.batch_execute("COMMIT")
