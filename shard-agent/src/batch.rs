@@ -319,26 +319,26 @@ impl ShardAgent {
         self.timed("local batch", async {
             let c = Columns::of(legs);
             let buckets = crate::agent::buckets_of(legs.iter().map(|l| &l.user));
-            let mut conn = self.conn().await?;
+            let conn = self.conn().await?;
             let stmt = conn
                 .prepare_cached(&format!(
-                    "SELECT {ANSWER_COLUMNS} FROM wallet_batch_local($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+                    "SELECT {ANSWER_COLUMNS} FROM wallet_batch_local($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
                 ))
                 .await
                 .map_err(self.pg("prepare local batch"))?;
             let lock_wait_ms = i32::try_from(lock_wait_ms).unwrap_or(i32::MAX);
-            let mut params = c.check_params().to_vec();
+            let mut params: Vec<&(dyn ToSql + Sync)> = vec![&buckets];
+            params.extend(c.check_params());
             params.extend([
                 &c.user_name as &(dyn ToSql + Sync),
                 &c.party,
                 &c.party_name,
                 &lock_wait_ms,
             ]);
-            let rows = self
-                .owned_autocommit(&mut conn, &buckets, &stmt, &params, |e| {
-                    self.batch_error("local batch", e)
-                })
-                .await?;
+            let rows = conn
+                .query(&stmt, &params)
+                .await
+                .map_err(|e| self.batch_error("local batch", e))?;
             rows.iter()
                 .map(|r| GroupAnswer::from_row(self, r))
                 .collect()
@@ -367,16 +367,17 @@ impl ShardAgent {
             let c = Columns::of(legs);
             let prior: Vec<Option<String>> = prior.iter().map(|v| v.as_sql()).collect();
             let buckets = crate::agent::buckets_of(legs.iter().map(|l| &l.user));
-            let mut conn = self.conn().await?;
+            let conn = self.conn().await?;
             let stmt = conn
                 .prepare_cached(&format!(
-                    "SELECT {ANSWER_COLUMNS} FROM wallet_redis_debit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
+                    "SELECT {ANSWER_COLUMNS} FROM wallet_redis_debit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
                 ))
                 .await
                 .map_err(self.pg("prepare fenced debits"))?;
             let lock_wait_ms = i32::try_from(lock_wait_ms).unwrap_or(i32::MAX);
             let enforce = crate::redis_legs::enforce_fence();
-            let params: [&(dyn ToSql + Sync); 15] = [
+            let params: [&(dyn ToSql + Sync); 16] = [
+                &buckets,
                 &c.tid,
                 &c.user,
                 &c.amount,
@@ -393,11 +394,10 @@ impl ShardAgent {
                 &enforce,
                 &lock_wait_ms,
             ];
-            let rows = self
-                .owned_autocommit(&mut conn, &buckets, &stmt, &params, |e| {
-                    self.batch_error("fenced debits", e)
-                })
-                .await?;
+            let rows = conn
+                .query(&stmt, &params)
+                .await
+                .map_err(|e| self.batch_error("fenced debits", e))?;
             rows.iter()
                 .map(|r| GroupAnswer::from_row(self, r))
                 .collect()

@@ -142,9 +142,11 @@ impl ShardAgent {
     ) -> ShardResult<Vec<Credited>> {
         self.timed("fenced credits", async {
             let buckets = crate::agent::buckets_of(credits.iter().map(|c| &c.to_user));
-            let mut conn = self.conn().await?;
+            let conn = self.conn().await?;
             let stmt = conn
-                .prepare_cached("SELECT wallet_redis_credit($1, $2, $3, $4, $5, $6, $7, $8, $9)")
+                .prepare_cached(
+                    "SELECT wallet_redis_credit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                )
                 .await
                 .map_err(self.pg("prepare fenced credits"))?;
             let tid: Vec<uuid::Uuid> = credits.iter().map(|c| c.transfer_id.0).collect();
@@ -155,12 +157,11 @@ impl ShardAgent {
             let party: Vec<Option<uuid::Uuid>> = vec![None; credits.len()];
             let party_name: Vec<&str> = credits.iter().map(|c| c.from_username.as_str()).collect();
             let enforce = enforce_fence();
-            let rows = self
-                .owned_autocommit(
-                    &mut conn,
-                    &buckets,
+            let rows = conn
+                .query(
                     &stmt,
                     &[
+                        &buckets,
                         &tid,
                         &user,
                         &amount,
@@ -171,9 +172,9 @@ impl ShardAgent {
                         &fence,
                         &enforce,
                     ],
-                    self.pg("apply fenced credits"),
                 )
-                .await?;
+                .await
+                .map_err(self.pg("apply fenced credits"))?;
             let row = rows
                 .first()
                 .ok_or_else(|| self.corrupt("fenced credits answered no row".into()))?;

@@ -9,8 +9,14 @@
 --     every group behind it in the shard's lane. Other groups hold a row for a
 --     few milliseconds.
 --   - Generic plans, as in the two functions it calls.
+--   - Ownership first: wallet_own's write check of p_buckets (the buckets of
+--     every user of the group) runs before anything is read or locked. A
+--     refusal (WB001) writes nothing. The check runs inside this one
+--     statement so that a group still costs one statement and one round trip;
+--     wallet_own's own queries take fresh snapshots, as every query of a
+--     volatile function does under READ COMMITTED.
 CREATE OR REPLACE FUNCTION wallet_batch_local(
-    p_transfer uuid[], p_debit boolean[], p_user uuid[], p_amount numeric[],
+    p_buckets int[], p_transfer uuid[], p_debit boolean[], p_user uuid[], p_amount numeric[],
     p_currency text[], p_key_user uuid[], p_key text[], p_fingerprint bytea[],
     p_session bytea[], p_user_name text[], p_party uuid[], p_party_name text[],
     p_lock_wait_ms int
@@ -24,6 +30,7 @@ LANGUAGE plpgsql
 SET plan_cache_mode = force_generic_plan
 AS $$
 BEGIN
+    PERFORM wallet_own(p_buckets, true);
     -- Local to this statement's transaction, so the connection's own bound
     -- is back for whatever runs next on it.
     PERFORM set_config('lock_timeout', p_lock_wait_ms || 'ms', true);

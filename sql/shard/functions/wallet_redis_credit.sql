@@ -16,8 +16,10 @@
 --     than p_fence, the token of the lock it runs under. p_enforce_fence is
 --     false only in the chaos suite's broken variant.
 --   - Balances and ledger entries are written by wallet_batch_apply.
+--   - Ownership first, as in wallet_batch_local: wallet_own's write check of
+--     p_buckets (the payees' buckets) before anything is read or locked.
 CREATE OR REPLACE FUNCTION wallet_redis_credit(
-    p_transfer uuid[], p_user uuid[], p_amount numeric[], p_currency text[],
+    p_buckets int[], p_transfer uuid[], p_user uuid[], p_amount numeric[], p_currency text[],
     p_user_name text[], p_party uuid[], p_party_name text[], p_fence bigint,
     p_enforce_fence boolean
 ) RETURNS text[]
@@ -32,6 +34,7 @@ DECLARE
     v_at int;
     i int;
 BEGIN
+    PERFORM wallet_own(p_buckets, true);
     SELECT coalesce(array_agg(l.user_id), '{}'), coalesce(array_agg(l.account_id), '{}'),
            coalesce(array_agg(l.last_fence), '{}')
       INTO v_ids, v_accounts, v_fences

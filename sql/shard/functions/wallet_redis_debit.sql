@@ -19,8 +19,10 @@
 --     transaction: forward recovery applies it if the coordinator does not.
 --   - Each row lock is waited for at most p_lock_wait_ms, as in
 --     wallet_batch_local.
+--   - Ownership first, as in wallet_batch_local: wallet_own's write check of
+--     p_buckets (the payers' buckets) before anything is read or locked.
 CREATE OR REPLACE FUNCTION wallet_redis_debit(
-    p_transfer uuid[], p_user uuid[], p_amount numeric[], p_currency text[],
+    p_buckets int[], p_transfer uuid[], p_user uuid[], p_amount numeric[], p_currency text[],
     p_key_user uuid[], p_key text[], p_fingerprint bytea[], p_session bytea[],
     p_failure text[], p_user_name text[], p_party uuid[], p_party_name text[],
     p_fence bigint, p_enforce_fence boolean, p_lock_wait_ms int
@@ -39,6 +41,7 @@ DECLARE
     v_stale uuid[] := '{}';
     i int;
 BEGIN
+    PERFORM wallet_own(p_buckets, true);
     PERFORM set_config('lock_timeout', p_lock_wait_ms || 'ms', true);
     v_out := wallet_batch_check(p_transfer, v_debit, p_user, p_amount, p_currency, p_key_user,
                                 p_key, p_fingerprint, p_session, p_failure);
