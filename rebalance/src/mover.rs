@@ -150,15 +150,19 @@ impl Admin {
             .map(|m| (m.bucket, (m.users, m.money)))
             .collect();
         let throttle = Throttle::new(opts.rate_users_per_s);
+        let filled = Filled::default();
         let ids: Vec<i64> = open.iter().map(|m| m.move_id).collect();
         let results: Vec<Result<MoveRow>> = futures::stream::iter(open)
             .map(|m| {
                 let (users, _) = sizes.get(&m.bucket).copied().unwrap_or((0, Decimal::ZERO));
-                let throttle = &throttle;
+                let (throttle, filled) = (&throttle, &filled);
                 async move {
                     throttle.take(users).await;
                     let span = tracing::info_span!("move", move_id = m.move_id, bucket = m.bucket);
-                    let done = self.run_move(m, opts, progress).instrument(span).await;
+                    let done = self
+                        .run_move(m, opts, progress, filled)
+                        .instrument(span)
+                        .await;
                     if let Ok(m) = &done {
                         progress.done(m);
                     }
@@ -232,6 +236,7 @@ impl Admin {
         mut m: MoveRow,
         opts: &MoveOptions,
         progress: &dyn Progress,
+        filled: &Filled,
     ) -> Result<MoveRow> {
         let source = self.agent(m.from_id)?;
         let target = self.agent(m.to_id)?;
@@ -352,6 +357,13 @@ impl Admin {
                     self.catalog
                         .journal_step(m.move_id, "switched", "cleaned")
                         .await?;
+                    if filled.one_more(m.to_id) {
+                        // Outside every bucket's pause; a failure costs only
+                        // speed, so the move goes on.
+                        if let Err(e) = target.refresh_planner_stats().await {
+                            warn!(error = %e, shard = %m.to_id, "could not refresh the target's planner statistics");
+                        }
+                    }
                 }
                 _ => return Ok(m),
             }
@@ -397,6 +409,23 @@ fn crash_point(name: &'static str) -> Result<()> {
     let _ = name;
     fail::fail_point!(name, |_| Err(RebalanceError::Crashed(name)));
     Ok(())
+}
+
+/// Buckets moved onto each target this run. Its planner statistics are
+/// refreshed ([`shard_agent::ShardAgent::refresh_planner_stats`]) each time
+/// the count doubles (1, 2, 4, …): often while a new shard is small, when its
+/// statistics are furthest from the truth, and a few times in all.
+#[derive(Default)]
+struct Filled(std::sync::Mutex<std::collections::HashMap<router::ShardId, u32>>);
+
+impl Filled {
+    /// Counts one more bucket on `target`; whether its statistics are due.
+    fn one_more(&self, target: router::ShardId) -> bool {
+        let mut counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = counts.entry(target).or_default();
+        *n += 1;
+        n.is_power_of_two()
+    }
 }
 
 /// `--rate`: each move first takes its users' worth of time.

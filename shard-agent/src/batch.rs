@@ -454,8 +454,21 @@ impl ShardAgent {
                 conn.query_one(&stmt, &params)
             );
             begun.map_err(self.pg("begin batch"))?;
-            owned.map_err(self.pg("ownership check"))?;
-            let row = checked.map_err(|e| self.batch_error("batch check", e))?;
+            let row = match owned
+                .map_err(self.pg("ownership check"))
+                .and_then(|_| checked.map_err(|e| self.batch_error("batch check", e)))
+            {
+                Ok(row) => row,
+                Err(e) => {
+                    // The shard refused (a bucket moving, a lock not granted):
+                    // end the transaction so the connection goes back to the
+                    // pool instead of being discarded, which would cost the
+                    // next caller a new server process. A connection that
+                    // cannot roll back is discarded all the same.
+                    conn.rollback_quietly().await;
+                    return Err(e);
+                }
+            };
             let verdicts: Vec<Option<String>> = row.get(0);
             let verdicts = verdicts
                 .iter()

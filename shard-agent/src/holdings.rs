@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::agent::ShardAgent;
 use crate::error::ShardResult;
-use crate::ownership::{finish, TABLES};
+use crate::ownership::TABLES;
 
 /// What a bucket holds on one shard, as the verifier compares it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,43 +26,43 @@ pub struct BucketStats {
 }
 
 impl ShardAgent {
-    /// The rows and money of `bucket` on this shard.
+    /// The rows and money of `bucket` on this shard, in one statement, so
+    /// every count and sum comes from one snapshot.
     pub async fn bucket_stats(&self, bucket: u16) -> ShardResult<BucketStats> {
         self.timed("bucket stats", async {
-            let mut conn = self.conn().await?;
-            conn.in_txn_begin("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", self.id())
-                .await?;
-            let result = async {
-                let b = i32::from(bucket);
-                let mut stats = BucketStats::default();
-                for (table, filter) in TABLES {
-                    let n: i64 = conn
-                        .query_one(&format!("SELECT count(*) FROM {table} WHERE {filter}"), &[&b])
-                        .await
-                        .map_err(self.pg("count bucket rows"))?
-                        .get(0);
-                    stats.rows.insert((*table).to_owned(), n);
-                }
-                let row = conn
-                    .query_one(
+            let conn = self.conn().await?;
+            let counts: Vec<String> = TABLES
+                .iter()
+                .map(|(table, filter)| format!("(SELECT count(*) FROM {table} WHERE {filter})"))
+                .collect();
+            let row = conn
+                .query_one(
+                    &format!(
                         "SELECT coalesce(sum(balance), 0), coalesce(sum(held), 0),
                                 coalesce(sum(opening_balance), 0),
                                 count(*) FILTER (WHERE a.opening_balance + coalesce(
                                     (SELECT sum(amount) FROM ledger_entries e WHERE e.account_id = a.account_id), 0)
-                                    <> a.balance)
+                                    <> a.balance),
+                                ARRAY[{}]::bigint[]
                            FROM accounts a WHERE kind = 'user' AND bucket = $1",
-                        &[&b],
-                    )
-                    .await
-                    .map_err(self.pg("sum bucket"))?;
-                stats.balance_sum = row.get(0);
-                stats.held_sum = row.get(1);
-                stats.opening_sum = row.get(2);
-                stats.ledger_mismatches = row.get(3);
-                Ok(stats)
-            }
-            .await;
-            finish(&mut conn, self, result).await
+                        counts.join(", ")
+                    ),
+                    &[&i32::from(bucket)],
+                )
+                .await
+                .map_err(self.pg("count and sum bucket"))?;
+            let counted: Vec<i64> = row.get(4);
+            Ok(BucketStats {
+                rows: TABLES
+                    .iter()
+                    .zip(counted)
+                    .map(|((table, _), n)| ((*table).to_owned(), n))
+                    .collect(),
+                balance_sum: row.get(0),
+                held_sum: row.get(1),
+                opening_sum: row.get(2),
+                ledger_mismatches: row.get(3),
+            })
         })
         .await
     }

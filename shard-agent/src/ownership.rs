@@ -302,10 +302,15 @@ impl ShardAgent {
                         "bucket {bucket} is {at_source:?} on the source, not fenced by move {move_id}: nothing copied"
                     )));
                 }
-                delete_bucket_rows(&conn, self, b).await?;
-                conn.execute("DELETE FROM owned_buckets WHERE bucket = $1", &[&b])
-                    .await
-                    .map_err(self.pg("forget an earlier copy"))?;
+                // Rows of the bucket are here only with its incoming row: a
+                // copy writes both in one transaction, and so does every
+                // delete. A first attempt has nothing to clear.
+                if state.is_some() {
+                    delete_bucket_rows(&conn, self, b).await?;
+                    conn.execute("DELETE FROM owned_buckets WHERE bucket = $1", &[&b])
+                        .await
+                        .map_err(self.pg("forget an earlier copy"))?;
+                }
                 let mut copied = BTreeMap::new();
                 for (table, filter) in TABLES {
                     let cols = columns(&conn, self, table).await?;
@@ -359,6 +364,28 @@ impl ShardAgent {
             }
             .await;
             finish(&mut conn, self, result).await
+        })
+        .await
+    }
+
+    /// Refreshes the planner's statistics of every table a move writes
+    /// (`ANALYZE`). A shard that starts empty keeps, in each pooled
+    /// connection, plans made for empty tables (the functions' generic plans,
+    /// the foreign-key checks) until its statistics change: without this, the
+    /// rows a rebalance copies in are read by sequential scans until
+    /// autovacuum's next analyze, a minute or more later.
+    pub async fn refresh_planner_stats(&self) -> ShardResult<()> {
+        self.timed("refresh planner statistics", async {
+            let conn = self.conn().await?;
+            let tables: Vec<&str> = TABLES
+                .iter()
+                .map(|(table, _)| *table)
+                .chain(["transfer_tombstones", "owned_buckets"])
+                .collect();
+            conn.batch_execute(&format!("ANALYZE {}", tables.join(", ")))
+                .await
+                .map_err(self.pg("analyze"))?;
+            Ok(())
         })
         .await
     }

@@ -219,10 +219,14 @@ impl ShardAgent {
                 conn.execute(&stmt, &params),
                 conn.batch_execute("COMMIT")
             );
+            // COMMIT ends the transaction even after a failed statement (it
+            // then rolls back), so the connection can go back to the pool.
+            if committed.is_ok() {
+                conn.ended();
+            }
             begun.map_err(self.pg("begin clear pending credits"))?;
             deleted.map_err(self.pg("clear pending credits"))?;
             committed.map_err(self.pg("commit clear pending credits"))?;
-            conn.ended();
             Ok(())
         })
         .await
