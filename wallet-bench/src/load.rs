@@ -293,11 +293,44 @@ fn parse_cpu_line(line: &str) -> Option<CpuWindow> {
     })
 }
 
+/// When a run's measured window ends: fixed for a timed run, or moved to
+/// "now" by whoever runs the load until something else is done
+/// ([`run_until`]).
+pub struct Stop(std::sync::Mutex<Instant>);
+
+impl Stop {
+    /// A stop at `at`.
+    pub fn at(at: Instant) -> Arc<Stop> {
+        Arc::new(Stop(std::sync::Mutex::new(at)))
+    }
+
+    /// Ends the window now.
+    pub fn now(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+
+    fn get(&self) -> Instant {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sleeps until the stop, however often it is moved.
+    async fn reached(&self) {
+        loop {
+            let at = self.get();
+            let now = Instant::now();
+            if now >= at {
+                return;
+            }
+            tokio::time::sleep_until(at.min(now + Duration::from_millis(50)).into()).await;
+        }
+    }
+}
+
 /// Samples the CPU counters at the start and the end of the measured window.
-async fn cpu_over(measure_from: Instant, stop_at: Instant) -> Option<CpuWindow> {
+async fn cpu_over(measure_from: Instant, stop: Arc<Stop>) -> Option<CpuWindow> {
     tokio::time::sleep_until(measure_from.into()).await;
     let first = cpu_now()?;
-    tokio::time::sleep_until(stop_at.into()).await;
+    stop.reached().await;
     let last = cpu_now()?;
     Some(CpuWindow {
         busy_s: last.busy_s - first.busy_s,
@@ -311,20 +344,33 @@ pub async fn run<D: Driver, P: Pick>(
     picker: Arc<P>,
     spec: &LoadSpec,
 ) -> LoadResult {
+    let stop = Stop::at(Instant::now() + spec.warmup + spec.duration);
+    run_until(driver, picker, spec, stop).await
+}
+
+/// Runs `spec.clients` closed loops against `driver` until `stop`, measuring
+/// after the warm-up (`spec.duration` is not used: the window is what
+/// `stop` makes it).
+pub async fn run_until<D: Driver, P: Pick>(
+    driver: Arc<D>,
+    picker: Arc<P>,
+    spec: &LoadSpec,
+    stop: Arc<Stop>,
+) -> LoadResult {
     let start = Instant::now();
     let measure_from = start + spec.warmup;
-    let stop_at = measure_from + spec.duration;
     let users = picker.users().clone();
-    let cpu = tokio::spawn(cpu_over(measure_from, stop_at));
+    let cpu = tokio::spawn(cpu_over(measure_from, stop.clone()));
     let mut tasks = Vec::with_capacity(spec.clients);
     for client in 0..spec.clients {
         let (driver, picker, users) = (driver.clone(), picker.clone(), users.clone());
         let prefix = spec.key_prefix.clone();
         let mut rng = StdRng::seed_from_u64(spec.seed.wrapping_add(client as u64 * 7919));
+        let stop = stop.clone();
         tasks.push(tokio::spawn(async move {
             let mut out = ClientTally::new();
             let mut seq = 0u64;
-            while Instant::now() < stop_at {
+            while Instant::now() < stop.get() {
                 let (from, to) = picker.pick(&mut rng);
                 let amount = Decimal::new(rng.gen_range(1..=100), 2);
                 let key = format!("{prefix}-{client}-{seq}");
@@ -337,23 +383,24 @@ pub async fn run<D: Driver, P: Pick>(
                 if matches!(outcome, Outcome::Committed) {
                     out.committed_total += 1;
                 }
-                if began >= measure_from && ended <= stop_at {
+                if began >= measure_from && ended <= stop.get() {
                     out.record(ended - began, outcome);
                 }
             }
             out
         }));
     }
+    let cpu = cpu
+        .await
+        .expect("invariant: the CPU sampler does not panic");
     let mut result = LoadResult {
         latency_us: new_histogram(),
         committed: 0,
         rejected: BTreeMap::new(),
         failed: BTreeMap::new(),
-        window: spec.duration,
+        window: stop.get().saturating_duration_since(measure_from),
         committed_total: 0,
-        cpu: cpu
-            .await
-            .expect("invariant: the CPU sampler does not panic"),
+        cpu,
     };
     for t in tasks {
         let tally = t.await.expect("invariant: load clients do not panic");

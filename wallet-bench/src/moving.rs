@@ -39,6 +39,14 @@ pub struct RebalanceBench {
     pub tps_ratio: f64,
     pub p99_ms_before: f64,
     pub p99_ms_during: f64,
+    /// The same load after the move, on the cluster with the added shard.
+    pub tps_after: f64,
+    pub p99_ms_after: f64,
+    /// Busy CPU of the whole machine per committed transfer, in µs: before,
+    /// during (the mover's work included) and after the move.
+    pub cpu_us_before: Option<f64>,
+    pub cpu_us_during: Option<f64>,
+    pub cpu_us_after: Option<f64>,
     pub failed_during: u64,
     pub verified: bool,
     pub problems: Vec<String>,
@@ -98,34 +106,30 @@ pub async fn run(
         };
         tokio::spawn(async move { admin.rebalance(&opts, &Quiet).await })
     };
-    // Clients run in windows of a second until the moves are done.
+    // The clients run without a break from the first move to the last, so
+    // that every transfer a cutover holds up is counted where it ends.
+    let stop = load::Stop::at(Instant::now() + Duration::from_secs(24 * 3600));
     let started = Instant::now();
-    let mut during: Option<LoadResult> = None;
-    let mut window = 0;
-    while !moving.is_finished() {
-        let r = load::run(
-            driver.clone(),
-            picker.clone(),
-            &spec(
-                &format!("during{window}"),
-                Duration::ZERO,
-                Duration::from_secs(1),
-            ),
-        )
-        .await;
-        window += 1;
-        during = Some(match during.take() {
-            None => r,
-            Some(mut d) => {
-                d.merge(r);
-                d
-            }
-        });
-    }
-    let report = moving.await??;
+    let load_during = {
+        let (driver, picker, stop) = (driver.clone(), picker.clone(), stop.clone());
+        let spec = spec("during", Duration::ZERO, Duration::ZERO);
+        tokio::spawn(async move { load::run_until(driver, picker, &spec, stop).await })
+    };
+    let report = moving.await;
+    stop.now();
     let move_s = started.elapsed().as_secs_f64();
+    let during = load_during.await?;
+    let report = report??;
     let verdict = admin.verify().await?;
-    let during = during.context("the move ended before any window ran")?;
+    // The same load on the cluster as the move left it (one shard more),
+    // to tell what the move costs from what the new layout costs.
+    println!("[rebalance] after…");
+    let after = load::run(
+        driver.clone(),
+        picker.clone(),
+        &spec("after", opts.warmup, opts.duration),
+    )
+    .await;
     let p99 = |r: &LoadResult| r.latency_us.value_at_quantile(0.99) as f64 / 1000.0;
     let failed_during = during.failed.values().sum();
     let mut problems = verdict.problems;
@@ -149,6 +153,11 @@ pub async fn run(
         tps_ratio: during.transfers_per_s() / before.transfers_per_s().max(1e-9),
         p99_ms_before: p99(&before),
         p99_ms_during: p99(&during),
+        tps_after: after.transfers_per_s(),
+        p99_ms_after: p99(&after),
+        cpu_us_before: before.cpu_us_per_transfer(),
+        cpu_us_during: during.cpu_us_per_transfer(),
+        cpu_us_after: after.cpu_us_per_transfer(),
         failed_during,
         verified: verdict.ok && report.errors.is_empty(),
         problems,
@@ -181,6 +190,20 @@ impl RebalanceBench {
             self.p99_ms_before,
             self.p99_ms_during,
             self.failed_during
+        );
+        println!(
+            "  after the move ({} shards, nothing moving): transfers/s {:.0} ({:.2}x of before), p99 {:.1} ms",
+            self.shards_before + 1,
+            self.tps_after,
+            self.tps_after / self.tps_before.max(1e-9),
+            self.p99_ms_after
+        );
+        let us = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0}"));
+        println!(
+            "  machine CPU per transfer: before {} µs, during {} µs (the mover's share included), after {} µs",
+            us(self.cpu_us_before),
+            us(self.cpu_us_during),
+            us(self.cpu_us_after)
         );
         println!(
             "  verify: {}",
