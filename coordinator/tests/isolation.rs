@@ -210,3 +210,88 @@ async fn an_account_held_outside_any_group_stalls_only_its_own_transfers() {
     }
     assert_eq!(api.balance(&victim_token).await, "48.00");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_bucket_stalls_only_its_own_transfers_and_keeps_them_out_of_groups() {
+    let mut limits = test_limits();
+    limits.move_wait_ms = FAULT_WAIT_MS;
+    let cluster = TestCluster::start(2, limits).await;
+    let api = Api::new(&cluster);
+    let mut payers = Vec::new();
+    for name in names_on(&cluster, "fpayer", 0, 7) {
+        payers.push((funded(&api, &name).await, name));
+    }
+    let cross_payee = names_on(&cluster, "fpayee", 1, 1).remove(0);
+    api.user(&cross_payee, "USD").await;
+    let local_payee = names_on(&cluster, "flocal", 0, 1).remove(0);
+    api.user(&local_payee, "USD").await;
+    let (victim_token, victim) = payers.remove(0);
+    let victim_id = UserId::for_username(&victim);
+    let bucket = router::bucket_of(&victim_id).0;
+    let others_in_bucket = payers
+        .iter()
+        .map(|(_, n)| n)
+        .chain([&cross_payee, &local_payee])
+        .any(|n| router::bucket_of(&UserId::for_username(n)).0 == bucket);
+    assert!(!others_in_bucket, "the victim must be alone in its bucket");
+
+    // A move fences the victim's bucket on its shard, as the mover does
+    // before it copies the bucket.
+    let routing = cluster.coordinator.cluster().routing();
+    let shard = routing.agent_for(&victim_id).clone();
+    let mine: Vec<u16> = routing
+        .map
+        .buckets_of(shard.id())
+        .iter()
+        .map(|b| b.0)
+        .collect();
+    shard
+        .init_ownership(&mine, routing.map.epoch().0)
+        .await
+        .expect("record ownership");
+    let move_id = 4242;
+    assert_eq!(
+        shard
+            .fence_bucket(bucket, move_id, 1_000)
+            .await
+            .expect("fence"),
+        shard_agent::ownership::Fenced::Yes
+    );
+
+    let waiting = {
+        let api = Api::new(&cluster);
+        let (token, to) = (victim_token.clone(), cross_payee.clone());
+        tokio::spawn(async move { api.transfer(&token, "fenced", &to, "1.00", "USD").await })
+    };
+    // The victim's transfer met the fence in a group, which marked it: its
+    // retries run alone and fail no other group.
+    let deadline = Instant::now() + HEALTHY_WITHIN;
+    while cluster.coordinator.marked() == 0 {
+        assert!(Instant::now() < deadline, "the victim was never marked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cross = healthy_round(&api, &payers[..3], &cross_payee, "cross").await;
+    let local = healthy_round(&api, &payers[3..], &local_payee, "local").await;
+    println!("healthy transfers beside a fenced bucket: cross {cross:?}, same-shard {local:?}");
+    assert!(
+        cross < HEALTHY_WITHIN,
+        "cross-shard waited for the fence: {cross:?}"
+    );
+    assert!(
+        local < HEALTHY_WITHIN,
+        "same-shard waited for the fence: {local:?}"
+    );
+    assert!(
+        !waiting.is_finished(),
+        "the victim's transfer waits for its bucket"
+    );
+
+    // The move rolls back: the victim's transfer goes through, once.
+    assert!(shard
+        .set_bucket_state(bucket, move_id, &["fenced"], "owned", routing.map.epoch().0)
+        .await
+        .expect("unfence"));
+    let r = waiting.await.expect("victim task");
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    assert_eq!(api.balance(&victim_token).await, "49.00");
+}

@@ -136,7 +136,11 @@ pub(super) const LOCAL_GROUP_LOCK_WAIT_MS: u64 = 200;
 /// - a lock wait that ran out on a shard: every user with a leg on that shard
 ///   (which row was held is not known; one of them is the culprit, and the
 ///   others' next transfers merely run alone for a while);
-/// - a shard that did not answer: the shard, once a ping confirms it.
+/// - a shard that did not answer: the shard, once a ping confirms it;
+/// - a bucket the shard refused (moving, or moved away): the members' users
+///   in that bucket. Their transfers wait for the move (`retry_moved`), and
+///   each retry would otherwise join a new group and fail it again, sending
+///   all its members alone.
 pub(super) fn mark_unanswered<'a>(group: impl IntoIterator<Item = &'a Job>, e: &ShardError) {
     let group: Vec<&Job> = group.into_iter().collect();
     let Some(suspects) = group.first().map(|j| j.suspects.clone()) else {
@@ -165,6 +169,16 @@ pub(super) fn mark_unanswered<'a>(group: impl IntoIterator<Item = &'a Job>, e: &
             if let Some(agent) = agent {
                 tokio::spawn(async move { mark_silent(&suspects, vec![agent]).await });
             }
+        }
+        ShardError::NotOwner { bucket, .. } => {
+            // u16::MAX: the shard did not say which bucket; mark them all.
+            let users: Vec<Suspect> = group
+                .iter()
+                .flat_map(|j| [j.order.from, j.order.to])
+                .filter(|u| *bucket == u16::MAX || router::bucket_of(u).0 == *bucket)
+                .map(Suspect::User)
+                .collect();
+            suspects.mark(users);
         }
         _ => {}
     }
