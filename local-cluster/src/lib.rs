@@ -197,17 +197,56 @@ impl PgServerConfig {
     }
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0, read, drop).
+/// A TCP port on 127.0.0.1 that was free a moment ago, chosen below the
+/// kernel's ephemeral range.
 ///
-/// Another process may take it before the server binds it; startup then fails
-/// with a clear "could not bind" log tail rather than silently using the wrong server.
+/// Ports from the ephemeral range (what binding port 0 gives) are also the
+/// local ports of outgoing connections: while a test has a server down on
+/// purpose, any client connecting anywhere can be handed that server's port,
+/// and the restart then fails with "could not bind". Below the range only
+/// another explicit bind can take it. The first of up to [`PORT_TRIES`] random
+/// candidates that binds wins; if none does (or the range leaves no room below
+/// it) we fall back to port 0.
+///
+/// Another process may still take the port before the server binds it; startup
+/// then fails with a clear "could not bind" log tail rather than silently using
+/// the wrong server.
 pub fn free_port() -> Result<u16, LocalError> {
+    use std::hash::{BuildHasher, Hasher};
+    let low = ephemeral_low().unwrap_or(32768);
+    if low > PORT_FLOOR + 1000 {
+        let span = u64::from(low - PORT_FLOOR);
+        // RandomState is seeded per process, so parallel test processes start
+        // their search at different places.
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u32(std::process::id());
+        let start = hasher.finish();
+        for i in 0..PORT_TRIES {
+            let port = PORT_FLOOR + ((start.wrapping_add(i * 7919)) % span) as u16;
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
     let listener = TcpListener::bind(("127.0.0.1", 0))
         .map_err(|e| LocalError::io("binding 127.0.0.1:0 to find a free port", e))?;
     let addr = listener
         .local_addr()
         .map_err(|e| LocalError::io("reading the address of a bound socket", e))?;
     Ok(addr.port())
+}
+
+/// The lowest port [`free_port`] hands out: above the well-known and most
+/// registered service ports.
+const PORT_FLOOR: u16 = 20000;
+
+/// How many random candidates [`free_port`] tries before falling back to port 0.
+const PORT_TRIES: u64 = 64;
+
+/// The first port of the kernel's ephemeral range, if the system says.
+fn ephemeral_low() -> Option<u16> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    range.split_whitespace().next()?.parse().ok()
 }
 
 /// The directory holding `initdb` and `postgres`, honouring `PG_BINDIR`.
@@ -291,4 +330,28 @@ fn initdb_on_path() -> Option<PathBuf> {
         .find(|p| is_executable(p))
         .and_then(|p| std::fs::canonicalize(p).ok())
         .and_then(|p| p.parent().map(Path::to_path_buf))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_bindable_distinct_and_below_the_ephemeral_range() {
+        let low = ephemeral_low().unwrap_or(32768);
+        let ports: Vec<u16> = (0..20).map(|_| free_port().expect("a free port")).collect();
+        for &port in &ports {
+            if low > PORT_FLOOR + 1000 {
+                assert!(
+                    (PORT_FLOOR..low).contains(&port),
+                    "{port} is outside {PORT_FLOOR}..{low}"
+                );
+            }
+            TcpListener::bind(("127.0.0.1", port)).expect("the port is free");
+        }
+        let mut distinct = ports.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert!(distinct.len() > 15, "ports repeat too often: {ports:?}");
+    }
 }
