@@ -122,6 +122,7 @@ impl ChaosCluster {
             payment_provider: Some(coordinator::payments::ProviderConfig::Sandbox),
             http: Default::default(),
             rate_limits: coordinator::config::RateLimits::off(),
+            rules: Default::default(),
         };
         let config_path = dir.join("coordinator.json");
         std::fs::write(&config_path, serde_json::to_string_pretty(&config)?)?;

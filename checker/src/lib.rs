@@ -97,6 +97,7 @@ impl Snapshot {
             }
         }
         self.exactly_once(quiescent, &mut v);
+        self.refunds_within_originals(&mut v);
         v
     }
 
@@ -158,6 +159,17 @@ impl Snapshot {
                         }
                     }
                 }
+                ("committed", "refund") => {
+                    let (debits, credits) = (
+                        count("refund_debit", -d.amount),
+                        count("refund_credit", d.amount),
+                    );
+                    if (debits != 1 || credits != 1 || entries.len() != 2)
+                        && (quiescent || entries.len() > 2)
+                    {
+                        v.push(format!("invariant 3: committed refund {tid} has {debits} debits, {credits} credits, {} entries", entries.len()));
+                    }
+                }
                 ("committed", "deposit")
                     if count("deposit", d.amount) != 1 || entries.len() != 1 =>
                 {
@@ -200,6 +212,36 @@ impl Snapshot {
                     "invariant 3: {} ledger entries of {tid} have no committed decision",
                     entries.len()
                 ));
+            }
+        }
+    }
+
+    /// Invariant 7: the committed refunds of a transfer sum to at most its
+    /// amount, and only a committed transfer has any. Refunds are recorded on
+    /// the payee's shard and the original on the payer's, so this needs every
+    /// shard's snapshot; an original missing from it (a snapshot taken while
+    /// its bucket moved) is not judged.
+    fn refunds_within_originals(&self, v: &mut Vec<String>) {
+        let mut refunded: BTreeMap<Uuid, Decimal> = BTreeMap::new();
+        for d in self.decisions.values() {
+            if let (Some(of), "committed") = (d.refund_of, d.state.as_str()) {
+                *refunded.entry(of).or_default() += d.amount;
+            }
+        }
+        for (of, sum) in refunded {
+            match self.decisions.get(&of) {
+                Some(o) if o.state == "committed" && o.kind == "transfer" && sum > o.amount => {
+                    v.push(format!(
+                        "invariant 7: transfer {of} of {} has {sum} refunded",
+                        o.amount
+                    ));
+                }
+                Some(o) if o.state == "committed" && o.kind == "transfer" => {}
+                Some(o) => v.push(format!(
+                    "invariant 7: {} {} {of} has {sum} refunded",
+                    o.state, o.kind
+                )),
+                None => {}
             }
         }
     }

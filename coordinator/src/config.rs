@@ -6,6 +6,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use shard_agent::catalog::ShardEntry;
+use shard_agent::rules::WalletRules;
 use shard_agent::AgentConfig;
 
 use crate::payments::ProviderConfig;
@@ -44,6 +45,11 @@ pub struct Config {
     /// Requests per client address, per username and per user; 429 beyond.
     #[serde(default)]
     pub rate_limits: RateLimits,
+    /// The wallet's rules: `daily_limits` (a default daily outgoing limit per
+    /// currency) and `fraud_rules`, both at the top level. None unless
+    /// configured.
+    #[serde(flatten)]
+    pub rules: WalletRules,
 }
 
 /// Bounds of the HTTP server, so that slow or idle clients cannot hold what
@@ -272,6 +278,7 @@ impl Config {
         agent.settle_lease_ms = agent
             .settle_lease_ms
             .max(self.limits.payment_timeout_ms + agent.call_timeout_ms + SETTLE_LEASE_MARGIN_MS);
+        agent.rules = std::sync::Arc::new(self.rules.clone());
         agent
     }
 
@@ -348,6 +355,7 @@ impl Config {
         if self.agent.pool_size_max == 0 {
             return Err("agent.pool_size_max must be at least 1".into());
         }
+        self.rules.validate()?;
         Ok(())
     }
 }

@@ -5,11 +5,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use router::bucket_of;
+use router::{bucket_of, UserId};
+use rust_decimal::Decimal;
 use sha2::{Digest, Sha256};
 use shard_agent::external::{Direction, ExternalOrder};
 use shard_agent::idempotency::IdempotencyKey;
+use shard_agent::policy::{LimitRow, Refundable, RuleHit};
 use shard_agent::records::UserRow;
+use shard_agent::rules::WalletRules;
 use shard_agent::transfer::{Submitted, TransferOrder};
 use shard_agent::users::{AccountView, Created, NewUser};
 use shard_agent::{Amount, Currency, ShardError, TransferId, TransferRecord};
@@ -114,6 +117,8 @@ pub struct Coordinator {
     provider: Arc<dyn PaymentProvider>,
     passwords: PasswordWork,
     limits: Limits,
+    /// The wallet's rules as configured (the shards' checks enforce them).
+    rules: Arc<WalletRules>,
     /// Every transfer's groups (in Redis mode, the same-shard ones).
     batcher: Arc<Batcher>,
     tasks: Vec<JoinHandle<()>>,
@@ -224,8 +229,14 @@ impl Coordinator {
                 limits.password_queue_max,
             ),
             limits,
+            rules: Arc::new(config.rules.clone()),
             tasks,
         })
+    }
+
+    /// The wallet's rules as configured.
+    pub fn rules(&self) -> &WalletRules {
+        &self.rules
     }
 
     /// The groups so far.
@@ -451,8 +462,26 @@ impl Coordinator {
                     amount.currency().code(),
                 ]),
             },
+            refund_of: None,
+            reason: None,
         };
-        let span = tracing::info_span!("transfer", from = %order.from, to = %order.to, key = %key.as_str(), transfer_id = tracing::field::Empty);
+        self.submit(order, session).await
+    }
+
+    /// Runs a transfer order (a transfer or a refund) in a group, on its own
+    /// task, so a client that hangs up cannot cut the protocol short.
+    async fn submit(
+        &self,
+        order: TransferOrder,
+        session: Option<Vec<u8>>,
+    ) -> Result<Submitted, CoordinatorError> {
+        let (from, to) = (order.from, order.to);
+        let kind = if order.refund_of.is_some() {
+            "refund"
+        } else {
+            "transfer"
+        };
+        let span = tracing::info_span!("transfer", kind, from = %order.from, to = %order.to, key = %order.key.key, transfer_id = tracing::field::Empty);
         let batcher = self.batcher.clone();
         let cluster = self.cluster.clone();
         let wait = self.move_wait();
@@ -469,7 +498,7 @@ impl Coordinator {
         let path = {
             let routing = self.cluster.routing();
             match (
-                routing.agent_for(&from).id() == routing.agent_for(&to.user_id()).id(),
+                routing.agent_for(&from).id() == routing.agent_for(&to).id(),
                 self.lock_mode,
             ) {
                 (true, _) => "same_shard",
@@ -483,6 +512,136 @@ impl Coordinator {
             .map_err(|e| CoordinatorError::Corrupt(format!("transfer task failed: {e}")))?;
         record_transfer(path, &result, started.elapsed());
         result
+    }
+
+    /// A refund of transfer `of` by its payee `payee`, back to its payer:
+    /// `amount`, or (`None`) whatever is left of it. `Ok(None)`: `of` is not a
+    /// committed transfer to `payee`. The refund runs by the one protocol; its
+    /// group's check holds the sum of refunds to the original under the
+    /// payee's account lock.
+    pub async fn refund(
+        &self,
+        payee: &UserRow,
+        of: TransferId,
+        amount: Option<Amount>,
+        reason: Option<String>,
+        key: &IdemKey,
+    ) -> Result<Option<Submitted>, CoordinatorError> {
+        let Some(original) = self.refundable(payee, of).await? else {
+            return Ok(None);
+        };
+        let requested = amount.map(|a| a.value().to_string());
+        let amount = match amount {
+            Some(a) => a,
+            // Nothing left: the original amount, which the check refuses with
+            // refund_exceeds_original, unless the key replays an earlier answer.
+            None => {
+                let rest = original.amount - original.refunded;
+                let value = if rest > Decimal::ZERO {
+                    rest
+                } else {
+                    original.amount
+                };
+                Amount::parse(&value.to_string(), payee.currency).map_err(|e| {
+                    CoordinatorError::Corrupt(format!("refundable amount {value}: {e}"))
+                })?
+            }
+        };
+        let to = UserId::for_username(&original.payer_username);
+        let order = TransferOrder {
+            from: payee.user_id,
+            from_username: payee.username.clone(),
+            to,
+            to_username: original.payer_username.clone(),
+            amount,
+            key: IdempotencyKey {
+                user: payee.user_id,
+                key: key.as_str().to_owned(),
+                fingerprint: fingerprint(&[
+                    "refund",
+                    &of.to_string(),
+                    requested.as_deref().unwrap_or("rest"),
+                    reason.as_deref().unwrap_or(""),
+                ]),
+            },
+            refund_of: Some(of),
+            reason,
+        };
+        self.submit(order, None).await.map(Some)
+    }
+
+    /// Transfer `of` as `payee` may refund it.
+    pub async fn refundable(
+        &self,
+        payee: &UserRow,
+        of: TransferId,
+    ) -> Result<Option<Refundable>, CoordinatorError> {
+        self.routed(|routing| async move {
+            Ok(routing
+                .agent_for(&payee.user_id)
+                .refundable(payee.user_id, of)
+                .await?)
+        })
+        .await
+    }
+
+    /// The refunds of `record` (a transfer `user` may see), read on its
+    /// payee's shard, where they are recorded.
+    pub async fn refunds_of(
+        &self,
+        record: &TransferRecord,
+    ) -> Result<Vec<TransferRecord>, CoordinatorError> {
+        let Some(payee) = record.to_user else {
+            return Ok(Vec::new());
+        };
+        let tid = record.transfer_id;
+        self.routed(
+            |routing| async move { Ok(routing.agent_for(&payee).refunds_of(payee, tid).await?) },
+        )
+        .await
+    }
+
+    /// Sets (or clears) `username`'s daily limit. `Ok(Ok(None))`: no such
+    /// user; `Ok(Err(currency))`: `daily` has more decimals than the user's
+    /// currency allows (nothing written).
+    pub async fn set_daily_limit(
+        &self,
+        username: &Username,
+        daily: Option<Decimal>,
+    ) -> Result<Result<Option<LimitRow>, Currency>, CoordinatorError> {
+        let user = username.user_id();
+        self.routed(|routing| async move {
+            let agent = routing.agent_for(&user);
+            if let Some(d) = daily {
+                // Currencies never change, so reading it first is safe.
+                let Some(view) = agent.account_view(user, 1, None).await? else {
+                    return Ok(Ok(None));
+                };
+                if d.normalize().scale() > view.user.currency.scale() {
+                    return Ok(Err(view.user.currency));
+                }
+            }
+            Ok(Ok(agent.set_daily_limit(user, daily).await?))
+        })
+        .await
+    }
+
+    /// The fraud rule a transfer of `amount` from `from` to `to` would meet
+    /// now; nothing moves.
+    pub async fn fraud_detection(
+        &self,
+        from: &Username,
+        to: &Username,
+        amount: Amount,
+    ) -> Result<Option<RuleHit>, CoordinatorError> {
+        let (payer, payee) = (from.user_id(), to.user_id());
+        self.routed(|routing| async move {
+            Ok(routing
+                .agent_for(&payer)
+                .fraud_check(payer, payee, amount)
+                .await?)
+        })
+        .await
     }
 
     /// A deposit or a withdrawal through the payment provider.

@@ -140,7 +140,9 @@ async fn twenty_concurrent_requests_with_one_key_make_exactly_one_transfer() {
             .as_array()
             .expect("array")
             .iter()
-            .filter(|t| t["kind"] == "transfer_debit")
+            .filter(|t| {
+                t["kind"] == "transfer" && t["amount"].as_str().is_some_and(|a| a.starts_with('-'))
+            })
             .count();
         assert_eq!(debits, 1);
     }

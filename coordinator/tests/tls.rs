@@ -88,6 +88,7 @@ async fn transfers_run_over_tls_with_verify_full() {
         payment_provider: Some(coordinator::payments::ProviderConfig::Sandbox),
         http: Default::default(),
         rate_limits: coordinator::config::RateLimits::off(),
+        rules: Default::default(),
     };
 
     // A wrong CA for the catalog stops the start, and says why.

@@ -125,6 +125,8 @@ pub async fn in_doubt_credit(
         amount,
         key: None,
         session: None,
+        refund_of: None,
+        reason: None,
     };
     let (txn, found) = agent
         .open_batch(std::slice::from_ref(&leg), &[Verdict::Pass], None)

@@ -32,6 +32,11 @@ pub struct AgentConfig {
     /// which is still read.
     #[serde(alias = "deposit_lease_ms")]
     pub settle_lease_ms: u64,
+    /// The wallet's rules every group's check enforces on this shard. Set by
+    /// the coordinator from its own configuration, never read from the
+    /// `agent` section.
+    #[serde(skip)]
+    pub rules: std::sync::Arc<crate::rules::WalletRules>,
 }
 
 impl Default for AgentConfig {
@@ -43,6 +48,7 @@ impl Default for AgentConfig {
             connect_timeout_ms: 3_000,
             call_timeout_ms: 8_000,
             settle_lease_ms: 30_000,
+            rules: std::sync::Arc::default(),
         }
     }
 }

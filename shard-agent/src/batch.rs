@@ -40,7 +40,7 @@ use crate::transfer::{Submitted, TransferOrder};
 /// The columns of a group's answers (`wallet_batch_apply`).
 const ANSWER_COLUMNS: &str = "for_transfer, verdict, transfer_id, kind, mode, from_user, \
      from_username, to_user, to_username, amount, currency, state, failure_code, participants, \
-     created_at, decided_at";
+     created_at, decided_at, refund_of, reason, failure_detail";
 
 /// SQLSTATE the batch functions raise when a payer has no account.
 const PAYER_MISSING: &str = "WL008";
@@ -65,6 +65,10 @@ pub struct BatchLeg {
     /// On the debit leg of a payer the coordinator has not verified: the SHA-256
     /// of their session token, which the check reads on this shard (`wallet_batch_check`).
     pub session: Option<Vec<u8>>,
+    /// A refund's original transfer, on both legs.
+    pub refund_of: Option<TransferId>,
+    /// A refund's reason, on the debit leg.
+    pub reason: Option<String>,
 }
 
 impl BatchLeg {
@@ -82,6 +86,8 @@ impl BatchLeg {
                 amount: order.amount,
                 key: Some(order.key.clone()),
                 session,
+                refund_of: order.refund_of,
+                reason: order.reason.clone(),
             },
             BatchLeg {
                 tid,
@@ -93,6 +99,8 @@ impl BatchLeg {
                 amount: order.amount,
                 key: None,
                 session: None,
+                refund_of: order.refund_of,
+                reason: None,
             },
         ]
     }
@@ -261,9 +269,21 @@ struct Columns {
     user_name: Vec<String>,
     party: Vec<Uuid>,
     party_name: Vec<String>,
+    /// The configured daily limit of each payer's leg (its currency's).
+    limit: Vec<Option<Decimal>>,
+    refund_of: Vec<Option<Uuid>>,
+    reason: Vec<Option<String>>,
+    /// The configured fraud rules (`None`: none).
+    rules: Option<serde_json::Value>,
 }
 
 impl Columns {
+    /// The parameters of `wallet_batch_check` that follow the legs' verdicts
+    /// so far, and of `wallet_batch_local` that follow its lock bound.
+    fn rule_params(&self) -> [&(dyn ToSql + Sync); 4] {
+        [&self.party, &self.limit, &self.refund_of, &self.rules]
+    }
+
     /// The leading parameters of `wallet_batch_check` and `wallet_batch_local`.
     fn check_params(&self) -> [&(dyn ToSql + Sync); 9] {
         [
@@ -279,7 +299,8 @@ impl Columns {
         ]
     }
 
-    fn of(legs: &[BatchLeg]) -> Columns {
+    fn of(agent: &ShardAgent, legs: &[BatchLeg]) -> Columns {
+        let rules = &agent.config().rules;
         let keys: Vec<Option<IdempotencyKey>> = legs
             .iter()
             .map(|l| l.key.as_ref().map(broken_skip_idempotency))
@@ -303,6 +324,17 @@ impl Columns {
             user_name: legs.iter().map(|l| l.user_name.clone()).collect(),
             party: legs.iter().map(|l| l.party.0).collect(),
             party_name: legs.iter().map(|l| l.party_name.clone()).collect(),
+            limit: legs
+                .iter()
+                .map(|l| {
+                    l.debit
+                        .then(|| rules.daily_limit(l.amount.currency()))
+                        .flatten()
+                })
+                .collect(),
+            refund_of: legs.iter().map(|l| l.refund_of.map(|t| t.0)).collect(),
+            reason: legs.iter().map(|l| l.reason.clone()).collect(),
+            rules: rules.sql_rules(),
         }
     }
 }
@@ -317,12 +349,12 @@ impl ShardAgent {
         lock_wait_ms: u64,
     ) -> ShardResult<Vec<GroupAnswer>> {
         self.timed("local batch", async {
-            let c = Columns::of(legs);
+            let c = Columns::of(self, legs);
             let buckets = crate::agent::buckets_of(legs.iter().map(|l| &l.user));
             let conn = self.conn().await?;
             let stmt = conn
                 .prepare_cached(&format!(
-                    "SELECT {ANSWER_COLUMNS} FROM wallet_batch_local($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+                    "SELECT {ANSWER_COLUMNS} FROM wallet_batch_local($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
                 ))
                 .await
                 .map_err(self.pg("prepare local batch"))?;
@@ -334,6 +366,10 @@ impl ShardAgent {
                 &c.party,
                 &c.party_name,
                 &lock_wait_ms,
+                &c.limit,
+                &c.refund_of,
+                &c.reason,
+                &c.rules,
             ]);
             let rows = conn
                 .query(&stmt, &params)
@@ -364,19 +400,19 @@ impl ShardAgent {
         lock_wait_ms: u64,
     ) -> ShardResult<Vec<GroupAnswer>> {
         self.timed("fenced debits", async {
-            let c = Columns::of(legs);
+            let c = Columns::of(self, legs);
             let prior: Vec<Option<String>> = prior.iter().map(|v| v.as_sql()).collect();
             let buckets = crate::agent::buckets_of(legs.iter().map(|l| &l.user));
             let conn = self.conn().await?;
             let stmt = conn
                 .prepare_cached(&format!(
-                    "SELECT {ANSWER_COLUMNS} FROM wallet_redis_debit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
+                    "SELECT {ANSWER_COLUMNS} FROM wallet_redis_debit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)"
                 ))
                 .await
                 .map_err(self.pg("prepare fenced debits"))?;
             let lock_wait_ms = i32::try_from(lock_wait_ms).unwrap_or(i32::MAX);
             let enforce = crate::redis_legs::enforce_fence();
-            let params: [&(dyn ToSql + Sync); 16] = [
+            let params: [&(dyn ToSql + Sync); 20] = [
                 &buckets,
                 &c.tid,
                 &c.user,
@@ -393,6 +429,10 @@ impl ShardAgent {
                 &fence,
                 &enforce,
                 &lock_wait_ms,
+                &c.limit,
+                &c.refund_of,
+                &c.reason,
+                &c.rules,
             ];
             let rows = conn
                 .query(&stmt, &params)
@@ -420,17 +460,18 @@ impl ShardAgent {
         lock_wait_ms: Option<u64>,
     ) -> ShardResult<(OpenBatch<'_>, Vec<Verdict>)> {
         self.timed("open batch", async {
-            let c = Columns::of(legs);
+            let c = Columns::of(self, legs);
             let prior: Vec<Option<String>> = prior.iter().map(|v| v.as_sql()).collect();
             let mut conn = self.conn().await?;
             let stmt = conn
                 .prepare_cached(
-                    "SELECT wallet_batch_check($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                    "SELECT wallet_batch_check($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
                 )
                 .await
                 .map_err(self.pg("prepare batch check"))?;
             let mut params = c.check_params().to_vec();
             params.push(&prior);
+            params.extend(c.rule_params());
             conn.mark_in_txn();
             let begin = match lock_wait_ms {
                 // Read committed, whatever the server's default: the deciding
@@ -589,18 +630,18 @@ impl OpenBatch<'_> {
         let agent = self.agent;
         agent
             .timed("apply batch", async {
-                let c = Columns::of(legs);
+                let c = Columns::of(agent, legs);
                 let outcomes: Vec<Option<String>> = outcomes.iter().map(|v| v.as_sql()).collect();
                 let stmt = self
                     .conn
                     .prepare_cached(&format!(
-                        "SELECT {ANSWER_COLUMNS} FROM wallet_batch_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, NULL)"
+                        "SELECT {ANSWER_COLUMNS} FROM wallet_batch_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, NULL, $12, $13)"
                     ))
                     .await
                     .map_err(agent.pg("prepare batch apply"))?;
                 // The mode column's text for Mode::TwoPc (cross-shard groups only).
                 let mode = "2pc";
-                let params: [&(dyn ToSql + Sync); 11] = [
+                let params: [&(dyn ToSql + Sync); 13] = [
                     &participants,
                     &mode,
                     &c.tid,
@@ -612,6 +653,8 @@ impl OpenBatch<'_> {
                     &c.party,
                     &c.party_name,
                     &outcomes,
+                    &c.refund_of,
+                    &c.reason,
                 ];
                 let rows = match end {
                     // Pipelined: if the apply fails, PostgreSQL turns the
@@ -728,6 +771,9 @@ mod tests {
             participants: Vec::new(),
             created_at: chrono::Utc::now(),
             decided_at: None,
+            refund_of: None,
+            reason: None,
+            failure_detail: None,
         };
         let answer = |state| GroupAnswer {
             tid: TransferId::generate(),

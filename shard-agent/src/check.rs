@@ -52,6 +52,8 @@ pub struct DecisionRow {
     pub kind: String,
     pub state: String,
     pub amount: Decimal,
+    /// A refund's original transfer.
+    pub refund_of: Option<Uuid>,
 }
 
 /// A ledger entry reduced to what exactly-once checking needs.
@@ -172,11 +174,11 @@ impl ShardAgent {
             audit.pending_credits = row.get(4);
             audit.fence_regressions = row.get(5);
             audit.decisions = conn
-                .query(&format!("SELECT transfer_id, kind, state, amount FROM transfers t WHERE {SERVED_T}"), &[])
+                .query(&format!("SELECT transfer_id, kind, state, amount, refund_of FROM transfers t WHERE {SERVED_T}"), &[])
                 .await
                 .map_err(&pg)?
                 .iter()
-                .map(|r| DecisionRow { transfer_id: r.get(0), kind: r.get(1), state: r.get(2), amount: r.get(3) })
+                .map(|r| DecisionRow { transfer_id: r.get(0), kind: r.get(1), state: r.get(2), amount: r.get(3), refund_of: r.get(4) })
                 .collect();
             audit.entries = conn
                 .query(

@@ -52,6 +52,8 @@ pub enum TransferKind {
     Transfer,
     Deposit,
     Withdrawal,
+    /// Money a transfer's payee gives back to its payer (`refund_of`).
+    Refund,
 }
 
 /// How a transfer was carried out.
@@ -80,11 +82,23 @@ pub enum FailureCode {
     PaymentDeclined,
     PaymentTimeout,
     LockUnavailable,
+    /// A refund of a transfer that did not credit its payer.
+    TransferNotFound,
+    /// A refund above what is left of its original.
+    RefundExceedsOriginal,
+    /// A fraud rule with the action `block` (the rule's name is the detail).
+    TransferBlocked,
+    /// Above what is left of the payer's daily limit (the remainder is the detail).
+    LimitExceeded,
 }
 
 impl FailureCode {
     /// Every code.
-    pub const ALL: [FailureCode; 9] = [
+    pub const ALL: [FailureCode; 13] = [
+        FailureCode::TransferNotFound,
+        FailureCode::RefundExceedsOriginal,
+        FailureCode::TransferBlocked,
+        FailureCode::LimitExceeded,
         FailureCode::InsufficientFunds,
         FailureCode::RecipientNotFound,
         FailureCode::CurrencyMismatch,
@@ -105,13 +119,17 @@ impl FailureCode {
         match self {
             FailureCode::RecipientNotFound => 1,
             FailureCode::CurrencyMismatch => 2,
-            FailureCode::InsufficientFunds => 3,
-            FailureCode::PaymentDeclined => 4,
+            FailureCode::TransferNotFound => 3,
+            FailureCode::RefundExceedsOriginal => 4,
+            FailureCode::TransferBlocked => 5,
+            FailureCode::LimitExceeded => 6,
+            FailureCode::InsufficientFunds => 7,
+            FailureCode::PaymentDeclined => 8,
             FailureCode::ShardUnavailable
             | FailureCode::ShardBusy
             | FailureCode::CoordinatorTimeout
             | FailureCode::PaymentTimeout
-            | FailureCode::LockUnavailable => 5,
+            | FailureCode::LockUnavailable => 9,
         }
     }
 
@@ -126,6 +144,10 @@ impl FailureCode {
             FailureCode::PaymentDeclined => "payment_declined",
             FailureCode::PaymentTimeout => "payment_timeout",
             FailureCode::LockUnavailable => "lock_unavailable",
+            FailureCode::TransferNotFound => "transfer_not_found",
+            FailureCode::RefundExceedsOriginal => "refund_exceeds_original",
+            FailureCode::TransferBlocked => "transfer_blocked",
+            FailureCode::LimitExceeded => "limit_exceeded",
         }
     }
 
@@ -171,11 +193,19 @@ pub struct TransferRecord {
     pub participants: Vec<String>,
     pub created_at: DateTime<Utc>,
     pub decided_at: Option<DateTime<Utc>>,
+    /// A refund's original transfer.
+    pub refund_of: Option<TransferId>,
+    /// A refund's reason, as its payer gave it.
+    pub reason: Option<String>,
+    /// What a refusal's client is told besides its code: the fraud rule that
+    /// blocked it, what was left of a daily limit or of a refunded transfer.
+    pub failure_detail: Option<String>,
 }
 
 /// The column list every query that maps a `TransferRecord` selects.
 pub const TRANSFER_COLUMNS: &str = "transfer_id, kind, mode, from_user, from_username, to_user, \
-     to_username, amount, currency, state, failure_code, participants, created_at, decided_at";
+     to_username, amount, currency, state, failure_code, participants, created_at, decided_at, \
+     refund_of, reason, failure_detail";
 
 fn parse_col<T: FromStr>(shard: ShardId, row: &Row, col: &str) -> ShardResult<T> {
     let text: String = row.get(col);
@@ -191,6 +221,7 @@ impl TransferRecord {
             "transfer" => TransferKind::Transfer,
             "deposit" => TransferKind::Deposit,
             "withdrawal" => TransferKind::Withdrawal,
+            "refund" => TransferKind::Refund,
             other => return Err(corrupt(shard, "kind", other)),
         };
         let mode = match row.get::<_, &str>("mode") {
@@ -228,6 +259,9 @@ impl TransferRecord {
             participants: row.get("participants"),
             created_at: row.get("created_at"),
             decided_at: row.get("decided_at"),
+            refund_of: row.get::<_, Option<Uuid>>("refund_of").map(TransferId),
+            reason: row.get("reason"),
+            failure_detail: row.get("failure_detail"),
         })
     }
 }
@@ -244,6 +278,7 @@ pub(crate) fn kind_str(kind: TransferKind) -> &'static str {
         TransferKind::Transfer => "transfer",
         TransferKind::Deposit => "deposit",
         TransferKind::Withdrawal => "withdrawal",
+        TransferKind::Refund => "refund",
     }
 }
 

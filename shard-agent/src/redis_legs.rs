@@ -34,6 +34,8 @@ pub struct PendingCredit {
     pub from_username: String,
     pub amount: Decimal,
     pub currency: Currency,
+    /// A refund's original transfer: the credit is posted as a refund.
+    pub refund_of: Option<TransferId>,
 }
 
 /// What became of one credit of a group (`wallet_redis_credit`).
@@ -145,7 +147,7 @@ impl ShardAgent {
             let conn = self.conn().await?;
             let stmt = conn
                 .prepare_cached(
-                    "SELECT wallet_redis_credit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                    "SELECT wallet_redis_credit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
                 )
                 .await
                 .map_err(self.pg("prepare fenced credits"))?;
@@ -156,6 +158,8 @@ impl ShardAgent {
             let user_name: Vec<&str> = credits.iter().map(|c| c.to_username.as_str()).collect();
             let party: Vec<Option<uuid::Uuid>> = vec![None; credits.len()];
             let party_name: Vec<&str> = credits.iter().map(|c| c.from_username.as_str()).collect();
+            let refund_of: Vec<Option<uuid::Uuid>> =
+                credits.iter().map(|c| c.refund_of.map(|t| t.0)).collect();
             let enforce = enforce_fence();
             let rows = conn
                 .query(
@@ -171,6 +175,7 @@ impl ShardAgent {
                         &party_name,
                         &fence,
                         &enforce,
+                        &refund_of,
                     ],
                 )
                 .await
@@ -300,7 +305,7 @@ impl ShardAgent {
             let conn = self.conn().await?;
             let rows = conn
                 .query(
-                    "SELECT transfer_id, to_user, to_username, from_username, amount, currency
+                    "SELECT transfer_id, to_user, to_username, from_username, amount, currency, refund_of
                      FROM pending_credits WHERE created_at < now() - make_interval(secs => $1)
                      ORDER BY last_attempt_at NULLS FIRST, created_at LIMIT $2",
                     &[
@@ -322,6 +327,7 @@ impl ShardAgent {
                         currency: currency.trim().parse().map_err(|_| {
                             self.corrupt(format!("pending credit currency {currency:?}"))
                         })?,
+                        refund_of: r.get::<_, Option<uuid::Uuid>>("refund_of").map(TransferId),
                     })
                 })
                 .collect()

@@ -16,6 +16,11 @@ pub struct TransferOrder {
     pub to_username: String,
     pub amount: Amount,
     pub key: IdempotencyKey,
+    /// A refund's original transfer: the payer is its payee, the payee its
+    /// payer (`POST /v1/refunds`).
+    pub refund_of: Option<crate::records::TransferId>,
+    /// A refund's reason.
+    pub reason: Option<String>,
 }
 
 /// The final answer of a money movement, as the client will see it.

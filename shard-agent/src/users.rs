@@ -38,6 +38,14 @@ pub enum Created {
 pub struct AccountView {
     pub user: UserRow,
     pub balance: Decimal,
+    /// Money on the account no debit may spend: withdrawals waiting on their
+    /// provider, transfers held for review, dispute holds.
+    pub held: Decimal,
+    /// The daily limit as an admin set it for this user (`None`: the
+    /// configured default for the currency, if any).
+    pub daily_limit: Option<Decimal>,
+    /// What transfers took out today (UTC).
+    pub used_today: Decimal,
     pub entries: Vec<LedgerEntry>,
     /// Pass as `before` to read the next (older) page.
     pub next_before: Option<i64>,
@@ -206,7 +214,10 @@ impl ShardAgent {
             let Some(row) = conn
                 .query_opt(
                     &format!(
-                        "SELECT {}, a.account_id, a.balance FROM users u JOIN accounts a USING (user_id)
+                        "SELECT {}, a.account_id, a.balance, a.held, a.daily_limit,
+                                CASE WHEN a.used_day = (now() AT TIME ZONE 'UTC')::date
+                                     THEN a.used_today ELSE 0 END AS used_today
+                           FROM users u JOIN accounts a USING (user_id)
                          WHERE u.user_id = $1",
                         UserRow::COLUMNS
                     ),
@@ -238,6 +249,9 @@ impl ShardAgent {
             Ok(Some(AccountView {
                 user: UserRow::from_row(self.id(), &row)?,
                 balance: row.get("balance"),
+                held: row.get("held"),
+                daily_limit: row.get("daily_limit"),
+                used_today: row.get("used_today"),
                 entries,
                 next_before,
             }))
@@ -271,9 +285,10 @@ impl ShardAgent {
                 }
                 let credit = conn
                     .query_opt(
-                        "SELECT e.amount, e.counterparty, e.created_at FROM ledger_entries e
+                        "SELECT e.amount, e.counterparty, e.created_at, e.kind FROM ledger_entries e
                      JOIN accounts a USING (account_id)
-                     WHERE e.transfer_id = $1 AND a.user_id = $2 AND e.kind = 'transfer_credit'",
+                     WHERE e.transfer_id = $1 AND a.user_id = $2
+                       AND e.kind IN ('transfer_credit', 'refund_credit')",
                         &[&tid.0, party.user_id.as_uuid()],
                     )
                     .await
@@ -282,7 +297,11 @@ impl ShardAgent {
                     let from_username: Option<String> = row.get("counterparty");
                     TransferRecord {
                         transfer_id: tid,
-                        kind: TransferKind::Transfer,
+                        kind: if row.get::<_, &str>("kind") == "refund_credit" {
+                            TransferKind::Refund
+                        } else {
+                            TransferKind::Transfer
+                        },
                         mode: Mode::TwoPc,
                         from_user: from_username.as_deref().map(UserId::for_username),
                         from_username,
@@ -295,6 +314,9 @@ impl ShardAgent {
                         participants: Vec::new(),
                         created_at: row.get("created_at"),
                         decided_at: Some(row.get("created_at")),
+                        refund_of: None,
+                        reason: None,
+                        failure_detail: None,
                     }
                 }))
             }),

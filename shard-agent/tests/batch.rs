@@ -28,6 +28,8 @@ fn legs(tid: TransferId, from: UserId, to: UserId, amount: &str, k: &str) -> [Ba
             amount: usd(amount),
             key: Some(key(from, k)),
             session: None,
+            refund_of: None,
+            reason: None,
         },
         BatchLeg {
             tid,
@@ -39,6 +41,8 @@ fn legs(tid: TransferId, from: UserId, to: UserId, amount: &str, k: &str) -> [Ba
             amount: usd(amount),
             key: None,
             session: None,
+            refund_of: None,
+            reason: None,
         },
     ]
 }
@@ -626,9 +630,14 @@ async fn sql_and_rust_order_refusals_alike() {
         .await
         .expect("connect");
     tokio::spawn(conn);
+    // Every business refusal a check can find.
     let codes = [
         FailureCode::RecipientNotFound,
         FailureCode::CurrencyMismatch,
+        FailureCode::TransferNotFound,
+        FailureCode::RefundExceedsOriginal,
+        FailureCode::TransferBlocked,
+        FailureCode::LimitExceeded,
         FailureCode::InsufficientFunds,
     ];
     for a in codes {

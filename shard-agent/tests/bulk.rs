@@ -35,6 +35,8 @@ fn first_pays_second(users: &[BulkUser], amount: &str, k: &str) -> TransferOrder
         to_username: users[1].username.clone(),
         amount: usd(amount),
         key: key(users[0].user_id, k),
+        refund_of: None,
+        reason: None,
     }
 }
 

@@ -61,6 +61,8 @@ async fn a_tombstone_committed_while_the_decision_waits_wins_under_a_repeatable_
         amount: o.amount,
         key: Some(o.key.clone()),
         session: None,
+        refund_of: None,
+        reason: None,
     };
     // The deciding shard's part of a group, applied, not yet decided.
     let (mut txn, found) =

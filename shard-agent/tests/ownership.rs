@@ -104,6 +104,7 @@ async fn every_write_path_refuses_a_fenced_bucket_and_writes_nothing() {
         from_username: "own_far".into(),
         amount: d("5"),
         currency: Currency::Usd,
+        refund_of: None,
     };
     assert_refused(
         p.a.credit_group(std::slice::from_ref(&credit), 11).await,

@@ -28,6 +28,7 @@ fn credit(tid: TransferId, to: UserId, amount: &str) -> PendingCredit {
         from_username: "payer".into(),
         amount: common::usd(amount).value(),
         currency: Currency::Usd,
+        refund_of: None,
     }
 }
 

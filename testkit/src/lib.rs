@@ -99,6 +99,7 @@ impl TestCluster {
             payment_provider: Some(coordinator::payments::ProviderConfig::Sandbox),
             http: Default::default(),
             rate_limits: coordinator::config::RateLimits::off(),
+            rules: Default::default(),
         }
     }
 

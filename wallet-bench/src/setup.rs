@@ -89,6 +89,7 @@ impl BenchCluster {
             payment_provider: Some(coordinator::payments::ProviderConfig::Sandbox),
             http: Default::default(),
             rate_limits: coordinator::config::RateLimits::off(),
+            rules: Default::default(),
         };
         // Opening the cluster bootstraps the catalog's bucket map: route by it.
         let routing = Cluster::open(&config.catalog_dsn, &entries, config.agent.clone())

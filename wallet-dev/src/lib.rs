@@ -115,6 +115,7 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
         payment_provider: Some(coordinator::payments::ProviderConfig::Sandbox),
         http: Default::default(),
         rate_limits: Default::default(),
+        rules: Default::default(),
     };
     write_cluster_file(&cluster_file, serde_json::to_value(&config)?, &spawned)?;
     coordinator::serve::serve(

@@ -36,6 +36,8 @@ pub enum ErrorCode {
     RecipientNotFound,
     /// 404: no such transfer visible to this user.
     TransferNotFound,
+    /// 404: no user with that username (admin and fraud routes).
+    UserNotFound,
     /// 404: no such route.
     NotFound,
     /// 405: the route exists but not with this method.
@@ -58,6 +60,14 @@ pub enum ErrorCode {
     InsufficientFunds,
     /// 422: this Idempotency-Key was used with a different request.
     IdempotencyKeyReused,
+    /// 422: the transfer is above what is left of the payer's daily limit
+    /// (`remaining` says how much is left today, UTC).
+    LimitExceeded,
+    /// 422: a fraud rule blocks the transfer (`rule` names it).
+    TransferBlocked,
+    /// 422: the refund is above what is left of the original transfer
+    /// (`remaining` says how much may still be refunded).
+    RefundExceedsOriginal,
     /// 429: too many requests from this client, user or for this username;
     /// `Retry-After` says when to try again.
     RateLimited,
@@ -94,16 +104,20 @@ impl ErrorCode {
             | InvalidIdempotencyKey => StatusCode::BAD_REQUEST,
             Unauthorized | InvalidCredentials => StatusCode::UNAUTHORIZED,
             PaymentDeclined => StatusCode::PAYMENT_REQUIRED,
-            RecipientNotFound | TransferNotFound | NotFound => StatusCode::NOT_FOUND,
+            RecipientNotFound | TransferNotFound | UserNotFound | NotFound => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             RateLimited => StatusCode::TOO_MANY_REQUESTS,
             UsernameTaken | RequestInProgress | BucketMoving => StatusCode::CONFLICT,
             PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            SameAccount | CurrencyMismatch | InsufficientFunds | IdempotencyKeyReused => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            SameAccount
+            | CurrencyMismatch
+            | InsufficientFunds
+            | IdempotencyKeyReused
+            | LimitExceeded
+            | TransferBlocked
+            | RefundExceedsOriginal => StatusCode::UNPROCESSABLE_ENTITY,
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
             ShardUnavailable | ShardBusy | CoordinatorTimeout | LockUnavailable | Overloaded => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -131,6 +145,10 @@ impl ErrorCode {
             FailureCode::PaymentDeclined => ErrorCode::PaymentDeclined,
             FailureCode::PaymentTimeout => ErrorCode::PaymentTimeout,
             FailureCode::LockUnavailable => ErrorCode::LockUnavailable,
+            FailureCode::TransferNotFound => ErrorCode::TransferNotFound,
+            FailureCode::RefundExceedsOriginal => ErrorCode::RefundExceedsOriginal,
+            FailureCode::TransferBlocked => ErrorCode::TransferBlocked,
+            FailureCode::LimitExceeded => ErrorCode::LimitExceeded,
         }
     }
 }
@@ -149,6 +167,13 @@ pub struct Problem {
     /// For a failed transfer: its ID (GET /v1/transfer/{id} shows it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub transfer_id: Option<String>,
+    /// `transfer_blocked`: the name of the fraud rule that blocked it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// `limit_exceeded`: what is left of today's limit; `refund_exceeds_original`:
+    /// what is left of the original to refund. A decimal string.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remaining: Option<String>,
 }
 
 #[derive(Debug)]
@@ -159,6 +184,8 @@ pub struct ApiError {
     pub replayed: bool,
     /// `Retry-After` in seconds; 503s default to [`RETRY_AFTER_S`].
     pub retry_after_s: Option<u64>,
+    pub rule: Option<String>,
+    pub remaining: Option<String>,
 }
 
 impl ApiError {
@@ -169,6 +196,8 @@ impl ApiError {
             transfer_id: None,
             replayed: false,
             retry_after_s: None,
+            rule: None,
+            remaining: None,
         }
     }
 
@@ -179,6 +208,8 @@ impl ApiError {
             transfer_id: None,
             replayed: false,
             retry_after_s: None,
+            rule: None,
+            remaining: None,
         }
     }
 
@@ -197,6 +228,8 @@ impl IntoResponse for ApiError {
             code: self.code,
             detail: self.detail,
             transfer_id: self.transfer_id,
+            rule: self.rule,
+            remaining: self.remaining,
         };
         let mut response = (status, axum::Json(body)).into_response();
         let headers = response.headers_mut();

@@ -43,6 +43,38 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
     ApiError::detail(ErrorCode::InvalidRequest, rejection.body_text())
 }
 
+/// An admin request: `Authorization: Bearer <admin_token>`. Without an
+/// `admin_token` configured the admin routes do not exist (404 `not_found`);
+/// a wrong or missing token is 401 `unauthorized`.
+pub struct Admin;
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let Some(expected) = state.admin_token.as_deref() else {
+            return Err(ApiError::new(ErrorCode::NotFound));
+        };
+        let presented = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if presented.is_some_and(|p| constant_time_eq(p.as_bytes(), expected.as_bytes())) {
+            Ok(Admin)
+        } else {
+            Err(ApiError::new(ErrorCode::Unauthorized))
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// The authenticated user, from `Authorization: Bearer <token>` or the session cookie.
 pub struct Auth {
     pub user: UserRow,

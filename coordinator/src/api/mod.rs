@@ -7,6 +7,7 @@ pub mod extract;
 pub mod limits;
 pub mod money;
 pub mod ops;
+pub mod rules;
 pub mod server;
 pub mod users;
 
@@ -14,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::middleware::{from_fn, from_fn_with_state};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::Router;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
@@ -62,12 +63,15 @@ pub fn app(state: AppState, config: &Config) -> Router {
         .route("/v1/transfer/{id}", get(money::get_transfer))
         .route("/v1/deposit", post(money::deposit))
         .route("/v1/withdrawal", post(money::withdrawal))
+        .route("/v1/refunds", post(rules::refund))
         .route_layer(from_fn_with_state(state.clone(), limits::per_user));
     Router::new()
         .merge(auth_routes)
         .merge(money_routes)
         .route("/v1/logout", post(users::log_out))
         .route("/v1/admin/in-doubt", get(ops::in_doubt))
+        .route("/v1/admin/users/{username}/limits", put(rules::set_limits))
+        .route("/v1/fraud_detection", post(rules::fraud_detection))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))

@@ -4,12 +4,13 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use shard_agent::external::Direction;
 use shard_agent::money::format_money;
 use shard_agent::records::UserRow;
 use shard_agent::transfer::Submitted;
-use shard_agent::{Amount, Currency, TransferKind, TransferRecord, TransferState};
+use shard_agent::{Amount, Currency, FailureCode, TransferKind, TransferRecord, TransferState};
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ApiResult, ErrorCode, Problem};
@@ -31,7 +32,8 @@ pub struct AccountQuery {
 #[derive(Serialize, ToSchema)]
 pub struct EntryBody {
     pub transfer_id: String,
-    /// transfer_debit, transfer_credit, deposit or withdrawal.
+    /// transfer, deposit, withdrawal or refund. The sign of `amount` says
+    /// which way the money went.
     pub kind: String,
     /// Signed: negative amounts left the account.
     pub amount: String,
@@ -40,12 +42,48 @@ pub struct EntryBody {
     pub created_at: DateTime<Utc>,
 }
 
+/// A user's daily outgoing limit (transfers only; the day is UTC).
+#[derive(Serialize, ToSchema)]
+pub struct LimitsBody {
+    /// The limit: an admin's override, else the configured default for the
+    /// currency; `null` when there is none.
+    pub daily: Option<String>,
+    /// What transfers took out today.
+    pub used_today: String,
+    /// `daily - used_today` (never below zero); `null` without a limit.
+    pub remaining: Option<String>,
+}
+
+impl LimitsBody {
+    pub fn new(daily: Option<Decimal>, used_today: Decimal, currency: Currency) -> LimitsBody {
+        LimitsBody {
+            daily: daily.map(|d| format_money(d, currency)),
+            used_today: format_money(used_today, currency),
+            remaining: daily.map(|d| format_money((d - used_today).max(Decimal::ZERO), currency)),
+        }
+    }
+}
+
+/// The kind of a ledger entry as the API shows it.
+fn entry_kind(kind: &str) -> String {
+    match kind {
+        "transfer_debit" | "transfer_credit" => "transfer",
+        "refund_debit" | "refund_credit" => "refund",
+        other => other,
+    }
+    .to_owned()
+}
+
 #[derive(Serialize, ToSchema)]
 pub struct AccountBody {
     pub user_id: String,
     pub username: String,
     pub currency: String,
     pub balance: String,
+    /// The balance less the money held on it (withdrawals waiting on their
+    /// provider): what transfers may spend.
+    pub available: String,
+    pub limits: LimitsBody,
     /// Newest first.
     pub transactions: Vec<EntryBody>,
     /// Pass as `cursor` for the next (older) page; absent on the last page.
@@ -85,6 +123,44 @@ pub struct TransferBody {
     pub created_at: DateTime<Utc>,
     /// Why an aborted transfer failed (an error code).
     pub failure_code: Option<String>,
+    /// A refund: the transfer it gives money back from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refund_of: Option<String>,
+    /// A refund: the reason its payer gave.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// A committed transfer, in `GET /v1/transfer/{id}`: its refunds, oldest
+    /// first (committed and refused ones), and the sum of the committed ones.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refunds: Option<Vec<RefundBody>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refunded: Option<String>,
+}
+
+/// One refund of a transfer, as the transfer's view lists it.
+#[derive(Serialize, ToSchema)]
+pub struct RefundBody {
+    pub transfer_id: String,
+    /// committed or aborted.
+    pub status: String,
+    pub amount: String,
+    pub reason: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub failure_code: Option<String>,
+}
+
+impl RefundBody {
+    fn from_record(r: &TransferRecord) -> RefundBody {
+        let body = TransferBody::from_record(r);
+        RefundBody {
+            transfer_id: body.transfer_id,
+            status: body.status,
+            amount: body.amount,
+            reason: body.reason,
+            created_at: body.created_at,
+            failure_code: body.failure_code,
+        }
+    }
 }
 
 impl TransferBody {
@@ -101,6 +177,7 @@ impl TransferBody {
                 TransferKind::Transfer => "transfer",
                 TransferKind::Deposit => "deposit",
                 TransferKind::Withdrawal => "withdrawal",
+                TransferKind::Refund => "refund",
             }
             .to_owned(),
             from: r.from_username.clone(),
@@ -109,6 +186,10 @@ impl TransferBody {
             currency: r.currency.code().to_owned(),
             created_at: r.created_at,
             failure_code: r.failure_code.map(|c| c.as_str().to_owned()),
+            refund_of: r.refund_of.map(|t| t.to_string()),
+            reason: r.reason.clone(),
+            refunds: None,
+            refunded: None,
         }
     }
 }
@@ -147,17 +228,22 @@ pub async fn account(
         .await?
         .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized))?;
     let currency = view.user.currency;
+    let daily = view
+        .daily_limit
+        .or_else(|| state.coordinator.rules().daily_limit(currency));
     Ok(axum::Json(AccountBody {
         user_id: view.user.user_id.to_string(),
         username: view.user.username,
         currency: currency.code().to_owned(),
         balance: format_money(view.balance, currency),
+        available: format_money(view.balance - view.held, currency),
+        limits: LimitsBody::new(daily, view.used_today, currency),
         transactions: view
             .entries
             .into_iter()
             .map(|e| EntryBody {
                 transfer_id: e.transfer_id.to_string(),
-                kind: e.kind,
+                kind: entry_kind(&e.kind),
                 amount: format_money(e.amount, currency),
                 balance_after: format_money(e.balance_after, currency),
                 counterparty: e.counterparty,
@@ -169,7 +255,7 @@ pub async fn account(
     .into_response())
 }
 
-fn parse_money(amount: &str, currency: &str) -> ApiResult<Amount> {
+pub(crate) fn parse_money(amount: &str, currency: &str) -> ApiResult<Amount> {
     let currency: Currency = currency
         .parse()
         .map_err(|e: shard_agent::money::MoneyError| {
@@ -304,7 +390,18 @@ pub async fn get_transfer(
         .transfer_view(&auth.user, tid)
         .await?
         .ok_or_else(|| ApiError::new(ErrorCode::TransferNotFound))?;
-    Ok(axum::Json(TransferBody::from_record(&record)).into_response())
+    let mut body = TransferBody::from_record(&record);
+    if record.kind == TransferKind::Transfer && record.state == TransferState::Committed {
+        let refunds = state.coordinator.refunds_of(&record).await?;
+        let refunded: Decimal = refunds
+            .iter()
+            .filter(|r| r.state == TransferState::Committed)
+            .map(|r| r.amount)
+            .sum();
+        body.refunded = Some(format_money(refunded, record.currency));
+        body.refunds = Some(refunds.iter().map(RefundBody::from_record).collect());
+    }
+    Ok(axum::Json(body).into_response())
 }
 
 /// The one place a protocol outcome becomes an HTTP answer, for new and replayed
@@ -320,6 +417,8 @@ pub fn submitted_response(submitted: Submitted) -> ApiResult<Response> {
                 transfer_id: Some(r.transfer_id.to_string()),
                 replayed: false,
                 retry_after_s: None,
+                rule: None,
+                remaining: None,
             })
         }
         Submitted::KeyReused => return Err(ApiError::new(ErrorCode::IdempotencyKeyReused)),
@@ -338,19 +437,34 @@ pub fn submitted_response(submitted: Submitted) -> ApiResult<Response> {
             }
             Ok(response)
         }
-        (TransferState::Aborted, Some(code)) => Err(ApiError {
-            code: ErrorCode::from_failure(code),
-            detail: None,
-            transfer_id: Some(record.transfer_id.to_string()),
-            replayed,
-            retry_after_s: None,
-        }),
+        (TransferState::Aborted, Some(code)) => {
+            let detail = record.failure_detail.clone();
+            let (rule, remaining) = match code {
+                FailureCode::TransferBlocked => (detail, None),
+                FailureCode::LimitExceeded | FailureCode::RefundExceedsOriginal => (
+                    None,
+                    detail.map(|d| d.parse().map_or(d, |v| format_money(v, record.currency))),
+                ),
+                _ => (None, None),
+            };
+            Err(ApiError {
+                code: ErrorCode::from_failure(code),
+                detail: None,
+                transfer_id: Some(record.transfer_id.to_string()),
+                replayed,
+                retry_after_s: None,
+                rule,
+                remaining,
+            })
+        }
         _ => Err(ApiError {
             code: ErrorCode::RequestInProgress,
             detail: None,
             transfer_id: Some(record.transfer_id.to_string()),
             replayed,
             retry_after_s: None,
+            rule: None,
+            remaining: None,
         }),
     }
 }

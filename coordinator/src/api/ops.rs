@@ -1,12 +1,13 @@
 //! Health, readiness, the admin view of in-doubt transactions, and the OpenAPI document.
 
 use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ApiResult, ErrorCode, Problem};
+use super::extract::Admin;
 use super::AppState;
 use crate::config::LockMode;
 
@@ -80,17 +81,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         (status = 401, description = "`unauthorized`", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`not_found`: no admin token configured", body = Problem, content_type = "application/problem+json"),
     ))]
-pub async fn in_doubt(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
-    let Some(expected) = state.admin_token.as_deref() else {
-        return Err(ApiError::new(ErrorCode::NotFound));
-    };
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if !presented.is_some_and(|p| constant_time_eq(p.as_bytes(), expected.as_bytes())) {
-        return Err(ApiError::new(ErrorCode::Unauthorized));
-    }
+pub async fn in_doubt(State(state): State<AppState>, _admin: Admin) -> ApiResult<Response> {
     let status = state.coordinator.recovery().status();
     Ok(axum::Json(serde_json::json!({
         "in_doubt": status.in_doubt_count(),
@@ -99,10 +90,6 @@ pub async fn in_doubt(State(state): State<AppState>, headers: HeaderMap) -> ApiR
         "recovery": status,
     }))
     .into_response())
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 pub async fn not_found() -> ApiError {
@@ -120,6 +107,7 @@ pub async fn method_not_allowed() -> ApiError {
         super::users::sign_up, super::users::log_in, super::users::log_out,
         super::money::account, super::money::transfer, super::money::get_transfer,
         super::money::deposit, super::money::withdrawal,
+        super::rules::refund, super::rules::set_limits, super::rules::fraud_detection,
         healthz, readyz, in_doubt, metrics,
     ),
     components(schemas(Problem, ErrorCode)),

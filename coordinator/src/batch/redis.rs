@@ -59,9 +59,16 @@ pub const GROUP_GRANT_WAIT_MS: u64 = 100;
 
 /// What becomes of one transfer of a group.
 enum Fate {
-    Answer(Result<Submitted, CoordinatorError>),
+    /// Boxed: a record is large.
+    Answer(Box<Result<Submitted, CoordinatorError>>),
     /// Nothing was written and the group ran from a lane: run it alone.
     Alone,
+}
+
+impl Fate {
+    fn answer(result: Result<Submitted, CoordinatorError>) -> Fate {
+        Fate::Answer(Box::new(result))
+    }
 }
 
 /// Grants the group's locks, runs each granted part, and answers every
@@ -219,7 +226,7 @@ async fn locked(
         Ok(fates) => {
             for (job, fate) in group.into_iter().zip(fates) {
                 match fate {
-                    Fate::Answer(result) => answer_one(job, result),
+                    Fate::Answer(result) => answer_one(job, *result),
                     Fate::Alone => job.alone(),
                 }
             }
@@ -274,7 +281,7 @@ async fn steps(
         for &i in members {
             fate[i] = Some(match run {
                 Run::Grouped => Fate::Alone,
-                Run::Alone => Fate::Answer(Err(each_shard_error(e).into())),
+                Run::Alone => Fate::answer(Err(each_shard_error(e).into())),
             });
         }
     };
@@ -335,7 +342,7 @@ async fn steps(
                 warn!(shard = %agent.id(), %e, "debits' outcome unknown; recovery completes any that committed");
                 mark_unanswered(members.iter().map(|&i| &group[i]), &e);
                 for &i in &members {
-                    fate[i] = Some(Fate::Answer(Err(each_shard_error(&e).into())));
+                    fate[i] = Some(Fate::answer(Err(each_shard_error(&e).into())));
                 }
                 continue;
             }
@@ -344,7 +351,7 @@ async fn steps(
         let mut fenced_off = false;
         for &i in &members {
             let Some(answer) = by_tid.remove(&group[i].tid) else {
-                fate[i] = Some(Fate::Answer(Err(CoordinatorError::Corrupt(format!(
+                fate[i] = Some(Fate::answer(Err(CoordinatorError::Corrupt(format!(
                     "the group gave transfer {} no answer",
                     group[i].tid
                 )))));
@@ -360,7 +367,7 @@ async fn steps(
             }
             fenced_off |=
                 fence.is_some() && answer.verdict == Verdict::Refused(FailureCode::LockUnavailable);
-            fate[i] = Some(Fate::Answer(client_answer(answer, agent.id())));
+            fate[i] = Some(Fate::answer(client_answer(answer, agent.id())));
         }
         if fenced_off {
             raise_floor_above(locks, agent).await;
@@ -424,7 +431,7 @@ fn finish(fate: Vec<Option<Fate>>) -> Vec<Fate> {
     fate.into_iter()
         .map(|f| {
             f.unwrap_or_else(|| {
-                Fate::Answer(Err(CoordinatorError::Corrupt(
+                Fate::answer(Err(CoordinatorError::Corrupt(
                     "a transfer of the group was never answered".into(),
                 )))
             })
@@ -441,6 +448,7 @@ fn pending(job: &Job) -> PendingCredit {
         from_username: job.order.from_username.clone(),
         amount: job.order.amount.value(),
         currency: job.order.amount.currency(),
+        refund_of: job.order.refund_of,
     }
 }
 

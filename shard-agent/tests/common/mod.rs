@@ -131,6 +131,8 @@ pub fn order(payer: UserId, payee: UserId, amount: &str, k: &str) -> TransferOrd
         to_username: "payee".into(),
         amount: usd(amount),
         key: key(payer, k),
+        refund_of: None,
+        reason: None,
     }
 }
 

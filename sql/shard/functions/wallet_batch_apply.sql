@@ -13,18 +13,23 @@
 --     final state, except one answered without writing.
 --   - The money moves through wallet_post, one call for the group's legs
 --     (p_fence, Redis mode's token, is passed on to it).
+--   - A leg with p_refund_of is a refund's: its entries are refund_debit and
+--     refund_credit, and its record a 'refund' naming the original and
+--     carrying p_reason. A refusal's record carries the detail
+--     wallet_batch_check left for it in this transaction (wallet.refusal_detail).
 --   - It never decides: a cross-shard group's decision is wallet_batch_decide,
 --     sent once every other shard has prepared.
 CREATE OR REPLACE FUNCTION wallet_batch_apply(
     p_participants text[], p_mode text,
     p_transfer uuid[], p_debit boolean[], p_user uuid[], p_amount numeric[],
     p_currency text[], p_user_name text[], p_party uuid[], p_party_name text[],
-    p_outcome text[], p_fence bigint
+    p_outcome text[], p_fence bigint, p_refund_of uuid[], p_reason text[]
 ) RETURNS TABLE (
     for_transfer uuid, verdict text,
     transfer_id uuid, kind text, mode text, from_user uuid, from_username text, to_user uuid,
     to_username text, amount numeric, currency text, state text, failure_code text,
-    participants text[], created_at timestamptz, decided_at timestamptz
+    participants text[], created_at timestamptz, decided_at timestamptz,
+    refund_of uuid, reason text, failure_detail text
 )
 LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 #variable_conflict use_column
@@ -38,6 +43,7 @@ DECLARE
     v_amount numeric[] := '{}';
     v_party text[] := '{}';
     v_pointed uuid;
+    v_details jsonb := nullif(current_setting('wallet.refusal_detail', true), '')::jsonb;
     i int;
 BEGIN
     -- The accounts of the legs that move money, locked since the check; the
@@ -52,7 +58,8 @@ BEGIN
         CONTINUE WHEN p_outcome[i] IS NOT NULL;
         v_transfer := v_transfer || p_transfer[i];
         v_account := v_account || v_accounts[array_position(v_ids, p_user[i])];
-        v_kind := v_kind || CASE WHEN p_debit[i] THEN 'transfer_debit' ELSE 'transfer_credit' END;
+        v_kind := v_kind || (CASE WHEN p_refund_of[i] IS NULL THEN 'transfer' ELSE 'refund' END
+                             || CASE WHEN p_debit[i] THEN '_debit' ELSE '_credit' END);
         v_amount := v_amount || CASE WHEN p_debit[i] THEN -p_amount[i] ELSE p_amount[i] END;
         v_party := v_party || p_party_name[i];
     END LOOP;
@@ -62,18 +69,21 @@ BEGIN
     RETURN QUERY
     INSERT INTO transfers AS t (transfer_id, kind, mode, from_user, from_username, to_user,
                                 to_username, amount, currency, state, failure_code,
-                                participants, decided_at)
-    SELECT p_transfer[x], 'transfer', p_mode, p_user[x], p_user_name[x], p_party[x],
+                                participants, decided_at, refund_of, reason, failure_detail)
+    SELECT p_transfer[x], CASE WHEN p_refund_of[x] IS NULL THEN 'transfer' ELSE 'refund' END,
+           p_mode, p_user[x], p_user_name[x], p_party[x],
            p_party_name[x], p_amount[x], p_currency[x],
            CASE WHEN p_outcome[x] IS NULL THEN 'committed' ELSE 'aborted' END, p_outcome[x],
            p_participants,
-           statement_timestamp()
+           statement_timestamp(), p_refund_of[x], p_reason[x],
+           CASE WHEN p_outcome[x] IS NOT NULL THEN v_details->>(p_transfer[x]::text) END
       FROM generate_subscripts(p_transfer, 1) AS x
      WHERE p_debit[x] AND (p_outcome[x] IS NULL OR strpos(p_outcome[x], ':') = 0)
      ORDER BY x
     RETURNING t.transfer_id, t.failure_code, t.transfer_id, t.kind, t.mode, t.from_user,
               t.from_username, t.to_user, t.to_username, t.amount, t.currency::text, t.state,
-              t.failure_code, t.participants, t.created_at, t.decided_at;
+              t.failure_code, t.participants, t.created_at, t.decided_at, t.refund_of, t.reason,
+              t.failure_detail;
     -- The answers that wrote nothing (rare: a retry, a session gone), with
     -- the record a replayed or in-progress key points at.
     FOR i IN 1..n LOOP
@@ -85,7 +95,8 @@ BEGIN
         RETURN QUERY
         SELECT p_transfer[i], p_outcome[i], t.transfer_id, t.kind, t.mode, t.from_user,
                t.from_username, t.to_user, t.to_username, t.amount, t.currency::text, t.state,
-               t.failure_code, t.participants, t.created_at, t.decided_at
+               t.failure_code, t.participants, t.created_at, t.decided_at, t.refund_of, t.reason,
+               t.failure_detail
           FROM (SELECT 1) AS one
           LEFT JOIN transfers t ON t.transfer_id = v_pointed;
     END LOOP;

@@ -9,10 +9,15 @@
 -- key here (the refusal is recorded and replayed) but nothing is checked or
 -- locked. p_session holds, on a debit leg, the SHA-256 of the payer's session
 -- token (NULL when the coordinator already verified the payer, or on a
--- credit leg).
+-- credit leg). p_party is each leg's other user. On a payer's leg, p_limit is
+-- the configured daily limit for the transfer's currency (NULL: none; an
+-- admin's override on the account wins) and p_refund_of the transfer a refund
+-- gives back (NULL: a transfer). p_rules holds the fraud rules (NULL: none;
+-- see wallet_fraud_check).
 --
--- Verdicts: NULL (passed); a business refusal (recipient_not_found,
--- currency_mismatch, insufficient_funds: recorded as the transfer's abort);
+-- Verdicts: NULL (passed); a business refusal (wallet_first_failure's list:
+-- recorded as the transfer's abort, with its detail, if any, left for
+-- wallet_batch_apply in the transaction's setting wallet.refusal_detail);
 -- or an answer that writes nothing for the transfer, of the form
 -- 'word:argument': 'unauthorized:', 'payer_currency:<what the payer holds>',
 -- and wallet_key_answer's 'key_reused:', 'in_progress:<id>', 'replay:<id>'
@@ -29,10 +34,19 @@
 --   3. Accounts are locked in user-ID order (with the shard order the
 --      coordinator keeps, one global order), so two groups never wait on each
 --      other in a cycle; the legs are then checked against the locked rows:
---      recipient_not_found, currency_mismatch, insufficient_funds (against
---      the balance less what is held: a withdrawal waiting on its provider
---      holds its amount), the first
---      by wallet_first_failure's order whichever leg finds it. A transfer an
+--      recipient_not_found, currency_mismatch, then on a payer's leg the
+--      wallet's rules: a refund must refund a transfer credited to this payer
+--      (transfer_not_found) by no more than what is left of it
+--      (refund_exceeds_original); a transfer must pass the fraud rules
+--      (transfer_blocked) and fit the payer's daily limit (limit_exceeded);
+--      then insufficient_funds (against the balance less what is held: a
+--      withdrawal waiting on its provider holds its amount), the first by
+--      wallet_first_failure's order whichever leg finds it. Each rule reads
+--      what the payer's locked account row guards (the limit's usage on the
+--      row itself; the refunds of a payee's transfers and the payer's recent
+--      transfers, which only transfers holding this row's lock write), so
+--      concurrent transfers cannot pass a rule together that they break
+--      together. A transfer an
 --      earlier shard refused for a lower-ranked reason is read here (unlocked)
 --      for a higher-ranked one. A payer without an account raises WL008.
 --   - A fixed number of statements per group whatever its size (a key that
@@ -43,7 +57,8 @@
 CREATE OR REPLACE FUNCTION wallet_batch_check(
     p_transfer uuid[], p_debit boolean[], p_user uuid[], p_amount numeric[],
     p_currency text[], p_key_user uuid[], p_key text[], p_fingerprint bytea[],
-    p_session bytea[], p_failure text[]
+    p_session bytea[], p_failure text[], p_party uuid[], p_limit numeric[],
+    p_refund_of uuid[], p_rules jsonb
 ) RETURNS text[]
 LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
@@ -56,6 +71,15 @@ DECLARE
     v_ids uuid[];
     v_currencies text[];
     v_balances numeric[];
+    v_limits numeric[];
+    v_used numeric[];
+    v_today date := (now() AT TIME ZONE 'UTC')::date;
+    v_refund_at int[];
+    v_credited numeric[];
+    v_refunded numeric[];
+    v_fraud text[];
+    v_details jsonb := '{}';
+    v_limit numeric;
     v_at int;
     v_fail text;
     v_seen_ids uuid[];
@@ -107,20 +131,44 @@ BEGIN
     -- 3. Accounts.
     -- Lock in user-ID order, reading the locked rows' current versions.
     SELECT coalesce(array_agg(l.user_id), '{}'), coalesce(array_agg(l.currency::text), '{}'),
-           coalesce(array_agg(l.balance), '{}')
-      INTO v_ids, v_currencies, v_balances
-      FROM (SELECT user_id, currency, balance - held AS balance FROM accounts
+           coalesce(array_agg(l.balance), '{}'), coalesce(array_agg(l.daily_limit), '{}'),
+           coalesce(array_agg(l.used), '{}')
+      INTO v_ids, v_currencies, v_balances, v_limits, v_used
+      FROM (SELECT user_id, currency, balance - held AS balance, daily_limit,
+                   CASE WHEN used_day = v_today THEN used_today ELSE 0 END AS used
+              FROM accounts
              WHERE user_id = ANY (ARRAY(SELECT p_user[x] FROM generate_subscripts(p_user, 1) AS x
                                         WHERE v_out[x] IS NULL))
              ORDER BY user_id FOR UPDATE) AS l;
+    -- Refunds, read under the refunding payee's lock: what the original
+    -- credited this payer, and what its committed refunds gave back.
+    IF EXISTS (SELECT 1 FROM unnest(p_refund_of) AS r WHERE r IS NOT NULL) THEN
+        SELECT coalesce(array_agg(x), '{}'),
+               coalesce(array_agg((SELECT e.amount FROM ledger_entries e JOIN accounts a USING (account_id)
+                                    WHERE e.transfer_id = p_refund_of[x] AND a.user_id = p_user[x]
+                                      AND e.kind = 'transfer_credit')), '{}'),
+               coalesce(array_agg((SELECT coalesce(sum(t.amount), 0) FROM transfers t
+                                    WHERE t.refund_of = p_refund_of[x] AND t.state = 'committed')), '{}')
+          INTO v_refund_at, v_credited, v_refunded
+          FROM generate_subscripts(p_transfer, 1) AS x
+         WHERE p_debit[x] AND p_refund_of[x] IS NOT NULL AND v_out[x] IS NULL;
+    END IF;
+    -- Fraud rules, for the transfers still passing.
+    IF p_rules IS NOT NULL THEN
+        v_fraud := wallet_fraud_check(p_debit, p_user, p_party, p_amount, p_currency,
+                                      p_refund_of, v_out, p_rules);
+    END IF;
     -- The accounts of transfers an earlier shard refused, read unlocked in one
     -- statement (see below); only the ordered check passes such refusals.
-    IF 'currency_mismatch' = ANY (v_out) OR 'insufficient_funds' = ANY (v_out) THEN
+    IF v_out && ARRAY['currency_mismatch', 'transfer_not_found', 'refund_exceeds_original',
+                      'transfer_blocked', 'limit_exceeded', 'insufficient_funds'] THEN
         SELECT coalesce(array_agg(a.user_id), '{}'), coalesce(array_agg(trim(a.currency)), '{}')
           INTO v_seen_ids, v_seen_currencies
           FROM accounts a
          WHERE a.user_id = ANY (ARRAY(SELECT p_user[x] FROM generate_subscripts(p_user, 1) AS x
-                                      WHERE v_out[x] IN ('currency_mismatch', 'insufficient_funds')));
+                                      WHERE v_out[x] IN ('currency_mismatch', 'transfer_not_found',
+                                                         'refund_exceeds_original', 'transfer_blocked',
+                                                         'limit_exceeded', 'insufficient_funds')));
     END IF;
     i := 1;
     WHILE i <= n LOOP
@@ -137,12 +185,34 @@ BEGIN
                     v_fail := wallet_first_failure(v_fail, 'recipient_not_found');
                 ELSIF trim(v_currencies[v_at]) <> p_currency[k] THEN
                     v_fail := wallet_first_failure(v_fail, 'currency_mismatch');
+                ELSIF p_debit[k] AND p_refund_of[k] IS NOT NULL
+                      AND v_credited[array_position(v_refund_at, k)] IS NULL THEN
+                    v_fail := wallet_first_failure(v_fail, 'transfer_not_found');
+                ELSIF p_debit[k] AND p_refund_of[k] IS NOT NULL
+                      AND v_refunded[array_position(v_refund_at, k)] + p_amount[k]
+                          > v_credited[array_position(v_refund_at, k)] THEN
+                    v_fail := wallet_first_failure(v_fail, 'refund_exceeds_original');
+                    v_details := v_details || jsonb_build_object(p_transfer[k]::text,
+                        (v_credited[array_position(v_refund_at, k)]
+                         - v_refunded[array_position(v_refund_at, k)])::text);
+                ELSIF p_debit[k] AND v_fraud[k] LIKE 'block:%' THEN
+                    v_fail := wallet_first_failure(v_fail, 'transfer_blocked');
+                    v_details := v_details || jsonb_build_object(p_transfer[k]::text,
+                                                                 substr(v_fraud[k], 7));
+                ELSIF p_debit[k] AND p_refund_of[k] IS NULL
+                      AND coalesce(v_limits[v_at], p_limit[k]) IS NOT NULL
+                      AND v_used[v_at] + p_amount[k] > coalesce(v_limits[v_at], p_limit[k]) THEN
+                    v_limit := coalesce(v_limits[v_at], p_limit[k]);
+                    v_fail := wallet_first_failure(v_fail, 'limit_exceeded');
+                    v_details := v_details || jsonb_build_object(p_transfer[k]::text,
+                        greatest(v_limit - v_used[v_at], 0)::text);
                 ELSIF p_debit[k] AND v_balances[v_at] < p_amount[k] THEN
                     v_fail := wallet_first_failure(v_fail, 'insufficient_funds');
                 END IF;
             END LOOP;
             FOR k IN i..j LOOP v_out[k] := v_fail; END LOOP;
-        ELSIF v_out[i] IN ('currency_mismatch', 'insufficient_funds') THEN
+        ELSIF v_out[i] IN ('currency_mismatch', 'transfer_not_found', 'refund_exceeds_original',
+                           'transfer_blocked', 'limit_exceeded', 'insufficient_funds') THEN
             -- Refused on an earlier shard for a reason that ranks below what
             -- this shard may find: a missing or other-currency account outranks
             -- it. Accounts are never deleted and never change currency, so this
@@ -164,6 +234,9 @@ BEGIN
         END IF;
         i := j + 1;
     END LOOP;
+    IF v_details <> '{}' THEN
+        PERFORM set_config('wallet.refusal_detail', v_details::text, true);
+    END IF;
     RETURN v_out;
 END
 $$;

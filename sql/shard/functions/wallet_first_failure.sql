@@ -1,10 +1,13 @@
 -- The one order of business refusals, for every transfer whatever its path:
--- recipient_not_found, then currency_mismatch, then insufficient_funds. A
+-- recipient_not_found, currency_mismatch, transfer_not_found (a refund of no
+-- transfer credited to its payer), refund_exceeds_original, transfer_blocked
+-- (a fraud rule), limit_exceeded, then insufficient_funds. A
 -- transfer that fails several checks is answered with the first in this order,
 -- whichever leg, shard or group size found it; the coordinator merges the
 -- verdicts of different shards by the same order (`FailureCode::precedence`,
 -- and a test holds the two equal). The recipient comes first so that a payer
--- learns nothing about a balance while paying nobody.
+-- learns nothing about a balance while paying nobody, and the rules come
+-- before the balance for the same reason.
 --
 -- Returns whichever of the two refusals (either may be NULL) comes first.
 CREATE OR REPLACE FUNCTION wallet_first_failure(p_a text, p_b text) RETURNS text
@@ -12,8 +15,12 @@ LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE
         WHEN p_a IS NULL THEN p_b
         WHEN p_b IS NULL THEN p_a
-        WHEN array_position(ARRAY['recipient_not_found', 'currency_mismatch', 'insufficient_funds'], p_b)
-             < coalesce(array_position(ARRAY['recipient_not_found', 'currency_mismatch', 'insufficient_funds'], p_a), 4)
+        WHEN array_position(ARRAY['recipient_not_found', 'currency_mismatch', 'transfer_not_found',
+                                   'refund_exceeds_original', 'transfer_blocked', 'limit_exceeded',
+                                   'insufficient_funds'], p_b)
+             < coalesce(array_position(ARRAY['recipient_not_found', 'currency_mismatch', 'transfer_not_found',
+                                   'refund_exceeds_original', 'transfer_blocked', 'limit_exceeded',
+                                   'insufficient_funds'], p_a), 8)
             THEN p_b
         ELSE p_a
     END

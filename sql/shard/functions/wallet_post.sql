@@ -14,6 +14,10 @@
 --   - p_fence (Redis mode; NULL otherwise) is the fencing token of the locks
 --     the call runs under: every account it moves records it as its
 --     last_fence (never lowering it), and every entry as its fence.
+--   - Daily limits: what transfer_debit entries take out of an account counts
+--     toward its usage of the UTC day (used_today, used_day), in the same
+--     update as the balance, so a limit is consumed exactly when the debit
+--     commits and a refused or aborted transfer consumes nothing.
 --   - It checks nothing: the caller holds the accounts' row locks and has
 --     applied every rule (funds, currency, fence). A user account that would
 --     still go negative is refused by the table's no_overdraft constraint, and
@@ -29,6 +33,8 @@ DECLARE
     n int := coalesce(array_length(p_transfer, 1), 0);
     v_accounts uuid[] := '{}';
     v_totals numeric[] := '{}';
+    v_spent numeric[] := '{}';
+    v_today date := (now() AT TIME ZONE 'UTC')::date;
     v_moved uuid[];
     v_running numeric[];
     v_balance numeric[] := array_fill(NULL::numeric, ARRAY[n]);
@@ -40,14 +46,23 @@ BEGIN
         IF v_at IS NULL THEN
             v_accounts := v_accounts || p_account[i];
             v_totals := v_totals || p_amount[i];
+            v_spent := v_spent || 0::numeric;
+            v_at := cardinality(v_accounts);
         ELSE
             v_totals[v_at] := v_totals[v_at] + p_amount[i];
+        END IF;
+        IF p_kind[i] = 'transfer_debit' THEN
+            v_spent[v_at] := v_spent[v_at] - p_amount[i];
         END IF;
     END LOOP;
     WITH moved AS (
         UPDATE accounts a SET balance = a.balance + d.total,
-                              last_fence = greatest(a.last_fence, p_fence)
-          FROM unnest(v_accounts, v_totals) AS d (id, total)
+                              last_fence = greatest(a.last_fence, p_fence),
+                              used_today = CASE WHEN d.spent = 0 THEN a.used_today
+                                                WHEN a.used_day = v_today THEN a.used_today + d.spent
+                                                ELSE d.spent END,
+                              used_day = CASE WHEN d.spent = 0 THEN a.used_day ELSE v_today END
+          FROM unnest(v_accounts, v_totals, v_spent) AS d (id, total, spent)
          WHERE a.account_id = d.id AND a.account_id = ANY (v_accounts)
         RETURNING a.account_id, a.balance - d.total AS opening
     )

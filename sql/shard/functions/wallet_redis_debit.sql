@@ -25,12 +25,14 @@ CREATE OR REPLACE FUNCTION wallet_redis_debit(
     p_buckets int[], p_transfer uuid[], p_user uuid[], p_amount numeric[], p_currency text[],
     p_key_user uuid[], p_key text[], p_fingerprint bytea[], p_session bytea[],
     p_failure text[], p_user_name text[], p_party uuid[], p_party_name text[],
-    p_fence bigint, p_enforce_fence boolean, p_lock_wait_ms int
+    p_fence bigint, p_enforce_fence boolean, p_lock_wait_ms int,
+    p_limit numeric[], p_refund_of uuid[], p_reason text[], p_rules jsonb
 ) RETURNS TABLE (
     for_transfer uuid, verdict text,
     transfer_id uuid, kind text, mode text, from_user uuid, from_username text, to_user uuid,
     to_username text, amount numeric, currency text, state text, failure_code text,
-    participants text[], created_at timestamptz, decided_at timestamptz
+    participants text[], created_at timestamptz, decided_at timestamptz,
+    refund_of uuid, reason text, failure_detail text
 )
 LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 #variable_conflict use_column
@@ -44,7 +46,8 @@ BEGIN
     PERFORM wallet_own(p_buckets, true);
     PERFORM set_config('lock_timeout', p_lock_wait_ms || 'ms', true);
     v_out := wallet_batch_check(p_transfer, v_debit, p_user, p_amount, p_currency, p_key_user,
-                                p_key, p_fingerprint, p_session, p_failure);
+                                p_key, p_fingerprint, p_session, p_failure, p_party, p_limit,
+                                p_refund_of, p_rules);
     IF p_enforce_fence THEN
         SELECT coalesce(array_agg(a.user_id), '{}') INTO v_stale
           FROM accounts a
@@ -60,9 +63,11 @@ BEGIN
     RETURN QUERY
     SELECT * FROM wallet_batch_apply('{}', 'redis', p_transfer, v_debit, p_user, p_amount,
                                      p_currency, p_user_name, p_party, p_party_name, v_out,
-                                     p_fence);
-    INSERT INTO pending_credits (transfer_id, to_user, to_username, from_username, amount, currency)
-    SELECT p_transfer[x], p_party[x], p_party_name[x], p_user_name[x], p_amount[x], p_currency[x]
+                                     p_fence, p_refund_of, p_reason);
+    INSERT INTO pending_credits (transfer_id, to_user, to_username, from_username, amount, currency,
+                                 refund_of)
+    SELECT p_transfer[x], p_party[x], p_party_name[x], p_user_name[x], p_amount[x], p_currency[x],
+           p_refund_of[x]
       FROM generate_subscripts(p_transfer, 1) AS x
      WHERE v_out[x] IS NULL
      ORDER BY x;
