@@ -12,6 +12,7 @@ use coordinator::config::{Config, Limits, LockMode};
 use coordinator::redis_lock::RedisConfig;
 use local_cluster::{free_port, PgServer, PgServerConfig, RedisServer};
 use shard_agent::catalog::ShardEntry;
+use shard_agent::rules::WalletRules;
 use shard_agent::{AgentConfig, ShardAgent};
 
 use crate::proxy::Proxy;
@@ -34,6 +35,9 @@ pub struct ClusterOptions {
     pub lock_mode: LockMode,
     /// The coordinator's `batch_max` (1: every transfer a group of one).
     pub batch_max: usize,
+    /// The wallet's rules for the coordinator, and for the checker's agents
+    /// (the checker reads the default daily limit from them).
+    pub rules: WalletRules,
 }
 
 pub struct ChaosCluster {
@@ -75,6 +79,7 @@ impl ChaosCluster {
             lock_timeout_ms: 1_000,
             connect_timeout_ms: 1_000,
             call_timeout_ms: 3_000,
+            rules: std::sync::Arc::new(opts.rules.clone()),
             ..AgentConfig::default()
         };
         let mut proxies = Vec::with_capacity(opts.shards);
@@ -122,7 +127,7 @@ impl ChaosCluster {
             payment_provider: Some(coordinator::payments::ProviderConfig::Sandbox),
             http: Default::default(),
             rate_limits: coordinator::config::RateLimits::off(),
-            rules: Default::default(),
+            rules: opts.rules.clone(),
         };
         let config_path = dir.join("coordinator.json");
         std::fs::write(&config_path, serde_json::to_string_pretty(&config)?)?;

@@ -184,6 +184,7 @@ fn main() -> anyhow::Result<()> {
                         data_dir: data_dir.as_ref().map(|d| d.join(s.name.replace(':', "_"))),
                         lock_mode,
                         batch_max: coordinator::config::Limits::default().batch_max,
+                        rules: Default::default(),
                     },
                 };
                 let report = runtime.block_on(run(s, &opts))?;

@@ -67,7 +67,11 @@ pub struct Report {
 
 pub async fn run(scenario: &Scenario, opts: &RunOptions) -> anyhow::Result<Report> {
     info!(scenario = %scenario.name, seed = opts.seed, "chaos run");
-    let mut cluster = ChaosCluster::start(&opts.cluster).await?;
+    let cluster_options = ClusterOptions {
+        rules: scenario.rules(),
+        ..opts.cluster.clone()
+    };
+    let mut cluster = ChaosCluster::start(&cluster_options).await?;
     cluster
         .start_coordinator(&scenario.failpoints_running(0))
         .await?;
@@ -80,6 +84,7 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> anyhow::Result<Repor
         attempts_max: 30,
         request_timeout: Duration::from_secs(4),
         amount_cents_max: 4_000,
+        refund_percent: 10,
     };
     let stop = Arc::new(AtomicBool::new(false));
     let workload = {

@@ -7,6 +7,8 @@ use rand::rngs::StdRng;
 use rand::Rng;
 
 use coordinator::config::LockMode;
+use shard_agent::rules::WalletRules;
+use shard_agent::Currency;
 
 /// A fault the injector can apply once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,8 +118,26 @@ impl Scenario {
                 format!("{name}={ABORT_PERCENT}%return(abort)")
             }
             Kind::Stall { armed } => (*armed).to_owned(),
+            Kind::Broken { bug, provoke: "" } => format!("{bug}=return"),
             Kind::Broken { bug, provoke } => format!("{bug}=return;{provoke}"),
             _ => String::new(),
+        }
+    }
+
+    /// The wallet's rules the run's coordinator enforces: a daily limit every
+    /// busy client reaches within a run, so limits are checked and consumed
+    /// under every fault; the broken limit variant gets a lower one, reached
+    /// while other transfers of the same payer are in flight.
+    pub fn rules(&self) -> WalletRules {
+        let limit = match self.kind {
+            Kind::Broken {
+                bug: BROKEN_LIMIT, ..
+            } => "40.00",
+            _ => "300.00",
+        };
+        WalletRules {
+            daily_limits: [(Currency::Usd, limit.parse().expect("static amount"))].into(),
+            ..WalletRules::default()
         }
     }
 
@@ -230,6 +250,16 @@ pub fn all(mode: LockMode) -> Vec<Scenario> {
         });
     }
     out.push(Scenario {
+        name: "broken:limit-outside-check".into(),
+        kind: Kind::Broken {
+            bug: BROKEN_LIMIT,
+            provoke: "",
+        },
+        about: "BROKEN on purpose: the daily limit is read before a transfer is queued, \
+                not checked in its transaction"
+            .into(),
+    });
+    out.push(Scenario {
         name: "broken:skip-idempotency".into(),
         kind: Kind::Broken {
             bug: "broken-skip-idempotency",
@@ -244,6 +274,9 @@ pub fn all(mode: LockMode) -> Vec<Scenario> {
 pub fn find(mode: LockMode, name: &str) -> Option<Scenario> {
     all(mode).into_iter().find(|s| s.name == name)
 }
+
+/// The failpoint of the broken daily limit (`shard_agent::batch`).
+const BROKEN_LIMIT: &str = "broken-limit-outside-check";
 
 /// 5% of lock holders stall 1.5 s: past the lock TTL (0.8 s), short of
 /// `in_doubt_after` (at least 2 s), so fencing is what must stop them.

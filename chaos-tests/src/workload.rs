@@ -1,6 +1,9 @@
 //! Concurrent clients through the real HTTP API. Each transfer has its own
 //! Idempotency-Key; a timeout, a 503 or a 409 `request_in_progress` is retried
 //! with the same key (bounded), and every request's final outcome is recorded.
+//! Some requests are refunds: the payee of a transfer acknowledged earlier in
+//! the run gives part of it back (`POST /v1/refunds`), so refunds race each
+//! other and transfers under every fault too.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -44,9 +47,13 @@ pub enum Outcome {
 #[derive(Clone, Debug, Serialize)]
 pub struct Record {
     pub key: String,
+    /// Who pays: for a refund, the original's payee.
     pub from: String,
     pub to: String,
     pub amount: String,
+    /// A refund's original transfer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refund_of: Option<Uuid>,
     pub attempts: u32,
     pub outcome: Outcome,
 }
@@ -60,6 +67,18 @@ pub struct WorkloadConfig {
     pub request_timeout: Duration,
     /// Amounts are drawn uniformly from 0.01 to this many cents / 100.
     pub amount_cents_max: i64,
+    /// Of every 100 requests, how many are refunds (of a transfer some task
+    /// saw acknowledged), the rest transfers.
+    pub refund_percent: u32,
+}
+
+/// A transfer acknowledged during the run, which its payee may refund.
+#[derive(Clone, Debug)]
+struct Refundable {
+    id: Uuid,
+    payer: usize,
+    payee: usize,
+    cents: i64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -162,9 +181,35 @@ impl Client {
         attempts_max: u32,
     ) -> (u32, Outcome) {
         let body = json!({"to": to, "amount": amount, "currency": "USD"});
+        self.send_money("/v1/transfer", from, body, key, attempts_max)
+            .await
+    }
+
+    /// One refund of `of` by its payee `from`, retried like a transfer.
+    pub async fn refund(
+        &self,
+        from: &User,
+        of: Uuid,
+        amount: &str,
+        key: &str,
+        attempts_max: u32,
+    ) -> (u32, Outcome) {
+        let body = json!({"transfer_id": of, "amount": amount, "reason": "chaos"});
+        self.send_money("/v1/refunds", from, body, key, attempts_max)
+            .await
+    }
+
+    async fn send_money(
+        &self,
+        path: &str,
+        from: &User,
+        body: Value,
+        key: &str,
+        attempts_max: u32,
+    ) -> (u32, Outcome) {
         for attempt in 1..=attempts_max {
             match self
-                .post("/v1/transfer", Some(&from.token), Some(key), body.clone())
+                .post(path, Some(&from.token), Some(key), body.clone())
                 .await
             {
                 Ok((s, b)) if s.is_success() => {
@@ -219,9 +264,15 @@ impl Client {
         stop: Option<Arc<AtomicBool>>,
     ) -> Vec<Record> {
         let mut handles = Vec::with_capacity(limits.len());
+        let acknowledged: Arc<std::sync::Mutex<Vec<Refundable>>> = Arc::default();
         for (t, limit) in limits.into_iter().enumerate() {
-            let (client, users, config, stop) =
-                (self.clone(), users.clone(), config.clone(), stop.clone());
+            let (client, users, config, stop, acknowledged) = (
+                self.clone(),
+                users.clone(),
+                config.clone(),
+                stop.clone(),
+                acknowledged.clone(),
+            );
             handles.push(tokio::spawn(async move {
                 let mut rng = StdRng::seed_from_u64(
                     config.seed.wrapping_mul(1_000_003).wrapping_add(t as u64),
@@ -233,6 +284,40 @@ impl Client {
                     {
                         break;
                     }
+                    let key = format!("s{}-t{t}-{i}", config.seed);
+                    let refund = (rng.gen_range(0..100) < config.refund_percent)
+                        .then(|| {
+                            let seen = acknowledged
+                                .lock()
+                                .expect("invariant: no task panics holding the list");
+                            (!seen.is_empty()).then(|| seen[rng.gen_range(0..seen.len())].clone())
+                        })
+                        .flatten();
+                    if let Some(original) = refund {
+                        // Up to the whole original: concurrent and repeated
+                        // refunds of one transfer must still never exceed it.
+                        let cents = rng.gen_range(1..=original.cents);
+                        let amount = format!("{}.{:02}", cents / 100, cents % 100);
+                        let (attempts, outcome) = client
+                            .refund(
+                                &users[original.payee],
+                                original.id,
+                                &amount,
+                                &key,
+                                config.attempts_max,
+                            )
+                            .await;
+                        records.push(Record {
+                            key,
+                            from: users[original.payee].name.clone(),
+                            to: users[original.payer].name.clone(),
+                            amount,
+                            refund_of: Some(original.id),
+                            attempts,
+                            outcome,
+                        });
+                        continue;
+                    }
                     let from = rng.gen_range(0..users.len());
                     let mut to = rng.gen_range(0..users.len() - 1);
                     if to >= from {
@@ -240,7 +325,6 @@ impl Client {
                     }
                     let cents = rng.gen_range(1..=config.amount_cents_max);
                     let amount = format!("{}.{:02}", cents / 100, cents % 100);
-                    let key = format!("s{}-t{t}-{i}", config.seed);
                     let (attempts, outcome) = client
                         .transfer(
                             &users[from],
@@ -250,11 +334,23 @@ impl Client {
                             config.attempts_max,
                         )
                         .await;
+                    if let Outcome::Acknowledged(id) = outcome {
+                        acknowledged
+                            .lock()
+                            .expect("invariant: no task panics holding the list")
+                            .push(Refundable {
+                                id,
+                                payer: from,
+                                payee: to,
+                                cents,
+                            });
+                    }
                     records.push(Record {
                         key,
                         from: users[from].name.clone(),
                         to: users[to].name.clone(),
                         amount,
+                        refund_of: None,
                         attempts,
                         outcome,
                     });
@@ -277,9 +373,13 @@ impl Client {
         };
         let deadline = tokio::time::Instant::now() + within;
         while tokio::time::Instant::now() < deadline {
-            let (_, outcome) = self
-                .transfer(from, &record.to, &record.amount, &record.key, 1)
-                .await;
+            let (_, outcome) = match record.refund_of {
+                Some(of) => self.refund(from, of, &record.amount, &record.key, 1).await,
+                None => {
+                    self.transfer(from, &record.to, &record.amount, &record.key, 1)
+                        .await
+                }
+            };
             if outcome != Outcome::Unknown {
                 return outcome;
             }

@@ -45,6 +45,7 @@ async fn load(cluster: TestCluster, mode: &str) {
         attempts_max: 8,
         request_timeout: Duration::from_secs(20),
         amount_cents_max: 3_000,
+        refund_percent: 0,
     };
     let started = Instant::now();
     let users_for_model = users.clone();

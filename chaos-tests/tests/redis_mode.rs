@@ -235,6 +235,7 @@ async fn a_redis_restart_under_load_keeps_every_invariant() {
         attempts_max: 40,
         request_timeout: Duration::from_secs(5),
         amount_cents_max: 3_000,
+        refund_percent: 0,
     };
     let stop = Arc::new(AtomicBool::new(false));
     let work = {

@@ -28,6 +28,7 @@ fn options(seed: u64, duration: Duration, lock_mode: LockMode) -> RunOptions {
             data_dir: None,
             lock_mode,
             batch_max: coordinator::config::Limits::default().batch_max,
+            rules: Default::default(),
         },
     }
 }

@@ -86,6 +86,12 @@ impl Snapshot {
             if quiescent && a.pending_credits > 0 {
                 v.push(format!("invariant 5: shard {shard} has {} debited transfers whose credit is still pending", a.pending_credits));
             }
+            if a.limit_overruns > 0 {
+                v.push(format!("invariant 8: shard {shard} has {} users whose transfers today exceed the daily limit", a.limit_overruns));
+            }
+            if a.usage_mismatches > 0 {
+                v.push(format!("invariant 8: shard {shard} has {} users whose recorded usage today is not their transfer debits today", a.usage_mismatches));
+            }
             if a.fence_regressions > 0 {
                 v.push(format!("fencing: shard {shard} has {} writes made under a lock older than an earlier write to the same account", a.fence_regressions));
             }

@@ -24,6 +24,10 @@ pub enum CoordinatorError {
     /// A transfer's payer, read when the transfer ran, holds another currency.
     #[error("the payer's account holds {holds}")]
     PayerCurrency { holds: Currency },
+    /// Refused before any shard was asked to move anything (only the chaos
+    /// suite's broken limit variant refuses this way).
+    #[error("refused: {}", .0.as_str())]
+    Refused(shard_agent::FailureCode),
 }
 
 /// A named failpoint that stops the protocol at this step as a crash would.

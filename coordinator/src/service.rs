@@ -475,6 +475,7 @@ impl Coordinator {
         order: TransferOrder,
         session: Option<Vec<u8>>,
     ) -> Result<Submitted, CoordinatorError> {
+        self.broken_limit_outside_check(&order).await?;
         let (from, to) = (order.from, order.to);
         let kind = if order.refund_of.is_some() {
             "refund"
@@ -512,6 +513,39 @@ impl Coordinator {
             .map_err(|e| CoordinatorError::Corrupt(format!("transfer task failed: {e}")))?;
         record_transfer(path, &result, started.elapsed());
         result
+    }
+
+    /// The chaos suite's broken limit variant (see
+    /// `shard_agent::batch::broken_limit_outside_check`): the payer's usage is
+    /// read here, before the transfer is queued, and the group's check is not
+    /// told the limit. Nothing unless the `failpoints` feature is on.
+    async fn broken_limit_outside_check(
+        &self,
+        order: &TransferOrder,
+    ) -> Result<(), CoordinatorError> {
+        #[cfg(feature = "failpoints")]
+        if order.refund_of.is_none() && fail::eval("broken-limit-outside-check", |_| ()).is_some() {
+            if let Some(limit) = self.rules.daily_limit(order.amount.currency()) {
+                let payer = order.from;
+                let view = self
+                    .routed(|routing| async move {
+                        Ok(routing
+                            .agent_for(&payer)
+                            .account_view(payer, 1, None)
+                            .await?)
+                    })
+                    .await?;
+                if let Some(view) = view {
+                    if view.used_today + order.amount.value() > view.daily_limit.unwrap_or(limit) {
+                        return Err(CoordinatorError::Refused(
+                            shard_agent::FailureCode::LimitExceeded,
+                        ));
+                    }
+                }
+            }
+        }
+        let _ = order;
+        Ok(())
     }
 
     /// A refund of transfer `of` by its payee `payee`, back to its payer:

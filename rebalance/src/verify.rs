@@ -101,6 +101,12 @@ impl Admin {
                     audit.negative_balances
                 ));
             }
+            if audit.usage_mismatches > 0 {
+                v.problems.push(format!(
+                    "shard {id}: {} accounts' daily usage is not their transfer debits today",
+                    audit.usage_mismatches
+                ));
+            }
             for (c, x) in audit.user_balances {
                 *v.user_balances.entry(c).or_default() += x;
             }

@@ -339,6 +339,21 @@ impl Columns {
     }
 }
 
+/// A deliberately broken variant for the chaos suite (failpoint
+/// `broken-limit-outside-check`): the group's check is not told the daily
+/// limits, which the coordinator then reads before it queues the transfer
+/// (`coordinator::service`), outside the transaction that moves the money.
+/// Two transfers of one payer in flight together can then pass a limit each
+/// fits alone. The checker must catch it; compiled in only with the
+/// `failpoints` feature.
+fn broken_limit_outside_check(c: &mut Columns) {
+    #[cfg(feature = "failpoints")]
+    if fail::eval("broken-limit-outside-check", |_| ()).is_some() {
+        c.limit.iter_mut().for_each(|l| *l = None);
+    }
+    let _ = c;
+}
+
 impl ShardAgent {
     /// A same-shard group in one autocommitted statement, each row lock waited
     /// for at most `lock_wait_ms`. Answers every transfer of the group.
@@ -349,7 +364,8 @@ impl ShardAgent {
         lock_wait_ms: u64,
     ) -> ShardResult<Vec<GroupAnswer>> {
         self.timed("local batch", async {
-            let c = Columns::of(self, legs);
+            let mut c = Columns::of(self, legs);
+            broken_limit_outside_check(&mut c);
             let buckets = crate::agent::buckets_of(legs.iter().map(|l| &l.user));
             let conn = self.conn().await?;
             let stmt = conn
@@ -400,7 +416,8 @@ impl ShardAgent {
         lock_wait_ms: u64,
     ) -> ShardResult<Vec<GroupAnswer>> {
         self.timed("fenced debits", async {
-            let c = Columns::of(self, legs);
+            let mut c = Columns::of(self, legs);
+            broken_limit_outside_check(&mut c);
             let prior: Vec<Option<String>> = prior.iter().map(|v| v.as_sql()).collect();
             let buckets = crate::agent::buckets_of(legs.iter().map(|l| &l.user));
             let conn = self.conn().await?;
@@ -460,7 +477,8 @@ impl ShardAgent {
         lock_wait_ms: Option<u64>,
     ) -> ShardResult<(OpenBatch<'_>, Vec<Verdict>)> {
         self.timed("open batch", async {
-            let c = Columns::of(self, legs);
+            let mut c = Columns::of(self, legs);
+            broken_limit_outside_check(&mut c);
             let prior: Vec<Option<String>> = prior.iter().map(|v| v.as_sql()).collect();
             let mut conn = self.conn().await?;
             let stmt = conn

@@ -37,6 +37,12 @@ pub struct ShardAudit {
     /// Redis-lock mode: fenced writes that landed after a write with a newer
     /// fencing token on the same account (a stale lock holder wrote).
     pub fence_regressions: i64,
+    /// Invariant 8: user accounts without an admin's override whose usage
+    /// today is above the configured default limit of their currency.
+    pub limit_overruns: i64,
+    /// Invariant 8: user accounts whose recorded usage today is not the sum
+    /// of today's transfer debits on their ledger.
+    pub usage_mismatches: i64,
     /// Invariant 3: every decision record of this home shard…
     pub decisions: Vec<DecisionRow>,
     /// …and every ledger entry on this shard's user accounts.
@@ -70,6 +76,9 @@ pub struct EntryRow {
 /// shard's.
 const SERVED: &str = "(kind = 'clearing' OR wallet_serves(bucket))";
 const SERVED_A: &str = "(a.kind = 'clearing' OR wallet_serves(a.bucket))";
+/// An account's usage of its daily limit today (UTC), as the check reads it.
+const USED_TODAY: &str = "(CASE WHEN a.used_day = (now() AT TIME ZONE 'UTC')::date
+                                THEN a.used_today ELSE 0 END)";
 /// A transfer record belongs to its home user's bucket.
 const SERVED_T: &str = "coalesce((SELECT wallet_serves(u.bucket) FROM users u
                                    WHERE u.user_id = coalesce(t.from_user, t.to_user)), true)";
@@ -145,6 +154,9 @@ impl ShardAgent {
                     audit.clearing_balances.insert(currency, sum);
                 }
             }
+            // The configured default daily limits, as {"USD": "150.00", …}.
+            let defaults = serde_json::to_value(&self.config().rules.daily_limits)
+                .map_err(|e| self.corrupt(format!("daily limits as JSON: {e}")))?;
             let row = conn
                 .query_one(
                     &format!("SELECT
@@ -162,8 +174,16 @@ impl ShardAgent {
                        (SELECT count(*) FROM (
                           SELECT fence, lag(fence) OVER (PARTITION BY account_id ORDER BY entry_id) AS prev
                           FROM ledger_entries WHERE fence IS NOT NULL) f
-                        WHERE fence < prev)"),
-                    &[],
+                        WHERE fence < prev),
+                       (SELECT count(*) FROM accounts a
+                          WHERE a.kind = 'user' AND {SERVED_A} AND a.daily_limit IS NULL
+                            AND {USED_TODAY} > ($1::jsonb ->> trim(a.currency))::numeric),
+                       (SELECT count(*) FROM accounts a
+                          WHERE a.kind = 'user' AND {SERVED_A}
+                            AND {USED_TODAY} <> coalesce((SELECT -sum(e.amount) FROM ledger_entries e
+                                   WHERE e.account_id = a.account_id AND e.kind = 'transfer_debit'
+                                     AND e.created_at >= ((now() AT TIME ZONE 'UTC')::date)::timestamp AT TIME ZONE 'UTC'), 0))"),
+                    &[&defaults],
                 )
                 .await
                 .map_err(&pg)?;
@@ -173,6 +193,8 @@ impl ShardAgent {
             audit.hold_mismatches = row.get(3);
             audit.pending_credits = row.get(4);
             audit.fence_regressions = row.get(5);
+            audit.limit_overruns = row.get(6);
+            audit.usage_mismatches = row.get(7);
             audit.decisions = conn
                 .query(&format!("SELECT transfer_id, kind, state, amount, refund_of FROM transfers t WHERE {SERVED_T}"), &[])
                 .await

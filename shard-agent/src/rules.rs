@@ -98,6 +98,13 @@ impl WalletRules {
             if !names.insert(name.as_str()) {
                 return Err(format!("fraud rule name {name:?} appears twice"));
             }
+            // Held transfers (an admin's release or reject) are not built yet:
+            // a review rule would pass every transfer it meets.
+            if rule.action == Action::Review {
+                return Err(format!(
+                    "fraud rule {name:?}: the action \"review\" is not supported yet; use \"block\""
+                ));
+            }
             match &rule.condition {
                 Condition::Velocity {
                     max_transfers,
@@ -158,8 +165,8 @@ mod tests {
             r#"{"daily_limits": {"USD": "1000.00"},
                 "fraud_rules": [
                   {"name": "burst", "rule": "velocity", "max_transfers": 10, "window_s": 60, "action": "block"},
-                  {"name": "large", "rule": "amount", "over": {"USD": "5000"}, "action": "review"},
-                  {"name": "stranger", "rule": "new_recipient", "over": {"USD": "500"}, "action": "review"}
+                  {"name": "large", "rule": "amount", "over": {"USD": "5000"}, "action": "block"},
+                  {"name": "stranger", "rule": "new_recipient", "over": {"USD": "500"}, "action": "block"}
                 ]}"#,
         );
         r.validate().expect("valid");
@@ -169,7 +176,7 @@ mod tests {
         assert_eq!(sql[0]["rule"], "velocity");
         assert_eq!(sql[0]["max_transfers"], 10);
         assert_eq!(sql[1]["over"]["USD"], "5000");
-        assert_eq!(sql[2]["action"], "review");
+        assert_eq!(sql[2]["action"], "block");
         assert_eq!(WalletRules::default().sql_rules(), None);
     }
 
@@ -198,6 +205,10 @@ mod tests {
                 "letters",
             ),
             (r#"{"daily_limits": {"USD": "-1"}}"#, "daily_limits"),
+            (
+                r#"{"fraud_rules": [{"name": "a", "rule": "amount", "over": {"USD": "1"}, "action": "review"}]}"#,
+                "not supported yet",
+            ),
         ] {
             let err = rules(json).validate().expect_err(json);
             assert!(err.contains(needle), "{err} lacks {needle}");

@@ -109,6 +109,9 @@ struct Scenario {
     protocol: Protocol,
     distribution: Distribution,
     via: Via,
+    /// With the wallet's rules configured ([`bench_rules`]); the name ends
+    /// in `+rules`.
+    rules: bool,
 }
 
 impl Scenario {
@@ -116,13 +119,33 @@ impl Scenario {
         match self.protocol {
             Protocol::Pgbench => "pgbench/tpcb-like".into(),
             p => format!(
-                "{}/{}/{}",
+                "{}/{}/{}{}",
                 p.as_str(),
                 self.distribution.as_str(),
-                self.via.as_str()
+                self.via.as_str(),
+                if self.rules { "+rules" } else { "" }
             ),
         }
     }
+}
+
+/// The rules of the `+rules` scenarios: a daily limit and all three kinds of
+/// fraud rule, set so that none refuses a bench transfer (amounts are at most
+/// 1.00, and a user pays a few times a minute at most), so the figures are
+/// the cost of checking them: the limit on the locked row, the velocity
+/// rule's read of the payer's recent transfers, the amount rule in memory.
+/// The new-recipient rule reads history only above its amount, so it costs
+/// nothing here.
+pub fn bench_rules() -> shard_agent::rules::WalletRules {
+    serde_json::from_str(
+        r#"{"daily_limits": {"USD": "100000.00"},
+            "fraud_rules": [
+              {"name": "burst", "rule": "velocity", "max_transfers": 1000, "window_s": 60, "action": "block"},
+              {"name": "large", "rule": "amount", "over": {"USD": "10000.00"}, "action": "block"},
+              {"name": "stranger", "rule": "new_recipient", "over": {"USD": "5000.00"}, "action": "block"}
+            ]}"#,
+    )
+    .expect("invariant: the bench's rules are valid JSON of WalletRules")
 }
 
 /// The scenarios, in the order each round runs them: each next to what its
@@ -137,14 +160,22 @@ fn scenarios() -> Vec<Scenario> {
         protocol,
         distribution,
         via,
+        rules: false,
+    };
+    let with_rules = |protocol| Scenario {
+        rules: true,
+        ..s(protocol, Uniform, InProcess)
     };
     vec![
         s(SingleNode, Uniform, Sql),
         s(SameShard, Uniform, InProcess),
+        with_rules(SameShard),
         s(SameShard, Uniform, Http),
         s(TwoPc, Uniform, InProcess),
+        with_rules(TwoPc),
         s(TwoPc, Uniform, Http),
         s(Redis, Uniform, InProcess),
+        with_rules(Redis),
         s(Redis, Uniform, Http),
         s(Pgbench, Uniform, Sql),
         s(SingleNode, Zipf, Sql),
@@ -327,8 +358,17 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
                     } else {
                         LockMode::TwoPc
                     };
-                    let config = cluster.config_for(mode);
-                    let front = match fronts.entry(mode.as_str()) {
+                    let mut config = cluster.config_for(mode);
+                    let key = match (mode, scenario.rules) {
+                        (LockMode::TwoPc, false) => "2pc",
+                        (LockMode::TwoPc, true) => "2pc+rules",
+                        (LockMode::Redis, false) => "redis",
+                        (LockMode::Redis, true) => "redis+rules",
+                    };
+                    if scenario.rules {
+                        config.rules = bench_rules();
+                    }
+                    let front = match fronts.entry(key) {
                         std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
                         std::collections::btree_map::Entry::Vacant(e) => {
                             e.insert(Front::start(&config).await?)
@@ -472,6 +512,22 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
     let all = reports.clone();
     for report in &mut reports {
         relate(report, &all);
+    }
+    for r in reports
+        .iter()
+        .filter(|r| r.ratio_to_without_rules.is_some())
+    {
+        let rounds: Vec<String> = r
+            .round_ratios_to_without_rules
+            .iter()
+            .map(|x| x.map_or("-".into(), |x| format!("{x:.2}")))
+            .collect();
+        println!(
+            "rules cost: {} runs at {:.2}x of its twin without rules (rounds: {})",
+            r.name,
+            r.ratio_to_without_rules.unwrap_or_default(),
+            rounds.join(", ")
+        );
     }
     let rebalance = if rebalance_wanted {
         let config = cluster.config_for(LockMode::TwoPc);
@@ -660,6 +716,14 @@ fn relate(report: &mut ScenarioReport, all: &[ScenarioReport]) {
     } else {
         report.ratio_to_baseline = Some(1.0);
         report.baseline = Some(report.name.clone());
+    }
+    if let Some(twin) = report.name.strip_suffix("+rules") {
+        if let Some(base) = all.iter().find(|b| b.name == twin) {
+            if base.transfers_per_s > 0.0 {
+                report.ratio_to_without_rules = Some(report.transfers_per_s / base.transfers_per_s);
+                report.round_ratios_to_without_rules = per_round(base);
+            }
+        }
     }
     if report.via == "http" {
         if let Some(inproc) = all.iter().find(|b| {

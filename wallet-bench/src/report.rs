@@ -53,6 +53,11 @@ pub struct ScenarioReport {
     /// `null` for a round whose baseline or in-process twin completed nothing.
     pub round_ratios_to_baseline: Vec<Option<f64>>,
     pub round_ratios_to_in_process: Vec<Option<f64>>,
+    /// `…+rules` scenarios (daily limits and fraud rules configured, none
+    /// triggering): transfers/s over the same scenario without rules, overall
+    /// and round by round.
+    pub ratio_to_without_rules: Option<f64>,
+    pub round_ratios_to_without_rules: Vec<Option<f64>>,
     pub invariants_ok: bool,
     pub violations: Vec<String>,
     /// (percentile, ms) points for the plot.
@@ -98,6 +103,8 @@ impl ScenarioReport {
             round_transfers_per_s: Vec::new(),
             round_ratios_to_baseline: Vec::new(),
             round_ratios_to_in_process: Vec::new(),
+            ratio_to_without_rules: None,
+            round_ratios_to_without_rules: Vec::new(),
             invariants_ok: false,
             violations: Vec::new(),
             curve: curve(&r.latency_us),
@@ -286,6 +293,15 @@ impl Report {
                 measured: format!("p99 {:.1} ms", s.p99_ms),
                 met: s.committed > 0 && s.p99_ms < 100.0,
             });
+        }
+        for s in scenarios.iter() {
+            if let Some(r) = s.ratio_to_without_rules {
+                goals.push(Goal {
+                    goal: format!("{}: >= 0.9x without rules", s.name),
+                    measured: format!("{r:.2}x{}", spread(&s.round_ratios_to_without_rules)),
+                    met: r >= 0.9,
+                });
+            }
         }
         for s in scenarios.iter().filter(|s| s.via == "http") {
             if let Some(r) = s.ratio_to_in_process {

@@ -292,6 +292,7 @@ impl From<CoordinatorError> for ApiError {
                 format!("coordinator stopped at {at}"),
             ),
             CoordinatorError::Unauthorized => ApiError::new(ErrorCode::Unauthorized),
+            CoordinatorError::Refused(code) => ApiError::new(ErrorCode::from_failure(code)),
             CoordinatorError::PayerCurrency { holds } => ApiError::detail(
                 ErrorCode::CurrencyMismatch,
                 format!("your account holds {holds}"),

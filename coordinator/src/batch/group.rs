@@ -32,6 +32,7 @@ pub(super) fn each(e: &CoordinatorError) -> CoordinatorError {
         CoordinatorError::Crashed { at } => CoordinatorError::Crashed { at },
         CoordinatorError::Corrupt(text) => CoordinatorError::Corrupt(text.clone()),
         CoordinatorError::Unauthorized => CoordinatorError::Unauthorized,
+        CoordinatorError::Refused(code) => CoordinatorError::Refused(*code),
         CoordinatorError::PayerCurrency { holds } => {
             CoordinatorError::PayerCurrency { holds: *holds }
         }
