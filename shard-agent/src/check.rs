@@ -77,7 +77,7 @@ pub struct EntryRow {
 const SERVED: &str = "(kind = 'clearing' OR wallet_serves(bucket))";
 const SERVED_A: &str = "(a.kind = 'clearing' OR wallet_serves(a.bucket))";
 /// An account's usage of its daily limit today (UTC), as the check reads it.
-const USED_TODAY: &str = "(CASE WHEN a.used_day = (now() AT TIME ZONE 'UTC')::date
+const USED_TODAY: &str = "(CASE WHEN a.used_day >= (now() AT TIME ZONE 'UTC')::date
                                 THEN a.used_today ELSE 0 END)";
 /// A transfer record belongs to its home user's bucket.
 const SERVED_T: &str = "coalesce((SELECT wallet_serves(u.bucket) FROM users u

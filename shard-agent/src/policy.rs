@@ -56,7 +56,7 @@ impl ShardAgent {
                 .prepare_cached(
                     "UPDATE accounts SET daily_limit = $2 WHERE user_id = $1
                      RETURNING currency, daily_limit,
-                               CASE WHEN used_day = (now() AT TIME ZONE 'UTC')::date
+                               CASE WHEN used_day >= (now() AT TIME ZONE 'UTC')::date
                                     THEN used_today ELSE 0 END AS used_today",
                 )
                 .await

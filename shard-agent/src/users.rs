@@ -215,7 +215,7 @@ impl ShardAgent {
                 .query_opt(
                     &format!(
                         "SELECT {}, a.account_id, a.balance, a.held, a.daily_limit,
-                                CASE WHEN a.used_day = (now() AT TIME ZONE 'UTC')::date
+                                CASE WHEN a.used_day >= (now() AT TIME ZONE 'UTC')::date
                                      THEN a.used_today ELSE 0 END AS used_today
                            FROM users u JOIN accounts a USING (user_id)
                          WHERE u.user_id = $1",

@@ -16,7 +16,9 @@
 --   - A leg with p_refund_of is a refund's: its entries are refund_debit and
 --     refund_credit, and its record a 'refund' naming the original and
 --     carrying p_reason. A refusal's record carries the detail
---     wallet_batch_check left for it in this transaction (wallet.refusal_detail).
+--     wallet_batch_check left for it in this transaction (wallet.refusal_detail),
+--     only when it came with the refusal the transfer ends with (a later
+--     shard's higher-ranked refusal carries none).
 --   - It never decides: a cross-shard group's decision is wallet_batch_decide,
 --     sent once every other shard has prepared.
 CREATE OR REPLACE FUNCTION wallet_batch_apply(
@@ -76,7 +78,8 @@ BEGIN
            CASE WHEN p_outcome[x] IS NULL THEN 'committed' ELSE 'aborted' END, p_outcome[x],
            p_participants,
            statement_timestamp(), p_refund_of[x], p_reason[x],
-           CASE WHEN p_outcome[x] IS NOT NULL THEN v_details->>(p_transfer[x]::text) END
+           CASE WHEN v_details->(p_transfer[x]::text)->>'code' = p_outcome[x]
+                THEN v_details->(p_transfer[x]::text)->>'detail' END
       FROM generate_subscripts(p_transfer, 1) AS x
      WHERE p_debit[x] AND (p_outcome[x] IS NULL OR strpos(p_outcome[x], ':') = 0)
      ORDER BY x

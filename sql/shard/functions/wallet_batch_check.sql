@@ -17,7 +17,9 @@
 --
 -- Verdicts: NULL (passed); a business refusal (wallet_first_failure's list:
 -- recorded as the transfer's abort, with its detail, if any, left for
--- wallet_batch_apply in the transaction's setting wallet.refusal_detail);
+-- wallet_batch_apply in the transaction's setting wallet.refusal_detail, as
+-- {transfer: {code, detail}}, which the apply records only if the code is
+-- the transfer's final one);
 -- or an answer that writes nothing for the transfer, of the form
 -- 'word:argument': 'unauthorized:', 'payer_currency:<what the payer holds>',
 -- and wallet_key_answer's 'key_reused:', 'in_progress:<id>', 'replay:<id>'
@@ -135,7 +137,9 @@ BEGIN
            coalesce(array_agg(l.used), '{}')
       INTO v_ids, v_currencies, v_balances, v_limits, v_used
       FROM (SELECT user_id, currency, balance - held AS balance, daily_limit,
-                   CASE WHEN used_day = v_today THEN used_today ELSE 0 END AS used
+                   -- A row already on a later day (this transaction began
+                   -- before midnight) is judged by that day's usage.
+                   CASE WHEN used_day >= v_today THEN used_today ELSE 0 END AS used
               FROM accounts
              WHERE user_id = ANY (ARRAY(SELECT p_user[x] FROM generate_subscripts(p_user, 1) AS x
                                         WHERE v_out[x] IS NULL))
@@ -144,7 +148,7 @@ BEGIN
     -- credited this payer, and what its committed refunds gave back.
     IF EXISTS (SELECT 1 FROM unnest(p_refund_of) AS r WHERE r IS NOT NULL) THEN
         SELECT coalesce(array_agg(x), '{}'),
-               coalesce(array_agg((SELECT e.amount FROM ledger_entries e JOIN accounts a USING (account_id)
+               coalesce(array_agg((SELECT sum(e.amount) FROM ledger_entries e JOIN accounts a USING (account_id)
                                     WHERE e.transfer_id = p_refund_of[x] AND a.user_id = p_user[x]
                                       AND e.kind = 'transfer_credit')), '{}'),
                coalesce(array_agg((SELECT coalesce(sum(t.amount), 0) FROM transfers t
@@ -193,19 +197,21 @@ BEGIN
                           > v_credited[array_position(v_refund_at, k)] THEN
                     v_fail := wallet_first_failure(v_fail, 'refund_exceeds_original');
                     v_details := v_details || jsonb_build_object(p_transfer[k]::text,
-                        (v_credited[array_position(v_refund_at, k)]
-                         - v_refunded[array_position(v_refund_at, k)])::text);
+                        jsonb_build_object('code', 'refund_exceeds_original', 'detail',
+                            (v_credited[array_position(v_refund_at, k)]
+                             - v_refunded[array_position(v_refund_at, k)])::text));
                 ELSIF p_debit[k] AND v_fraud[k] LIKE 'block:%' THEN
                     v_fail := wallet_first_failure(v_fail, 'transfer_blocked');
                     v_details := v_details || jsonb_build_object(p_transfer[k]::text,
-                                                                 substr(v_fraud[k], 7));
+                        jsonb_build_object('code', 'transfer_blocked', 'detail', substr(v_fraud[k], 7)));
                 ELSIF p_debit[k] AND p_refund_of[k] IS NULL
                       AND coalesce(v_limits[v_at], p_limit[k]) IS NOT NULL
                       AND v_used[v_at] + p_amount[k] > coalesce(v_limits[v_at], p_limit[k]) THEN
                     v_limit := coalesce(v_limits[v_at], p_limit[k]);
                     v_fail := wallet_first_failure(v_fail, 'limit_exceeded');
                     v_details := v_details || jsonb_build_object(p_transfer[k]::text,
-                        greatest(v_limit - v_used[v_at], 0)::text);
+                        jsonb_build_object('code', 'limit_exceeded', 'detail',
+                                           greatest(v_limit - v_used[v_at], 0)::text));
                 ELSIF p_debit[k] AND v_balances[v_at] < p_amount[k] THEN
                     v_fail := wallet_first_failure(v_fail, 'insufficient_funds');
                 END IF;
@@ -234,9 +240,8 @@ BEGIN
         END IF;
         i := j + 1;
     END LOOP;
-    IF v_details <> '{}' THEN
-        PERFORM set_config('wallet.refusal_detail', v_details::text, true);
-    END IF;
+    -- Written every time, so a detail never outlives the check that found it.
+    PERFORM set_config('wallet.refusal_detail', v_details::text, true);
     RETURN v_out;
 END
 $$;

@@ -17,7 +17,11 @@
 --   - Daily limits: what transfer_debit entries take out of an account counts
 --     toward its usage of the UTC day (used_today, used_day), in the same
 --     update as the balance, so a limit is consumed exactly when the debit
---     commits and a refused or aborted transfer consumes nothing.
+--     commits and a refused or aborted transfer consumes nothing. The day is
+--     the transaction's (now()), as is its entries' created_at; a transaction
+--     that began before midnight and reaches a row another transaction has
+--     already moved to the new day leaves the new day's usage alone (its
+--     entries are dated the day before).
 --   - It checks nothing: the caller holds the accounts' row locks and has
 --     applied every rule (funds, currency, fence). A user account that would
 --     still go negative is refused by the table's no_overdraft constraint, and
@@ -60,8 +64,10 @@ BEGIN
                               last_fence = greatest(a.last_fence, p_fence),
                               used_today = CASE WHEN d.spent = 0 THEN a.used_today
                                                 WHEN a.used_day = v_today THEN a.used_today + d.spent
+                                                WHEN a.used_day > v_today THEN a.used_today
                                                 ELSE d.spent END,
-                              used_day = CASE WHEN d.spent = 0 THEN a.used_day ELSE v_today END
+                              used_day = CASE WHEN d.spent = 0 OR a.used_day > v_today THEN a.used_day
+                                              ELSE v_today END
           FROM unnest(v_accounts, v_totals, v_spent) AS d (id, total, spent)
          WHERE a.account_id = d.id AND a.account_id = ANY (v_accounts)
         RETURNING a.account_id, a.balance - d.total AS opening
