@@ -165,15 +165,15 @@ impl Snapshot {
                         }
                     }
                 }
-                ("committed", "refund") => {
+                ("committed", kind @ ("refund" | "dispute_refund")) => {
                     let (debits, credits) = (
-                        count("refund_debit", -d.amount),
-                        count("refund_credit", d.amount),
+                        count(&format!("{kind}_debit"), -d.amount),
+                        count(&format!("{kind}_credit"), d.amount),
                     );
                     if (debits != 1 || credits != 1 || entries.len() != 2)
                         && (quiescent || entries.len() > 2)
                     {
-                        v.push(format!("invariant 3: committed refund {tid} has {debits} debits, {credits} credits, {} entries", entries.len()));
+                        v.push(format!("invariant 3: committed {kind} {tid} has {debits} debits, {credits} credits, {} entries", entries.len()));
                     }
                 }
                 ("committed", "deposit")

@@ -8,6 +8,9 @@ use chrono::{DateTime, Utc};
 use router::{bucket_of, UserId};
 use rust_decimal::Decimal;
 use sha2::{Digest, Sha256};
+use shard_agent::disputes::{
+    dispute_bucket, new_dispute_id, Dispute, DisputeState, Opened, Rejected,
+};
 use shard_agent::external::{Direction, ExternalOrder};
 use shard_agent::idempotency::IdempotencyKey;
 use shard_agent::policy::{LimitRow, Refundable, RuleHit};
@@ -15,9 +18,12 @@ use shard_agent::records::UserRow;
 use shard_agent::rules::WalletRules;
 use shard_agent::transfer::{Submitted, TransferOrder};
 use shard_agent::users::{AccountView, Created, NewUser};
-use shard_agent::{Amount, Currency, ShardError, TransferId, TransferRecord};
+use shard_agent::{
+    Amount, Currency, ShardError, TransferId, TransferKind, TransferRecord, TransferState,
+};
 use tokio::task::JoinHandle;
 use tracing::{info, warn, Instrument};
+use uuid::Uuid;
 
 use crate::auth::{new_token, token_hash, token_user, AuthError, PasswordPolicy, PasswordWork};
 use crate::batch::Batcher;
@@ -106,6 +112,29 @@ pub struct Session {
 pub enum SignUp {
     Created(UserRow),
     UsernameTaken,
+}
+
+/// What opening a dispute came to, besides "no such transfer".
+pub enum DisputeOpen {
+    Opened(Dispute),
+    /// The transfer has an open dispute: this one.
+    Exists(Dispute),
+    /// Refunds gave the whole transfer back.
+    NothingToDispute,
+    /// The transfer is older than `dispute_window_days`.
+    WindowPassed,
+}
+
+/// What an admin's decision on a dispute came to.
+pub enum DisputeResolved {
+    /// Resolved by this decision.
+    Now(Dispute),
+    /// Resolved before (by another decision): as it stands.
+    Already(Dispute),
+    /// The refund was refused (the payee's money does not cover it).
+    Refused(shard_agent::FailureCode),
+    /// The refund is still being decided; asking again answers.
+    InProgress,
 }
 
 /// The coordinator: routing, the protocols, and the background recovery.
@@ -464,6 +493,7 @@ impl Coordinator {
             },
             refund_of: None,
             reason: None,
+            dispute: None,
         };
         self.submit(order, session).await
     }
@@ -600,8 +630,147 @@ impl Coordinator {
             },
             refund_of: Some(of),
             reason,
+            dispute: None,
         };
         self.submit(order, None).await.map(Some)
+    }
+
+    /// Opens a dispute of `payer`'s transfer `of`: its payee's shard holds
+    /// what refunds left of it. `Ok(None)`: `of` is not a committed transfer
+    /// `payer` made.
+    pub async fn open_dispute(
+        &self,
+        payer: &UserRow,
+        of: TransferId,
+        reason: &str,
+    ) -> Result<Option<DisputeOpen>, CoordinatorError> {
+        let Some(original) = self.transfer_view(payer, of).await? else {
+            return Ok(None);
+        };
+        let (Some(payee), TransferKind::Transfer, TransferState::Committed) =
+            (original.to_user, original.kind, original.state)
+        else {
+            return Ok(None);
+        };
+        if original.from_user != Some(payer.user_id) {
+            return Ok(None);
+        }
+        let window = chrono::Duration::days(i64::from(self.rules.dispute_window_days));
+        if original.created_at + window < Utc::now() {
+            return Ok(Some(DisputeOpen::WindowPassed));
+        }
+        let id = new_dispute_id(&payee);
+        let opened = self
+            .routed(|routing| async move {
+                Ok(routing
+                    .agent_for(&payee)
+                    .open_dispute(id, of, payer.user_id, &payer.username, payee, reason)
+                    .await?)
+            })
+            .await?;
+        Ok(match opened {
+            Opened::NotFound => None,
+            Opened::Opened(d) => Some(DisputeOpen::Opened(d)),
+            Opened::Exists(d) => Some(DisputeOpen::Exists(d)),
+            Opened::NothingToDispute => Some(DisputeOpen::NothingToDispute),
+        })
+    }
+
+    /// Dispute `id` as `user` may see it: its payer or its payee.
+    pub async fn dispute(
+        &self,
+        user: &UserRow,
+        id: Uuid,
+    ) -> Result<Option<Dispute>, CoordinatorError> {
+        let found = self.dispute_by_id(id).await?;
+        Ok(found.filter(|d| d.payer == user.user_id || d.payee == user.user_id))
+    }
+
+    async fn dispute_by_id(&self, id: Uuid) -> Result<Option<Dispute>, CoordinatorError> {
+        let Some(bucket) = dispute_bucket(&id) else {
+            return Ok(None);
+        };
+        self.routed(|routing| async move {
+            let shard = routing.map.shard_of_bucket(bucket);
+            let Some(agent) = routing.agent(shard) else {
+                return Ok(None);
+            };
+            Ok(agent.dispute(id, bucket).await?)
+        })
+        .await
+    }
+
+    /// An admin's decision on dispute `id`: `refund` gives the held money
+    /// back to the payer by the one protocol (its group's check requires the
+    /// dispute open and its apply closes it, so two admins' refunds are one),
+    /// `reject` releases the hold. `Ok(None)`: no such dispute.
+    pub async fn resolve_dispute(
+        &self,
+        id: Uuid,
+        refund: bool,
+    ) -> Result<Option<DisputeResolved>, CoordinatorError> {
+        let Some(dispute) = self.dispute_by_id(id).await? else {
+            return Ok(None);
+        };
+        if dispute.state != DisputeState::Open {
+            return Ok(Some(DisputeResolved::Already(dispute)));
+        }
+        if !refund {
+            let bucket =
+                dispute_bucket(&id).expect("invariant: the dispute was found by its bucket");
+            let payee = dispute.payee;
+            let rejected = self
+                .routed(|routing| async move {
+                    Ok(routing.agent_for(&payee).reject_dispute(id, bucket).await?)
+                })
+                .await?;
+            return Ok(match rejected {
+                Rejected::Rejected(d) => Some(DisputeResolved::Now(d)),
+                Rejected::Resolved(d) => Some(DisputeResolved::Already(d)),
+                Rejected::NotFound => None,
+            });
+        }
+        let amount = Amount::parse(&dispute.amount.to_string(), dispute.currency).map_err(|e| {
+            CoordinatorError::Corrupt(format!("dispute {id} amount {}: {e}", dispute.amount))
+        })?;
+        let order = TransferOrder {
+            from: dispute.payee,
+            from_username: dispute.payee_username.clone(),
+            to: dispute.payer,
+            to_username: dispute.payer_username.clone(),
+            amount,
+            // A key per attempt: the dispute's state, checked and closed in
+            // the refund's own transaction, is what makes two attempts one
+            // refund, and a refusal (funds) must not be replayed to the next.
+            key: IdempotencyKey {
+                user: dispute.payee,
+                key: format!("dispute-refund:{id}:{}", Uuid::now_v7().simple()),
+                fingerprint: fingerprint(&["dispute_refund", &id.to_string()]),
+            },
+            refund_of: Some(dispute.transfer_id),
+            reason: Some(dispute.reason.clone()),
+            dispute: Some(id),
+        };
+        let submitted = self.submit(order, None).await?;
+        let record = match submitted {
+            Submitted::New(r) | Submitted::Replayed(r) | Submitted::InProgress(r) => r,
+            Submitted::KeyReused => {
+                return Err(CoordinatorError::Corrupt(format!(
+                    "dispute {id}: its refund key was used for another request"
+                )))
+            }
+        };
+        let now = self.dispute_by_id(id).await?.ok_or_else(|| {
+            CoordinatorError::Corrupt(format!("dispute {id} vanished while refunded"))
+        })?;
+        Ok(Some(match (record.state, record.failure_code) {
+            (TransferState::Committed, _) => DisputeResolved::Now(now),
+            (TransferState::Aborted, Some(shard_agent::FailureCode::DisputeNotOpen)) => {
+                DisputeResolved::Already(now)
+            }
+            (TransferState::Aborted, Some(code)) => DisputeResolved::Refused(code),
+            _ => DisputeResolved::InProgress,
+        }))
     }
 
     /// Transfer `of` as `payee` may refund it.

@@ -127,6 +127,7 @@ pub async fn in_doubt_credit(
         session: None,
         refund_of: None,
         reason: None,
+        dispute: None,
     };
     let (txn, found) = agent
         .open_batch(std::slice::from_ref(&leg), &[Verdict::Pass], None)

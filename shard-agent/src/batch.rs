@@ -69,6 +69,8 @@ pub struct BatchLeg {
     pub refund_of: Option<TransferId>,
     /// A refund's reason, on the debit leg.
     pub reason: Option<String>,
+    /// A dispute's refund: the dispute it resolves, on both legs.
+    pub dispute: Option<Uuid>,
 }
 
 impl BatchLeg {
@@ -88,6 +90,7 @@ impl BatchLeg {
                 session,
                 refund_of: order.refund_of,
                 reason: order.reason.clone(),
+                dispute: order.dispute,
             },
             BatchLeg {
                 tid,
@@ -101,6 +104,7 @@ impl BatchLeg {
                 session: None,
                 refund_of: order.refund_of,
                 reason: None,
+                dispute: order.dispute,
             },
         ]
     }
@@ -275,13 +279,20 @@ struct Columns {
     reason: Vec<Option<String>>,
     /// The configured fraud rules (`None`: none).
     rules: Option<serde_json::Value>,
+    dispute: Vec<Option<Uuid>>,
 }
 
 impl Columns {
     /// The parameters of `wallet_batch_check` that follow the legs' verdicts
     /// so far, and of `wallet_batch_local` that follow its lock bound.
-    fn rule_params(&self) -> [&(dyn ToSql + Sync); 4] {
-        [&self.party, &self.limit, &self.refund_of, &self.rules]
+    fn rule_params(&self) -> [&(dyn ToSql + Sync); 5] {
+        [
+            &self.party,
+            &self.limit,
+            &self.refund_of,
+            &self.rules,
+            &self.dispute,
+        ]
     }
 
     /// The leading parameters of `wallet_batch_check` and `wallet_batch_local`.
@@ -335,6 +346,7 @@ impl Columns {
             refund_of: legs.iter().map(|l| l.refund_of.map(|t| t.0)).collect(),
             reason: legs.iter().map(|l| l.reason.clone()).collect(),
             rules: rules.sql_rules(),
+            dispute: legs.iter().map(|l| l.dispute).collect(),
         }
     }
 }
@@ -370,7 +382,7 @@ impl ShardAgent {
             let conn = self.conn().await?;
             let stmt = conn
                 .prepare_cached(&format!(
-                    "SELECT {ANSWER_COLUMNS} FROM wallet_batch_local($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
+                    "SELECT {ANSWER_COLUMNS} FROM wallet_batch_local($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)"
                 ))
                 .await
                 .map_err(self.pg("prepare local batch"))?;
@@ -386,6 +398,7 @@ impl ShardAgent {
                 &c.refund_of,
                 &c.reason,
                 &c.rules,
+                &c.dispute,
             ]);
             let rows = conn
                 .query(&stmt, &params)
@@ -423,13 +436,13 @@ impl ShardAgent {
             let conn = self.conn().await?;
             let stmt = conn
                 .prepare_cached(&format!(
-                    "SELECT {ANSWER_COLUMNS} FROM wallet_redis_debit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)"
+                    "SELECT {ANSWER_COLUMNS} FROM wallet_redis_debit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)"
                 ))
                 .await
                 .map_err(self.pg("prepare fenced debits"))?;
             let lock_wait_ms = i32::try_from(lock_wait_ms).unwrap_or(i32::MAX);
             let enforce = crate::redis_legs::enforce_fence();
-            let params: [&(dyn ToSql + Sync); 20] = [
+            let params: [&(dyn ToSql + Sync); 21] = [
                 &buckets,
                 &c.tid,
                 &c.user,
@@ -450,6 +463,7 @@ impl ShardAgent {
                 &c.refund_of,
                 &c.reason,
                 &c.rules,
+                &c.dispute,
             ];
             let rows = conn
                 .query(&stmt, &params)
@@ -483,7 +497,7 @@ impl ShardAgent {
             let mut conn = self.conn().await?;
             let stmt = conn
                 .prepare_cached(
-                    "SELECT wallet_batch_check($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                    "SELECT wallet_batch_check($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
                 )
                 .await
                 .map_err(self.pg("prepare batch check"))?;
@@ -653,13 +667,13 @@ impl OpenBatch<'_> {
                 let stmt = self
                     .conn
                     .prepare_cached(&format!(
-                        "SELECT {ANSWER_COLUMNS} FROM wallet_batch_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, NULL, $12, $13)"
+                        "SELECT {ANSWER_COLUMNS} FROM wallet_batch_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, NULL, $12, $13, $14)"
                     ))
                     .await
                     .map_err(agent.pg("prepare batch apply"))?;
                 // The mode column's text for Mode::TwoPc (cross-shard groups only).
                 let mode = "2pc";
-                let params: [&(dyn ToSql + Sync); 13] = [
+                let params: [&(dyn ToSql + Sync); 14] = [
                     &participants,
                     &mode,
                     &c.tid,
@@ -673,6 +687,7 @@ impl OpenBatch<'_> {
                     &outcomes,
                     &c.refund_of,
                     &c.reason,
+                    &c.dispute,
                 ];
                 let rows = match end {
                     // Pipelined: if the apply fails, PostgreSQL turns the

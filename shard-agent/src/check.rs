@@ -22,12 +22,14 @@ pub struct ShardAudit {
     pub user_opening: BTreeMap<String, Decimal>,
     /// Sum of clearing balances per currency (negative of net deposits).
     pub clearing_balances: BTreeMap<String, Decimal>,
-    /// Invariant 2: user accounts whose balance less held money is below zero.
+    /// Invariant 2: user accounts whose balance less held money is below
+    /// zero, dispute holds aside (a dispute may hold more than is available).
     pub negative_balances: i64,
     /// Invariant 4: accounts whose opening balance plus entries differs from the balance.
     pub ledger_mismatches: i64,
     /// Accounts whose held money is not the sum of their withdrawals waiting
-    /// on a payment provider (invariant 4).
+    /// on a payment provider and their open disputes, or whose hold and
+    /// release entries do not net to their open disputes (invariant 4).
     pub hold_mismatches: i64,
     /// Invariant 5: our prepared transactions, and transfers not yet decided.
     pub prepared: i64,
@@ -160,16 +162,29 @@ impl ShardAgent {
             let row = conn
                 .query_one(
                     &format!("SELECT
-                       (SELECT count(*) FROM accounts WHERE kind = 'user' AND balance - held < 0 AND {SERVED}),
+                       (SELECT count(*) FROM accounts a
+                          WHERE a.kind = 'user' AND {SERVED_A}
+                            AND a.balance - a.held + coalesce((SELECT sum(d.amount) FROM disputes d
+                                                                WHERE d.payee_user = a.user_id
+                                                                  AND d.state = 'open'), 0) < 0),
                        (SELECT count(*) FROM accounts a
                           WHERE {SERVED_A} AND a.opening_balance + coalesce((SELECT sum(amount) FROM ledger_entries e
-                                                     WHERE e.account_id = a.account_id), 0) <> a.balance),
+                                                     WHERE e.account_id = a.account_id
+                                                       AND e.kind NOT IN ('hold', 'release')), 0) <> a.balance),
                        (SELECT count(*) FROM transfers t WHERE state = 'preparing' AND {SERVED_T}),
                        (SELECT count(*) FROM accounts a
-                          WHERE {SERVED_A} AND a.held <> coalesce((SELECT sum(t.amount) FROM transfers t
+                          LEFT JOIN (SELECT payee_user, sum(amount) AS open FROM disputes
+                                      WHERE state = 'open' GROUP BY payee_user) d
+                                 ON d.payee_user = a.user_id
+                          LEFT JOIN (SELECT account_id, -sum(amount) AS held FROM ledger_entries
+                                      WHERE kind IN ('hold', 'release') GROUP BY account_id) h
+                                 USING (account_id)
+                          WHERE {SERVED_A} AND (a.held <> coalesce((SELECT sum(t.amount) FROM transfers t
                                                      WHERE t.from_user = a.user_id AND t.funds_held
                                                        AND t.kind = 'withdrawal'
-                                                       AND t.state = 'preparing'), 0)),
+                                                       AND t.state = 'preparing'), 0)
+                                                   + coalesce(d.open, 0)
+                                  OR coalesce(h.held, 0) <> coalesce(d.open, 0))),
                        (SELECT count(*) FROM pending_credits p JOIN transfers t USING (transfer_id) WHERE {SERVED_T}),
                        (SELECT count(*) FROM (
                           SELECT fence, lag(fence) OVER (PARTITION BY account_id ORDER BY entry_id) AS prev
@@ -179,10 +194,12 @@ impl ShardAgent {
                           WHERE a.kind = 'user' AND {SERVED_A} AND a.daily_limit IS NULL
                             AND {USED_TODAY} > ($1::jsonb ->> trim(a.currency))::numeric),
                        (SELECT count(*) FROM accounts a
+                          LEFT JOIN (SELECT account_id, -sum(amount) AS spent FROM ledger_entries
+                                      WHERE kind = 'transfer_debit'
+                                        AND created_at >= ((now() AT TIME ZONE 'UTC')::date)::timestamp AT TIME ZONE 'UTC'
+                                      GROUP BY account_id) u USING (account_id)
                           WHERE a.kind = 'user' AND {SERVED_A}
-                            AND {USED_TODAY} <> coalesce((SELECT -sum(e.amount) FROM ledger_entries e
-                                   WHERE e.account_id = a.account_id AND e.kind = 'transfer_debit'
-                                     AND e.created_at >= ((now() AT TIME ZONE 'UTC')::date)::timestamp AT TIME ZONE 'UTC'), 0))"),
+                            AND {USED_TODAY} <> coalesce(u.spent, 0))"),
                     &[&defaults],
                 )
                 .await
@@ -205,7 +222,8 @@ impl ShardAgent {
             audit.entries = conn
                 .query(
                     &format!("SELECT e.transfer_id, e.kind, e.amount FROM ledger_entries e
-                     JOIN accounts a USING (account_id) WHERE a.kind = 'user' AND {SERVED_A}"),
+                     JOIN accounts a USING (account_id)
+                     WHERE a.kind = 'user' AND {SERVED_A} AND e.kind NOT IN ('hold', 'release')"),
                     &[],
                 )
                 .await

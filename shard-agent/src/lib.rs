@@ -28,6 +28,7 @@ pub mod batch;
 pub mod bulk;
 pub mod catalog;
 pub mod check;
+pub mod disputes;
 pub mod dsn;
 pub mod error;
 pub mod external;

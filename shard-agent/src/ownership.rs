@@ -52,6 +52,10 @@ pub(crate) const TABLES: &[(&str, &str)] = &[
         "user_id = ANY (ARRAY(SELECT user_id FROM users WHERE bucket = $1))",
     ),
     (
+        "disputes",
+        "payee_user = ANY (ARRAY(SELECT user_id FROM users WHERE bucket = $1))",
+    ),
+    (
         "pending_credits",
         "transfer_id = ANY (ARRAY(SELECT transfer_id FROM transfers
                           WHERE coalesce(from_user, to_user) = ANY (ARRAY(SELECT user_id FROM users WHERE bucket = $1))))",

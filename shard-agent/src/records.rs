@@ -54,6 +54,8 @@ pub enum TransferKind {
     Withdrawal,
     /// Money a transfer's payee gives back to its payer (`refund_of`).
     Refund,
+    /// A dispute resolved in its payer's favour: the held money goes back.
+    DisputeRefund,
 }
 
 /// How a transfer was carried out.
@@ -84,6 +86,8 @@ pub enum FailureCode {
     LockUnavailable,
     /// A refund of a transfer that did not credit its payer.
     TransferNotFound,
+    /// A dispute's refund of a dispute no longer open.
+    DisputeNotOpen,
     /// A refund above what is left of its original.
     RefundExceedsOriginal,
     /// A fraud rule with the action `block` (the rule's name is the detail).
@@ -94,8 +98,9 @@ pub enum FailureCode {
 
 impl FailureCode {
     /// Every code.
-    pub const ALL: [FailureCode; 13] = [
+    pub const ALL: [FailureCode; 14] = [
         FailureCode::TransferNotFound,
+        FailureCode::DisputeNotOpen,
         FailureCode::RefundExceedsOriginal,
         FailureCode::TransferBlocked,
         FailureCode::LimitExceeded,
@@ -120,16 +125,17 @@ impl FailureCode {
             FailureCode::RecipientNotFound => 1,
             FailureCode::CurrencyMismatch => 2,
             FailureCode::TransferNotFound => 3,
-            FailureCode::RefundExceedsOriginal => 4,
-            FailureCode::TransferBlocked => 5,
-            FailureCode::LimitExceeded => 6,
-            FailureCode::InsufficientFunds => 7,
-            FailureCode::PaymentDeclined => 8,
+            FailureCode::DisputeNotOpen => 4,
+            FailureCode::RefundExceedsOriginal => 5,
+            FailureCode::TransferBlocked => 6,
+            FailureCode::LimitExceeded => 7,
+            FailureCode::InsufficientFunds => 8,
+            FailureCode::PaymentDeclined => 9,
             FailureCode::ShardUnavailable
             | FailureCode::ShardBusy
             | FailureCode::CoordinatorTimeout
             | FailureCode::PaymentTimeout
-            | FailureCode::LockUnavailable => 9,
+            | FailureCode::LockUnavailable => 10,
         }
     }
 
@@ -145,6 +151,7 @@ impl FailureCode {
             FailureCode::PaymentTimeout => "payment_timeout",
             FailureCode::LockUnavailable => "lock_unavailable",
             FailureCode::TransferNotFound => "transfer_not_found",
+            FailureCode::DisputeNotOpen => "dispute_not_open",
             FailureCode::RefundExceedsOriginal => "refund_exceeds_original",
             FailureCode::TransferBlocked => "transfer_blocked",
             FailureCode::LimitExceeded => "limit_exceeded",
@@ -222,6 +229,7 @@ impl TransferRecord {
             "deposit" => TransferKind::Deposit,
             "withdrawal" => TransferKind::Withdrawal,
             "refund" => TransferKind::Refund,
+            "dispute_refund" => TransferKind::DisputeRefund,
             other => return Err(corrupt(shard, "kind", other)),
         };
         let mode = match row.get::<_, &str>("mode") {
@@ -279,6 +287,7 @@ pub(crate) fn kind_str(kind: TransferKind) -> &'static str {
         TransferKind::Deposit => "deposit",
         TransferKind::Withdrawal => "withdrawal",
         TransferKind::Refund => "refund",
+        TransferKind::DisputeRefund => "dispute_refund",
     }
 }
 

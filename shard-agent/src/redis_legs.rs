@@ -36,6 +36,8 @@ pub struct PendingCredit {
     pub currency: Currency,
     /// A refund's original transfer: the credit is posted as a refund.
     pub refund_of: Option<TransferId>,
+    /// A dispute's refund: the credit is posted as one.
+    pub dispute: Option<uuid::Uuid>,
 }
 
 /// What became of one credit of a group (`wallet_redis_credit`).
@@ -147,7 +149,7 @@ impl ShardAgent {
             let conn = self.conn().await?;
             let stmt = conn
                 .prepare_cached(
-                    "SELECT wallet_redis_credit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                    "SELECT wallet_redis_credit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
                 )
                 .await
                 .map_err(self.pg("prepare fenced credits"))?;
@@ -160,6 +162,7 @@ impl ShardAgent {
             let party_name: Vec<&str> = credits.iter().map(|c| c.from_username.as_str()).collect();
             let refund_of: Vec<Option<uuid::Uuid>> =
                 credits.iter().map(|c| c.refund_of.map(|t| t.0)).collect();
+            let dispute: Vec<Option<uuid::Uuid>> = credits.iter().map(|c| c.dispute).collect();
             let enforce = enforce_fence();
             let rows = conn
                 .query(
@@ -176,6 +179,7 @@ impl ShardAgent {
                         &fence,
                         &enforce,
                         &refund_of,
+                        &dispute,
                     ],
                 )
                 .await
@@ -305,7 +309,8 @@ impl ShardAgent {
             let conn = self.conn().await?;
             let rows = conn
                 .query(
-                    "SELECT transfer_id, to_user, to_username, from_username, amount, currency, refund_of
+                    "SELECT transfer_id, to_user, to_username, from_username, amount, currency, refund_of,
+                            dispute_id
                      FROM pending_credits WHERE created_at < now() - make_interval(secs => $1)
                      ORDER BY last_attempt_at NULLS FIRST, created_at LIMIT $2",
                     &[
@@ -328,6 +333,7 @@ impl ShardAgent {
                             self.corrupt(format!("pending credit currency {currency:?}"))
                         })?,
                         refund_of: r.get::<_, Option<uuid::Uuid>>("refund_of").map(TransferId),
+                        dispute: r.get("dispute_id"),
                     })
                 })
                 .collect()

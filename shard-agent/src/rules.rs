@@ -60,13 +60,28 @@ pub struct FraudRule {
 /// The rules a shard's check enforces. The default has none: no limit, no
 /// fraud rule. Its fields sit at the top level of the coordinator's
 /// configuration (`daily_limits`, `fraud_rules`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct WalletRules {
     /// The daily outgoing limit per currency, for every user without an
     /// admin's override. A currency not listed has no default limit.
     pub daily_limits: BTreeMap<Currency, Decimal>,
     pub fraud_rules: Vec<FraudRule>,
+    /// How long after a transfer its payer may dispute it, in days.
+    pub dispute_window_days: u32,
+}
+
+/// The default of [`WalletRules::dispute_window_days`].
+pub const DISPUTE_WINDOW_DAYS: u32 = 60;
+
+impl Default for WalletRules {
+    fn default() -> Self {
+        WalletRules {
+            daily_limits: BTreeMap::new(),
+            fraud_rules: Vec::new(),
+            dispute_window_days: DISPUTE_WINDOW_DAYS,
+        }
+    }
 }
 
 /// Longest rule name: it travels in every refusal it causes.

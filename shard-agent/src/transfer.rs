@@ -21,6 +21,9 @@ pub struct TransferOrder {
     pub refund_of: Option<crate::records::TransferId>,
     /// A refund's reason.
     pub reason: Option<String>,
+    /// A dispute's refund: the dispute it resolves (`refund_of` is the
+    /// disputed transfer).
+    pub dispute: Option<uuid::Uuid>,
 }
 
 /// The final answer of a money movement, as the client will see it.

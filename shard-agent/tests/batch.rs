@@ -30,6 +30,7 @@ fn legs(tid: TransferId, from: UserId, to: UserId, amount: &str, k: &str) -> [Ba
             session: None,
             refund_of: None,
             reason: None,
+            dispute: None,
         },
         BatchLeg {
             tid,
@@ -43,6 +44,7 @@ fn legs(tid: TransferId, from: UserId, to: UserId, amount: &str, k: &str) -> [Ba
             session: None,
             refund_of: None,
             reason: None,
+            dispute: None,
         },
     ]
 }
@@ -635,6 +637,7 @@ async fn sql_and_rust_order_refusals_alike() {
         FailureCode::RecipientNotFound,
         FailureCode::CurrencyMismatch,
         FailureCode::TransferNotFound,
+        FailureCode::DisputeNotOpen,
         FailureCode::RefundExceedsOriginal,
         FailureCode::TransferBlocked,
         FailureCode::LimitExceeded,

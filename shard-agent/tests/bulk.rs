@@ -37,6 +37,7 @@ fn first_pays_second(users: &[BulkUser], amount: &str, k: &str) -> TransferOrder
         key: key(users[0].user_id, k),
         refund_of: None,
         reason: None,
+        dispute: None,
     }
 }
 

@@ -105,6 +105,7 @@ async fn every_write_path_refuses_a_fenced_bucket_and_writes_nothing() {
         amount: d("5"),
         currency: Currency::Usd,
         refund_of: None,
+        dispute: None,
     };
     assert_refused(
         p.a.credit_group(std::slice::from_ref(&credit), 11).await,

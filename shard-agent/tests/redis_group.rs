@@ -29,6 +29,7 @@ fn credit(tid: TransferId, to: UserId, amount: &str) -> PendingCredit {
         amount: common::usd(amount).value(),
         currency: Currency::Usd,
         refund_of: None,
+        dispute: None,
     }
 }
 

@@ -38,6 +38,16 @@ pub enum ErrorCode {
     TransferNotFound,
     /// 404: no user with that username (admin and fraud routes).
     UserNotFound,
+    /// 404: no such dispute, or the caller is neither its payer nor its payee.
+    DisputeNotFound,
+    /// 409: the transfer has an open dispute.
+    DisputeExists,
+    /// 409: the dispute is already refunded or rejected.
+    DisputeResolved,
+    /// 422: the transfer is older than the dispute window.
+    DisputeWindowPassed,
+    /// 422: refunds gave the whole transfer back; there is nothing to dispute.
+    NothingToDispute,
     /// 404: no such route.
     NotFound,
     /// 405: the route exists but not with this method.
@@ -104,12 +114,16 @@ impl ErrorCode {
             | InvalidIdempotencyKey => StatusCode::BAD_REQUEST,
             Unauthorized | InvalidCredentials => StatusCode::UNAUTHORIZED,
             PaymentDeclined => StatusCode::PAYMENT_REQUIRED,
-            RecipientNotFound | TransferNotFound | UserNotFound | NotFound => StatusCode::NOT_FOUND,
+            RecipientNotFound | TransferNotFound | UserNotFound | DisputeNotFound | NotFound => {
+                StatusCode::NOT_FOUND
+            }
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            UsernameTaken | RequestInProgress | BucketMoving => StatusCode::CONFLICT,
+            UsernameTaken | RequestInProgress | BucketMoving | DisputeExists | DisputeResolved => {
+                StatusCode::CONFLICT
+            }
             PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             SameAccount
             | CurrencyMismatch
@@ -117,7 +131,9 @@ impl ErrorCode {
             | IdempotencyKeyReused
             | LimitExceeded
             | TransferBlocked
-            | RefundExceedsOriginal => StatusCode::UNPROCESSABLE_ENTITY,
+            | RefundExceedsOriginal
+            | DisputeWindowPassed
+            | NothingToDispute => StatusCode::UNPROCESSABLE_ENTITY,
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
             ShardUnavailable | ShardBusy | CoordinatorTimeout | LockUnavailable | Overloaded => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -146,6 +162,7 @@ impl ErrorCode {
             FailureCode::PaymentTimeout => ErrorCode::PaymentTimeout,
             FailureCode::LockUnavailable => ErrorCode::LockUnavailable,
             FailureCode::TransferNotFound => ErrorCode::TransferNotFound,
+            FailureCode::DisputeNotOpen => ErrorCode::DisputeResolved,
             FailureCode::RefundExceedsOriginal => ErrorCode::RefundExceedsOriginal,
             FailureCode::TransferBlocked => ErrorCode::TransferBlocked,
             FailureCode::LimitExceeded => ErrorCode::LimitExceeded,

@@ -2,6 +2,7 @@
 //! without a socket; [`serve`] runs it with its connection bounds and graceful
 //! shutdown.
 
+pub mod disputes;
 pub mod error;
 pub mod extract;
 pub mod limits;
@@ -64,6 +65,8 @@ pub fn app(state: AppState, config: &Config) -> Router {
         .route("/v1/deposit", post(money::deposit))
         .route("/v1/withdrawal", post(money::withdrawal))
         .route("/v1/refunds", post(rules::refund))
+        .route("/v1/disputes", post(disputes::open))
+        .route("/v1/disputes/{id}", get(disputes::get))
         .route_layer(from_fn_with_state(state.clone(), limits::per_user));
     Router::new()
         .merge(auth_routes)
@@ -72,6 +75,7 @@ pub fn app(state: AppState, config: &Config) -> Router {
         .route("/v1/admin/in-doubt", get(ops::in_doubt))
         .route("/v1/admin/users/{username}/limits", put(rules::set_limits))
         .route("/v1/fraud_detection", post(rules::fraud_detection))
+        .route("/v1/admin/disputes/{id}/resolve", post(disputes::resolve))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))

@@ -32,8 +32,9 @@ pub struct AccountQuery {
 #[derive(Serialize, ToSchema)]
 pub struct EntryBody {
     pub transfer_id: String,
-    /// transfer, deposit, withdrawal or refund. The sign of `amount` says
-    /// which way the money went.
+    /// transfer, deposit, withdrawal, refund, hold (a dispute holds money:
+    /// the balance is unchanged, `available` drops), release (the hold ends)
+    /// or dispute_refund. The sign of `amount` says which way the money went.
     pub kind: String,
     /// Signed: negative amounts left the account.
     pub amount: String,
@@ -69,6 +70,7 @@ fn entry_kind(kind: &str) -> String {
     match kind {
         "transfer_debit" | "transfer_credit" => "transfer",
         "refund_debit" | "refund_credit" => "refund",
+        "dispute_refund_debit" | "dispute_refund_credit" => "dispute_refund",
         other => other,
     }
     .to_owned()
@@ -178,6 +180,7 @@ impl TransferBody {
                 TransferKind::Deposit => "deposit",
                 TransferKind::Withdrawal => "withdrawal",
                 TransferKind::Refund => "refund",
+                TransferKind::DisputeRefund => "dispute_refund",
             }
             .to_owned(),
             from: r.from_username.clone(),

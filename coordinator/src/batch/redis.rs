@@ -449,6 +449,7 @@ fn pending(job: &Job) -> PendingCredit {
         amount: job.order.amount.value(),
         currency: job.order.amount.currency(),
         refund_of: job.order.refund_of,
+        dispute: job.order.dispute,
     }
 }
 

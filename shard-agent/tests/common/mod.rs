@@ -133,6 +133,7 @@ pub fn order(payer: UserId, payee: UserId, amount: &str, k: &str) -> TransferOrd
         key: key(payer, k),
         refund_of: None,
         reason: None,
+        dispute: None,
     }
 }
 

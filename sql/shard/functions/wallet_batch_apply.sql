@@ -15,7 +15,10 @@
 --     (p_fence, Redis mode's token, is passed on to it).
 --   - A leg with p_refund_of is a refund's: its entries are refund_debit and
 --     refund_credit, and its record a 'refund' naming the original and
---     carrying p_reason. A refusal's record carries the detail
+--     carrying p_reason. With p_dispute too it is a dispute's refund
+--     (dispute_refund_debit and _credit, a 'dispute_refund' record): the
+--     payer's leg also releases the dispute's hold (a 'release' entry) and
+--     closes the dispute as refunded, under the row locks the check took. A refusal's record carries the detail
 --     wallet_batch_check left for it in this transaction (wallet.refusal_detail),
 --     only when it came with the refusal the transfer ends with (a later
 --     shard's higher-ranked refusal carries none).
@@ -25,7 +28,7 @@ CREATE OR REPLACE FUNCTION wallet_batch_apply(
     p_participants text[], p_mode text,
     p_transfer uuid[], p_debit boolean[], p_user uuid[], p_amount numeric[],
     p_currency text[], p_user_name text[], p_party uuid[], p_party_name text[],
-    p_outcome text[], p_fence bigint, p_refund_of uuid[], p_reason text[]
+    p_outcome text[], p_fence bigint, p_refund_of uuid[], p_reason text[], p_dispute uuid[]
 ) RETURNS TABLE (
     for_transfer uuid, verdict text,
     transfer_id uuid, kind text, mode text, from_user uuid, from_username text, to_user uuid,
@@ -46,6 +49,8 @@ DECLARE
     v_party text[] := '{}';
     v_pointed uuid;
     v_details jsonb := nullif(current_setting('wallet.refusal_detail', true), '')::jsonb;
+    v_release uuid;
+    v_releases uuid[] := array_fill(NULL::uuid, ARRAY[n]);
     i int;
 BEGIN
     -- The accounts of the legs that move money, locked since the check; the
@@ -58,28 +63,52 @@ BEGIN
                                   WHERE p_outcome[x] IS NULL));
     FOR i IN 1..n LOOP
         CONTINUE WHEN p_outcome[i] IS NOT NULL;
+        IF p_debit[i] AND p_dispute[i] IS NOT NULL THEN
+            -- The dispute's hold is released (under an ID of its own) as its
+            -- money is refunded.
+            v_release := gen_random_uuid();
+            v_releases[i] := v_release;
+            v_transfer := v_transfer || v_release;
+            v_account := v_account || v_accounts[array_position(v_ids, p_user[i])];
+            v_kind := v_kind || 'release'::text;
+            v_amount := v_amount || p_amount[i];
+            v_party := v_party || p_party_name[i];
+        END IF;
         v_transfer := v_transfer || p_transfer[i];
         v_account := v_account || v_accounts[array_position(v_ids, p_user[i])];
-        v_kind := v_kind || (CASE WHEN p_refund_of[i] IS NULL THEN 'transfer' ELSE 'refund' END
+        v_kind := v_kind || (CASE WHEN p_dispute[i] IS NOT NULL THEN 'dispute_refund'
+                                  WHEN p_refund_of[i] IS NOT NULL THEN 'refund'
+                                  ELSE 'transfer' END
                              || CASE WHEN p_debit[i] THEN '_debit' ELSE '_credit' END);
         v_amount := v_amount || CASE WHEN p_debit[i] THEN -p_amount[i] ELSE p_amount[i] END;
         v_party := v_party || p_party_name[i];
     END LOOP;
     PERFORM wallet_post(v_transfer, v_account, v_kind, v_amount, v_party, p_fence);
+    -- Disputes refunded: closed, naming their release and their refund.
+    FOR i IN 1..n LOOP
+        CONTINUE WHEN v_releases[i] IS NULL;
+        UPDATE disputes d SET state = 'refunded', resolved_at = now(), release_id = v_releases[i],
+                              refund_id = p_transfer[i]
+         WHERE d.dispute_id = p_dispute[i];
+    END LOOP;
     -- The records written, each the answer to its own transfer: a refusal's
     -- verdict is its failure code.
     RETURN QUERY
     INSERT INTO transfers AS t (transfer_id, kind, mode, from_user, from_username, to_user,
                                 to_username, amount, currency, state, failure_code,
-                                participants, decided_at, refund_of, reason, failure_detail)
-    SELECT p_transfer[x], CASE WHEN p_refund_of[x] IS NULL THEN 'transfer' ELSE 'refund' END,
+                                participants, decided_at, refund_of, reason, failure_detail,
+                                dispute_id)
+    SELECT p_transfer[x], CASE WHEN p_dispute[x] IS NOT NULL THEN 'dispute_refund'
+                               WHEN p_refund_of[x] IS NOT NULL THEN 'refund'
+                               ELSE 'transfer' END,
            p_mode, p_user[x], p_user_name[x], p_party[x],
            p_party_name[x], p_amount[x], p_currency[x],
            CASE WHEN p_outcome[x] IS NULL THEN 'committed' ELSE 'aborted' END, p_outcome[x],
            p_participants,
            statement_timestamp(), p_refund_of[x], p_reason[x],
            CASE WHEN v_details->(p_transfer[x]::text)->>'code' = p_outcome[x]
-                THEN v_details->(p_transfer[x]::text)->>'detail' END
+                THEN v_details->(p_transfer[x]::text)->>'detail' END,
+           p_dispute[x]
       FROM generate_subscripts(p_transfer, 1) AS x
      WHERE p_debit[x] AND (p_outcome[x] IS NULL OR strpos(p_outcome[x], ':') = 0)
      ORDER BY x

@@ -12,7 +12,8 @@
 -- credit leg). p_party is each leg's other user. On a payer's leg, p_limit is
 -- the configured daily limit for the transfer's currency (NULL: none; an
 -- admin's override on the account wins) and p_refund_of the transfer a refund
--- gives back (NULL: a transfer). p_rules holds the fraud rules (NULL: none;
+-- gives back (NULL: a transfer); p_dispute, on both legs of a dispute's
+-- refund, the dispute it resolves. p_rules holds the fraud rules (NULL: none;
 -- see wallet_fraud_check).
 --
 -- Verdicts: NULL (passed); a business refusal (wallet_first_failure's list:
@@ -37,9 +38,12 @@
 --      coordinator keeps, one global order), so two groups never wait on each
 --      other in a cycle; the legs are then checked against the locked rows:
 --      recipient_not_found, currency_mismatch, then on a payer's leg the
---      wallet's rules: a refund must refund a transfer credited to this payer
---      (transfer_not_found) by no more than what is left of it
---      (refund_exceeds_original); a transfer must pass the fraud rules
+--      wallet's rules: a dispute's refund must resolve a dispute still open
+--      for this payee, transfer and amount (dispute_not_open), and takes the
+--      money the dispute holds; a refund must refund a transfer credited to
+--      this payer (transfer_not_found) by no more than what refunds and open
+--      disputes left of it (refund_exceeds_original); a transfer must pass
+--      the fraud rules
 --      (transfer_blocked) and fit the payer's daily limit (limit_exceeded);
 --      then insufficient_funds (against the balance less what is held: a
 --      withdrawal waiting on its provider holds its amount), the first by
@@ -60,7 +64,7 @@ CREATE OR REPLACE FUNCTION wallet_batch_check(
     p_transfer uuid[], p_debit boolean[], p_user uuid[], p_amount numeric[],
     p_currency text[], p_key_user uuid[], p_key text[], p_fingerprint bytea[],
     p_session bytea[], p_failure text[], p_party uuid[], p_limit numeric[],
-    p_refund_of uuid[], p_rules jsonb
+    p_refund_of uuid[], p_rules jsonb, p_dispute uuid[]
 ) RETURNS text[]
 LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
@@ -82,6 +86,7 @@ DECLARE
     v_fraud text[];
     v_details jsonb := '{}';
     v_limit numeric;
+    v_disputed int[] := '{}';
     v_at int;
     v_fail text;
     v_seen_ids uuid[];
@@ -152,10 +157,21 @@ BEGIN
                                     WHERE e.transfer_id = p_refund_of[x] AND a.user_id = p_user[x]
                                       AND e.kind = 'transfer_credit')), '{}'),
                coalesce(array_agg((SELECT coalesce(sum(t.amount), 0) FROM transfers t
-                                    WHERE t.refund_of = p_refund_of[x] AND t.state = 'committed')), '{}')
+                                    WHERE t.refund_of = p_refund_of[x] AND t.state = 'committed')
+                                  + (SELECT coalesce(sum(d.amount), 0) FROM disputes d
+                                      WHERE d.transfer_id = p_refund_of[x] AND d.state = 'open')), '{}')
           INTO v_refund_at, v_credited, v_refunded
           FROM generate_subscripts(p_transfer, 1) AS x
-         WHERE p_debit[x] AND p_refund_of[x] IS NOT NULL AND v_out[x] IS NULL;
+         WHERE p_debit[x] AND p_refund_of[x] IS NOT NULL AND p_dispute[x] IS NULL
+           AND v_out[x] IS NULL;
+        -- Disputes' refunds: the legs whose dispute is open for them.
+        SELECT coalesce(array_agg(x), '{}') INTO v_disputed
+          FROM generate_subscripts(p_transfer, 1) AS x
+         WHERE p_debit[x] AND p_dispute[x] IS NOT NULL AND v_out[x] IS NULL
+           AND EXISTS (SELECT 1 FROM disputes d
+                        WHERE d.dispute_id = p_dispute[x] AND d.state = 'open'
+                          AND d.payee_user = p_user[x] AND d.transfer_id = p_refund_of[x]
+                          AND d.amount = p_amount[x]);
     END IF;
     -- Fraud rules, for the transfers still passing.
     IF p_rules IS NOT NULL THEN
@@ -164,15 +180,17 @@ BEGIN
     END IF;
     -- The accounts of transfers an earlier shard refused, read unlocked in one
     -- statement (see below); only the ordered check passes such refusals.
-    IF v_out && ARRAY['currency_mismatch', 'transfer_not_found', 'refund_exceeds_original',
-                      'transfer_blocked', 'limit_exceeded', 'insufficient_funds'] THEN
+    IF v_out && ARRAY['currency_mismatch', 'transfer_not_found', 'dispute_not_open',
+                      'refund_exceeds_original', 'transfer_blocked', 'limit_exceeded',
+                      'insufficient_funds'] THEN
         SELECT coalesce(array_agg(a.user_id), '{}'), coalesce(array_agg(trim(a.currency)), '{}')
           INTO v_seen_ids, v_seen_currencies
           FROM accounts a
          WHERE a.user_id = ANY (ARRAY(SELECT p_user[x] FROM generate_subscripts(p_user, 1) AS x
                                       WHERE v_out[x] IN ('currency_mismatch', 'transfer_not_found',
-                                                         'refund_exceeds_original', 'transfer_blocked',
-                                                         'limit_exceeded', 'insufficient_funds')));
+                                                         'dispute_not_open', 'refund_exceeds_original',
+                                                         'transfer_blocked', 'limit_exceeded',
+                                                         'insufficient_funds')));
     END IF;
     i := 1;
     WHILE i <= n LOOP
@@ -189,6 +207,14 @@ BEGIN
                     v_fail := wallet_first_failure(v_fail, 'recipient_not_found');
                 ELSIF trim(v_currencies[v_at]) <> p_currency[k] THEN
                     v_fail := wallet_first_failure(v_fail, 'currency_mismatch');
+                ELSIF p_debit[k] AND p_dispute[k] IS NOT NULL THEN
+                    -- The money is on the account, held by the dispute: the
+                    -- other holds must still be covered once it is spent.
+                    IF NOT k = ANY (v_disputed) THEN
+                        v_fail := wallet_first_failure(v_fail, 'dispute_not_open');
+                    ELSIF v_balances[v_at] < 0 THEN
+                        v_fail := wallet_first_failure(v_fail, 'insufficient_funds');
+                    END IF;
                 ELSIF p_debit[k] AND p_refund_of[k] IS NOT NULL
                       AND v_credited[array_position(v_refund_at, k)] IS NULL THEN
                     v_fail := wallet_first_failure(v_fail, 'transfer_not_found');
@@ -217,8 +243,9 @@ BEGIN
                 END IF;
             END LOOP;
             FOR k IN i..j LOOP v_out[k] := v_fail; END LOOP;
-        ELSIF v_out[i] IN ('currency_mismatch', 'transfer_not_found', 'refund_exceeds_original',
-                           'transfer_blocked', 'limit_exceeded', 'insufficient_funds') THEN
+        ELSIF v_out[i] IN ('currency_mismatch', 'transfer_not_found', 'dispute_not_open',
+                           'refund_exceeds_original', 'transfer_blocked', 'limit_exceeded',
+                           'insufficient_funds') THEN
             -- Refused on an earlier shard for a reason that ranks below what
             -- this shard may find: a missing or other-currency account outranks
             -- it. Accounts are never deleted and never change currency, so this

@@ -17,7 +17,7 @@
 --
 -- Rules owned here:
 --   - One statement per rule that reads history, whatever the group's size,
---     each on the transfers_by_payer index.
+--     each on the transfers_by_payer index, and none for the others.
 --   - What it reads only transfers holding the payer's row lock write, so
 --     concurrent transfers of one payer are judged one after the other.
 CREATE OR REPLACE FUNCTION wallet_fraud_check(
@@ -33,14 +33,21 @@ DECLARE
     v_rule jsonb;
     v_over numeric;
     i int;
+    r int;
 BEGIN
-    SELECT coalesce(array_agg(x), '{}') INTO v_legs
-      FROM generate_subscripts(p_user, 1) AS x
-     WHERE p_debit[x] AND p_refund_of[x] IS NULL AND p_out[x] IS NULL;
+    -- Plain loops, not queries: each statement costs PL/pgSQL an executor
+    -- start, and these run for every group while rules are configured.
+    v_legs := '{}';
+    FOR i IN 1..n LOOP
+        IF p_debit[i] AND p_refund_of[i] IS NULL AND p_out[i] IS NULL THEN
+            v_legs := v_legs || i;
+        END IF;
+    END LOOP;
     IF cardinality(v_legs) = 0 THEN
         RETURN v_hit;
     END IF;
-    FOR v_rule IN SELECT r FROM jsonb_array_elements(p_rules) AS r LOOP
+    FOR r IN 0..jsonb_array_length(p_rules) - 1 LOOP
+        v_rule := p_rules->r;
         v_met := '{}';
         IF v_rule->>'rule' = 'velocity' THEN
             SELECT coalesce(array_agg(x), '{}') INTO v_met

@@ -22,6 +22,10 @@
 --     that began before midnight and reaches a row another transaction has
 --     already moved to the new day leaves the new day's usage alone (its
 --     entries are dated the day before).
+--   - Holds: a 'hold' entry (negative) adds its amount to the account's held
+--     money and a 'release' entry (positive) takes it off; neither moves the
+--     balance, and their balance_after is the balance at their place in the
+--     order.
 --   - It checks nothing: the caller holds the accounts' row locks and has
 --     applied every rule (funds, currency, fence). A user account that would
 --     still go negative is refused by the table's no_overdraft constraint, and
@@ -38,6 +42,7 @@ DECLARE
     v_accounts uuid[] := '{}';
     v_totals numeric[] := '{}';
     v_spent numeric[] := '{}';
+    v_holds numeric[] := '{}';
     v_today date := (now() AT TIME ZONE 'UTC')::date;
     v_moved uuid[];
     v_running numeric[];
@@ -49,9 +54,13 @@ BEGIN
         v_at := array_position(v_accounts, p_account[i]);
         IF v_at IS NULL THEN
             v_accounts := v_accounts || p_account[i];
-            v_totals := v_totals || p_amount[i];
+            v_totals := v_totals || 0::numeric;
             v_spent := v_spent || 0::numeric;
+            v_holds := v_holds || 0::numeric;
             v_at := cardinality(v_accounts);
+        END IF;
+        IF p_kind[i] IN ('hold', 'release') THEN
+            v_holds[v_at] := v_holds[v_at] - p_amount[i];
         ELSE
             v_totals[v_at] := v_totals[v_at] + p_amount[i];
         END IF;
@@ -61,6 +70,7 @@ BEGIN
     END LOOP;
     WITH moved AS (
         UPDATE accounts a SET balance = a.balance + d.total,
+                              held = a.held + d.holds,
                               last_fence = greatest(a.last_fence, p_fence),
                               used_today = CASE WHEN d.spent = 0 THEN a.used_today
                                                 WHEN a.used_day = v_today THEN a.used_today + d.spent
@@ -68,7 +78,7 @@ BEGIN
                                                 ELSE d.spent END,
                               used_day = CASE WHEN d.spent = 0 OR a.used_day > v_today THEN a.used_day
                                               ELSE v_today END
-          FROM unnest(v_accounts, v_totals, v_spent) AS d (id, total, spent)
+          FROM unnest(v_accounts, v_totals, v_spent, v_holds) AS d (id, total, spent, holds)
          WHERE a.account_id = d.id AND a.account_id = ANY (v_accounts)
         RETURNING a.account_id, a.balance - d.total AS opening
     )
@@ -78,7 +88,9 @@ BEGIN
     FOR i IN 1..n LOOP
         v_at := array_position(v_moved, p_account[i]);
         CONTINUE WHEN v_at IS NULL;
-        v_running[v_at] := v_running[v_at] + p_amount[i];
+        IF p_kind[i] NOT IN ('hold', 'release') THEN
+            v_running[v_at] := v_running[v_at] + p_amount[i];
+        END IF;
         v_balance[i] := v_running[v_at];
     END LOOP;
     INSERT INTO ledger_entries (account_id, transfer_id, kind, amount, balance_after, counterparty,

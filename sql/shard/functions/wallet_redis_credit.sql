@@ -21,7 +21,7 @@
 CREATE OR REPLACE FUNCTION wallet_redis_credit(
     p_buckets int[], p_transfer uuid[], p_user uuid[], p_amount numeric[], p_currency text[],
     p_user_name text[], p_party uuid[], p_party_name text[], p_fence bigint,
-    p_enforce_fence boolean, p_refund_of uuid[]
+    p_enforce_fence boolean, p_refund_of uuid[], p_dispute uuid[]
 ) RETURNS text[]
 LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
@@ -56,7 +56,7 @@ BEGIN
     PERFORM * FROM wallet_batch_apply('{}', 'redis', p_transfer, array_fill(false, ARRAY[n]),
                                       p_user, p_amount, p_currency, p_user_name, p_party,
                                       p_party_name, v_out, p_fence, p_refund_of,
-                                      array_fill(NULL::text, ARRAY[n]));
+                                      array_fill(NULL::text, ARRAY[n]), p_dispute);
     RETURN v_out;
 END
 $$;
