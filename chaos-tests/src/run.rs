@@ -12,6 +12,7 @@ use rust_decimal::Decimal;
 use serde::Serialize;
 use shard_agent::ShardAgent;
 use tracing::info;
+use uuid::Uuid;
 
 use crate::checker::{wait_quiescent, Snapshot};
 use crate::cluster::{ChaosCluster, ClusterOptions};
@@ -85,6 +86,8 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> anyhow::Result<Repor
         request_timeout: Duration::from_secs(4),
         amount_cents_max: 4_000,
         refund_percent: 10,
+        dispute_percent: 4,
+        admin_token: Some("chaos-admin".to_owned()),
     };
     let stop = Arc::new(AtomicBool::new(false));
     let workload = {
@@ -135,6 +138,41 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> anyhow::Result<Repor
             resolved += 1;
         }
         records[i].outcome = outcome;
+    }
+    // What became of every dispute the clients saw opened: a refunded one
+    // moved its amount back to the payer, which the balance model must know.
+    let opened: Vec<(Uuid, String, String)> = records
+        .iter()
+        .filter_map(|r| match (r.dispute_of, &r.outcome) {
+            (Some(_), Outcome::Acknowledged(id)) => Some((*id, r.from.clone(), r.to.clone())),
+            _ => None,
+        })
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    for (id, payer, payee) in opened {
+        let Some(user) = users.iter().find(|u| u.name == payer) else {
+            continue;
+        };
+        match client.dispute_state(user, id).await {
+            Some(d) if d["status"] == "refunded" => {
+                let refund = d["refund_transfer_id"]
+                    .as_str()
+                    .and_then(|t| Uuid::parse_str(t).ok());
+                records.push(Record {
+                    key: format!("dispute-{id}"),
+                    from: payee,
+                    to: payer,
+                    amount: d["amount"].as_str().unwrap_or_default().to_owned(),
+                    refund_of: None,
+                    dispute_of: None,
+                    attempts: 1,
+                    outcome: refund.map_or(Outcome::Unknown, Outcome::Acknowledged),
+                });
+            }
+            Some(_) => {}
+            None => violations.push(format!("disputes: {id} cannot be read by its payer")),
+        }
     }
     if let Some(path) = &opts.history {
         write_history(path, &records)?;
@@ -433,7 +471,10 @@ async fn sample(agents: Vec<ShardAgent>, stop: Arc<AtomicBool>) -> MidRun {
 /// nothing moved), and a model of every user's balance built from the history.
 pub fn check(snap: &Snapshot, records: &[Record], users: &[User]) -> Vec<String> {
     let mut v = snap.violations(true);
-    let acked: Vec<_> = records
+    // A dispute moves nothing itself (its refund, if any, is a record of its
+    // own), and its acknowledged ID is not a transfer's.
+    let money: Vec<&Record> = records.iter().filter(|r| r.dispute_of.is_none()).collect();
+    let acked: Vec<_> = money
         .iter()
         .filter_map(|r| match r.outcome {
             Outcome::Acknowledged(id) => Some(id),
@@ -453,7 +494,7 @@ pub fn check(snap: &Snapshot, records: &[Record], users: &[User]) -> Vec<String>
         .iter()
         .map(|u| (u.name.as_str(), DEPOSIT.parse().expect("static amount")))
         .collect();
-    for r in records {
+    for r in &money {
         if let Outcome::Acknowledged(_) = r.outcome {
             let amount: Decimal = r.amount.parse().expect("the workload formats amounts");
             *model.entry(&r.from).or_default() -= amount;

@@ -58,6 +58,10 @@ pub struct Record {
     /// A refund's original transfer.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refund_of: Option<Uuid>,
+    /// A dispute opened by `from` (the payer) of this transfer: its outcome,
+    /// when acknowledged, is the dispute's ID, and `amount` what it holds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dispute_of: Option<Uuid>,
     pub attempts: u32,
     pub outcome: Outcome,
 }
@@ -72,8 +76,19 @@ pub struct WorkloadConfig {
     /// Amounts are drawn uniformly from 0.01 to this many cents / 100.
     pub amount_cents_max: i64,
     /// Of every 100 requests, how many are refunds (of a transfer some task
-    /// saw acknowledged), the rest transfers.
+    /// saw acknowledged), and how many are disputes (opened by the payer of
+    /// such a transfer, or, as often, an admin's decision on one opened
+    /// before), the rest transfers.
     pub refund_percent: u32,
+    pub dispute_percent: u32,
+    /// The admin token, for deciding disputes (none: disputes stay open).
+    pub admin_token: Option<String>,
+}
+
+/// A dispute opened during the run.
+#[derive(Clone, Debug)]
+struct Opened {
+    id: Uuid,
 }
 
 /// A transfer acknowledged during the run, which its payee may refund.
@@ -208,6 +223,93 @@ impl Client {
             .await
     }
 
+    /// Opens a dispute of `of` as its payer `from`, retried on timeouts and
+    /// 503s. Acknowledged with the dispute's ID (a retry that finds its own
+    /// earlier attempt's dispute open gets 409 `dispute_exists` naming it).
+    pub async fn open_dispute(
+        &self,
+        from: &User,
+        of: Uuid,
+        attempts_max: u32,
+    ) -> (u32, Outcome, String) {
+        let body = json!({"transfer_id": of, "reason": "chaos"});
+        for attempt in 1..=attempts_max {
+            match self
+                .post("/v1/disputes", Some(&from.token), None, body.clone())
+                .await
+            {
+                Ok((s, b)) if s.is_success() => {
+                    let id = b["dispute_id"]
+                        .as_str()
+                        .and_then(|t| Uuid::parse_str(t).ok());
+                    let amount = b["amount"].as_str().unwrap_or_default().to_owned();
+                    return (
+                        attempt,
+                        id.map_or(Outcome::Unknown, Outcome::Acknowledged),
+                        amount,
+                    );
+                }
+                Ok((s, b)) if s == StatusCode::CONFLICT && b["code"] == "dispute_exists" => {
+                    let id = b["detail"]
+                        .as_str()
+                        .and_then(|d| d.strip_prefix("dispute "))
+                        .and_then(|t| Uuid::parse_str(t).ok());
+                    return (
+                        attempt,
+                        id.map_or(Outcome::Unknown, Outcome::Acknowledged),
+                        String::new(),
+                    );
+                }
+                Ok((s, _)) if s == StatusCode::SERVICE_UNAVAILABLE => {}
+                Ok((_, b)) => {
+                    let code = b["code"].as_str().unwrap_or("unknown").to_owned();
+                    return (
+                        attempt,
+                        Outcome::Failed {
+                            code,
+                            transfer_id: None,
+                        },
+                        String::new(),
+                    );
+                }
+                Err(_) => {}
+            }
+            tokio::time::sleep(backoff(attempt)).await;
+        }
+        (attempts_max, Outcome::Unknown, String::new())
+    }
+
+    /// An admin's decision on dispute `id`, retried on timeouts and 503s; what
+    /// became of it is read at the end (`dispute_state`).
+    pub async fn resolve_dispute(&self, admin: &str, id: Uuid, refund: bool, attempts_max: u32) {
+        let body = json!({"outcome": if refund { "refund" } else { "reject" }});
+        let path = format!("/v1/admin/disputes/{id}/resolve");
+        for attempt in 1..=attempts_max {
+            match self.post(&path, Some(admin), None, body.clone()).await {
+                Ok((s, _)) if s == StatusCode::SERVICE_UNAVAILABLE => {}
+                Ok(_) => return,
+                Err(_) => {}
+            }
+            tokio::time::sleep(backoff(attempt)).await;
+        }
+    }
+
+    /// Dispute `id` as `user` (a party) reads it: its status and, once
+    /// refunded, the amount and the refund's transfer ID.
+    pub async fn dispute_state(&self, user: &User, id: Uuid) -> Option<Value> {
+        let resp = self
+            .http
+            .get(format!("{}/v1/disputes/{id}", self.base))
+            .bearer_auth(&user.token)
+            .send()
+            .await
+            .ok()?;
+        if !resp.status().is_success() {
+            return None;
+        }
+        resp.json::<Value>().await.ok()
+    }
+
     async fn send_money(
         &self,
         path: &str,
@@ -274,13 +376,15 @@ impl Client {
     ) -> Vec<Record> {
         let mut handles = Vec::with_capacity(limits.len());
         let acknowledged: Arc<std::sync::Mutex<Vec<Refundable>>> = Arc::default();
+        let disputes: Arc<std::sync::Mutex<Vec<Opened>>> = Arc::default();
         for (t, limit) in limits.into_iter().enumerate() {
-            let (client, users, config, stop, acknowledged) = (
+            let (client, users, config, stop, acknowledged, disputes) = (
                 self.clone(),
                 users.clone(),
                 config.clone(),
                 stop.clone(),
                 acknowledged.clone(),
+                disputes.clone(),
             );
             handles.push(tokio::spawn(async move {
                 let mut rng = StdRng::seed_from_u64(
@@ -294,13 +398,62 @@ impl Client {
                         break;
                     }
                     let key = format!("s{}-t{t}-{i}", config.seed);
-                    let refund = (rng.gen_range(0..100) < config.refund_percent)
-                        .then(|| {
-                            let seen = acknowledged
-                                .lock()
-                                .expect("invariant: no task panics holding the list");
-                            (!seen.is_empty()).then(|| seen[rng.gen_range(0..seen.len())].clone())
-                        })
+                    let roll = rng.gen_range(0..100);
+                    let pick = |rng: &mut StdRng| {
+                        let seen = acknowledged
+                            .lock()
+                            .expect("invariant: no task panics holding the list");
+                        (!seen.is_empty()).then(|| seen[rng.gen_range(0..seen.len())].clone())
+                    };
+                    if roll >= config.refund_percent
+                        && roll < config.refund_percent + config.dispute_percent
+                    {
+                        let decide = rng.gen_bool(0.5);
+                        let open = disputes
+                            .lock()
+                            .expect("invariant: no task panics holding the list")
+                            .clone();
+                        match (&config.admin_token, decide && !open.is_empty()) {
+                            (Some(admin), true) => {
+                                let chosen = open[rng.gen_range(0..open.len())].id;
+                                let refund = rng.gen_bool(0.5);
+                                client
+                                    .resolve_dispute(admin, chosen, refund, config.attempts_max)
+                                    .await;
+                            }
+                            _ => {
+                                let Some(original) = pick(&mut rng) else {
+                                    continue;
+                                };
+                                let (attempts, outcome, amount) = client
+                                    .open_dispute(
+                                        &users[original.payer],
+                                        original.id,
+                                        config.attempts_max,
+                                    )
+                                    .await;
+                                if let Outcome::Acknowledged(id) = outcome {
+                                    disputes
+                                        .lock()
+                                        .expect("invariant: no task panics holding the list")
+                                        .push(Opened { id });
+                                }
+                                records.push(Record {
+                                    key,
+                                    from: users[original.payer].name.clone(),
+                                    to: users[original.payee].name.clone(),
+                                    amount,
+                                    refund_of: None,
+                                    dispute_of: Some(original.id),
+                                    attempts,
+                                    outcome,
+                                });
+                            }
+                        }
+                        continue;
+                    }
+                    let refund = (roll < config.refund_percent)
+                        .then(|| pick(&mut rng))
                         .flatten();
                     if let Some(original) = refund {
                         // Up to the whole original: concurrent and repeated
@@ -322,6 +475,7 @@ impl Client {
                             to: users[original.payer].name.clone(),
                             amount,
                             refund_of: Some(original.id),
+                            dispute_of: None,
                             attempts,
                             outcome,
                         });
@@ -360,6 +514,7 @@ impl Client {
                         to: users[to].name.clone(),
                         amount,
                         refund_of: None,
+                        dispute_of: None,
                         attempts,
                         outcome,
                     });
@@ -382,9 +537,13 @@ impl Client {
         };
         let deadline = tokio::time::Instant::now() + within;
         while tokio::time::Instant::now() < deadline {
-            let (_, outcome) = match record.refund_of {
-                Some(of) => self.refund(from, of, &record.amount, &record.key, 1).await,
-                None => {
+            let (_, outcome) = match (record.refund_of, record.dispute_of) {
+                (_, Some(of)) => {
+                    let (attempts, outcome, _) = self.open_dispute(from, of, 1).await;
+                    (attempts, outcome)
+                }
+                (Some(of), None) => self.refund(from, of, &record.amount, &record.key, 1).await,
+                (None, None) => {
                     self.transfer(from, &record.to, &record.amount, &record.key, 1)
                         .await
                 }

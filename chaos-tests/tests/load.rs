@@ -46,6 +46,8 @@ async fn load(cluster: TestCluster, mode: &str) {
         request_timeout: Duration::from_secs(20),
         amount_cents_max: 3_000,
         refund_percent: 0,
+        dispute_percent: 0,
+        admin_token: None,
     };
     let started = Instant::now();
     let users_for_model = users.clone();

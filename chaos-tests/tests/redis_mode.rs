@@ -236,6 +236,8 @@ async fn a_redis_restart_under_load_keeps_every_invariant() {
         request_timeout: Duration::from_secs(5),
         amount_cents_max: 3_000,
         refund_percent: 0,
+        dispute_percent: 0,
+        admin_token: None,
     };
     let stop = Arc::new(AtomicBool::new(false));
     let work = {
