@@ -4,35 +4,9 @@
 
 mod common;
 
-use common::{pair, Api, Reply};
+use common::{account, cluster_with, key, pair, Api, Reply, ADMIN};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use shard_agent::rules::WalletRules;
-use testkit::{test_limits, with_redis, TestCluster};
-
-const ADMIN: &str = "test-admin-token";
-
-async fn cluster_with(rules: &str, redis: bool) -> (TestCluster, Api) {
-    testkit::init_tracing();
-    let mut config = TestCluster::provision(2, test_limits()).await;
-    config.rules = serde_json::from_str::<WalletRules>(rules).expect("test rules parse");
-    if redis {
-        config = with_redis(config).await;
-    }
-    let cluster = TestCluster::serve(config).await;
-    let api = Api::new(&cluster);
-    (cluster, api)
-}
-
-fn key() -> String {
-    uuid::Uuid::new_v4().to_string()
-}
-
-async fn account(api: &Api, token: &str) -> Value {
-    let r = api.get("/v1/account", Some(token)).await;
-    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
-    r.body
-}
 
 async fn dispute(api: &Api, token: &str, tid: &str) -> Reply {
     api.post(

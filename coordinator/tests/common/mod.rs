@@ -4,7 +4,8 @@
 use reqwest::header::HeaderMap;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use testkit::TestCluster;
+use shard_agent::rules::WalletRules;
+use testkit::{test_limits, with_redis, TestCluster};
 
 pub const PASSWORD: &str = "correct horse battery";
 
@@ -174,4 +175,34 @@ pub fn pair(cluster: &TestCluster, prefix: &str, same_shard: bool) -> (String, S
         .find(|b| (shard(b) == shard(&a)) == same_shard)
         .expect("some name lands where we want among 10k");
     (a, b)
+}
+
+/// The admin token of every test cluster (`testkit`).
+pub const ADMIN: &str = "test-admin-token";
+
+/// A 2-shard cluster with the wallet's rules as JSON (`WalletRules`), in
+/// Redis-lock mode when `redis`.
+pub async fn cluster_with(rules: &str, redis: bool) -> (TestCluster, Api) {
+    testkit::init_tracing();
+    let mut config = TestCluster::provision(2, test_limits()).await;
+    config.rules = serde_json::from_str::<WalletRules>(rules).expect("test rules parse");
+    config.rules.validate().expect("test rules are valid");
+    if redis {
+        config = with_redis(config).await;
+    }
+    let cluster = TestCluster::serve(config).await;
+    let api = Api::new(&cluster);
+    (cluster, api)
+}
+
+/// A fresh Idempotency-Key.
+pub fn key() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// `GET /v1/account`, which must answer 200.
+pub async fn account(api: &Api, token: &str) -> Value {
+    let r = api.get("/v1/account", Some(token)).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    r.body
 }
