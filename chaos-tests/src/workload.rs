@@ -22,6 +22,9 @@ pub const PASSWORD: &str = "chaos password";
 /// only when rate limits are on, which the harness turns off).
 const SETUP_PARALLEL: usize = 8;
 
+/// How many times a setup request is sent while the server answers 503.
+const SETUP_ATTEMPTS: u32 = 20;
+
 #[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
@@ -161,14 +164,14 @@ impl Client {
             detail,
         };
         let (s, b) = self
-            .post("/v1/user", None, None, json!({"username": name, "email": format!("{name}@example.com"), "password": PASSWORD, "currency": "USD"}))
+            .post_retrying("/v1/user", None, None, json!({"username": name, "email": format!("{name}@example.com"), "password": PASSWORD, "currency": "USD"}))
             .await
             .map_err(|e| fail("sign up", e.to_string()))?;
         if s != StatusCode::CREATED {
             return Err(fail("sign up", format!("{s} {b}")));
         }
         let (s, b) = self
-            .post(
+            .post_retrying(
                 "/v1/login",
                 None,
                 None,
@@ -181,7 +184,7 @@ impl Client {
             .map(str::to_owned)
             .ok_or_else(|| fail("login", format!("{s} {b}")))?;
         let (s, b) = self
-            .post(
+            .post_retrying(
                 "/v1/deposit",
                 Some(&token),
                 Some(&format!("fund-{name}")),
@@ -193,6 +196,29 @@ impl Client {
             return Err(fail("deposit", format!("{s} {b}")));
         }
         Ok(User { name, token })
+    }
+
+    /// A setup request, sent again while the server answers 503 (its
+    /// password-hashing queue is bounded, and setups run side by side), at most
+    /// [`SETUP_ATTEMPTS`] times. Sign-up and the deposit are safe to repeat: a
+    /// repeated sign-up of the same name is refused as taken only if the
+    /// first got through, which a 503 says it did not; the deposit has its key.
+    async fn post_retrying(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        key: Option<&str>,
+        body: Value,
+    ) -> Result<(StatusCode, Value), reqwest::Error> {
+        let mut attempt = 1;
+        loop {
+            let answer = self.post(path, token, key, body.clone()).await?;
+            if answer.0 != StatusCode::SERVICE_UNAVAILABLE || attempt >= SETUP_ATTEMPTS {
+                return Ok(answer);
+            }
+            tokio::time::sleep(backoff(attempt)).await;
+            attempt += 1;
+        }
     }
 
     /// One transfer, retried with the same key on timeouts, 503s and 409s.
