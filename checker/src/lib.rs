@@ -192,9 +192,10 @@ impl Snapshot {
                         entries.len()
                     ));
                 }
-                ("aborted", _) if !entries.is_empty() => {
+                ("aborted" | "held", _) if !entries.is_empty() => {
                     v.push(format!(
-                        "invariant 3: aborted {} {tid} has {} ledger entries",
+                        "invariant 3: {} {} {tid} has {} ledger entries",
+                        d.state,
                         d.kind,
                         entries.len()
                     ));

@@ -13,7 +13,7 @@ use shard_agent::disputes::{
 };
 use shard_agent::external::{Direction, ExternalOrder};
 use shard_agent::idempotency::IdempotencyKey;
-use shard_agent::policy::{LimitRow, Refundable, RuleHit};
+use shard_agent::policy::{HoldEnded, LimitRow, Refundable, RuleHit};
 use shard_agent::records::UserRow;
 use shard_agent::rules::WalletRules;
 use shard_agent::transfer::{Submitted, TransferOrder};
@@ -125,6 +125,22 @@ pub enum DisputeOpen {
     WindowPassed,
 }
 
+/// What an admin's decision on a held transfer came to.
+pub enum HeldDecided {
+    /// Released (committed) or rejected by this decision.
+    Now(TransferRecord),
+    /// Not held: decided before, or expired; the record as it stands.
+    NotHeld(TransferRecord),
+    /// The release was refused on another count (a fault: retry).
+    Refused(shard_agent::FailureCode),
+}
+
+/// Held transfers ended by one expiry pass, per shard, at most.
+pub const HOLD_EXPIRY_BATCH: i64 = 100;
+
+/// How often the expiry pass runs.
+pub const HOLD_EXPIRY_PASS_MS: u64 = 1_000;
+
 /// What an admin's decision on a dispute came to.
 pub enum DisputeResolved {
     /// Resolved by this decision.
@@ -223,6 +239,10 @@ impl Coordinator {
                     .clone()
                     .run_forever(Duration::from_millis(limits.recovery_interval_ms)),
             ),
+            tokio::spawn(expire_holds_forever(
+                cluster.clone(),
+                Duration::from_secs(config.rules.hold_expiry_s),
+            )),
         ];
         let group_locks = match config.lock_mode {
             LockMode::TwoPc => None,
@@ -494,6 +514,7 @@ impl Coordinator {
             refund_of: None,
             reason: None,
             dispute: None,
+            release_of: None,
         };
         self.submit(order, session).await
     }
@@ -631,6 +652,7 @@ impl Coordinator {
             refund_of: Some(of),
             reason,
             dispute: None,
+            release_of: None,
         };
         self.submit(order, None).await.map(Some)
     }
@@ -750,6 +772,7 @@ impl Coordinator {
             refund_of: Some(dispute.transfer_id),
             reason: Some(dispute.reason.clone()),
             dispute: Some(id),
+            release_of: None,
         };
         let submitted = self.submit(order, None).await?;
         let record = match submitted {
@@ -771,6 +794,121 @@ impl Coordinator {
             (TransferState::Aborted, Some(code)) => DisputeResolved::Refused(code),
             _ => DisputeResolved::InProgress,
         }))
+    }
+
+    /// Held transfer `tid`, found on whichever shard serves its payer: an
+    /// admin names only the transfer. Every shard is asked at once; one that
+    /// does not answer within its call bound only fails this lookup.
+    async fn find_transfer(
+        &self,
+        tid: TransferId,
+    ) -> Result<Option<TransferRecord>, CoordinatorError> {
+        let routing = self.cluster.routing();
+        let found = futures::future::join_all(
+            routing
+                .agents
+                .values()
+                .map(|agent| agent.served_transfer(tid)),
+        )
+        .await;
+        let mut record = None;
+        for f in found {
+            if let Some(r) = f? {
+                record = Some(r);
+            }
+        }
+        Ok(record)
+    }
+
+    /// An admin's release of held transfer `tid`: it runs by the one
+    /// protocol under its own ID, whose check requires it still held and
+    /// spends the held money, and whose apply commits the record. `Ok(None)`:
+    /// no such transfer.
+    pub async fn release_held(
+        &self,
+        tid: TransferId,
+    ) -> Result<Option<HeldDecided>, CoordinatorError> {
+        let Some(record) = self.find_transfer(tid).await? else {
+            return Ok(None);
+        };
+        if record.state != TransferState::Held {
+            return Ok(Some(HeldDecided::NotHeld(record)));
+        }
+        let (Some(from), Some(from_username), Some(to), Some(to_username)) = (
+            record.from_user,
+            record.from_username.clone(),
+            record.to_user,
+            record.to_username.clone(),
+        ) else {
+            return Err(CoordinatorError::Corrupt(format!(
+                "held transfer {tid} lacks a party"
+            )));
+        };
+        let amount = Amount::parse(&record.amount.to_string(), record.currency).map_err(|e| {
+            CoordinatorError::Corrupt(format!("held transfer {tid} amount {}: {e}", record.amount))
+        })?;
+        let order = TransferOrder {
+            from,
+            from_username,
+            to,
+            to_username,
+            amount,
+            // A key per attempt, as for a dispute's refund: the record's state
+            // is what makes two releases one.
+            key: IdempotencyKey {
+                user: from,
+                key: format!("release:{tid}:{}", Uuid::now_v7().simple()),
+                fingerprint: fingerprint(&["release", &tid.to_string()]),
+            },
+            refund_of: None,
+            reason: None,
+            dispute: None,
+            release_of: Some(tid),
+        };
+        let answer = match self.submit(order, None).await? {
+            Submitted::New(r) | Submitted::Replayed(r) | Submitted::InProgress(r) => r,
+            Submitted::KeyReused => {
+                return Err(CoordinatorError::Corrupt(format!(
+                    "release of {tid}: its key was used for another request"
+                )))
+            }
+        };
+        // The answer is the transfer's record: committed by this release, or
+        // decided by someone else first (rejected, expired), or, still held,
+        // a release the check refused on another count, which a retry may
+        // pass.
+        Ok(Some(match answer.state {
+            TransferState::Committed if answer.decided_at.is_some() => HeldDecided::Now(answer),
+            TransferState::Held => HeldDecided::Refused(shard_agent::FailureCode::ShardBusy),
+            _ => HeldDecided::NotHeld(answer),
+        }))
+    }
+
+    /// An admin's rejection of held transfer `tid`: aborted
+    /// `transfer_rejected`, its hold released. `Ok(None)`: no such transfer.
+    pub async fn reject_held(
+        &self,
+        tid: TransferId,
+    ) -> Result<Option<HeldDecided>, CoordinatorError> {
+        let Some(record) = self.find_transfer(tid).await? else {
+            return Ok(None);
+        };
+        let Some(payer) = record.from_user else {
+            return Ok(None);
+        };
+        let ended = self
+            .routed(|routing| async move {
+                Ok(routing
+                    .agent_for(&payer)
+                    .end_hold(tid, payer, shard_agent::FailureCode::TransferRejected, None)
+                    .await?)
+            })
+            .await?;
+        Ok(match ended {
+            HoldEnded::Ended(r) => Some(HeldDecided::Now(r)),
+            HoldEnded::NotHeld(r) => Some(HeldDecided::NotHeld(r)),
+            HoldEnded::NotFound => None,
+        })
     }
 
     /// Transfer `of` as `payee` may refund it.
@@ -916,6 +1054,47 @@ impl Coordinator {
                 .await?)
         })
         .await
+    }
+}
+
+/// Ends, every [`HOLD_EXPIRY_PASS_MS`], the transfers held for review
+/// longer than `expiry` (aborted `hold_expired`, their hold released), at most
+/// [`HOLD_EXPIRY_BATCH`] per shard a pass. Each end is judged on its shard,
+/// under the payer's lock (`wallet_hold_end`), so an admin's decision made
+/// meanwhile wins, and several coordinators' passes never end one twice.
+async fn expire_holds_forever(cluster: Arc<Cluster>, expiry: Duration) {
+    let mut tick = tokio::time::interval(Duration::from_millis(HOLD_EXPIRY_PASS_MS));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let routing = cluster.routing();
+        for agent in routing.agents.values() {
+            let expired = match agent.expired_holds(expiry, HOLD_EXPIRY_BATCH).await {
+                Ok(e) => e,
+                Err(e) => {
+                    warn!(shard = %agent.id(), %e, "hold expiry: could not list held transfers");
+                    continue;
+                }
+            };
+            for (tid, payer) in expired {
+                let owner = routing.agent_for(&payer);
+                match owner
+                    .end_hold(
+                        tid,
+                        payer,
+                        shard_agent::FailureCode::HoldExpired,
+                        Some(expiry),
+                    )
+                    .await
+                {
+                    Ok(HoldEnded::Ended(_)) => info!(transfer_id = %tid, "held transfer expired"),
+                    Ok(_) => {}
+                    Err(e) => {
+                        warn!(transfer_id = %tid, %e, "hold expiry: could not end a held transfer")
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -451,3 +451,176 @@ async fn a_refund_needs_funds_but_not_limit_or_rules() {
     let broke = refund(&api, &tb, &key(), json!({"transfer_id": ids[6]})).await;
     assert_eq!(broke.code(), "insufficient_funds");
 }
+
+async fn admin_post(api: &Api, path: &str) -> Reply {
+    api.post(path, Some(ADMIN), None, json!({})).await
+}
+
+/// A `review` rule accepts a transfer as held: 202, its amount out of the
+/// payer's available balance and nowhere else, until an admin releases it
+/// (it commits under its own ID) or rejects it (the money is back); two
+/// decisions at once apply once. Both protocols, both lock modes.
+#[tokio::test]
+async fn a_review_rule_holds_a_transfer_until_an_admin_decides() {
+    let rules = r#"{"fraud_rules": [
+        {"name": "large", "rule": "amount", "over": {"USD": "50.00"}, "action": "review"}
+    ]}"#;
+    for redis in [false, true] {
+        let (c, api) = cluster_with(rules, redis).await;
+        for same in [true, false] {
+            let prefix = format!("rv{}{}", u8::from(redis), u8::from(same));
+            let (a, b) = pair(&c, &prefix, same);
+            let ta = api.user(&a, "USD").await;
+            let tb = api.user(&b, "USD").await;
+            api.deposit(&ta, "500.00", "USD").await;
+            let d = api
+                .post(
+                    "/v1/fraud_detection",
+                    Some(ADMIN),
+                    None,
+                    json!({"from": a, "to": b, "amount": "60.00", "currency": "USD"}),
+                )
+                .await;
+            assert_eq!(
+                (d.body["decision"].as_str(), d.body["rule"].as_str()),
+                (Some("review"), Some("large"))
+            );
+            let k = key();
+            let held = api.transfer(&ta, &k, &b, "60.00", "USD").await;
+            assert_eq!(held.status, StatusCode::ACCEPTED, "{:?}", held.body);
+            assert_eq!(
+                (held.body["status"].as_str(), held.body["rule"].as_str()),
+                (Some("held"), Some("large"))
+            );
+            let tid = held.body["transfer_id"].as_str().expect("id").to_owned();
+            let again = api.transfer(&ta, &k, &b, "60.00", "USD").await;
+            assert_eq!(
+                (again.status, again.body["transfer_id"].as_str()),
+                (StatusCode::ACCEPTED, Some(tid.as_str()))
+            );
+            let payer = account(&api, &ta).await;
+            assert_eq!(
+                (payer["balance"].as_str(), payer["available"].as_str()),
+                (Some("500.00"), Some("440.00"))
+            );
+            assert_eq!(payer["transactions"][0]["kind"], "hold");
+            assert_eq!(api.balance(&tb).await, "0.00");
+            assert_eq!(
+                api.get(&format!("/v1/transfer/{tid}"), Some(&ta))
+                    .await
+                    .body["status"],
+                "held"
+            );
+            // Released: committed under its own ID, money with the payee.
+            let released = admin_post(&api, &format!("/v1/admin/transfers/{tid}/release")).await;
+            assert_eq!(released.status, StatusCode::OK, "{:?}", released.body);
+            assert_eq!(
+                (
+                    released.body["status"].as_str(),
+                    released.body["transfer_id"].as_str()
+                ),
+                (Some("committed"), Some(tid.as_str()))
+            );
+            for path in ["release", "reject"] {
+                let late = admin_post(&api, &format!("/v1/admin/transfers/{tid}/{path}")).await;
+                assert_eq!(late.code(), "transfer_not_held", "{:?}", late.body);
+            }
+            let payer = account(&api, &ta).await;
+            assert_eq!(
+                (payer["balance"].as_str(), payer["available"].as_str()),
+                (Some("440.00"), Some("440.00"))
+            );
+            assert_eq!(api.balance(&tb).await, "60.00");
+            // Rejected: aborted transfer_rejected, the money available again,
+            // and the key's replay says so.
+            let k2 = key();
+            let second = api.transfer(&ta, &k2, &b, "70.00", "USD").await;
+            assert_eq!(second.status, StatusCode::ACCEPTED, "{:?}", second.body);
+            let tid2 = second.body["transfer_id"].as_str().expect("id").to_owned();
+            let (reject, release) = (
+                format!("/v1/admin/transfers/{tid2}/reject"),
+                format!("/v1/admin/transfers/{tid2}/release"),
+            );
+            let (r1, r2) = tokio::join!(admin_post(&api, &reject), admin_post(&api, &release));
+            let won: Vec<&Reply> = [&r1, &r2]
+                .into_iter()
+                .filter(|r| r.status == StatusCode::OK)
+                .collect();
+            assert_eq!(won.len(), 1, "{:?} {:?}", r1.body, r2.body);
+            let lost = if r1.status == StatusCode::OK {
+                &r2
+            } else {
+                &r1
+            };
+            assert_eq!(lost.code(), "transfer_not_held", "{:?}", lost.body);
+            let rejected = r1.status == StatusCode::OK;
+            if rejected {
+                assert_eq!(r1.body["failure_code"], "transfer_rejected");
+                let replay = api.transfer(&ta, &k2, &b, "70.00", "USD").await;
+                assert_eq!(replay.code(), "transfer_rejected");
+            }
+            let payer = account(&api, &ta).await;
+            let want = if rejected { "440.00" } else { "370.00" };
+            assert_eq!(
+                (payer["balance"].as_str(), payer["available"].as_str()),
+                (Some(want), Some(want))
+            );
+            // A transfer under the rule's amount is not held.
+            let small = api.transfer(&ta, &key(), &b, "5.00", "USD").await;
+            assert_eq!(small.status, StatusCode::CREATED, "{:?}", small.body);
+        }
+        assert_eq!(
+            admin_post(
+                &api,
+                &format!("/v1/admin/transfers/{}/release", uuid::Uuid::new_v4())
+            )
+            .await
+            .code(),
+            "transfer_not_found"
+        );
+        let snap = checker::Snapshot::take(&c.agents())
+            .await
+            .expect("snapshot");
+        assert_eq!(snap.violations(true), Vec::<String>::new());
+    }
+}
+
+/// A hold nobody decides expires: aborted hold_expired, the money available
+/// again.
+#[tokio::test]
+async fn a_hold_nobody_decides_expires() {
+    let rules = r#"{"hold_expiry_s": 1, "fraud_rules": [
+        {"name": "large", "rule": "amount", "over": {"USD": "50.00"}, "action": "review"}
+    ]}"#;
+    let (c, api) = cluster_with(rules, false).await;
+    let (a, b) = pair(&c, "rvexp", false);
+    let ta = api.user(&a, "USD").await;
+    api.user(&b, "USD").await;
+    api.deposit(&ta, "100.00", "USD").await;
+    let held = api.transfer(&ta, &key(), &b, "60.00", "USD").await;
+    assert_eq!(held.status, StatusCode::ACCEPTED, "{:?}", held.body);
+    let tid = held.body["transfer_id"].as_str().expect("id").to_owned();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let view = api.get(&format!("/v1/transfer/{tid}"), Some(&ta)).await;
+        if view.body["status"] == "aborted" {
+            assert_eq!(view.body["failure_code"], "hold_expired");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still {:?}",
+            view.body
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let payer = account(&api, &ta).await;
+    assert_eq!(
+        (payer["balance"].as_str(), payer["available"].as_str()),
+        (Some("100.00"), Some("100.00"))
+    );
+    let snap = checker::Snapshot::take(&c.agents())
+        .await
+        .expect("snapshot");
+    assert_eq!(snap.violations(true), Vec::<String>::new());
+}

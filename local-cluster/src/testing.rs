@@ -128,6 +128,7 @@ pub async fn in_doubt_credit(
         refund_of: None,
         reason: None,
         dispute: None,
+        release: false,
     };
     let (txn, found) = agent
         .open_batch(std::slice::from_ref(&leg), &[Verdict::Pass], None)

@@ -71,6 +71,8 @@ pub struct BatchLeg {
     pub reason: Option<String>,
     /// A dispute's refund: the dispute it resolves, on both legs.
     pub dispute: Option<Uuid>,
+    /// A release of the held transfer `tid`.
+    pub release: bool,
 }
 
 impl BatchLeg {
@@ -91,6 +93,7 @@ impl BatchLeg {
                 refund_of: order.refund_of,
                 reason: order.reason.clone(),
                 dispute: order.dispute,
+                release: order.release_of.is_some(),
             },
             BatchLeg {
                 tid,
@@ -105,6 +108,7 @@ impl BatchLeg {
                 refund_of: order.refund_of,
                 reason: None,
                 dispute: order.dispute,
+                release: order.release_of.is_some(),
             },
         ]
     }
@@ -280,18 +284,20 @@ struct Columns {
     /// The configured fraud rules (`None`: none).
     rules: Option<serde_json::Value>,
     dispute: Vec<Option<Uuid>>,
+    release: Vec<bool>,
 }
 
 impl Columns {
     /// The parameters of `wallet_batch_check` that follow the legs' verdicts
     /// so far, and of `wallet_batch_local` that follow its lock bound.
-    fn rule_params(&self) -> [&(dyn ToSql + Sync); 5] {
+    fn rule_params(&self) -> [&(dyn ToSql + Sync); 6] {
         [
             &self.party,
             &self.limit,
             &self.refund_of,
             &self.rules,
             &self.dispute,
+            &self.release,
         ]
     }
 
@@ -347,6 +353,7 @@ impl Columns {
             reason: legs.iter().map(|l| l.reason.clone()).collect(),
             rules: rules.sql_rules(),
             dispute: legs.iter().map(|l| l.dispute).collect(),
+            release: legs.iter().map(|l| l.release).collect(),
         }
     }
 }
@@ -382,7 +389,7 @@ impl ShardAgent {
             let conn = self.conn().await?;
             let stmt = conn
                 .prepare_cached(&format!(
-                    "SELECT {ANSWER_COLUMNS} FROM wallet_batch_local($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)"
+                    "SELECT {ANSWER_COLUMNS} FROM wallet_batch_local($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)"
                 ))
                 .await
                 .map_err(self.pg("prepare local batch"))?;
@@ -399,6 +406,7 @@ impl ShardAgent {
                 &c.reason,
                 &c.rules,
                 &c.dispute,
+                &c.release,
             ]);
             let rows = conn
                 .query(&stmt, &params)
@@ -436,13 +444,13 @@ impl ShardAgent {
             let conn = self.conn().await?;
             let stmt = conn
                 .prepare_cached(&format!(
-                    "SELECT {ANSWER_COLUMNS} FROM wallet_redis_debit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)"
+                    "SELECT {ANSWER_COLUMNS} FROM wallet_redis_debit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22)"
                 ))
                 .await
                 .map_err(self.pg("prepare fenced debits"))?;
             let lock_wait_ms = i32::try_from(lock_wait_ms).unwrap_or(i32::MAX);
             let enforce = crate::redis_legs::enforce_fence();
-            let params: [&(dyn ToSql + Sync); 21] = [
+            let params: [&(dyn ToSql + Sync); 22] = [
                 &buckets,
                 &c.tid,
                 &c.user,
@@ -464,6 +472,7 @@ impl ShardAgent {
                 &c.reason,
                 &c.rules,
                 &c.dispute,
+                &c.release,
             ];
             let rows = conn
                 .query(&stmt, &params)
@@ -497,7 +506,7 @@ impl ShardAgent {
             let mut conn = self.conn().await?;
             let stmt = conn
                 .prepare_cached(
-                    "SELECT wallet_batch_check($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+                    "SELECT wallet_batch_check($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
                 )
                 .await
                 .map_err(self.pg("prepare batch check"))?;
@@ -667,13 +676,13 @@ impl OpenBatch<'_> {
                 let stmt = self
                     .conn
                     .prepare_cached(&format!(
-                        "SELECT {ANSWER_COLUMNS} FROM wallet_batch_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, NULL, $12, $13, $14)"
+                        "SELECT {ANSWER_COLUMNS} FROM wallet_batch_apply($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, NULL, $12, $13, $14, $15)"
                     ))
                     .await
                     .map_err(agent.pg("prepare batch apply"))?;
                 // The mode column's text for Mode::TwoPc (cross-shard groups only).
                 let mode = "2pc";
-                let params: [&(dyn ToSql + Sync); 14] = [
+                let params: [&(dyn ToSql + Sync); 15] = [
                     &participants,
                     &mode,
                     &c.tid,
@@ -688,6 +697,7 @@ impl OpenBatch<'_> {
                     &c.refund_of,
                     &c.reason,
                     &c.dispute,
+                    &c.release,
                 ];
                 let rows = match end {
                     // Pipelined: if the apply fails, PostgreSQL turns the

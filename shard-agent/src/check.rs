@@ -28,8 +28,9 @@ pub struct ShardAudit {
     /// Invariant 4: accounts whose opening balance plus entries differs from the balance.
     pub ledger_mismatches: i64,
     /// Accounts whose held money is not the sum of their withdrawals waiting
-    /// on a payment provider and their open disputes, or whose hold and
-    /// release entries do not net to their open disputes (invariant 4).
+    /// on a payment provider, their open disputes and their transfers held
+    /// for review, or whose hold and release entries do not net to the last
+    /// two (invariant 4).
     pub hold_mismatches: i64,
     /// Invariant 5: our prepared transactions, and transfers not yet decided.
     pub prepared: i64,
@@ -173,9 +174,14 @@ impl ShardAgent {
                                                        AND e.kind NOT IN ('hold', 'release')), 0) <> a.balance),
                        (SELECT count(*) FROM transfers t WHERE state = 'preparing' AND {SERVED_T}),
                        (SELECT count(*) FROM accounts a
-                          LEFT JOIN (SELECT payee_user, sum(amount) AS open FROM disputes
-                                      WHERE state = 'open' GROUP BY payee_user) d
-                                 ON d.payee_user = a.user_id
+                          LEFT JOIN (SELECT user_id, sum(amount) AS open FROM
+                                       (SELECT payee_user AS user_id, amount FROM disputes
+                                         WHERE state = 'open'
+                                        UNION ALL
+                                        SELECT from_user, amount FROM transfers
+                                         WHERE state = 'held') o
+                                      GROUP BY user_id) d
+                                 ON d.user_id = a.user_id
                           LEFT JOIN (SELECT account_id, -sum(amount) AS held FROM ledger_entries
                                       WHERE kind IN ('hold', 'release') GROUP BY account_id) h
                                  USING (account_id)

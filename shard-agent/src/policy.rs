@@ -201,3 +201,111 @@ impl ShardAgent {
         .await
     }
 }
+
+/// What ending a held transfer found (`wallet_hold_end`).
+#[derive(Clone, Debug, PartialEq)]
+pub enum HoldEnded {
+    /// Aborted now, its hold released.
+    Ended(TransferRecord),
+    /// Not held (released, rejected or expired before, or, for an expiry,
+    /// not old enough): the record as it stands.
+    NotHeld(TransferRecord),
+    NotFound,
+}
+
+impl ShardAgent {
+    /// Transfer `tid` if this shard serves its payer (a held transfer's admin
+    /// routes name only the transfer, so the coordinator asks every shard).
+    pub async fn served_transfer(&self, tid: TransferId) -> ShardResult<Option<TransferRecord>> {
+        self.timed("read served transfer", async {
+            let conn = self.conn().await?;
+            let row = conn
+                .query_opt(
+                    &format!(
+                        "SELECT {TRANSFER_COLUMNS} FROM transfers t
+                          WHERE transfer_id = $1 AND t.from_user IS NOT NULL
+                            AND coalesce((SELECT wallet_serves(u.bucket) FROM users u
+                                           WHERE u.user_id = t.from_user), false)"
+                    ),
+                    &[&tid.0],
+                )
+                .await
+                .map_err(self.pg("read served transfer"))?;
+            row.map(|r| TransferRecord::from_row(self.id(), &r))
+                .transpose()
+        })
+        .await
+    }
+
+    /// Ends held transfer `tid` of `payer` without moving its money
+    /// (`wallet_hold_end`): `code` is `TransferRejected` (an admin) or
+    /// `HoldExpired` (only if held longer than `older_than`).
+    #[instrument(skip_all, fields(shard = %self.id(), transfer_id = %tid))]
+    pub async fn end_hold(
+        &self,
+        tid: TransferId,
+        payer: UserId,
+        code: crate::records::FailureCode,
+        older_than: Option<std::time::Duration>,
+    ) -> ShardResult<HoldEnded> {
+        self.timed("end hold", async {
+            let conn = self.conn().await?;
+            let bucket = i32::from(router::bucket_of(&payer).0);
+            let older = older_than.map(|d| d.as_secs_f64());
+            let row = conn
+                .query_one(
+                    &format!(
+                        "SELECT verdict, {} FROM wallet_hold_end($1, $2, $3,
+                                  make_interval(secs => $4::float8)) AS v (verdict, ended)",
+                        TRANSFER_COLUMNS
+                            .split(", ")
+                            .map(|c| format!("(ended).{}", c.trim()))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    &[&bucket, &tid.0, &code.as_str(), &older],
+                )
+                .await
+                .map_err(self.pg("end hold"))?;
+            let verdict: Option<&str> = row.get("verdict");
+            match verdict {
+                Some("not_found") => Ok(HoldEnded::NotFound),
+                None => Ok(HoldEnded::Ended(TransferRecord::from_row(self.id(), &row)?)),
+                Some("not_held") => Ok(HoldEnded::NotHeld(TransferRecord::from_row(
+                    self.id(),
+                    &row,
+                )?)),
+                Some(other) => Err(self.corrupt(format!("end hold answered {other:?}"))),
+            }
+        })
+        .await
+    }
+
+    /// Held transfers of this shard's payers older than `older_than`, oldest
+    /// first, at most `limit`: what the expiry pass ends.
+    pub async fn expired_holds(
+        &self,
+        older_than: std::time::Duration,
+        limit: i64,
+    ) -> ShardResult<Vec<(TransferId, UserId)>> {
+        self.timed("list expired holds", async {
+            let conn = self.conn().await?;
+            let rows = conn
+                .query(
+                    "SELECT transfer_id, from_user FROM transfers t
+                      WHERE state = 'held' AND created_at < now() - make_interval(secs => $1)
+                        AND coalesce((SELECT wallet_serves(u.bucket) FROM users u
+                                       WHERE u.user_id = t.from_user), false)
+                      ORDER BY created_at LIMIT $2",
+                    &[&older_than.as_secs_f64(), &limit],
+                )
+                .await
+                .map_err(self.pg("list expired holds"))?;
+            Ok(rows
+                .iter()
+                .map(|r| (TransferId(r.get(0)), UserId(r.get(1))))
+                .collect())
+        })
+        .await
+    }
+}

@@ -44,6 +44,10 @@ pub enum TransferState {
     Preparing,
     Committed,
     Aborted,
+    /// Held for review by a fraud rule: its amount is held on the payer's
+    /// account until an admin releases it (committed) or rejects it, or it
+    /// expires (aborted).
+    Held,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,6 +92,16 @@ pub enum FailureCode {
     TransferNotFound,
     /// A dispute's refund of a dispute no longer open.
     DisputeNotOpen,
+    /// A release of a transfer no longer held.
+    NotHeld,
+    /// Not a refusal: a fraud rule with the action `review` holds the
+    /// transfer (its record is held, not aborted). It ranks after every
+    /// refusal, so a transfer refused on any count is refused.
+    Held,
+    /// A held transfer an admin rejected.
+    TransferRejected,
+    /// A held transfer nobody decided within the hold's expiry.
+    HoldExpired,
     /// A refund above what is left of its original.
     RefundExceedsOriginal,
     /// A fraud rule with the action `block` (the rule's name is the detail).
@@ -98,9 +112,13 @@ pub enum FailureCode {
 
 impl FailureCode {
     /// Every code.
-    pub const ALL: [FailureCode; 14] = [
+    pub const ALL: [FailureCode; 18] = [
         FailureCode::TransferNotFound,
         FailureCode::DisputeNotOpen,
+        FailureCode::NotHeld,
+        FailureCode::Held,
+        FailureCode::TransferRejected,
+        FailureCode::HoldExpired,
         FailureCode::RefundExceedsOriginal,
         FailureCode::TransferBlocked,
         FailureCode::LimitExceeded,
@@ -126,16 +144,21 @@ impl FailureCode {
             FailureCode::CurrencyMismatch => 2,
             FailureCode::TransferNotFound => 3,
             FailureCode::DisputeNotOpen => 4,
-            FailureCode::RefundExceedsOriginal => 5,
-            FailureCode::TransferBlocked => 6,
-            FailureCode::LimitExceeded => 7,
-            FailureCode::InsufficientFunds => 8,
-            FailureCode::PaymentDeclined => 9,
+            FailureCode::NotHeld => 5,
+            FailureCode::RefundExceedsOriginal => 6,
+            FailureCode::TransferBlocked => 7,
+            FailureCode::LimitExceeded => 8,
+            FailureCode::InsufficientFunds => 9,
+            FailureCode::Held => 10,
+            // Never met in a check: decided by a provider or an admin.
+            FailureCode::PaymentDeclined
+            | FailureCode::TransferRejected
+            | FailureCode::HoldExpired => 11,
             FailureCode::ShardUnavailable
             | FailureCode::ShardBusy
             | FailureCode::CoordinatorTimeout
             | FailureCode::PaymentTimeout
-            | FailureCode::LockUnavailable => 10,
+            | FailureCode::LockUnavailable => 12,
         }
     }
 
@@ -152,6 +175,10 @@ impl FailureCode {
             FailureCode::LockUnavailable => "lock_unavailable",
             FailureCode::TransferNotFound => "transfer_not_found",
             FailureCode::DisputeNotOpen => "dispute_not_open",
+            FailureCode::NotHeld => "not_held",
+            FailureCode::Held => "held",
+            FailureCode::TransferRejected => "transfer_rejected",
+            FailureCode::HoldExpired => "hold_expired",
             FailureCode::RefundExceedsOriginal => "refund_exceeds_original",
             FailureCode::TransferBlocked => "transfer_blocked",
             FailureCode::LimitExceeded => "limit_exceeded",
@@ -243,6 +270,7 @@ impl TransferRecord {
             "preparing" => TransferState::Preparing,
             "committed" => TransferState::Committed,
             "aborted" => TransferState::Aborted,
+            "held" => TransferState::Held,
             other => return Err(corrupt(shard, "state", other)),
         };
         let failure_code = match row.get::<_, Option<&str>>("failure_code") {

@@ -69,7 +69,14 @@ pub struct WalletRules {
     pub fraud_rules: Vec<FraudRule>,
     /// How long after a transfer its payer may dispute it, in days.
     pub dispute_window_days: u32,
+    /// How long a transfer held for review waits for an admin before it
+    /// expires (aborted `hold_expired`, its money back in the payer's
+    /// available balance), in seconds.
+    pub hold_expiry_s: u64,
 }
+
+/// The default of [`WalletRules::hold_expiry_s`]: a week.
+pub const HOLD_EXPIRY_S: u64 = 7 * 24 * 3600;
 
 /// The default of [`WalletRules::dispute_window_days`].
 pub const DISPUTE_WINDOW_DAYS: u32 = 60;
@@ -80,6 +87,7 @@ impl Default for WalletRules {
             daily_limits: BTreeMap::new(),
             fraud_rules: Vec::new(),
             dispute_window_days: DISPUTE_WINDOW_DAYS,
+            hold_expiry_s: HOLD_EXPIRY_S,
         }
     }
 }
@@ -94,6 +102,9 @@ impl WalletRules {
     /// Whether the rules make sense: names unique and short, windows and counts
     /// positive, amounts valid amounts of their currency.
     pub fn validate(&self) -> Result<(), String> {
+        if self.hold_expiry_s == 0 {
+            return Err("hold_expiry_s must be at least 1".into());
+        }
         for (currency, limit) in &self.daily_limits {
             check_amount("daily_limits", *currency, *limit)?;
         }
@@ -112,13 +123,6 @@ impl WalletRules {
             }
             if !names.insert(name.as_str()) {
                 return Err(format!("fraud rule name {name:?} appears twice"));
-            }
-            // Held transfers (an admin's release or reject) are not built yet:
-            // a review rule would pass every transfer it meets.
-            if rule.action == Action::Review {
-                return Err(format!(
-                    "fraud rule {name:?}: the action \"review\" is not supported yet; use \"block\""
-                ));
             }
             match &rule.condition {
                 Condition::Velocity {
@@ -220,10 +224,6 @@ mod tests {
                 "letters",
             ),
             (r#"{"daily_limits": {"USD": "-1"}}"#, "daily_limits"),
-            (
-                r#"{"fraud_rules": [{"name": "a", "rule": "amount", "over": {"USD": "1"}, "action": "review"}]}"#,
-                "not supported yet",
-            ),
         ] {
             let err = rules(json).validate().expect_err(json);
             assert!(err.contains(needle), "{err} lacks {needle}");

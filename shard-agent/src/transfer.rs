@@ -24,6 +24,9 @@ pub struct TransferOrder {
     /// A dispute's refund: the dispute it resolves (`refund_of` is the
     /// disputed transfer).
     pub dispute: Option<uuid::Uuid>,
+    /// An admin's release of this held transfer, which the order completes
+    /// under the transfer's own ID.
+    pub release_of: Option<crate::records::TransferId>,
 }
 
 /// The final answer of a money movement, as the client will see it.

@@ -31,6 +31,7 @@ fn legs(tid: TransferId, from: UserId, to: UserId, amount: &str, k: &str) -> [Ba
             refund_of: None,
             reason: None,
             dispute: None,
+            release: false,
         },
         BatchLeg {
             tid,
@@ -45,6 +46,7 @@ fn legs(tid: TransferId, from: UserId, to: UserId, amount: &str, k: &str) -> [Ba
             refund_of: None,
             reason: None,
             dispute: None,
+            release: false,
         },
     ]
 }
@@ -638,10 +640,12 @@ async fn sql_and_rust_order_refusals_alike() {
         FailureCode::CurrencyMismatch,
         FailureCode::TransferNotFound,
         FailureCode::DisputeNotOpen,
+        FailureCode::NotHeld,
         FailureCode::RefundExceedsOriginal,
         FailureCode::TransferBlocked,
         FailureCode::LimitExceeded,
         FailureCode::InsufficientFunds,
+        FailureCode::Held,
     ];
     for a in codes {
         for b in codes {

@@ -38,6 +38,7 @@ fn first_pays_second(users: &[BulkUser], amount: &str, k: &str) -> TransferOrder
         refund_of: None,
         reason: None,
         dispute: None,
+        release_of: None,
     }
 }
 

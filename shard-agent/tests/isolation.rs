@@ -64,6 +64,7 @@ async fn a_tombstone_committed_while_the_decision_waits_wins_under_a_repeatable_
         refund_of: None,
         reason: None,
         dispute: None,
+        release: false,
     };
     // The deciding shard's part of a group, applied, not yet decided.
     let (mut txn, found) =

@@ -48,6 +48,12 @@ pub enum ErrorCode {
     DisputeWindowPassed,
     /// 422: refunds gave the whole transfer back; there is nothing to dispute.
     NothingToDispute,
+    /// 409: the transfer is not held (released, rejected or expired before).
+    TransferNotHeld,
+    /// 422: a held transfer an admin rejected (its money stayed with the payer).
+    TransferRejected,
+    /// 422: a held transfer nobody decided in time (its money stayed with the payer).
+    HoldExpired,
     /// 404: no such route.
     NotFound,
     /// 405: the route exists but not with this method.
@@ -121,9 +127,8 @@ impl ErrorCode {
             RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            UsernameTaken | RequestInProgress | BucketMoving | DisputeExists | DisputeResolved => {
-                StatusCode::CONFLICT
-            }
+            UsernameTaken | RequestInProgress | BucketMoving | DisputeExists | DisputeResolved
+            | TransferNotHeld => StatusCode::CONFLICT,
             PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             SameAccount
             | CurrencyMismatch
@@ -133,7 +138,9 @@ impl ErrorCode {
             | TransferBlocked
             | RefundExceedsOriginal
             | DisputeWindowPassed
-            | NothingToDispute => StatusCode::UNPROCESSABLE_ENTITY,
+            | NothingToDispute
+            | TransferRejected
+            | HoldExpired => StatusCode::UNPROCESSABLE_ENTITY,
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
             ShardUnavailable | ShardBusy | CoordinatorTimeout | LockUnavailable | Overloaded => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -163,6 +170,12 @@ impl ErrorCode {
             FailureCode::LockUnavailable => ErrorCode::LockUnavailable,
             FailureCode::TransferNotFound => ErrorCode::TransferNotFound,
             FailureCode::DisputeNotOpen => ErrorCode::DisputeResolved,
+            FailureCode::NotHeld => ErrorCode::TransferNotHeld,
+            FailureCode::TransferRejected => ErrorCode::TransferRejected,
+            FailureCode::HoldExpired => ErrorCode::HoldExpired,
+            // A held transfer is answered 202 with its record, never as an
+            // error (`submitted_response`); reaching here is a bug.
+            FailureCode::Held => ErrorCode::Internal,
             FailureCode::RefundExceedsOriginal => ErrorCode::RefundExceedsOriginal,
             FailureCode::TransferBlocked => ErrorCode::TransferBlocked,
             FailureCode::LimitExceeded => ErrorCode::LimitExceeded,

@@ -76,6 +76,8 @@ pub fn app(state: AppState, config: &Config) -> Router {
         .route("/v1/admin/users/{username}/limits", put(rules::set_limits))
         .route("/v1/fraud_detection", post(rules::fraud_detection))
         .route("/v1/admin/disputes/{id}/resolve", post(disputes::resolve))
+        .route("/v1/admin/transfers/{id}/release", post(rules::release))
+        .route("/v1/admin/transfers/{id}/reject", post(rules::reject))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))

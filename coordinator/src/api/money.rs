@@ -114,7 +114,7 @@ pub struct ExternalRequest {
 #[derive(Serialize, ToSchema)]
 pub struct TransferBody {
     pub transfer_id: String,
-    /// committed, aborted or preparing.
+    /// committed, aborted, preparing, or held (for review by a fraud rule).
     pub status: String,
     /// transfer, deposit or withdrawal.
     pub kind: String,
@@ -131,6 +131,9 @@ pub struct TransferBody {
     /// A refund: the reason its payer gave.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// A held transfer: the fraud rule that holds it for review.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
     /// A committed transfer, in `GET /v1/transfer/{id}`: its refunds, oldest
     /// first (committed and refused ones), and the sum of the committed ones.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -173,6 +176,7 @@ impl TransferBody {
                 TransferState::Preparing => "preparing",
                 TransferState::Committed => "committed",
                 TransferState::Aborted => "aborted",
+                TransferState::Held => "held",
             }
             .to_owned(),
             kind: match r.kind {
@@ -191,6 +195,9 @@ impl TransferBody {
             failure_code: r.failure_code.map(|c| c.as_str().to_owned()),
             refund_of: r.refund_of.map(|t| t.to_string()),
             reason: r.reason.clone(),
+            rule: (r.state == TransferState::Held)
+                .then(|| r.failure_detail.clone())
+                .flatten(),
             refunds: None,
             refunded: None,
         }
@@ -282,11 +289,12 @@ fn payer_currency_matches(user: &UserRow, amount: &Amount) -> ApiResult<()> {
     params(("Idempotency-Key" = String, Header, description = "Required. 1-255 visible ASCII characters; a retry with the same key and body gets the same answer.")),
     responses(
         (status = 201, description = "Committed (a replay also carries `Idempotent-Replayed: true`)", body = TransferBody),
+        (status = 202, description = "Accepted and held for review by a fraud rule (`status` held, `rule` names it): the amount leaves the payer's available balance and reaches nobody until an admin releases it", body = TransferBody),
         (status = 400, description = "`invalid_request`, `invalid_amount`, `unsupported_currency`, `missing_idempotency_key`, `invalid_idempotency_key`", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`: the session is read on the payer's shard where the transfer runs, so a malformed body may get its 400 first", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`recipient_not_found`", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`request_in_progress`", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`same_account`, `currency_mismatch`, `insufficient_funds`, `idempotency_key_reused`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`same_account`, `currency_mismatch`, `insufficient_funds`, `idempotency_key_reused`, `limit_exceeded` (with `remaining`), `transfer_blocked` (with `rule`); a replay of a held transfer an admin rejected or that expired: `transfer_rejected`, `hold_expired`", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "`shard_unavailable`, `shard_busy`, `coordinator_timeout`, `lock_unavailable` (with Retry-After; retry with the same key)", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn transfer(
@@ -427,6 +435,20 @@ pub fn submitted_response(submitted: Submitted) -> ApiResult<Response> {
         Submitted::KeyReused => return Err(ApiError::new(ErrorCode::IdempotencyKeyReused)),
     };
     match (record.state, record.failure_code) {
+        // Accepted, held for review: 202, and the record says why.
+        (TransferState::Held, _) => {
+            let mut response = (
+                StatusCode::ACCEPTED,
+                axum::Json(TransferBody::from_record(&record)),
+            )
+                .into_response();
+            if replayed {
+                response
+                    .headers_mut()
+                    .insert("idempotent-replayed", HeaderValue::from_static("true"));
+            }
+            Ok(response)
+        }
         (TransferState::Committed, _) => {
             let mut response = (
                 StatusCode::CREATED,

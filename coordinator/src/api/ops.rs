@@ -109,6 +109,7 @@ pub async fn method_not_allowed() -> ApiError {
         super::money::deposit, super::money::withdrawal,
         super::rules::refund, super::rules::set_limits, super::rules::fraud_detection,
         super::disputes::open, super::disputes::get, super::disputes::resolve,
+        super::rules::release, super::rules::reject,
         healthz, readyz, in_doubt, metrics,
     ),
     components(schemas(Problem, ErrorCode)),

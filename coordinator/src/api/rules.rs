@@ -11,9 +11,10 @@ use utoipa::ToSchema;
 
 use super::error::{ApiError, ApiResult, ErrorCode, Problem};
 use super::extract::{Admin, ApiJson, Auth, IdempotencyKeyHeader};
-use super::money::{parse_money, submitted_response, LimitsBody};
+use super::money::{parse_money, submitted_response, LimitsBody, TransferBody};
 use super::AppState;
 use crate::inputs::Username;
+use crate::service::HeldDecided;
 
 /// Longest refund reason, in characters.
 pub const REASON_MAX: usize = 500;
@@ -207,4 +208,57 @@ pub async fn fraud_detection(
         currency: amount.currency().code().to_owned(),
     })
     .into_response())
+}
+
+fn held_answer(decided: Option<HeldDecided>) -> ApiResult<Response> {
+    match decided.ok_or_else(|| ApiError::new(ErrorCode::TransferNotFound))? {
+        HeldDecided::Now(r) => Ok(axum::Json(TransferBody::from_record(&r)).into_response()),
+        HeldDecided::NotHeld(r) => Err(ApiError {
+            transfer_id: Some(r.transfer_id.to_string()),
+            ..ApiError::detail(
+                ErrorCode::TransferNotHeld,
+                format!("the transfer is {}", TransferBody::from_record(&r).status),
+            )
+        }),
+        HeldDecided::Refused(code) => Err(ApiError::new(ErrorCode::from_failure(code))),
+    }
+}
+
+fn transfer_id(id: &str) -> ApiResult<shard_agent::TransferId> {
+    id.parse()
+        .map_err(|_| ApiError::new(ErrorCode::TransferNotFound))
+}
+
+#[utoipa::path(post, path = "/v1/admin/transfers/{id}/release", tag = "admin", security(("admin" = [])),
+    params(("id" = String, Path, description = "A transfer held for review")),
+    responses(
+        (status = 200, description = "Released: the transfer is committed, its money with the payee", body = TransferBody),
+        (status = 401, description = "`unauthorized`: not the admin token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`transfer_not_found`; `not_found` when no admin token is configured", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`transfer_not_held`: released, rejected or expired before (`detail` says which)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`shard_unavailable`, `shard_busy`, `lock_unavailable` (retry)", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn release(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    held_answer(state.coordinator.release_held(transfer_id(&id)?).await?)
+}
+
+#[utoipa::path(post, path = "/v1/admin/transfers/{id}/reject", tag = "admin", security(("admin" = [])),
+    params(("id" = String, Path, description = "A transfer held for review")),
+    responses(
+        (status = 200, description = "Rejected: aborted `transfer_rejected`, the money back in the payer's available balance", body = TransferBody),
+        (status = 401, description = "`unauthorized`: not the admin token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`transfer_not_found`; `not_found` when no admin token is configured", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`transfer_not_held`: released, rejected or expired before (`detail` says which)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`shard_unavailable`", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn reject(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    held_answer(state.coordinator.reject_held(transfer_id(&id)?).await?)
 }

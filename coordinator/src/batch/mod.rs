@@ -302,7 +302,8 @@ impl Batcher {
         } else {
             Lane::Cross
         };
-        let tid = TransferId::generate();
+        // A release completes its held transfer under the transfer's own ID.
+        let tid = order.release_of.unwrap_or_else(TransferId::generate);
         let span = Span::current();
         span.record("transfer_id", tracing::field::display(tid));
         let (reply, answer) = oneshot::channel();

@@ -210,6 +210,9 @@ pub async fn resolve_leg(
         ),
         // Claimed between our two reads: the next pass aborts it through decide.
         TransferState::Preparing => return Ok(Resolution::Deferred),
+        // A held transfer's record is never a GID's decision (a release runs in
+        // a group, whose GID names the group): never guess, report it.
+        TransferState::Held => return Ok(Resolution::Deferred),
     };
     info!(shard = %participant.id(), ?resolution, already = (finished == Finished::AlreadyFinished), "resolved in-doubt leg");
     Ok(resolution)

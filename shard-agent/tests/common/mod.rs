@@ -134,6 +134,7 @@ pub fn order(payer: UserId, payee: UserId, amount: &str, k: &str) -> TransferOrd
         refund_of: None,
         reason: None,
         dispute: None,
+        release_of: None,
     }
 }
 

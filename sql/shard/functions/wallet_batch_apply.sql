@@ -22,13 +22,19 @@
 --     wallet_batch_check left for it in this transaction (wallet.refusal_detail),
 --     only when it came with the refusal the transfer ends with (a later
 --     shard's higher-ranked refusal carries none).
+--   - A payer's leg held for review (verdict 'held') holds its amount on the
+--     payer's account (a 'hold' entry) and is recorded held, with the rule's
+--     name; its payee's leg moves nothing. A release (p_release) of a held
+--     transfer releases that hold (a 'release' entry), moves the money, and
+--     turns the existing record committed instead of writing one.
 --   - It never decides: a cross-shard group's decision is wallet_batch_decide,
 --     sent once every other shard has prepared.
 CREATE OR REPLACE FUNCTION wallet_batch_apply(
     p_participants text[], p_mode text,
     p_transfer uuid[], p_debit boolean[], p_user uuid[], p_amount numeric[],
     p_currency text[], p_user_name text[], p_party uuid[], p_party_name text[],
-    p_outcome text[], p_fence bigint, p_refund_of uuid[], p_reason text[], p_dispute uuid[]
+    p_outcome text[], p_fence bigint, p_refund_of uuid[], p_reason text[], p_dispute uuid[],
+    p_release boolean[]
 ) RETURNS TABLE (
     for_transfer uuid, verdict text,
     transfer_id uuid, kind text, mode text, from_user uuid, from_username text, to_user uuid,
@@ -60,14 +66,25 @@ BEGIN
       INTO v_ids, v_accounts
       FROM accounts a
      WHERE a.user_id = ANY (ARRAY(SELECT p_user[x] FROM generate_subscripts(p_user, 1) AS x
-                                  WHERE p_outcome[x] IS NULL));
+                                  WHERE p_outcome[x] IS NULL
+                                     OR (p_debit[x] AND p_outcome[x] = 'held')));
     FOR i IN 1..n LOOP
+        IF p_debit[i] AND p_outcome[i] = 'held' THEN
+            -- Held for review: the amount is held under an ID of its own.
+            v_transfer := v_transfer || gen_random_uuid();
+            v_account := v_account || v_accounts[array_position(v_ids, p_user[i])];
+            v_kind := v_kind || 'hold'::text;
+            v_amount := v_amount || -p_amount[i];
+            v_party := v_party || p_party_name[i];
+        END IF;
         CONTINUE WHEN p_outcome[i] IS NOT NULL;
-        IF p_debit[i] AND p_dispute[i] IS NOT NULL THEN
-            -- The dispute's hold is released (under an ID of its own) as its
-            -- money is refunded.
+        IF p_debit[i] AND (p_dispute[i] IS NOT NULL OR p_release[i]) THEN
+            -- The dispute's or the held transfer's hold is released (under an
+            -- ID of its own) as its money moves.
             v_release := gen_random_uuid();
-            v_releases[i] := v_release;
+            IF p_dispute[i] IS NOT NULL THEN
+                v_releases[i] := v_release;
+            END IF;
             v_transfer := v_transfer || v_release;
             v_account := v_account || v_accounts[array_position(v_ids, p_user[i])];
             v_kind := v_kind || 'release'::text;
@@ -103,19 +120,46 @@ BEGIN
                                ELSE 'transfer' END,
            p_mode, p_user[x], p_user_name[x], p_party[x],
            p_party_name[x], p_amount[x], p_currency[x],
-           CASE WHEN p_outcome[x] IS NULL THEN 'committed' ELSE 'aborted' END, p_outcome[x],
+           CASE WHEN p_outcome[x] IS NULL THEN 'committed'
+                WHEN p_outcome[x] = 'held' THEN 'held'
+                ELSE 'aborted' END,
+           nullif(p_outcome[x], 'held'),
            p_participants,
            statement_timestamp(), p_refund_of[x], p_reason[x],
            CASE WHEN v_details->(p_transfer[x]::text)->>'code' = p_outcome[x]
                 THEN v_details->(p_transfer[x]::text)->>'detail' END,
            p_dispute[x]
       FROM generate_subscripts(p_transfer, 1) AS x
-     WHERE p_debit[x] AND (p_outcome[x] IS NULL OR strpos(p_outcome[x], ':') = 0)
+     WHERE p_debit[x] AND NOT p_release[x]
+       AND (p_outcome[x] IS NULL OR strpos(p_outcome[x], ':') = 0)
      ORDER BY x
     RETURNING t.transfer_id, t.failure_code, t.transfer_id, t.kind, t.mode, t.from_user,
               t.from_username, t.to_user, t.to_username, t.amount, t.currency::text, t.state,
               t.failure_code, t.participants, t.created_at, t.decided_at, t.refund_of, t.reason,
               t.failure_detail;
+    -- Releases: the held record commits; a refused release answers with the
+    -- record as it stands.
+    IF true = ANY (p_release) THEN
+        RETURN QUERY
+        UPDATE transfers AS t SET state = 'committed', decided_at = statement_timestamp(),
+                                  participants = p_participants
+          FROM generate_subscripts(p_transfer, 1) AS x
+         WHERE p_debit[x] AND p_release[x] AND p_outcome[x] IS NULL
+           AND t.transfer_id = p_transfer[x] AND t.state = 'held'
+        RETURNING t.transfer_id, NULL::text, t.transfer_id, t.kind, t.mode, t.from_user,
+                  t.from_username, t.to_user, t.to_username, t.amount, t.currency::text,
+                  t.state, t.failure_code, t.participants, t.created_at, t.decided_at,
+                  t.refund_of, t.reason, t.failure_detail;
+        RETURN QUERY
+        SELECT p_transfer[x], p_outcome[x], t.transfer_id, t.kind, t.mode, t.from_user,
+               t.from_username, t.to_user, t.to_username, t.amount, t.currency::text, t.state,
+               t.failure_code, t.participants, t.created_at, t.decided_at, t.refund_of, t.reason,
+               t.failure_detail
+          FROM generate_subscripts(p_transfer, 1) AS x
+          JOIN transfers t ON t.transfer_id = p_transfer[x]
+         WHERE p_debit[x] AND p_release[x] AND p_outcome[x] IS NOT NULL
+           AND strpos(p_outcome[x], ':') = 0;
+    END IF;
     -- The answers that wrote nothing (rare: a retry, a session gone), with
     -- the record a replayed or in-progress key points at.
     FOR i IN 1..n LOOP

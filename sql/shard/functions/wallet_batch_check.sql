@@ -13,8 +13,14 @@
 -- the configured daily limit for the transfer's currency (NULL: none; an
 -- admin's override on the account wins) and p_refund_of the transfer a refund
 -- gives back (NULL: a transfer); p_dispute, on both legs of a dispute's
--- refund, the dispute it resolves. p_rules holds the fraud rules (NULL: none;
--- see wallet_fraud_check).
+-- refund, the dispute it resolves; p_release, on a payer's leg, that the
+-- transfer is a held one an admin releases (its record exists, held). p_rules
+-- holds the fraud rules (NULL: none; see wallet_fraud_check).
+--
+-- A release must find its transfer still held for this payer and amount
+-- (not_held) and spends the held money. A transfer that passes everything
+-- but meets a 'review' rule gets the verdict 'held' (ranked after every
+-- refusal): wallet_batch_apply records it held and holds its amount.
 --
 -- Verdicts: NULL (passed); a business refusal (wallet_first_failure's list:
 -- recorded as the transfer's abort, with its detail, if any, left for
@@ -64,7 +70,7 @@ CREATE OR REPLACE FUNCTION wallet_batch_check(
     p_transfer uuid[], p_debit boolean[], p_user uuid[], p_amount numeric[],
     p_currency text[], p_key_user uuid[], p_key text[], p_fingerprint bytea[],
     p_session bytea[], p_failure text[], p_party uuid[], p_limit numeric[],
-    p_refund_of uuid[], p_rules jsonb, p_dispute uuid[]
+    p_refund_of uuid[], p_rules jsonb, p_dispute uuid[], p_release boolean[]
 ) RETURNS text[]
 LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
@@ -87,6 +93,7 @@ DECLARE
     v_details jsonb := '{}';
     v_limit numeric;
     v_disputed int[] := '{}';
+    v_held int[] := '{}';
     v_at int;
     v_fail text;
     v_seen_ids uuid[];
@@ -173,6 +180,15 @@ BEGIN
                           AND d.payee_user = p_user[x] AND d.transfer_id = p_refund_of[x]
                           AND d.amount = p_amount[x]);
     END IF;
+    -- Releases: the legs whose transfer is still held, as ordered.
+    IF true = ANY (p_release) THEN
+        SELECT coalesce(array_agg(x), '{}') INTO v_held
+          FROM generate_subscripts(p_transfer, 1) AS x
+         WHERE p_debit[x] AND p_release[x] AND v_out[x] IS NULL
+           AND EXISTS (SELECT 1 FROM transfers t
+                        WHERE t.transfer_id = p_transfer[x] AND t.state = 'held'
+                          AND t.from_user = p_user[x] AND t.amount = p_amount[x]);
+    END IF;
     -- Fraud rules, for the transfers still passing.
     IF p_rules IS NOT NULL THEN
         v_fraud := wallet_fraud_check(p_debit, p_user, p_party, p_amount, p_currency,
@@ -181,16 +197,17 @@ BEGIN
     -- The accounts of transfers an earlier shard refused, read unlocked in one
     -- statement (see below); only the ordered check passes such refusals.
     IF v_out && ARRAY['currency_mismatch', 'transfer_not_found', 'dispute_not_open',
-                      'refund_exceeds_original', 'transfer_blocked', 'limit_exceeded',
-                      'insufficient_funds'] THEN
+                      'not_held', 'refund_exceeds_original', 'transfer_blocked',
+                      'limit_exceeded', 'insufficient_funds', 'held'] THEN
         SELECT coalesce(array_agg(a.user_id), '{}'), coalesce(array_agg(trim(a.currency)), '{}')
           INTO v_seen_ids, v_seen_currencies
           FROM accounts a
          WHERE a.user_id = ANY (ARRAY(SELECT p_user[x] FROM generate_subscripts(p_user, 1) AS x
                                       WHERE v_out[x] IN ('currency_mismatch', 'transfer_not_found',
-                                                         'dispute_not_open', 'refund_exceeds_original',
-                                                         'transfer_blocked', 'limit_exceeded',
-                                                         'insufficient_funds')));
+                                                         'dispute_not_open', 'not_held',
+                                                         'refund_exceeds_original', 'transfer_blocked',
+                                                         'limit_exceeded', 'insufficient_funds',
+                                                         'held')));
     END IF;
     i := 1;
     WHILE i <= n LOOP
@@ -207,6 +224,13 @@ BEGIN
                     v_fail := wallet_first_failure(v_fail, 'recipient_not_found');
                 ELSIF trim(v_currencies[v_at]) <> p_currency[k] THEN
                     v_fail := wallet_first_failure(v_fail, 'currency_mismatch');
+                ELSIF p_debit[k] AND p_release[k] THEN
+                    -- The money is on the account, held for this transfer.
+                    IF NOT k = ANY (v_held) THEN
+                        v_fail := wallet_first_failure(v_fail, 'not_held');
+                    ELSIF v_balances[v_at] < 0 THEN
+                        v_fail := wallet_first_failure(v_fail, 'insufficient_funds');
+                    END IF;
                 ELSIF p_debit[k] AND p_dispute[k] IS NOT NULL THEN
                     -- The money is on the account, held by the dispute: the
                     -- other holds must still be covered once it is spent.
@@ -240,12 +264,16 @@ BEGIN
                                            greatest(v_limit - v_used[v_at], 0)::text));
                 ELSIF p_debit[k] AND v_balances[v_at] < p_amount[k] THEN
                     v_fail := wallet_first_failure(v_fail, 'insufficient_funds');
+                ELSIF p_debit[k] AND v_fraud[k] LIKE 'review:%' THEN
+                    v_fail := wallet_first_failure(v_fail, 'held');
+                    v_details := v_details || jsonb_build_object(p_transfer[k]::text,
+                        jsonb_build_object('code', 'held', 'detail', substr(v_fraud[k], 8)));
                 END IF;
             END LOOP;
             FOR k IN i..j LOOP v_out[k] := v_fail; END LOOP;
         ELSIF v_out[i] IN ('currency_mismatch', 'transfer_not_found', 'dispute_not_open',
-                           'refund_exceeds_original', 'transfer_blocked', 'limit_exceeded',
-                           'insufficient_funds') THEN
+                           'not_held', 'refund_exceeds_original', 'transfer_blocked',
+                           'limit_exceeded', 'insufficient_funds', 'held') THEN
             -- Refused on an earlier shard for a reason that ranks below what
             -- this shard may find: a missing or other-currency account outranks
             -- it. Accounts are never deleted and never change currency, so this

@@ -20,7 +20,7 @@ CREATE OR REPLACE FUNCTION wallet_batch_local(
     p_currency text[], p_key_user uuid[], p_key text[], p_fingerprint bytea[],
     p_session bytea[], p_user_name text[], p_party uuid[], p_party_name text[],
     p_lock_wait_ms int, p_limit numeric[], p_refund_of uuid[], p_reason text[], p_rules jsonb,
-    p_dispute uuid[]
+    p_dispute uuid[], p_release boolean[]
 ) RETURNS TABLE (
     for_transfer uuid, verdict text,
     transfer_id uuid, kind text, mode text, from_user uuid, from_username text, to_user uuid,
@@ -43,7 +43,7 @@ BEGIN
         wallet_batch_check(p_transfer, p_debit, p_user, p_amount, p_currency,
                            p_key_user, p_key, p_fingerprint, p_session,
                            array_fill(NULL::text, ARRAY[coalesce(array_length(p_transfer, 1), 0)]),
-                           p_party, p_limit, p_refund_of, p_rules, p_dispute),
-        NULL, p_refund_of, p_reason, p_dispute);
+                           p_party, p_limit, p_refund_of, p_rules, p_dispute, p_release),
+        NULL, p_refund_of, p_reason, p_dispute, p_release);
 END
 $$;

@@ -56,7 +56,8 @@ BEGIN
     PERFORM * FROM wallet_batch_apply('{}', 'redis', p_transfer, array_fill(false, ARRAY[n]),
                                       p_user, p_amount, p_currency, p_user_name, p_party,
                                       p_party_name, v_out, p_fence, p_refund_of,
-                                      array_fill(NULL::text, ARRAY[n]), p_dispute);
+                                      array_fill(NULL::text, ARRAY[n]), p_dispute,
+                                      array_fill(false, ARRAY[n]));
     RETURN v_out;
 END
 $$;

@@ -26,7 +26,8 @@ CREATE OR REPLACE FUNCTION wallet_redis_debit(
     p_key_user uuid[], p_key text[], p_fingerprint bytea[], p_session bytea[],
     p_failure text[], p_user_name text[], p_party uuid[], p_party_name text[],
     p_fence bigint, p_enforce_fence boolean, p_lock_wait_ms int,
-    p_limit numeric[], p_refund_of uuid[], p_reason text[], p_rules jsonb, p_dispute uuid[]
+    p_limit numeric[], p_refund_of uuid[], p_reason text[], p_rules jsonb, p_dispute uuid[],
+    p_release boolean[]
 ) RETURNS TABLE (
     for_transfer uuid, verdict text,
     transfer_id uuid, kind text, mode text, from_user uuid, from_username text, to_user uuid,
@@ -47,7 +48,7 @@ BEGIN
     PERFORM set_config('lock_timeout', p_lock_wait_ms || 'ms', true);
     v_out := wallet_batch_check(p_transfer, v_debit, p_user, p_amount, p_currency, p_key_user,
                                 p_key, p_fingerprint, p_session, p_failure, p_party, p_limit,
-                                p_refund_of, p_rules, p_dispute);
+                                p_refund_of, p_rules, p_dispute, p_release);
     IF p_enforce_fence THEN
         SELECT coalesce(array_agg(a.user_id), '{}') INTO v_stale
           FROM accounts a
@@ -63,7 +64,7 @@ BEGIN
     RETURN QUERY
     SELECT * FROM wallet_batch_apply('{}', 'redis', p_transfer, v_debit, p_user, p_amount,
                                      p_currency, p_user_name, p_party, p_party_name, v_out,
-                                     p_fence, p_refund_of, p_reason, p_dispute);
+                                     p_fence, p_refund_of, p_reason, p_dispute, p_release);
     INSERT INTO pending_credits (transfer_id, to_user, to_username, from_username, amount, currency,
                                  refund_of, dispute_id)
     SELECT p_transfer[x], p_party[x], p_party_name[x], p_user_name[x], p_amount[x], p_currency[x],
