@@ -20,7 +20,7 @@ pub fn summary(r: &Report) -> String {
     };
     let mut out = format!(
         "scenario  {} ({} mode, seed {})\n          {}\nruntime   {:.1}s, coordinator started {} times, quiet {} ms after healing\n\
-         requests  {} attempted: {} acknowledged, {} failed {:?}, {} unknown ({} resolved by replaying their keys), {} retries\n\
+         requests  {} attempted: {} acknowledged ({} held for review), {} failed {:?}, {} unknown ({} resolved by replaying their keys), {} retries\n\
          faults    {}\nmid-run   {} totals readings, {} inconsistent (in-flight, reported only), {} unreadable\n\
          verdict   {} ({} violations)\n",
         r.scenario,
@@ -32,6 +32,7 @@ pub fn summary(r: &Report) -> String {
         r.heal_to_quiet_ms,
         r.operations.attempted,
         r.operations.acknowledged,
+        r.operations.held,
         r.operations.failed,
         r.operations.failed_by_code,
         r.operations.unknown,

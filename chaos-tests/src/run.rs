@@ -174,6 +174,28 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> anyhow::Result<Repor
             None => violations.push(format!("disputes: {id} cannot be read by its payer")),
         }
     }
+    // What became of every transfer held for review: an admin released it
+    // (committed: it moved money), rejected it, it expired, or it still waits
+    // (none of which moved any).
+    for r in records.iter_mut() {
+        let Outcome::Held(id) = r.outcome else {
+            continue;
+        };
+        let Some(user) = users.iter().find(|u| u.name == r.from) else {
+            continue;
+        };
+        r.outcome = match client.transfer_state(user, id).await {
+            Some(t) if t["status"] == "committed" => Outcome::Acknowledged(id),
+            Some(t) => Outcome::Failed {
+                code: t["failure_code"].as_str().unwrap_or("held").to_owned(),
+                transfer_id: Some(id),
+            },
+            None => {
+                violations.push(format!("held transfers: {id} cannot be read by its payer"));
+                Outcome::Unknown
+            }
+        };
+    }
     if let Some(path) = &opts.history {
         write_history(path, &records)?;
     }

@@ -7,7 +7,7 @@ use rand::rngs::StdRng;
 use rand::Rng;
 
 use coordinator::config::LockMode;
-use shard_agent::rules::WalletRules;
+use shard_agent::rules::{Action, Condition, FraudRule, WalletRules};
 use shard_agent::Currency;
 
 /// A fault the injector can apply once.
@@ -126,8 +126,9 @@ impl Scenario {
 
     /// The wallet's rules the run's coordinator enforces: a daily limit every
     /// busy client reaches within a run, so limits are checked and consumed
-    /// under every fault; the broken limit variant gets a lower one, reached
-    /// while other transfers of the same payer are in flight.
+    /// under every fault (the broken limit variant gets a lower one, reached
+    /// while other transfers of the same payer are in flight), and a review
+    /// rule that holds the larger transfers.
     pub fn rules(&self) -> WalletRules {
         let limit = match self.kind {
             Kind::Broken {
@@ -137,6 +138,15 @@ impl Scenario {
         };
         WalletRules {
             daily_limits: [(Currency::Usd, limit.parse().expect("static amount"))].into(),
+            // About one transfer in eight is held for review, and the admin
+            // in the workload releases or rejects some of them.
+            fraud_rules: vec![FraudRule {
+                name: "large".into(),
+                action: Action::Review,
+                condition: Condition::Amount {
+                    over: [(Currency::Usd, "35.00".parse().expect("static amount"))].into(),
+                },
+            }],
             ..WalletRules::default()
         }
     }

@@ -40,8 +40,11 @@ pub struct User {
 /// What the client learned about one request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub enum Outcome {
-    /// 2xx: the transfer is committed.
+    /// 201: the transfer is committed.
     Acknowledged(Uuid),
+    /// 202: the transfer is held for review; what became of it (an admin's
+    /// release or rejection, its expiry) is read after the run.
+    Held(Uuid),
     /// A definite failure (4xx other than 409 in-progress): nothing may have moved.
     Failed {
         code: String,
@@ -320,6 +323,38 @@ impl Client {
         }
     }
 
+    /// An admin's release (or rejection) of held transfer `id`, retried on
+    /// timeouts and 503s; what became of it is read at the end.
+    pub async fn decide_held(&self, admin: &str, id: Uuid, release: bool, attempts_max: u32) {
+        let path = format!(
+            "/v1/admin/transfers/{id}/{}",
+            if release { "release" } else { "reject" }
+        );
+        for attempt in 1..=attempts_max {
+            match self.post(&path, Some(admin), None, json!({})).await {
+                Ok((s, _)) if s == StatusCode::SERVICE_UNAVAILABLE => {}
+                Ok(_) => return,
+                Err(_) => {}
+            }
+            tokio::time::sleep(backoff(attempt)).await;
+        }
+    }
+
+    /// Transfer `id` as its payer `user` reads it (`GET /v1/transfer/{id}`).
+    pub async fn transfer_state(&self, user: &User, id: Uuid) -> Option<Value> {
+        let resp = self
+            .http
+            .get(format!("{}/v1/transfer/{id}", self.base))
+            .bearer_auth(&user.token)
+            .send()
+            .await
+            .ok()?;
+        if !resp.status().is_success() {
+            return None;
+        }
+        resp.json::<Value>().await.ok()
+    }
+
     /// Dispute `id` as `user` (a party) reads it: its status and, once
     /// refunded, the amount and the refund's transfer ID.
     pub async fn dispute_state(&self, user: &User, id: Uuid) -> Option<Value> {
@@ -353,7 +388,12 @@ impl Client {
                     let id = b["transfer_id"]
                         .as_str()
                         .and_then(|t| Uuid::parse_str(t).ok());
-                    return (attempt, id.map_or(Outcome::Unknown, Outcome::Acknowledged));
+                    let answered = if s == StatusCode::ACCEPTED {
+                        Outcome::Held
+                    } else {
+                        Outcome::Acknowledged
+                    };
+                    return (attempt, id.map_or(Outcome::Unknown, answered));
                 }
                 Ok((s, b))
                     if s == StatusCode::SERVICE_UNAVAILABLE
@@ -403,14 +443,16 @@ impl Client {
         let mut handles = Vec::with_capacity(limits.len());
         let acknowledged: Arc<std::sync::Mutex<Vec<Refundable>>> = Arc::default();
         let disputes: Arc<std::sync::Mutex<Vec<Opened>>> = Arc::default();
+        let held: Arc<std::sync::Mutex<Vec<Uuid>>> = Arc::default();
         for (t, limit) in limits.into_iter().enumerate() {
-            let (client, users, config, stop, acknowledged, disputes) = (
+            let (client, users, config, stop, acknowledged, disputes, held) = (
                 self.clone(),
                 users.clone(),
                 config.clone(),
                 stop.clone(),
                 acknowledged.clone(),
                 disputes.clone(),
+                held.clone(),
             );
             handles.push(tokio::spawn(async move {
                 let mut rng = StdRng::seed_from_u64(
@@ -439,7 +481,19 @@ impl Client {
                             .lock()
                             .expect("invariant: no task panics holding the list")
                             .clone();
+                        let waiting = held
+                            .lock()
+                            .expect("invariant: no task panics holding the list")
+                            .clone();
+                        let on_held = rng.gen_bool(0.5);
                         match (&config.admin_token, decide && !open.is_empty()) {
+                            (Some(admin), true) if on_held && !waiting.is_empty() => {
+                                let chosen = waiting[rng.gen_range(0..waiting.len())];
+                                let release = rng.gen_bool(0.5);
+                                client
+                                    .decide_held(admin, chosen, release, config.attempts_max)
+                                    .await;
+                            }
                             (Some(admin), true) => {
                                 let chosen = open[rng.gen_range(0..open.len())].id;
                                 let refund = rng.gen_bool(0.5);
@@ -523,6 +577,11 @@ impl Client {
                             config.attempts_max,
                         )
                         .await;
+                    if let Outcome::Held(id) = outcome {
+                        held.lock()
+                            .expect("invariant: no task panics holding the list")
+                            .push(id);
+                    }
                     if let Outcome::Acknowledged(id) = outcome {
                         acknowledged
                             .lock()
@@ -594,6 +653,9 @@ pub struct Summary {
     pub acknowledged: usize,
     pub failed: usize,
     pub unknown: usize,
+    /// Held for review when answered (counted in `acknowledged` too: the
+    /// request was accepted).
+    pub held: usize,
     pub retries: u64,
     pub failed_by_code: std::collections::BTreeMap<String, usize>,
 }
@@ -607,6 +669,10 @@ pub fn summarize(records: &[Record]) -> Summary {
         s.retries += u64::from(r.attempts.saturating_sub(1));
         match r.outcome {
             Outcome::Acknowledged(_) => s.acknowledged += 1,
+            Outcome::Held(_) => {
+                s.acknowledged += 1;
+                s.held += 1;
+            }
             Outcome::Failed { ref code, .. } => {
                 s.failed += 1;
                 *s.failed_by_code.entry(code.clone()).or_default() += 1;

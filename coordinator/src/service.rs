@@ -879,9 +879,39 @@ impl Coordinator {
         // pass.
         Ok(Some(match answer.state {
             TransferState::Committed if answer.decided_at.is_some() => HeldDecided::Now(answer),
-            TransferState::Held => HeldDecided::Refused(shard_agent::FailureCode::ShardBusy),
+            TransferState::Held => HeldDecided::Refused(self.why_not_released(&answer).await?),
             _ => HeldDecided::NotHeld(answer),
         }))
+    }
+
+    /// Why a release left its transfer held: the payer's day has no room
+    /// for it (its limit is checked when it moves), or, failing that, a
+    /// refusal a retry may pass.
+    async fn why_not_released(
+        &self,
+        held: &TransferRecord,
+    ) -> Result<shard_agent::FailureCode, CoordinatorError> {
+        let Some(payer) = held.from_user else {
+            return Ok(shard_agent::FailureCode::ShardBusy);
+        };
+        let view = self
+            .routed(|routing| async move {
+                Ok(routing
+                    .agent_for(&payer)
+                    .account_view(payer, 1, None)
+                    .await?)
+            })
+            .await?;
+        let over = view.is_some_and(|v| {
+            v.daily_limit
+                .or_else(|| self.rules.daily_limit(held.currency))
+                .is_some_and(|limit| v.used_today + held.amount > limit)
+        });
+        Ok(if over {
+            shard_agent::FailureCode::LimitExceeded
+        } else {
+            shard_agent::FailureCode::ShardBusy
+        })
     }
 
     /// An admin's rejection of held transfer `tid`: aborted

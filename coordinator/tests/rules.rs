@@ -624,3 +624,43 @@ async fn a_hold_nobody_decides_expires() {
         .expect("snapshot");
     assert_eq!(snap.violations(true), Vec::<String>::new());
 }
+
+/// A held transfer counts toward the daily limit when it moves: a release
+/// the payer's day has no room for is refused (422 limit_exceeded) and the
+/// transfer stays held; a rejection still ends it.
+#[tokio::test]
+async fn a_release_needs_room_in_the_payers_day() {
+    let rules = r#"{"daily_limits": {"USD": "100.00"}, "fraud_rules": [
+        {"name": "large", "rule": "amount", "over": {"USD": "50.00"}, "action": "review"}
+    ]}"#;
+    let (c, api) = cluster_with(rules, false).await;
+    let (a, b) = pair(&c, "rvlim", false);
+    let ta = api.user(&a, "USD").await;
+    api.user(&b, "USD").await;
+    api.deposit(&ta, "500.00", "USD").await;
+    let held = api.transfer(&ta, &key(), &b, "60.00", "USD").await;
+    assert_eq!(held.status, StatusCode::ACCEPTED, "{:?}", held.body);
+    let tid = held.body["transfer_id"].as_str().expect("id").to_owned();
+    let spent = api.transfer(&ta, &key(), &b, "50.00", "USD").await;
+    assert_eq!(spent.status, StatusCode::CREATED, "{:?}", spent.body);
+    let refused = admin_post(&api, &format!("/v1/admin/transfers/{tid}/release")).await;
+    assert_eq!(refused.code(), "limit_exceeded", "{:?}", refused.body);
+    assert_eq!(
+        api.get(&format!("/v1/transfer/{tid}"), Some(&ta))
+            .await
+            .body["status"],
+        "held"
+    );
+    let rejected = admin_post(&api, &format!("/v1/admin/transfers/{tid}/reject")).await;
+    assert_eq!(rejected.status, StatusCode::OK, "{:?}", rejected.body);
+    let payer = account(&api, &ta).await;
+    assert_eq!(
+        (payer["balance"].as_str(), payer["available"].as_str()),
+        (Some("450.00"), Some("450.00"))
+    );
+    assert_eq!(payer["limits"]["used_today"], "50.00");
+    let snap = checker::Snapshot::take(&c.agents())
+        .await
+        .expect("snapshot");
+    assert_eq!(snap.violations(true), Vec::<String>::new());
+}

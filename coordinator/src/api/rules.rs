@@ -236,6 +236,7 @@ fn transfer_id(id: &str) -> ApiResult<shard_agent::TransferId> {
         (status = 401, description = "`unauthorized`: not the admin token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`transfer_not_found`; `not_found` when no admin token is configured", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`transfer_not_held`: released, rejected or expired before (`detail` says which)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`limit_exceeded`: the payer's day has no room left for it (it counts when it moves); reject it, or release it another day", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "`shard_unavailable`, `shard_busy`, `lock_unavailable` (retry)", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn release(

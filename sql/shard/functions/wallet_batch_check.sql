@@ -225,9 +225,17 @@ BEGIN
                 ELSIF trim(v_currencies[v_at]) <> p_currency[k] THEN
                     v_fail := wallet_first_failure(v_fail, 'currency_mismatch');
                 ELSIF p_debit[k] AND p_release[k] THEN
-                    -- The money is on the account, held for this transfer.
+                    -- The money is on the account, held for this transfer. It
+                    -- counts toward the daily limit when it moves, so the
+                    -- day must still have room for it.
+                    v_limit := coalesce(v_limits[v_at], p_limit[k]);
                     IF NOT k = ANY (v_held) THEN
                         v_fail := wallet_first_failure(v_fail, 'not_held');
+                    ELSIF v_limit IS NOT NULL AND v_used[v_at] + p_amount[k] > v_limit THEN
+                        v_fail := wallet_first_failure(v_fail, 'limit_exceeded');
+                        v_details := v_details || jsonb_build_object(p_transfer[k]::text,
+                            jsonb_build_object('code', 'limit_exceeded', 'detail',
+                                               greatest(v_limit - v_used[v_at], 0)::text));
                     ELSIF v_balances[v_at] < 0 THEN
                         v_fail := wallet_first_failure(v_fail, 'insufficient_funds');
                     END IF;
