@@ -192,7 +192,12 @@ impl Snapshot {
                         entries.len()
                     ));
                 }
-                ("aborted" | "held", _) if !entries.is_empty() => {
+                // A held transfer's release commits on the payee's (deciding)
+                // shard before the payer's record turns committed, so mid-run a
+                // credit may be seen next to a held record.
+                ("aborted", _) | ("held", _)
+                    if !entries.is_empty() && (quiescent || d.state == "aborted") =>
+                {
                     v.push(format!(
                         "invariant 3: {} {} {tid} has {} ledger entries",
                         d.state,

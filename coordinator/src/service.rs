@@ -677,8 +677,10 @@ impl Coordinator {
         if original.from_user != Some(payer.user_id) {
             return Ok(None);
         }
+        // From when the money moved: a transfer held for review moves when
+        // it is released.
         let window = chrono::Duration::days(i64::from(self.rules.dispute_window_days));
-        if original.created_at + window < Utc::now() {
+        if original.decided_at.unwrap_or(original.created_at) + window < Utc::now() {
             return Ok(Some(DisputeOpen::WindowPassed));
         }
         let id = new_dispute_id(&payee);

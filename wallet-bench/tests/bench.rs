@@ -52,12 +52,29 @@ async fn a_small_bench_run_reports_every_scenario_and_passes_the_checker() {
         serde_json::from_str(&std::fs::read_to_string(&json).expect("JSON written"))
             .expect("JSON parses");
     let scenarios = report["scenarios"].as_array().expect("scenarios");
-    // Selected, plus single-node/zipf: the baseline redis/zipf is measured against.
+    // Selected, plus single-node/zipf (the baseline redis/zipf is measured
+    // against), plus the `+rules` twins of the two in-process uniform names
+    // (`--only` matches by substring).
     assert_eq!(
         scenarios.len(),
-        only.len() + 1,
+        only.len() + 3,
         "one entry per scenario run"
     );
+    for twin in [
+        "same-shard/uniform/in-process+rules",
+        "2pc/uniform/in-process+rules",
+    ] {
+        let s = scenarios
+            .iter()
+            .find(|s| s["name"] == twin)
+            .unwrap_or_else(|| panic!("{twin} ran"));
+        assert!(
+            s["ratio_to_without_rules"]
+                .as_f64()
+                .is_some_and(|r| r > 0.0),
+            "{twin} is compared with its twin without rules: {s}"
+        );
+    }
     assert!(scenarios
         .iter()
         .any(|s| s["name"] == "single-node/zipf/sql"));

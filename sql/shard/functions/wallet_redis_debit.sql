@@ -53,10 +53,12 @@ BEGIN
         SELECT coalesce(array_agg(a.user_id), '{}') INTO v_stale
           FROM accounts a
          WHERE a.user_id = ANY (ARRAY(SELECT p_user[x] FROM generate_subscripts(p_user, 1) AS x
-                                      WHERE v_out[x] IS NULL))
+                                      WHERE v_out[x] IS NULL OR v_out[x] = 'held'))
            AND a.last_fence >= p_fence;
+        -- A transfer held for review writes too (its hold), so its fence is
+        -- checked like a debit's.
         FOR i IN 1..n LOOP
-            IF v_out[i] IS NULL AND p_user[i] = ANY (v_stale) THEN
+            IF (v_out[i] IS NULL OR v_out[i] = 'held') AND p_user[i] = ANY (v_stale) THEN
                 v_out[i] := 'lock_unavailable';
             END IF;
         END LOOP;
