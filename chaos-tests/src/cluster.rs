@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use coordinator::config::{Config, Limits, LockMode};
+use coordinator::events::{EventsConfig, EventsMode};
 use coordinator::redis_lock::RedisConfig;
-use local_cluster::{free_port, PgServer, PgServerConfig, RedisServer};
+use local_cluster::{free_port, NatsServer, PgServer, PgServerConfig, RedisServer};
 use shard_agent::catalog::ShardEntry;
 use shard_agent::rules::WalletRules;
 use shard_agent::{AgentConfig, ShardAgent};
@@ -52,6 +53,9 @@ pub struct ChaosCluster {
     pub config: Config,
     /// Redis-lock mode only.
     pub redis: Option<RedisServer>,
+    /// The broker the coordinator's relay publishes events to (every
+    /// scenario runs with events on; the consumer checks them at the end).
+    pub nats: NatsServer,
     config_path: PathBuf,
     exe: PathBuf,
     coordinator: Option<Child>,
@@ -101,6 +105,8 @@ impl ChaosCluster {
             LockMode::TwoPc => None,
             LockMode::Redis => Some(tokio::task::spawn_blocking(|| RedisServer::start(0)).await??),
         };
+        let nats_store = dir.join("nats");
+        let nats = tokio::task::spawn_blocking(move || NatsServer::start(0, &nats_store)).await??;
         let config = Config {
             listen: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
             catalog_dsn: catalog_dsn.into(),
@@ -128,6 +134,14 @@ impl ChaosCluster {
             http: Default::default(),
             rate_limits: coordinator::config::RateLimits::off(),
             rules: opts.rules.clone(),
+            events: EventsConfig {
+                mode: EventsMode::Nats,
+                url: Some(nats.url()),
+                // Short, so a lease a killed coordinator held passes quickly.
+                lease_ms: 2_000,
+                publish_timeout_ms: 1_000,
+                ..EventsConfig::default()
+            },
         };
         let config_path = dir.join("coordinator.json");
         std::fs::write(&config_path, serde_json::to_string_pretty(&config)?)?;
@@ -140,6 +154,7 @@ impl ChaosCluster {
             direct_dsns: direct_entries.iter().map(|e| e.dsn.clone()).collect(),
             config,
             redis,
+            nats,
             config_path,
             exe: opts.exe.clone(),
             coordinator: None,

@@ -22,6 +22,7 @@ pub fn summary(r: &Report) -> String {
         "scenario  {} ({} mode, seed {})\n          {}\nruntime   {:.1}s, coordinator started {} times, quiet {} ms after healing\n\
          requests  {} attempted: {} acknowledged ({} held for review), {} failed {:?}, {} unknown ({} resolved by replaying their keys), {} retries\n\
          faults    {}\nmid-run   {} totals readings, {} inconsistent (in-flight, reported only), {} unreadable\n\
+         events    {} in the stream, checked against the outboxes and the clients' history\n\
          verdict   {} ({} violations)\n",
         r.scenario,
         r.lock_mode,
@@ -42,6 +43,7 @@ pub fn summary(r: &Report) -> String {
         r.mid_run.readings,
         r.mid_run.inconsistent,
         r.mid_run.unreadable,
+        r.events_in_stream,
         verdict,
         r.violations.len(),
     );

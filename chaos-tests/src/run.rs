@@ -59,6 +59,8 @@ pub struct Report {
     pub coordinator_starts: u32,
     pub mid_run: MidRun,
     pub heal_to_quiet_ms: u128,
+    /// Events the consumer read from the broker's stream after healing.
+    pub events_in_stream: usize,
     pub violations: Vec<String>,
     pub expected_violations: bool,
     /// The verdict: no violations, or (for a broken variant) some.
@@ -204,6 +206,8 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> anyhow::Result<Repor
     let snap = wait_quiescent(&cluster.direct, quiet_within).await?;
     let heal_to_quiet_ms = heal_started.elapsed().as_millis();
     violations.extend(check(&snap, &records, &users));
+    let (events_in_stream, events_violations) = crate::events::consume(&cluster, &records).await;
+    violations.extend(events_violations);
     if let Kind::Rebalance { .. } = scenario.kind {
         let admin =
             rebalance::Admin::open(&cluster.config.catalog_dsn, cluster.config.agent.clone())
@@ -230,6 +234,7 @@ pub async fn run(scenario: &Scenario, opts: &RunOptions) -> anyhow::Result<Repor
         coordinator_starts: cluster.coordinator_starts(),
         mid_run,
         heal_to_quiet_ms,
+        events_in_stream,
         passed: violations.is_empty() != expected,
         expected_violations: expected,
         violations,
@@ -395,6 +400,11 @@ async fn apply(
                 tokio::time::sleep(hold).await;
                 tokio::task::block_in_place(|| redis.restart())?;
             }
+        }
+        Fault::KillBroker => {
+            cluster.nats.kill9();
+            tokio::time::sleep(hold).await;
+            tokio::task::block_in_place(|| cluster.nats.restart())?;
         }
         Fault::KillShard => {
             tokio::task::block_in_place(|| cluster.servers[shard].kill9())?;

@@ -21,13 +21,16 @@ pub enum Fault {
     SlowLinks,
     /// Redis-lock mode: kill -9 of redis-server (every lock is lost), then restart.
     KillRedis,
+    /// kill -9 of nats-server, the relay's broker, then restart: events wait
+    /// in the outbox meanwhile, and transfers must not notice.
+    KillBroker,
     /// A few users' account rows held by a transaction outside the wallet (as an
     /// in-doubt leg or a slow statement would), then released.
     HoldRows,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 8] = [
+    pub const ALL: [Fault; 9] = [
         Fault::KillCoordinator,
         Fault::KillShard,
         Fault::PauseShard,
@@ -35,6 +38,7 @@ impl Fault {
         Fault::DropLinks,
         Fault::SlowLinks,
         Fault::KillRedis,
+        Fault::KillBroker,
         Fault::HoldRows,
     ];
 
@@ -55,6 +59,7 @@ impl Fault {
             Fault::DropLinks => "drop-links",
             Fault::SlowLinks => "slow-links",
             Fault::KillRedis => "kill-redis",
+            Fault::KillBroker => "kill-broker",
             Fault::HoldRows => "hold-rows",
         }
     }
@@ -68,6 +73,7 @@ impl Fault {
                 rng.gen_range(800..2_500)
             }
             Fault::DropLinks => rng.gen_range(200..800),
+            Fault::KillBroker => rng.gen_range(500..3_000),
         };
         Duration::from_millis(ms)
     }
@@ -185,6 +191,7 @@ pub fn all(mode: LockMode) -> Vec<Scenario> {
             Fault::DropLinks => "reset every connection to a shard and refuse new ones, then heal",
             Fault::SlowLinks => "delay every chunk to and from a shard by 20-100 ms",
             Fault::KillRedis => "kill -9 of redis-server (every lock lost), then restart",
+            Fault::KillBroker => "kill -9 of nats-server (events wait in the outbox), then restart",
             Fault::HoldRows => {
                 "hold 3 random users' account rows in an open transaction, then roll back"
             }

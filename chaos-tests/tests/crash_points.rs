@@ -188,6 +188,93 @@ async fn redis_mode_a_coordinator_dead_before_replying_replays() {
     crash_in(true, "redis-before-reply", true).await;
 }
 
+/// The relay killed between publishing and marking (the failpoint ends each
+/// round after JetStream's acks, before the rows are marked), then the
+/// coordinator replaced: the next relay publishes those events again, and
+/// JetStream drops the copies by message ID, so the stream holds every event
+/// exactly once.
+#[tokio::test]
+async fn a_relay_dead_between_publish_and_mark_publishes_again_and_nothing_twice() {
+    use chaos_tests::checker::events::{
+        delivery_violations, outboxes, read_stream, wait_published,
+    };
+    let _serial = SERIAL.lock().await;
+    let store = tempfile::tempdir().expect("tempdir");
+    let nats = local_cluster::NatsServer::start(0, store.path()).expect("start nats-server");
+    let mut config = TestCluster::provision(2, test_limits()).await;
+    config.events = coordinator::events::EventsConfig {
+        mode: coordinator::events::EventsMode::Nats,
+        url: Some(nats.url()),
+        lease_ms: 2_000,
+        publish_timeout_ms: 1_000,
+        ..Default::default()
+    };
+    fail::cfg("relay-after-publish", "return").expect("arm failpoint");
+    let TwoUsers {
+        cluster,
+        http,
+        payer_token,
+        body,
+        ..
+    } = two_users(config, true).await;
+    for i in 0..3 {
+        let (status, _, reply) = http
+            .post(
+                "/v1/transfer",
+                Some(&payer_token),
+                Some(&format!("relay-{i}")),
+                body.clone(),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{reply}");
+    }
+    let agents = cluster.agents();
+    let outbox = outboxes(&agents).await.expect("outboxes");
+    assert_eq!(
+        outbox.len(),
+        1 + 2 * 3,
+        "a deposit and two events per transfer"
+    );
+    // Published (in the stream) but never marked (still in the outbox).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let stream = read_stream(&nats.url(), "WALLET_EVENTS", Duration::from_secs(10))
+            .await
+            .unwrap_or_default();
+        if stream.len() == outbox.len() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the relay publishes"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let lag = agents[0].outbox_lag().await.expect("lag").unpublished
+        + agents[1].outbox_lag().await.expect("lag").unpublished;
+    assert_eq!(
+        lag,
+        outbox.len() as i64,
+        "nothing marked while the failpoint is on"
+    );
+
+    fail::remove("relay-after-publish");
+    let cluster = cluster.restart().await;
+    let agents = cluster.agents();
+    wait_published(&agents, Duration::from_secs(30))
+        .await
+        .expect("the new relay marks them");
+    let stream = read_stream(&nats.url(), "WALLET_EVENTS", Duration::from_secs(10))
+        .await
+        .expect("read the stream");
+    assert_eq!(delivery_violations(&stream, &outbox), Vec::<String>::new());
+    assert_eq!(stream.len(), outbox.len());
+    let snap = wait_quiescent(&agents, Duration::from_secs(30))
+        .await
+        .expect("read shards");
+    assert_eq!(snap.violations(true), Vec::<String>::new());
+}
+
 /// Every failpoint of each protocol has its crash test above.
 #[test]
 fn every_step_of_the_protocol_is_crashed() {

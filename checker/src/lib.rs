@@ -5,6 +5,8 @@
 //! report that, fail only on quiescent snapshots). [`Snapshot::violations`] lists
 //! every broken invariant; an empty list is the only passing verdict.
 
+pub mod events;
+
 use std::collections::{BTreeMap, HashMap};
 
 use rust_decimal::Decimal;
@@ -91,6 +93,15 @@ impl Snapshot {
             }
             if a.usage_mismatches > 0 {
                 v.push(format!("invariant 8: shard {shard} has {} users whose recorded usage today is not their transfer debits today", a.usage_mismatches));
+            }
+            if a.event_seq_mismatches > 0 {
+                v.push(format!("invariant 9: shard {shard} has {} users whose events are not one per ledger entry, numbered without gaps", a.event_seq_mismatches));
+            }
+            if a.orphan_events > 0 {
+                v.push(format!(
+                    "invariant 9: shard {shard} has {} events that no ledger entry accounts for",
+                    a.orphan_events
+                ));
             }
             if a.fence_regressions > 0 {
                 v.push(format!("fencing: shard {shard} has {} writes made under a lock older than an earlier write to the same account", a.fence_regressions));

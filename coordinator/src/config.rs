@@ -9,6 +9,7 @@ use shard_agent::catalog::ShardEntry;
 use shard_agent::rules::WalletRules;
 use shard_agent::AgentConfig;
 
+use crate::events::EventsConfig;
 use crate::payments::ProviderConfig;
 use crate::redis_lock::RedisConfig;
 use crate::secrets::{Dsn, Secret};
@@ -50,6 +51,10 @@ pub struct Config {
     /// configured.
     #[serde(flatten)]
     pub rules: WalletRules,
+    /// Where the outbox's events go: `{"mode": "none"}` (the default: the
+    /// notification feed only) or `{"mode": "nats", "url": "nats://…"}`.
+    #[serde(default)]
+    pub events: EventsConfig,
 }
 
 /// Bounds of the HTTP server, so that slow or idle clients cannot hold what
@@ -308,6 +313,7 @@ impl Config {
         if self.shards.is_empty() {
             return Err("at least one shard is required".into());
         }
+        self.events.validate()?;
         // PostgreSQL reads a lock_timeout of 0 as "wait forever": every lock
         // wait must have its bound.
         if self.agent.lock_timeout_ms == 0 {

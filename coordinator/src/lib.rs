@@ -30,6 +30,7 @@ pub mod batch;
 pub mod cluster;
 pub mod config;
 pub mod error;
+pub mod events;
 pub mod inputs;
 pub mod metrics;
 pub mod payments;

@@ -53,7 +53,16 @@ pub fn handle() -> &'static PrometheusHandle {
 
 /// Sets the gauges read at scrape time from `coordinator`, then renders.
 pub fn render(coordinator: &Coordinator) -> String {
+    // The recorder first: gauges set before it is installed are lost.
+    let handle = handle();
     let routing = coordinator.cluster().routing();
+    for (shard, lag) in coordinator.relay().lag() {
+        let shard = shard.0.to_string();
+        metrics::gauge!("wallet_events_unpublished", "shard" => shard.clone())
+            .set(lag.unpublished as f64);
+        metrics::gauge!("wallet_events_oldest_unpublished_age_seconds", "shard" => shard)
+            .set(lag.oldest_age_s);
+    }
     for agent in routing.agents.values() {
         let shard = agent.id().0.to_string();
         let (size, idle, waiting) = agent.pool_status();
@@ -90,5 +99,5 @@ pub fn render(coordinator: &Coordinator) -> String {
     }
     metrics::counter!("wallet_recovery_passes_total").absolute(status.passes);
     metrics::gauge!("wallet_shards_unreachable").set(status.unreachable.len() as f64);
-    handle().render()
+    handle.render()
 }

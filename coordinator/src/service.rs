@@ -30,6 +30,7 @@ use crate::batch::Batcher;
 use crate::cluster::{Cluster, ClusterError, Routing};
 use crate::config::{Config, Limits, LockMode};
 use crate::error::CoordinatorError;
+use crate::events::Relay;
 use crate::inputs::{Email, IdemKey, Password, Username};
 use crate::payments::{call_for, PaymentProvider};
 use crate::recovery::{Recovery, RecoveryLimits};
@@ -166,6 +167,8 @@ pub struct Coordinator {
     rules: Arc<WalletRules>,
     /// Every transfer's groups (in Redis mode, the same-shard ones).
     batcher: Arc<Batcher>,
+    /// The outbox's relay (with `events.mode` none: its pruning and lag only).
+    relay: Arc<Relay>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -228,7 +231,11 @@ impl Coordinator {
                 pass_max: Duration::from_millis(limits.recovery_pass_max_ms),
             },
         ));
+        let (relay, relay_task) = Relay::start(config.events.clone(), cluster.clone())
+            .await
+            .map_err(StartError::Config)?;
         let tasks = vec![
+            relay_task,
             tokio::spawn(
                 cluster
                     .clone()
@@ -279,6 +286,7 @@ impl Coordinator {
             ),
             limits,
             rules: Arc::new(config.rules.clone()),
+            relay,
             tasks,
         })
     }
@@ -321,6 +329,28 @@ impl Coordinator {
 
     pub fn locks(&self) -> Option<&Arc<LockService>> {
         self.locks.as_ref()
+    }
+
+    /// The event relay (its lag, for `/readyz` and `/metrics`).
+    pub fn relay(&self) -> &Arc<Relay> {
+        &self.relay
+    }
+
+    /// `user`'s events with seq above `after`, at most `limit`, from the
+    /// user's shard (the notification feed).
+    pub async fn notifications(
+        &self,
+        user: &UserRow,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<shard_agent::events::Event>, CoordinatorError> {
+        self.routed(|routing| async move {
+            Ok(routing
+                .agent_for(&user.user_id)
+                .notifications(user.user_id, after, limit)
+                .await?)
+        })
+        .await
     }
 
     fn move_wait(&self) -> Duration {

@@ -89,6 +89,7 @@ async fn transfers_run_over_tls_with_verify_full() {
         http: Default::default(),
         rate_limits: coordinator::config::RateLimits::off(),
         rules: Default::default(),
+        events: Default::default(),
     };
 
     // A wrong CA for the catalog stops the start, and says why.

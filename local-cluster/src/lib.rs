@@ -17,6 +17,7 @@
 
 mod cluster;
 mod database;
+mod nats;
 mod probe;
 mod process;
 mod provision;
@@ -25,6 +26,7 @@ mod server;
 pub mod testing;
 
 pub use database::create_database;
+pub use nats::NatsServer;
 pub use provision::provision;
 pub use redis::RedisServer;
 
@@ -48,6 +50,9 @@ pub enum LocalError {
     /// `redis-server` is not on the PATH (needed by the Redis-lock mode).
     #[error("redis-server not found; install it with `apt-get install redis-server`")]
     RedisNotFound,
+    /// `nats-server` is not on the PATH (needed by `--events nats`).
+    #[error("nats-server not found; install it with `apt-get install nats-server`")]
+    NatsNotFound,
     /// PostgreSQL refuses to run as root and there is no `postgres` user to switch to.
     #[error(
         "running as root but there is no `postgres` user to run the server as; \

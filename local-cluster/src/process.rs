@@ -289,3 +289,42 @@ pub(crate) fn is_postmaster_of(pid: u32, data_dir: &Path) -> bool {
             .map_or(true, |comm| comm.trim() == "postgres"),
     }
 }
+
+/// Starts `command` (a loopback server that dies with this process) and
+/// waits until it accepts connections on `port`, at most `within`. `what`
+/// names it in errors; `missing` is the error when its binary is not found.
+pub(crate) fn start_listening(
+    mut command: Command,
+    port: u16,
+    what: &str,
+    missing: fn() -> LocalError,
+    within: std::time::Duration,
+) -> Result<Child, LocalError> {
+    die_with_parent(&mut command);
+    let mut child = spawn_on_supervisor(command).map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            missing()
+        } else {
+            LocalError::io(format!("starting {what}"), e)
+        }
+    })?;
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(child);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(LocalError::io(
+                format!("{what} exited at start ({status})"),
+                io::Error::other("see its arguments"),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    Err(LocalError::io(
+        format!("waiting for {what}"),
+        io::Error::other("not accepting connections"),
+    ))
+}

@@ -2,11 +2,10 @@
 //! harness: loopback only, nothing persisted (a restart drops every lock, which is
 //! exactly what fencing must survive), dying with this process.
 
-use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::process::{die_with_parent, spawn_on_supervisor};
+use super::process::start_listening;
 use super::{free_port, LocalError};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -41,35 +40,14 @@ impl RedisServer {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        die_with_parent(&mut command);
-        let child = spawn_on_supervisor(command).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                LocalError::RedisNotFound
-            } else {
-                LocalError::io("starting redis-server", e)
-            }
-        })?;
-        self.child = Some(child);
-        let deadline = Instant::now() + READY_TIMEOUT;
-        while Instant::now() < deadline {
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return Ok(());
-            }
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    self.child = None;
-                    return Err(LocalError::io(
-                        format!("redis-server exited at start ({status})"),
-                        std::io::Error::other("see its arguments"),
-                    ));
-                }
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Err(LocalError::io(
-            "waiting for redis-server",
-            std::io::Error::other("not accepting connections"),
-        ))
+        self.child = Some(start_listening(
+            command,
+            self.port,
+            "redis-server",
+            || LocalError::RedisNotFound,
+            READY_TIMEOUT,
+        )?);
+        Ok(())
     }
 
     pub fn port(&self) -> u16 {

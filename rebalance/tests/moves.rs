@@ -87,6 +87,34 @@ impl Http {
         token
     }
 
+    /// Every notification of the token's user (event IDs by seq), which
+    /// must be numbered 1, 2, 3… without gaps.
+    async fn notifications(&self, token: &str) -> Vec<(i64, String)> {
+        let resp = self
+            .client
+            .get(format!("{}/v1/notifications?limit=200", self.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("test server answers");
+        assert_eq!(resp.status(), StatusCode::OK);
+        let body: Value = resp.json().await.expect("json");
+        let list: Vec<(i64, String)> = body["notifications"]
+            .as_array()
+            .expect("a list")
+            .iter()
+            .map(|n| {
+                (
+                    n["seq"].as_i64().expect("seq"),
+                    n["event_id"].as_str().expect("id").to_owned(),
+                )
+            })
+            .collect();
+        let seqs: Vec<i64> = list.iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, (1..=list.len() as i64).collect::<Vec<_>>());
+        list
+    }
+
     async fn transfer(
         &self,
         token: &str,
@@ -232,6 +260,11 @@ async fn adding_a_shard_moves_about_a_third_of_the_buckets_onto_it_while_transfe
     // that carry users first, so the slice moves every user the plan moves.
     let with_users = plan.moves.iter().filter(|m| m.users > 0).count();
     assert!(with_users > 0 && plan.moves[..with_users].iter().all(|m| m.users > 0));
+    // Each user's events, to compare after the move.
+    let mut events_before = Vec::new();
+    for (_, token) in &w.users {
+        events_before.push(w.http.notifications(token).await);
+    }
     let opts = some(with_users + 8);
     let moving = {
         let admin = admin.clone();
@@ -286,6 +319,14 @@ async fn adding_a_shard_moves_about_a_third_of_the_buckets_onto_it_while_transfe
             .map(|v| v.to_str().unwrap_or("")),
         Some("true")
     );
+    // Events moved with their users: each user's feed, now read from
+    // wherever the user lives, still starts with the same events, numbered
+    // without gaps.
+    for ((_, token), before) in w.users.iter().zip(&events_before) {
+        let after = w.http.notifications(token).await;
+        assert!(after.len() > before.len(), "the traffic since wrote events");
+        assert_eq!(&after[..before.len()], &before[..]);
+    }
     traffic(&w, 30, "after").await;
     check_quiet(&w).await;
 }

@@ -46,6 +46,13 @@ pub struct ShardAudit {
     /// Invariant 8: user accounts whose recorded usage today is not the sum
     /// of today's transfer debits on their ledger.
     pub usage_mismatches: i64,
+    /// Invariant 9: user accounts whose events are not numbered 1..event_seq
+    /// without gaps (from the oldest kept, after pruning), or, with nothing
+    /// pruned, not one per ledger entry.
+    pub event_seq_mismatches: i64,
+    /// Invariant 9: events that are not the event of a ledger entry on their
+    /// user's account (same ID, amount and balance after).
+    pub orphan_events: i64,
     /// Invariant 3: every decision record of this home shard…
     pub decisions: Vec<DecisionRow>,
     /// …and every ledger entry on this shard's user accounts.
@@ -205,7 +212,23 @@ impl ShardAgent {
                                         AND created_at >= ((now() AT TIME ZONE 'UTC')::date)::timestamp AT TIME ZONE 'UTC'
                                       GROUP BY account_id) u USING (account_id)
                           WHERE a.kind = 'user' AND {SERVED_A}
-                            AND {USED_TODAY} <> coalesce(u.spent, 0))"),
+                            AND {USED_TODAY} <> coalesce(u.spent, 0)),
+                       (SELECT count(*) FROM accounts a
+                          LEFT JOIN (SELECT user_id, count(*) AS n, min(seq) AS lo, max(seq) AS hi
+                                       FROM events GROUP BY user_id) ev USING (user_id)
+                          LEFT JOIN (SELECT account_id, count(*) AS n FROM ledger_entries
+                                      GROUP BY account_id) le USING (account_id)
+                          WHERE a.kind = 'user' AND {SERVED_A}
+                            AND (a.event_seq <> coalesce(ev.hi, 0)
+                                 OR coalesce(ev.n, 0) <> coalesce(ev.hi - ev.lo + 1, 0)
+                                 OR (coalesce(ev.lo, 1) = 1 AND coalesce(ev.n, 0) <> coalesce(le.n, 0)))),
+                       (SELECT count(*) FROM events e JOIN accounts a USING (user_id)
+                          LEFT JOIN (SELECT md5(transfer_id::text || account_id::text)::uuid AS id,
+                                            account_id, amount, balance_after
+                                       FROM ledger_entries) le
+                                 ON le.id = e.event_id AND le.account_id = a.account_id
+                                AND le.amount = e.amount AND le.balance_after = e.balance_after
+                          WHERE {SERVED_A} AND le.id IS NULL)"),
                     &[&defaults],
                 )
                 .await
@@ -218,6 +241,8 @@ impl ShardAgent {
             audit.fence_regressions = row.get(5);
             audit.limit_overruns = row.get(6);
             audit.usage_mismatches = row.get(7);
+            audit.event_seq_mismatches = row.get(8);
+            audit.orphan_events = row.get(9);
             audit.decisions = conn
                 .query(&format!("SELECT transfer_id, kind, state, amount, refund_of FROM transfers t WHERE {SERVED_T}"), &[])
                 .await

@@ -11,6 +11,7 @@
 //! - [`batch`]: many concurrent transfers in one transaction per shard.
 //! - [`redis_legs`]: Redis-lock mode's fenced, idempotent legs and pending credits.
 //! - [`external`]: deposits and withdrawals through the shard's clearing account.
+//! - [`events`]: the outbox the relay publishes and the notification feed reads.
 //! - [`users`]: users, sessions, account and transfer views; [`bulk`]: loading
 //!   many users at once (for `wallet bench`).
 //! - [`catalog`], [`migrate`], [`functions`]: the bucket map with its epoch;
@@ -31,6 +32,7 @@ pub mod check;
 pub mod disputes;
 pub mod dsn;
 pub mod error;
+pub mod events;
 pub mod external;
 pub mod functions;
 pub mod gid;

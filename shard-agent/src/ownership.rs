@@ -2,7 +2,8 @@
 //! checked by `wallet_own` in every write) and the steps a move runs here.
 //!
 //! A bucket's rows are its users' rows: `users` and `accounts` by the user's
-//! bucket, and by user the ledger entries of their account, the transfers
+//! bucket, and by user the ledger entries of their account, their events
+//! (published or not: the notification feed reads them), the transfers
 //! whose home they are (payer, or the user of a deposit or withdrawal), their
 //! idempotency keys and sessions, and the pending credits of those
 //! transfers. Tombstones carry no user, so a move copies all of them: a
@@ -38,6 +39,10 @@ pub(crate) const TABLES: &[(&str, &str)] = &[
     (
         "ledger_entries",
         "account_id = ANY (ARRAY(SELECT account_id FROM accounts WHERE kind = 'user' AND bucket = $1))",
+    ),
+    (
+        "events",
+        "user_id = ANY (ARRAY(SELECT user_id FROM users WHERE bucket = $1))",
     ),
     (
         "transfers",
@@ -327,7 +332,13 @@ impl ShardAgent {
                     let out = format!(
                         "COPY (SELECT {cols} FROM {table} WHERE {} {}) TO STDOUT (FORMAT binary)",
                         filter.replace("$1", &b.to_string()),
-                        if *table == "ledger_entries" { "ORDER BY entry_id" } else { "" },
+                        match *table {
+                            "ledger_entries" => "ORDER BY entry_id",
+                            // The target numbers them again, in this order,
+                            // which keeps each user's in seq order for the relay.
+                            "events" => "ORDER BY event_no",
+                            _ => "",
+                        },
                     );
                     let input = format!("COPY {table} ({cols}) FROM STDIN (FORMAT binary)");
                     let stream = src

@@ -100,6 +100,7 @@ impl TestCluster {
             http: Default::default(),
             rate_limits: coordinator::config::RateLimits::off(),
             rules: Default::default(),
+            events: Default::default(),
         }
     }
 

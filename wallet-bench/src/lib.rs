@@ -14,6 +14,7 @@
 
 pub mod baseline;
 pub mod drivers;
+pub mod events;
 pub mod isolation;
 pub mod load;
 pub mod moving;
@@ -112,6 +113,10 @@ struct Scenario {
     /// With the wallet's rules configured ([`bench_rules`]); the name ends
     /// in `+rules`.
     rules: bool,
+    /// With events published to a local nats-server (every scenario writes
+    /// the outbox; only these run a relay that publishes it); the name ends
+    /// in `+events`.
+    events: bool,
 }
 
 impl Scenario {
@@ -123,11 +128,21 @@ impl Scenario {
                 p.as_str(),
                 self.distribution.as_str(),
                 self.via.as_str(),
-                if self.rules { "+rules" } else { "" }
+                if self.rules {
+                    "+rules"
+                } else if self.events {
+                    "+events"
+                } else {
+                    ""
+                }
             ),
         }
     }
 }
+
+/// The longest an `+events` scenario waits for its relay to publish what is
+/// waiting, before the load and after it.
+const DRAIN_MAX: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// The rules of the `+rules` scenarios: a daily limit and all three kinds of
 /// fraud rule, set so that none refuses a bench transfer (amounts are at most
@@ -161,18 +176,25 @@ fn scenarios() -> Vec<Scenario> {
         distribution,
         via,
         rules: false,
+        events: false,
     };
     let with_rules = |protocol| Scenario {
         rules: true,
+        ..s(protocol, Uniform, InProcess)
+    };
+    let with_events = |protocol| Scenario {
+        events: true,
         ..s(protocol, Uniform, InProcess)
     };
     vec![
         s(SingleNode, Uniform, Sql),
         s(SameShard, Uniform, InProcess),
         with_rules(SameShard),
+        with_events(SameShard),
         s(SameShard, Uniform, Http),
         s(TwoPc, Uniform, InProcess),
         with_rules(TwoPc),
+        with_events(TwoPc),
         s(TwoPc, Uniform, Http),
         s(Redis, Uniform, InProcess),
         with_rules(Redis),
@@ -276,13 +298,19 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
     };
     let opening = Decimal::new(1000, 0);
     let with_redis = selected.iter().any(|s| s.protocol == Protocol::Redis);
+    let with_nats = selected.iter().any(|s| s.events);
     println!(
         "wallet bench: starting {} shards + 1 baseline node{} in {}",
         opts.shards,
-        if with_redis { " + redis" } else { "" },
+        match (with_redis, with_nats) {
+            (true, true) => " + redis + nats",
+            (true, false) => " + redis",
+            (false, true) => " + nats",
+            (false, false) => "",
+        },
         dir.display()
     );
-    let cluster = BenchCluster::start(&dir, &opts, opening, with_redis)
+    let cluster = BenchCluster::start(&dir, &opts, opening, with_redis, with_nats)
         .await
         .context("start the benchmark cluster")?;
     println!(
@@ -336,6 +364,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
             ));
             let wal_before = wal_syncs(&cluster, &baseline_dsn).await;
             let (mut groups_before, mut coordinator) = (None, None);
+            let mut relay_figures = None;
             let result = match (scenario.protocol, scenario.via) {
                 (Protocol::Pgbench, _) => {
                     baseline::pgbench(
@@ -359,14 +388,18 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
                         LockMode::TwoPc
                     };
                     let mut config = cluster.config_for(mode);
-                    let key = match (mode, scenario.rules) {
-                        (LockMode::TwoPc, false) => "2pc",
-                        (LockMode::TwoPc, true) => "2pc+rules",
-                        (LockMode::Redis, false) => "redis",
-                        (LockMode::Redis, true) => "redis+rules",
+                    let key = match (mode, scenario.rules, scenario.events) {
+                        (LockMode::TwoPc, false, false) => "2pc",
+                        (LockMode::TwoPc, true, _) => "2pc+rules",
+                        (LockMode::TwoPc, false, true) => "2pc+events",
+                        (LockMode::Redis, false, _) => "redis",
+                        (LockMode::Redis, true, _) => "redis+rules",
                     };
                     if scenario.rules {
                         config.rules = bench_rules();
+                    }
+                    if scenario.events {
+                        config.events = cluster.events_config();
                     }
                     let front = match fronts.entry(key) {
                         std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
@@ -376,7 +409,14 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
                     };
                     groups_before = Some(front.coordinator.batch_stats());
                     coordinator = Some(front.coordinator.clone());
-                    match via {
+                    // The relay first publishes what other scenarios left in
+                    // the outboxes, so the figures are this load's alone.
+                    let relay = scenario.events.then(|| front.coordinator.relay().clone());
+                    if relay.is_some() {
+                        events::drain(&cluster.agents, DRAIN_MAX).await?;
+                    }
+                    let watch = relay.clone().map(events::RelayWatch::start);
+                    let result = match via {
                         Via::Http => {
                             let base = front.http_base(&config).await?;
                             let driver = Arc::new(drivers::Http::new(&base, opts.clients)?);
@@ -388,7 +428,14 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
                             });
                             load::run(driver, picker, &spec).await
                         }
+                    };
+                    if let Some(watch) = watch {
+                        relay_figures = Some(watch.finish(&cluster.agents, DRAIN_MAX).await);
+                        // Its relay must not publish other scenarios' events
+                        // while they are measured.
+                        fronts.remove(key);
                     }
+                    result
                 }
             };
             let groups = match (groups_before, coordinator.map(|c| c.batch_stats())) {
@@ -439,7 +486,14 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
             let tps = this_round.transfers_per_s;
             info!(scenario = %name, round, tps, "scenario round done");
             print_round(&this_round);
+            if let Some(f) = &relay_figures {
+                println!(
+                    "    relay: {} events published at {:.0}/s, at most {} waiting (oldest {:.1} s), caught up {} ms after the load",
+                    f.published, f.publish_rate_per_s, f.max_unpublished, f.max_lag_s, f.drain_after_load_ms
+                );
+            }
             let this = ScenarioRuns {
+                relay: relay_figures.into_iter().collect(),
                 result,
                 groups,
                 wal,
@@ -506,12 +560,32 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<bool> {
                 runs.violations,
             );
             report.round_transfers_per_s = runs.round_tps;
+            report.relay = events::RelayFigures::merge(&runs.relay);
             Some(report)
         })
         .collect();
     let all = reports.clone();
     for report in &mut reports {
         relate(report, &all);
+    }
+    for r in reports
+        .iter()
+        .filter(|r| r.ratio_to_without_events.is_some())
+    {
+        let rounds: Vec<String> = r
+            .round_ratios_to_without_events
+            .iter()
+            .map(|x| x.map_or("-".into(), |x| format!("{x:.2}")))
+            .collect();
+        let relay = r.relay.clone().unwrap_or_default();
+        println!(
+            "events cost: {} runs at {:.2}x of its twin without events (rounds: {}); relay {:.0} events/s, lag at most {:.1} s",
+            r.name,
+            r.ratio_to_without_events.unwrap_or_default(),
+            rounds.join(", "),
+            relay.publish_rate_per_s,
+            relay.max_lag_s
+        );
     }
     for r in reports
         .iter()
@@ -632,6 +706,8 @@ fn print_round(report: &ScenarioReport) {
 /// A scenario's rounds so far, merged.
 struct ScenarioRuns {
     result: LoadResult,
+    /// `+events` scenarios: the relay's figures of each round.
+    relay: Vec<events::RelayFigures>,
     groups: Option<GroupStats>,
     /// WAL flushes of every server over the rounds.
     wal: Option<i64>,
@@ -652,6 +728,7 @@ impl ScenarioRuns {
             _ => None,
         };
         self.round_tps.extend(later.round_tps);
+        self.relay.extend(later.relay);
         self.violations.extend(later.violations);
         self
     }
@@ -716,6 +793,15 @@ fn relate(report: &mut ScenarioReport, all: &[ScenarioReport]) {
     } else {
         report.ratio_to_baseline = Some(1.0);
         report.baseline = Some(report.name.clone());
+    }
+    if let Some(twin) = report.name.strip_suffix("+events") {
+        if let Some(base) = all.iter().find(|b| b.name == twin) {
+            if base.transfers_per_s > 0.0 {
+                report.ratio_to_without_events =
+                    Some(report.transfers_per_s / base.transfers_per_s);
+                report.round_ratios_to_without_events = per_round(base);
+            }
+        }
     }
     if let Some(twin) = report.name.strip_suffix("+rules") {
         if let Some(base) = all.iter().find(|b| b.name == twin) {

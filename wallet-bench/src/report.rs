@@ -58,6 +58,12 @@ pub struct ScenarioReport {
     /// and round by round.
     pub ratio_to_without_rules: Option<f64>,
     pub round_ratios_to_without_rules: Vec<Option<f64>>,
+    /// `…+events` scenarios (a relay publishing to nats-server): transfers/s
+    /// over the same scenario without a broker, overall and round by round,
+    /// and the relay's figures.
+    pub ratio_to_without_events: Option<f64>,
+    pub round_ratios_to_without_events: Vec<Option<f64>>,
+    pub relay: Option<crate::events::RelayFigures>,
     pub invariants_ok: bool,
     pub violations: Vec<String>,
     /// (percentile, ms) points for the plot.
@@ -105,6 +111,9 @@ impl ScenarioReport {
             round_ratios_to_in_process: Vec::new(),
             ratio_to_without_rules: None,
             round_ratios_to_without_rules: Vec::new(),
+            ratio_to_without_events: None,
+            round_ratios_to_without_events: Vec::new(),
+            relay: None,
             invariants_ok: false,
             violations: Vec::new(),
             curve: curve(&r.latency_us),
@@ -300,6 +309,15 @@ impl Report {
                     goal: format!("{}: >= 0.9x without rules", s.name),
                     measured: format!("{r:.2}x{}", spread(&s.round_ratios_to_without_rules)),
                     met: r >= 0.9,
+                });
+            }
+        }
+        for s in scenarios.iter() {
+            if let Some(r) = s.ratio_to_without_events {
+                goals.push(Goal {
+                    goal: format!("{}: >= 0.85x without events", s.name),
+                    measured: format!("{r:.2}x{}", spread(&s.round_ratios_to_without_events)),
+                    met: r >= 0.85,
                 });
             }
         }

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
-use local_cluster::{free_port, provision, PgServer, PgServerConfig, RedisServer};
+use local_cluster::{free_port, provision, NatsServer, PgServer, PgServerConfig, RedisServer};
 use router::{bucket_of, ShardId, ShardMap, UserId};
 use rust_decimal::Decimal;
 use shard_agent::bulk::{BulkDefaults, BulkUser};
@@ -17,6 +17,7 @@ use shard_agent::{Currency, ShardAgent};
 use coordinator::auth::{new_token, token_hash, PasswordPolicy, PasswordWork};
 use coordinator::cluster::Cluster;
 use coordinator::config::{Config, Limits, LockMode};
+use coordinator::events::{EventsConfig, EventsMode};
 use coordinator::inputs::Username;
 use coordinator::redis_lock::RedisConfig;
 
@@ -38,6 +39,8 @@ pub struct BenchCluster {
     pub baseline_server: PgServer,
     /// Started only when a Redis-mode scenario runs.
     pub redis: Option<RedisServer>,
+    /// Started only when an `+events` scenario runs.
+    pub nats: Option<NatsServer>,
     pub config: Config,
     pub agents: Vec<ShardAgent>,
     pub users: Arc<Vec<BenchUser>>,
@@ -49,6 +52,7 @@ impl BenchCluster {
         opts: &super::BenchOptions,
         opening_balance: Decimal,
         with_redis: bool,
+        with_nats: bool,
     ) -> anyhow::Result<BenchCluster> {
         let (shards, users) = (opts.shards, opts.users);
         let mut shard_servers = Vec::with_capacity(shards);
@@ -62,6 +66,17 @@ impl BenchCluster {
                     .await?
                     .context("start redis-server")?,
             ),
+            false => None,
+        };
+        let nats = match with_nats {
+            true => {
+                let store = dir.join("nats");
+                Some(
+                    tokio::task::spawn_blocking(move || NatsServer::start(0, &store))
+                        .await?
+                        .context("start nats-server")?,
+                )
+            }
             false => None,
         };
         let refs: Vec<&PgServer> = shard_servers.iter().collect();
@@ -90,6 +105,7 @@ impl BenchCluster {
             http: Default::default(),
             rate_limits: coordinator::config::RateLimits::off(),
             rules: Default::default(),
+            events: Default::default(),
         };
         // Opening the cluster bootstraps the catalog's bucket map: route by it.
         let routing = Cluster::open(&config.catalog_dsn, &entries, config.agent.clone())
@@ -101,6 +117,7 @@ impl BenchCluster {
             shard_servers,
             baseline_server,
             redis,
+            nats,
             config,
             agents,
             users: Arc::new(users),
@@ -112,6 +129,18 @@ impl BenchCluster {
         Config {
             lock_mode: mode,
             ..self.config.clone()
+        }
+    }
+
+    /// Events to this run's nats-server (none if it has none).
+    pub fn events_config(&self) -> EventsConfig {
+        match &self.nats {
+            Some(n) => EventsConfig {
+                mode: EventsMode::Nats,
+                url: Some(n.url()),
+                ..EventsConfig::default()
+            },
+            None => EventsConfig::default(),
         }
     }
 }

@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use coordinator::config::{Config, Limits, LockMode};
+use coordinator::events::{EventsConfig, EventsMode};
 use coordinator::redis_lock::RedisConfig;
-use local_cluster::{free_port, provision, PgServer, PgServerConfig, RedisServer};
+use local_cluster::{free_port, provision, NatsServer, PgServer, PgServerConfig, RedisServer};
 
 pub const CLUSTER_FILE: &str = "cluster.json";
 /// The field of cluster.json that lists the shards `wallet dev spawn-shard`
@@ -31,6 +32,7 @@ pub struct DevOptions {
     pub shards: usize,
     pub data_dir: PathBuf,
     pub lock_mode: LockMode,
+    pub events: EventsMode,
 }
 
 /// Runs the dev cluster until Ctrl-C or SIGTERM.
@@ -100,6 +102,21 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
             Some(server)
         }
     };
+    // Events to NATS: a local nats-server with JetStream of our own, its
+    // stream kept under the data directory, dying with us.
+    let nats_server = match opts.events {
+        EventsMode::None => None,
+        EventsMode::Nats => {
+            let store = opts.data_dir.join("nats");
+            let server =
+                tokio::task::spawn_blocking(move || NatsServer::start(0, &store)).await??;
+            println!(
+                "  nats: nats-server (JetStream) on 127.0.0.1:{}",
+                server.port()
+            );
+            Some(server)
+        }
+    };
     let config = Config {
         listen: opts.listen,
         catalog_dsn: catalog_dsn.into(),
@@ -116,6 +133,11 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
         http: Default::default(),
         rate_limits: Default::default(),
         rules: Default::default(),
+        events: EventsConfig {
+            mode: opts.events,
+            url: nats_server.as_ref().map(|n| n.url()),
+            ..EventsConfig::default()
+        },
     };
     write_cluster_file(&cluster_file, serde_json::to_value(&config)?, &spawned)?;
     coordinator::serve::serve(
@@ -126,6 +148,7 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
     .await?;
     println!("stopping the shards…");
     drop(redis_server);
+    drop(nats_server);
     // Shards spawned while the cluster ran are stopped with it too: adopted,
     // then dropped (which shuts an adopted server down).
     let started: Vec<String> = spawned.iter().map(|s| s.name.clone()).collect();

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use coordinator::config::{Config, LockMode};
+use coordinator::events::EventsMode;
 use tracing_subscriber::EnvFilter;
 
 mod shards;
@@ -49,6 +50,10 @@ enum Command {
         /// Cross-shard protocol; `redis` also starts a local redis-server.
         #[arg(long, value_enum, default_value = "2pc")]
         lock_mode: LockMode,
+        /// Where events go: `nats` also starts a local nats-server with
+        /// JetStream; `none` keeps them for the notification feed only.
+        #[arg(long, value_enum, default_value = "none")]
+        events: EventsMode,
     },
     /// Rebalancing: list, add, drain and remove shards, and move buckets
     /// between them online.
@@ -67,6 +72,10 @@ enum Command {
         /// Overrides the config's lock_mode (`redis` needs its `redis` section).
         #[arg(long, value_enum)]
         lock_mode: Option<LockMode>,
+        /// Overrides the config's events.mode (`nats` needs events.url);
+        /// without either, events feed notifications only (`none`).
+        #[arg(long, value_enum)]
+        events: Option<EventsMode>,
     },
     /// Benchmark: throughput and latency against a single PostgreSQL node, side
     /// by side in one run. Starts its own servers; needs nothing running.
@@ -189,12 +198,14 @@ async fn main() -> anyhow::Result<()> {
             shards,
             data_dir,
             lock_mode,
+            events,
         } => {
             wallet_dev::run(wallet_dev::DevOptions {
                 listen,
                 shards: usize::from(shards),
                 data_dir,
                 lock_mode,
+                events,
             })
             .await
         }
@@ -203,7 +214,8 @@ async fn main() -> anyhow::Result<()> {
             listen,
             no_migrate,
             lock_mode,
-        } => serve(config, listen, no_migrate, lock_mode).await,
+            events,
+        } => serve(config, listen, no_migrate, lock_mode, events).await,
         Command::Bench {
             shards,
             users,
@@ -257,6 +269,7 @@ async fn serve(
     listen: Option<SocketAddr>,
     no_migrate: bool,
     lock_mode: Option<LockMode>,
+    events: Option<EventsMode>,
 ) -> anyhow::Result<()> {
     let mut config = Config::load(&path)?;
     if let Some(addr) = listen {
@@ -264,6 +277,9 @@ async fn serve(
     }
     if let Some(mode) = lock_mode {
         config.lock_mode = mode;
+    }
+    if let Some(mode) = events {
+        config.events.mode = mode;
     }
     coordinator::serve::run(config, !no_migrate, coordinator::serve::shutdown_signal()).await
 }

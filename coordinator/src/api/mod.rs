@@ -7,6 +7,7 @@ pub mod error;
 pub mod extract;
 pub mod limits;
 pub mod money;
+pub mod notifications;
 pub mod ops;
 pub mod rules;
 pub mod server;
@@ -67,6 +68,7 @@ pub fn app(state: AppState, config: &Config) -> Router {
         .route("/v1/refunds", post(rules::refund))
         .route("/v1/disputes", post(disputes::open))
         .route("/v1/disputes/{id}", get(disputes::get))
+        .route("/v1/notifications", get(notifications::list))
         .route_layer(from_fn_with_state(state.clone(), limits::per_user));
     Router::new()
         .merge(auth_routes)

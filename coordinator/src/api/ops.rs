@@ -34,6 +34,10 @@ pub struct Readiness {
     /// The bucket map's epoch.
     pub epoch: u64,
     pub shards: Vec<ShardReadiness>,
+    /// The event relay: its mode, the broker's connection, and how far
+    /// behind it is. Lag never makes the coordinator unready: transfers do
+    /// not wait for the broker.
+    pub events: crate::events::EventsReadiness,
 }
 
 #[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, body = Health)))]
@@ -65,6 +69,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         redis_ok,
         epoch: routing.map.epoch().0,
         shards: checks,
+        events: state.coordinator.relay().readiness(),
     };
     let status = if ready {
         StatusCode::OK
@@ -106,6 +111,7 @@ pub async fn method_not_allowed() -> ApiError {
     paths(
         super::users::sign_up, super::users::log_in, super::users::log_out,
         super::money::account, super::money::transfer, super::money::get_transfer,
+        super::notifications::list,
         super::money::deposit, super::money::withdrawal,
         super::rules::refund, super::rules::set_limits, super::rules::fraud_detection,
         super::disputes::open, super::disputes::get, super::disputes::resolve,

@@ -12,7 +12,9 @@
 --   - Every transfer whose payer is here (its debit leg) is recorded in its
 --     final state, except one answered without writing.
 --   - The money moves through wallet_post, one call for the group's legs
---     (p_fence, Redis mode's token, is passed on to it).
+--     (p_fence, Redis mode's token, is passed on to it). Holds and releases
+--     name the transfer they are about and their event type (review_hold,
+--     review_release, dispute_release) for their events.
 --   - A leg with p_refund_of is a refund's: its entries are refund_debit and
 --     refund_credit, and its record a 'refund' naming the original and
 --     carrying p_reason. With p_dispute too it is a dispute's refund
@@ -53,6 +55,8 @@ DECLARE
     v_kind text[] := '{}';
     v_amount numeric[] := '{}';
     v_party text[] := '{}';
+    v_about uuid[] := '{}';
+    v_event text[] := '{}';
     v_pointed uuid;
     v_details jsonb := nullif(current_setting('wallet.refusal_detail', true), '')::jsonb;
     v_release uuid;
@@ -76,6 +80,8 @@ BEGIN
             v_kind := v_kind || 'hold'::text;
             v_amount := v_amount || -p_amount[i];
             v_party := v_party || p_party_name[i];
+            v_about := v_about || p_transfer[i];
+            v_event := v_event || 'review_hold'::text;
         END IF;
         CONTINUE WHEN p_outcome[i] IS NOT NULL;
         IF p_debit[i] AND (p_dispute[i] IS NOT NULL OR p_release[i]) THEN
@@ -90,6 +96,9 @@ BEGIN
             v_kind := v_kind || 'release'::text;
             v_amount := v_amount || p_amount[i];
             v_party := v_party || p_party_name[i];
+            v_about := v_about || coalesce(p_refund_of[i], p_transfer[i]);
+            v_event := v_event || CASE WHEN p_dispute[i] IS NOT NULL THEN 'dispute_release'
+                                       ELSE 'review_release' END;
         END IF;
         v_transfer := v_transfer || p_transfer[i];
         v_account := v_account || v_accounts[array_position(v_ids, p_user[i])];
@@ -99,8 +108,11 @@ BEGIN
                              || CASE WHEN p_debit[i] THEN '_debit' ELSE '_credit' END);
         v_amount := v_amount || CASE WHEN p_debit[i] THEN -p_amount[i] ELSE p_amount[i] END;
         v_party := v_party || p_party_name[i];
+        v_about := v_about || NULL::uuid;
+        v_event := v_event || NULL::text;
     END LOOP;
-    PERFORM wallet_post(v_transfer, v_account, v_kind, v_amount, v_party, p_fence);
+    PERFORM wallet_post(v_transfer, v_account, v_kind, v_amount, v_party, p_fence, v_about,
+                        v_event);
     -- Disputes refunded: closed, naming their release and their refund.
     FOR i IN 1..n LOOP
         CONTINUE WHEN v_releases[i] IS NULL;

@@ -51,7 +51,8 @@ BEGIN
       FROM users u WHERE u.user_id = p_payee
     RETURNING * INTO v_row;
     PERFORM wallet_post(ARRAY[p_dispute], ARRAY[v_account.account_id], ARRAY['hold'],
-                        ARRAY[-v_row.amount], ARRAY[p_payer_name], NULL);
+                        ARRAY[-v_row.amount], ARRAY[p_payer_name], NULL, ARRAY[p_transfer],
+                        ARRAY['dispute_hold']);
     RETURN QUERY SELECT NULL::text, v_row;
 END
 $$;

@@ -28,7 +28,8 @@ BEGIN
         RETURN;
     END IF;
     PERFORM wallet_post(ARRAY[v_release], ARRAY[v_account.account_id], ARRAY['release'],
-                        ARRAY[v_row.amount], ARRAY[v_row.payer_username], NULL);
+                        ARRAY[v_row.amount], ARRAY[v_row.payer_username], NULL,
+                        ARRAY[v_row.transfer_id], ARRAY['dispute_release']);
     UPDATE disputes SET state = 'rejected', resolved_at = now(), release_id = v_release
      WHERE dispute_id = p_dispute
     RETURNING * INTO v_row;

@@ -35,7 +35,8 @@ BEGIN
         RETURN;
     END IF;
     PERFORM wallet_post(ARRAY[gen_random_uuid()], ARRAY[v_account], ARRAY['release'],
-                        ARRAY[v_row.amount], ARRAY[v_row.to_username], NULL);
+                        ARRAY[v_row.amount], ARRAY[v_row.to_username], NULL,
+                        ARRAY[p_transfer], ARRAY['review_release']);
     UPDATE transfers SET state = 'aborted', failure_code = p_code,
                          decided_at = statement_timestamp()
      WHERE transfer_id = p_transfer

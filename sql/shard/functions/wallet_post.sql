@@ -26,6 +26,13 @@
 --     money and a 'release' entry (positive) takes it off; neither moves the
 --     balance, and their balance_after is the balance at their place in the
 --     order.
+--   - Events (the outbox, migration V20): every entry on a user's account
+--     writes its event in the same statement list, so the event commits or
+--     rolls back with the entry. The account's event_seq rises by its
+--     entries in the balance update, under the row lock, and the entries take
+--     the numbers in order: a user's seq has no gaps. p_about names the
+--     transfer an entry is about (NULL: the entry's own transfer ID) and
+--     p_event its event type (NULL: the entry's kind).
 --   - It checks nothing: the caller holds the accounts' row locks and has
 --     applied every rule (funds, currency, fence). A user account that would
 --     still go negative is refused by the table's no_overdraft constraint, and
@@ -34,7 +41,7 @@
 --     hold.
 CREATE OR REPLACE FUNCTION wallet_post(
     p_transfer uuid[], p_account uuid[], p_kind text[], p_amount numeric[],
-    p_party text[], p_fence bigint
+    p_party text[], p_fence bigint, p_about uuid[] DEFAULT NULL, p_event text[] DEFAULT NULL
 ) RETURNS void
 LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
@@ -43,9 +50,16 @@ DECLARE
     v_totals numeric[] := '{}';
     v_spent numeric[] := '{}';
     v_holds numeric[] := '{}';
+    v_count bigint[] := '{}';
     v_today date := (now() AT TIME ZONE 'UTC')::date;
     v_moved uuid[];
     v_running numeric[];
+    v_users uuid[];
+    v_currencies text[];
+    v_seqs bigint[];
+    v_user uuid[] := array_fill(NULL::uuid, ARRAY[n]);
+    v_currency text[] := array_fill(NULL::text, ARRAY[n]);
+    v_seq bigint[] := array_fill(NULL::bigint, ARRAY[n]);
     v_balance numeric[] := array_fill(NULL::numeric, ARRAY[n]);
     v_at int;
     i int;
@@ -57,8 +71,10 @@ BEGIN
             v_totals := v_totals || 0::numeric;
             v_spent := v_spent || 0::numeric;
             v_holds := v_holds || 0::numeric;
+            v_count := v_count || 0::bigint;
             v_at := cardinality(v_accounts);
         END IF;
+        v_count[v_at] := v_count[v_at] + 1;
         IF p_kind[i] IN ('hold', 'release') THEN
             v_holds[v_at] := v_holds[v_at] - p_amount[i];
         ELSE
@@ -77,13 +93,19 @@ BEGIN
                                                 WHEN a.used_day > v_today THEN a.used_today
                                                 ELSE d.spent END,
                               used_day = CASE WHEN d.spent = 0 OR a.used_day > v_today THEN a.used_day
-                                              ELSE v_today END
-          FROM unnest(v_accounts, v_totals, v_spent, v_holds) AS d (id, total, spent, holds)
+                                              ELSE v_today END,
+                              event_seq = a.event_seq + CASE WHEN a.kind = 'user' THEN d.events
+                                                             ELSE 0 END
+          FROM unnest(v_accounts, v_totals, v_spent, v_holds, v_count)
+               AS d (id, total, spent, holds, events)
          WHERE a.account_id = d.id AND a.account_id = ANY (v_accounts)
-        RETURNING a.account_id, a.balance - d.total AS opening
+        RETURNING a.account_id, a.balance - d.total AS opening, a.user_id, a.currency::text,
+                  a.event_seq - d.events AS seq0
     )
-    SELECT coalesce(array_agg(m.account_id), '{}'), coalesce(array_agg(m.opening), '{}')
-      INTO v_moved, v_running
+    SELECT coalesce(array_agg(m.account_id), '{}'), coalesce(array_agg(m.opening), '{}'),
+           coalesce(array_agg(m.user_id), '{}'), coalesce(array_agg(m.currency), '{}'),
+           coalesce(array_agg(m.seq0), '{}')
+      INTO v_moved, v_running, v_users, v_currencies, v_seqs
       FROM moved AS m;
     FOR i IN 1..n LOOP
         v_at := array_position(v_moved, p_account[i]);
@@ -92,11 +114,25 @@ BEGIN
             v_running[v_at] := v_running[v_at] + p_amount[i];
         END IF;
         v_balance[i] := v_running[v_at];
+        IF v_users[v_at] IS NOT NULL THEN
+            v_seqs[v_at] := v_seqs[v_at] + 1;
+            v_seq[i] := v_seqs[v_at];
+            v_user[i] := v_users[v_at];
+            v_currency[i] := v_currencies[v_at];
+        END IF;
     END LOOP;
     INSERT INTO ledger_entries (account_id, transfer_id, kind, amount, balance_after, counterparty,
                                 fence)
     SELECT p_account[x], p_transfer[x], p_kind[x], p_amount[x], v_balance[x], p_party[x], p_fence
       FROM generate_subscripts(p_transfer, 1) AS x
+     ORDER BY x;
+    INSERT INTO events (event_id, user_id, seq, type, transfer_id, amount, currency, balance_after,
+                        counterparty)
+    SELECT md5(p_transfer[x]::text || p_account[x]::text)::uuid, v_user[x], v_seq[x],
+           coalesce(p_event[x], p_kind[x]), coalesce(p_about[x], p_transfer[x]), p_amount[x],
+           v_currency[x], v_balance[x], p_party[x]
+      FROM generate_subscripts(p_transfer, 1) AS x
+     WHERE v_user[x] IS NOT NULL
      ORDER BY x;
 END
 $$;

@@ -1,0 +1,531 @@
+//! The event relay: publishes each shard's outbox (the events `wallet_post`
+//! writes with the money, in the same transaction) to NATS JetStream, then
+//! marks the rows published; prunes them after the retention; keeps the lag
+//! that `/readyz` and `/metrics` show.
+//!
+//! Guarantees, and why they hold:
+//! - **Nothing lost, nothing invented.** An event exists exactly when its
+//!   ledger entry committed. The relay marks a row only after JetStream
+//!   acknowledged it, so a crash between the two publishes it again.
+//! - **Duplicates dropped by ID.** Every message carries the event's ID as
+//!   its `Nats-Msg-Id`, so JetStream drops a re-publish within the stream's
+//!   duplicate window (`duplicate_window_s`).
+//! - **One relay per shard.** Every coordinator runs a relay, but a relay
+//!   publishes a shard's outbox only while it holds the shard's lease (a row
+//!   on the shard, taken for `lease_ms`), and marks rows only under it. A
+//!   publish round is bounded by `publish_timeout_ms`, well inside the lease.
+//! - **Per-user order.** A shard's outbox is read in the order the events
+//!   were written, which for one user is seq order; a consumer that applies a
+//!   user's events by `seq` (skipping one it has seen) is exact even after a
+//!   failed publish is retried behind later ones.
+//!
+//! Each shard has a task of its own, so a slow or unreachable shard delays
+//! only its own events.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use router::ShardId;
+use serde::{Deserialize, Serialize};
+use shard_agent::events::{Event, OutboxLag};
+use shard_agent::money::format_money;
+use shard_agent::{Currency, ShardAgent};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::cluster::Cluster;
+
+/// Where events go.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum EventsMode {
+    /// No broker: the outbox feeds `GET /v1/notifications` only, and rows are
+    /// pruned after the retention.
+    #[default]
+    None,
+    /// The relay publishes to NATS JetStream at `url`.
+    Nats,
+}
+
+impl EventsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventsMode::None => "none",
+            EventsMode::Nats => "nats",
+        }
+    }
+}
+
+/// The `events` section of the configuration. Every bound is named here.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventsConfig {
+    pub mode: EventsMode,
+    /// The broker, `nats://host:port` (required for `nats`).
+    pub url: Option<String>,
+    /// The JetStream stream, created if missing, holding `<subject_prefix>.>`.
+    pub stream: String,
+    /// Subjects are `<subject_prefix>.<type>.shard<id>`.
+    pub subject_prefix: String,
+    /// Events one publish round reads and publishes per shard.
+    pub batch_max: usize,
+    /// Pause of a shard's relay when its outbox is empty.
+    pub poll_ms: u64,
+    /// Longest wait for a round's acknowledgements (and to connect).
+    pub publish_timeout_ms: u64,
+    /// Length of a relay's lease on a shard's outbox; renewed every round.
+    pub lease_ms: u64,
+    /// JetStream's duplicate window on a stream this relay creates.
+    pub duplicate_window_s: u64,
+    /// Events (published ones; with `none`, all) older than this are pruned.
+    /// The notification feed reaches back this far.
+    pub retention_s: u64,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            mode: EventsMode::None,
+            url: None,
+            stream: "WALLET_EVENTS".into(),
+            subject_prefix: "wallet.events".into(),
+            batch_max: 256,
+            poll_ms: 20,
+            publish_timeout_ms: 5_000,
+            lease_ms: 15_000,
+            duplicate_window_s: 120,
+            retention_s: 30 * 24 * 3600,
+        }
+    }
+}
+
+impl EventsConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.mode == EventsMode::Nats && self.url.is_none() {
+            return Err("events.mode nats needs events.url (nats://host:port)".into());
+        }
+        if !(1..=shard_agent::events::EVENT_PAGE_MAX as usize).contains(&self.batch_max) {
+            return Err("events.batch_max must be between 1 and 1000".into());
+        }
+        if self.publish_timeout_ms == 0 || self.lease_ms < 2 * self.publish_timeout_ms {
+            return Err("events.lease_ms must be at least twice events.publish_timeout_ms".into());
+        }
+        let token_ok = |s: &str| {
+            !s.is_empty()
+                && s.split('.').all(|t| {
+                    !t.is_empty()
+                        && t.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "_-".contains(c))
+                })
+        };
+        if !token_ok(&self.subject_prefix) {
+            return Err(
+                "events.subject_prefix must be dot-separated letters, digits, _ or -".into(),
+            );
+        }
+        if self.stream.is_empty()
+            || !self
+                .stream
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_-".contains(c))
+        {
+            return Err("events.stream must be letters, digits, _ or -".into());
+        }
+        Ok(())
+    }
+}
+
+/// What is published: one JSON object per event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventMessage {
+    pub event_id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub user_id: String,
+    pub seq: i64,
+    pub transfer_id: String,
+    /// Signed, at the currency's scale: negative takes money out of the
+    /// account (or, for a hold, sets it aside).
+    pub amount: String,
+    pub currency: String,
+    pub balance_after: String,
+    pub counterparty: Option<String>,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    /// The shard whose relay published it.
+    pub shard: u16,
+}
+
+impl EventMessage {
+    pub fn new(e: &Event, shard: ShardId) -> EventMessage {
+        let money = |v| match e.currency.parse::<Currency>() {
+            Ok(c) => format_money(v, c),
+            Err(_) => v.to_string(),
+        };
+        EventMessage {
+            event_id: e.event_id.to_string(),
+            kind: e.kind.clone(),
+            user_id: e.user_id.to_string(),
+            seq: e.seq,
+            transfer_id: e.transfer_id.to_string(),
+            amount: money(e.amount),
+            currency: e.currency.clone(),
+            balance_after: money(e.balance_after),
+            counterparty: e.counterparty.clone(),
+            created_at: e.created_at,
+            shard: shard.0,
+        }
+    }
+}
+
+/// The subject of an event of `kind` published from `shard`.
+pub fn subject(prefix: &str, kind: &str, shard: ShardId) -> String {
+    format!("{prefix}.{kind}.shard{}", shard.0)
+}
+
+/// Pause between lag readings and between a shard's relay attempts after an
+/// error, per shard.
+const LAG_EVERY: Duration = Duration::from_secs(1);
+/// Pause of a shard's relay after an error (shard or broker), so a fault
+/// costs one attempt a second, not a busy loop.
+const ERROR_PAUSE: Duration = Duration::from_secs(1);
+/// How often a shard's events are pruned, and how many rows one pass deletes.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+const PRUNE_BATCH: i64 = 10_000;
+/// How often the relay looks for shards added to the map.
+const SHARDS_EVERY: Duration = Duration::from_secs(1);
+
+/// The relay's state, shared with `/readyz` and `/metrics`.
+pub struct Relay {
+    config: EventsConfig,
+    /// This relay's name in the shards' leases.
+    holder: String,
+    js: Option<jetstream::Context>,
+    client: Option<async_nats::Client>,
+    lag: Mutex<BTreeMap<ShardId, OutboxLag>>,
+    /// Whether the stream is known to exist (checked again after an error).
+    stream_ok: AtomicBool,
+    /// Events this relay published and JetStream acknowledged.
+    published: AtomicU64,
+}
+
+/// The relay's view for `/readyz`.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct EventsReadiness {
+    /// `none` or `nats`.
+    pub mode: &'static str,
+    /// With `nats`: whether the broker connection is up.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker_ok: Option<bool>,
+    /// Unpublished events across the shards (with `nats`).
+    pub unpublished: i64,
+    /// Age in seconds of the oldest unpublished event (with `nats`).
+    pub oldest_unpublished_s: f64,
+    pub shards: Vec<ShardLag>,
+}
+
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct ShardLag {
+    pub shard: u16,
+    pub unpublished: i64,
+    pub oldest_unpublished_s: f64,
+}
+
+impl Relay {
+    /// Connects to the broker (in the background: a broker that is down
+    /// delays events, never the coordinator) and starts the relay's tasks.
+    pub async fn start(
+        config: EventsConfig,
+        cluster: Arc<Cluster>,
+    ) -> Result<(Arc<Relay>, JoinHandle<()>), String> {
+        config.validate()?;
+        let (client, js) = match config.mode {
+            EventsMode::None => (None, None),
+            EventsMode::Nats => {
+                let url = config.url.clone().unwrap_or_default();
+                let client = async_nats::ConnectOptions::new()
+                    .name("wallet-relay")
+                    .connection_timeout(Duration::from_millis(config.publish_timeout_ms))
+                    .retry_on_initial_connect()
+                    .connect(url.as_str())
+                    .await
+                    .map_err(|e| format!("events.url {url}: {e}"))?;
+                let mut js = jetstream::new(client.clone());
+                js.set_timeout(Duration::from_millis(config.publish_timeout_ms));
+                (Some(client), Some(js))
+            }
+        };
+        let relay = Arc::new(Relay {
+            holder: format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()),
+            config,
+            js,
+            client,
+            lag: Mutex::new(BTreeMap::new()),
+            stream_ok: AtomicBool::new(false),
+            published: AtomicU64::new(0),
+        });
+        let task = tokio::spawn(relay.clone().supervise(cluster));
+        Ok((relay, task))
+    }
+
+    pub fn mode(&self) -> EventsMode {
+        self.config.mode
+    }
+
+    /// Events this relay has published (acknowledged by JetStream) so far.
+    pub fn published(&self) -> u64 {
+        self.published.load(Ordering::Relaxed)
+    }
+
+    /// The lag as last read, per shard.
+    pub fn lag(&self) -> BTreeMap<ShardId, OutboxLag> {
+        self.lag
+            .lock()
+            .expect("invariant: the lag map's lock is never held across a panic")
+            .clone()
+    }
+
+    pub fn readiness(&self) -> EventsReadiness {
+        let lag = self.lag();
+        EventsReadiness {
+            mode: self.config.mode.as_str(),
+            broker_ok: self
+                .client
+                .as_ref()
+                .map(|c| c.connection_state() == async_nats::connection::State::Connected),
+            unpublished: lag.values().map(|l| l.unpublished).sum(),
+            oldest_unpublished_s: lag.values().map(|l| l.oldest_age_s).fold(0.0, f64::max),
+            shards: lag
+                .iter()
+                .map(|(s, l)| ShardLag {
+                    shard: s.0,
+                    unpublished: l.unpublished,
+                    oldest_unpublished_s: l.oldest_age_s,
+                })
+                .collect(),
+        }
+    }
+
+    /// Starts a task per shard, and one for each shard a rebalance adds.
+    /// A shard's task ends when the shard leaves the map.
+    async fn supervise(self: Arc<Self>, cluster: Arc<Cluster>) {
+        let mut running = ShardTasks::default();
+        let mut tick = tokio::time::interval(SHARDS_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let routing = cluster.routing();
+            running.0.retain(|_, task| !task.is_finished());
+            for id in routing.agents.keys() {
+                if !running.0.contains_key(id) {
+                    let task = tokio::spawn(self.clone().run_shard(cluster.clone(), *id));
+                    running.0.insert(*id, task);
+                }
+            }
+        }
+    }
+
+    /// One shard's relay, lag readings and pruning, until it leaves the map.
+    async fn run_shard(self: Arc<Self>, cluster: Arc<Cluster>, shard: ShardId) {
+        let mut next_lag = tokio::time::Instant::now();
+        let mut next_prune = tokio::time::Instant::now() + PRUNE_EVERY;
+        loop {
+            let Some(agent) = cluster.routing().agents.get(&shard).cloned() else {
+                self.lag
+                    .lock()
+                    .expect("invariant: the lag map's lock is never held across a panic")
+                    .remove(&shard);
+                return;
+            };
+            let now = tokio::time::Instant::now();
+            if now >= next_lag {
+                next_lag = now + LAG_EVERY;
+                self.read_lag(&agent).await;
+            }
+            if now >= next_prune {
+                next_prune = now + PRUNE_EVERY;
+                self.prune(&agent).await;
+            }
+            let pause = match self.config.mode {
+                EventsMode::None => LAG_EVERY,
+                EventsMode::Nats => match self.publish_round(&agent).await {
+                    Ok(n) if n >= self.config.batch_max => Duration::ZERO,
+                    Ok(_) => Duration::from_millis(self.config.poll_ms),
+                    Err(e) => {
+                        debug!(%shard, error = %e, "event relay round failed");
+                        ERROR_PAUSE
+                    }
+                },
+            };
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+
+    async fn read_lag(&self, agent: &ShardAgent) {
+        if self.config.mode == EventsMode::None {
+            return;
+        }
+        match agent.outbox_lag().await {
+            Ok(lag) => {
+                self.lag
+                    .lock()
+                    .expect("invariant: the lag map's lock is never held across a panic")
+                    .insert(agent.id(), lag);
+            }
+            Err(e) => debug!(shard = %agent.id(), error = %e, "could not read the outbox lag"),
+        }
+    }
+
+    async fn prune(&self, agent: &ShardAgent) {
+        let retention = Duration::from_secs(self.config.retention_s);
+        match agent
+            .prune_events(retention, self.config.mode == EventsMode::None, PRUNE_BATCH)
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => info!(shard = %agent.id(), pruned = n, "pruned old events"),
+            Err(e) => debug!(shard = %agent.id(), error = %e, "could not prune events"),
+        }
+    }
+
+    /// Takes the shard's lease, publishes up to `batch_max` events, and marks
+    /// the acknowledged ones. Returns how many events it read.
+    async fn publish_round(&self, agent: &ShardAgent) -> Result<usize, RelayError> {
+        let js = self.js.as_ref().ok_or(RelayError::NoBroker)?;
+        let lease = Duration::from_millis(self.config.lease_ms);
+        if !agent.take_relay_lease(&self.holder, lease).await? {
+            // Another coordinator's relay has this shard.
+            return Ok(0);
+        }
+        let events = agent
+            .unpublished_events(self.config.batch_max as i64)
+            .await?;
+        if events.is_empty() {
+            return Ok(0);
+        }
+        let shard = agent.id();
+        let timeout = Duration::from_millis(self.config.publish_timeout_ms);
+        let published = tokio::time::timeout(timeout, async {
+            self.ensure_stream(js).await?;
+            let mut acks = Vec::with_capacity(events.len());
+            for e in &events {
+                let body = serde_json::to_vec(&EventMessage::new(e, shard))
+                    .map_err(|e| RelayError::Broker(e.to_string()))?;
+                let publish = jetstream::context::Publish::build()
+                    .payload(body.into())
+                    .message_id(e.event_id.to_string());
+                match js
+                    .send_publish(
+                        subject(&self.config.subject_prefix, &e.kind, shard),
+                        publish,
+                    )
+                    .await
+                {
+                    Ok(ack) => acks.push((e.event_id, ack)),
+                    // What was sent before still counts once acknowledged.
+                    Err(err) => {
+                        debug!(%shard, error = %err, "event publish not sent");
+                        break;
+                    }
+                }
+            }
+            let mut acked = Vec::with_capacity(acks.len());
+            let mut duplicates = 0u64;
+            for (id, ack) in acks {
+                match ack.await {
+                    Ok(a) => {
+                        if a.duplicate {
+                            duplicates += 1;
+                        }
+                        acked.push(id);
+                    }
+                    Err(err) => debug!(%shard, error = %err, "event publish not acknowledged"),
+                }
+            }
+            Ok::<_, RelayError>((acked, duplicates))
+        })
+        .await;
+        let (acked, duplicates) = match published {
+            Ok(Ok(result)) => result,
+            Ok(Err(e)) => {
+                self.stream_ok.store(false, Ordering::Relaxed);
+                return Err(e);
+            }
+            Err(_) => {
+                self.stream_ok.store(false, Ordering::Relaxed);
+                return Err(RelayError::Broker("publish round timed out".into()));
+            }
+        };
+        crate::error::crash_point!("relay-after-publish");
+        self.published
+            .fetch_add(acked.len() as u64, Ordering::Relaxed);
+        let label = shard.0.to_string();
+        metrics::counter!("wallet_events_published_total", "shard" => label.clone())
+            .increment(acked.len() as u64);
+        metrics::counter!("wallet_events_duplicates_total", "shard" => label).increment(duplicates);
+        if !acked.is_empty() {
+            let marked = agent.mark_published(&self.holder, &acked).await?;
+            if marked < acked.len() as u64 {
+                warn!(%shard, acked = acked.len(), marked, "relay lease lost: the next holder publishes those events again");
+            }
+        }
+        if acked.len() < events.len() {
+            self.stream_ok.store(false, Ordering::Relaxed);
+            return Err(RelayError::Broker(format!(
+                "{} of {} events acknowledged",
+                acked.len(),
+                events.len()
+            )));
+        }
+        Ok(events.len())
+    }
+
+    /// Creates the stream if it does not exist (the broker may have come up
+    /// empty).
+    async fn ensure_stream(&self, js: &jetstream::Context) -> Result<(), RelayError> {
+        if self.stream_ok.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        js.get_or_create_stream(jetstream::stream::Config {
+            name: self.config.stream.clone(),
+            subjects: vec![format!("{}.>", self.config.subject_prefix)],
+            duplicate_window: Duration::from_secs(self.config.duplicate_window_s),
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| RelayError::Broker(format!("stream {}: {e}", self.config.stream)))?;
+        self.stream_ok.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Why a relay round stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("no broker configured")]
+    NoBroker,
+    #[error(transparent)]
+    Shard(#[from] shard_agent::ShardError),
+    #[error("broker: {0}")]
+    Broker(String),
+    #[error(transparent)]
+    Crashed(#[from] crate::error::CoordinatorError),
+}
+
+/// The per-shard tasks, aborted when the supervisor is (the coordinator
+/// stops).
+#[derive(Default)]
+struct ShardTasks(BTreeMap<ShardId, JoinHandle<()>>);
+
+impl Drop for ShardTasks {
+    fn drop(&mut self) {
+        for task in self.0.values() {
+            task.abort();
+        }
+    }
+}

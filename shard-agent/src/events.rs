@@ -1,0 +1,247 @@
+//! The shard's outbox (migration V20): the events `wallet_post` writes with
+//! every ledger entry on a user's account, read here by the relay (which
+//! publishes them and marks them under the shard's relay lease) and by the
+//! notification feed.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use router::UserId;
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::agent::{buckets_of, ShardAgent};
+use crate::error::ShardResult;
+
+/// The most events one notification page or one relay read returns.
+pub const EVENT_PAGE_MAX: i64 = 1000;
+
+/// One event of the outbox.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub event_id: Uuid,
+    pub user_id: Uuid,
+    /// The user's sequence number: 1, 2, 3… with no gaps.
+    pub seq: i64,
+    /// The entry's kind (`transfer_debit`, `deposit`, …) or, for holds and
+    /// releases, what they are for (`review_hold`, `dispute_release`, …).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The transfer the event is about.
+    pub transfer_id: Uuid,
+    /// Signed: negative takes money out of (or holds it on) the account.
+    pub amount: Decimal,
+    pub currency: String,
+    pub balance_after: Decimal,
+    pub counterparty: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+const EVENT_COLUMNS: &str = "event_id, user_id, seq, type, transfer_id, amount, currency::text, \
+                             balance_after, counterparty, created_at";
+
+impl Event {
+    fn from_row(row: &tokio_postgres::Row) -> Event {
+        Event {
+            event_id: row.get(0),
+            user_id: row.get(1),
+            seq: row.get(2),
+            kind: row.get(3),
+            transfer_id: row.get(4),
+            amount: row.get(5),
+            currency: row.get(6),
+            balance_after: row.get(7),
+            counterparty: row.get(8),
+            created_at: row.get(9),
+        }
+    }
+}
+
+/// How far the relay is behind on one shard.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct OutboxLag {
+    /// Events not yet published.
+    pub unpublished: i64,
+    /// Age of the oldest of them, in seconds (0 when there is none).
+    pub oldest_age_s: f64,
+}
+
+impl ShardAgent {
+    /// Takes or renews this shard's relay lease for `holder` until `ttl` from
+    /// now, if nobody else holds an unexpired one. True when `holder` holds it.
+    pub async fn take_relay_lease(&self, holder: &str, ttl: Duration) -> ShardResult<bool> {
+        self.timed("take relay lease", async {
+            let conn = self.conn().await?;
+            let rows = conn
+                .execute(
+                    "UPDATE event_relay_lease
+                        SET holder = $1, expires_at = clock_timestamp() + make_interval(secs => $2)
+                      WHERE holder = $1 OR expires_at < clock_timestamp()",
+                    &[&holder, &ttl.as_secs_f64()],
+                )
+                .await
+                .map_err(self.pg("take relay lease"))?;
+            Ok(rows == 1)
+        })
+        .await
+    }
+
+    /// Gives the lease up (a relay that stops), so another takes it at once.
+    pub async fn drop_relay_lease(&self, holder: &str) -> ShardResult<()> {
+        self.timed("drop relay lease", async {
+            let conn = self.conn().await?;
+            conn.execute(
+                "UPDATE event_relay_lease SET expires_at = '-infinity' WHERE holder = $1",
+                &[&holder],
+            )
+            .await
+            .map_err(self.pg("drop relay lease"))?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Up to `limit` unpublished events of the buckets this shard serves, in
+    /// the order they were written (each user's in seq order).
+    pub async fn unpublished_events(&self, limit: i64) -> ShardResult<Vec<Event>> {
+        let limit = limit.clamp(1, EVENT_PAGE_MAX);
+        self.timed("read outbox", async {
+            let conn = self.conn().await?;
+            let rows = conn
+                .query(
+                    &format!(
+                        "SELECT {EVENT_COLUMNS} FROM events e
+                          WHERE published_at IS NULL
+                            AND wallet_serves((SELECT u.bucket FROM users u WHERE u.user_id = e.user_id))
+                          ORDER BY event_no LIMIT $1"
+                    ),
+                    &[&limit],
+                )
+                .await
+                .map_err(self.pg("read outbox"))?;
+            Ok(rows.iter().map(Event::from_row).collect())
+        })
+        .await
+    }
+
+    /// Marks `ids` published, only while `holder` holds the relay lease (a
+    /// relay that lost it marks nothing; the next holder publishes those
+    /// events again, and the broker drops the copies by ID). Returns how
+    /// many rows it marked.
+    pub async fn mark_published(&self, holder: &str, ids: &[Uuid]) -> ShardResult<u64> {
+        self.timed("mark events published", async {
+            let conn = self.conn().await?;
+            conn.execute(
+                "UPDATE events SET published_at = clock_timestamp()
+                  WHERE event_id = ANY ($2) AND published_at IS NULL
+                    AND EXISTS (SELECT 1 FROM event_relay_lease
+                                 WHERE holder = $1 AND expires_at > clock_timestamp())",
+                &[&holder, &ids],
+            )
+            .await
+            .map_err(self.pg("mark events published"))
+        })
+        .await
+    }
+
+    /// The relay's lag here: unpublished events of served buckets, and the
+    /// age of the oldest.
+    pub async fn outbox_lag(&self) -> ShardResult<OutboxLag> {
+        self.timed("read outbox lag", async {
+            let conn = self.conn().await?;
+            let row = conn
+                .query_one(
+                    "SELECT count(*),
+                            coalesce(extract(epoch FROM clock_timestamp() - min(created_at))::float8, 0)
+                       FROM events e
+                      WHERE published_at IS NULL
+                        AND wallet_serves((SELECT u.bucket FROM users u WHERE u.user_id = e.user_id))",
+                    &[],
+                )
+                .await
+                .map_err(self.pg("read outbox lag"))?;
+            Ok(OutboxLag {
+                unpublished: row.get(0),
+                oldest_age_s: row.get::<_, f64>(1).max(0.0),
+            })
+        })
+        .await
+    }
+
+    /// Deletes up to `limit` events older than `retention`: published ones,
+    /// or every one when `unpublished_too` (no broker: the outbox only feeds
+    /// notifications). Returns how many it deleted.
+    pub async fn prune_events(
+        &self,
+        retention: Duration,
+        unpublished_too: bool,
+        limit: i64,
+    ) -> ShardResult<u64> {
+        self.timed("prune events", async {
+            let conn = self.conn().await?;
+            conn.execute(
+                "DELETE FROM events WHERE event_id = ANY (ARRAY(
+                     SELECT event_id FROM events
+                      WHERE created_at < clock_timestamp() - make_interval(secs => $1)
+                        AND (published_at IS NOT NULL OR $2)
+                      ORDER BY created_at LIMIT $3))",
+                &[&retention.as_secs_f64(), &unpublished_too, &limit],
+            )
+            .await
+            .map_err(self.pg("prune events"))
+        })
+        .await
+    }
+
+    /// The user's events with seq above `after`, in seq order, at most
+    /// `limit` (published or not: the feed does not wait for the broker).
+    pub async fn notifications(
+        &self,
+        user: UserId,
+        after: i64,
+        limit: i64,
+    ) -> ShardResult<Vec<Event>> {
+        let limit = limit.clamp(1, EVENT_PAGE_MAX);
+        self.timed(
+            "read notifications",
+            self.owned_read(&buckets_of([&user]), async |conn| {
+                let rows = conn
+                    .query(
+                        &format!(
+                            "SELECT {EVENT_COLUMNS} FROM events
+                              WHERE user_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+                        ),
+                        &[user.as_uuid(), &after, &limit],
+                    )
+                    .await
+                    .map_err(self.pg("read notifications"))?;
+                Ok(rows.iter().map(Event::from_row).collect())
+            }),
+        )
+        .await
+    }
+}
+
+impl ShardAgent {
+    /// Every event of the buckets this shard serves, in write order: the
+    /// delivery checker's view of the outbox.
+    pub async fn served_events(&self) -> ShardResult<Vec<Event>> {
+        self.timed("read all events", async {
+            let conn = self.conn().await?;
+            let rows = conn
+                .query(
+                    &format!(
+                        "SELECT {EVENT_COLUMNS} FROM events e
+                          WHERE wallet_serves((SELECT u.bucket FROM users u WHERE u.user_id = e.user_id))
+                          ORDER BY event_no"
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(self.pg("read all events"))?;
+            Ok(rows.iter().map(Event::from_row).collect())
+        })
+        .await
+    }
+}

@@ -1,0 +1,56 @@
+-- Events: the transactional outbox. wallet_post writes one event for every
+-- ledger entry on a user's account, in the transaction that writes the entry,
+-- so a committed movement always has its event and an aborted one never does.
+-- A relay (in every coordinator, one at a time per shard by the lease below)
+-- publishes the rows to the broker and marks them; the notification feed reads
+-- them by user and sequence number.
+--
+-- event_id is the entry's own identity, md5(transfer_id || account_id) as a
+-- uuid (an entry is unique by that pair), so the checker can tell each entry's
+-- event apart without a column on the ledger.
+--
+-- seq counts a user's events from 1 with no gaps: the account row's event_seq
+-- is raised in the update that moves the balance, under the row lock every
+-- movement of the account takes, so an aborted movement gives its numbers
+-- back with its rollback.
+--
+-- event_no orders the outbox for the relay. It is drawn when the event is
+-- inserted, under that same row lock, so one user's events have it in seq
+-- order. It is identity, so a bucket move's copy draws new ones on the target,
+-- in the source's order.
+ALTER TABLE accounts ADD COLUMN event_seq bigint NOT NULL DEFAULT 0;
+
+CREATE TABLE events (
+    event_no       bigint GENERATED ALWAYS AS IDENTITY,
+    event_id       uuid PRIMARY KEY,
+    user_id        uuid NOT NULL,
+    seq            bigint NOT NULL CHECK (seq > 0),
+    type           text NOT NULL,
+    -- The transfer the event is about (for a hold or a release, the held or
+    -- disputed transfer, not the entry's own ID).
+    transfer_id    uuid NOT NULL,
+    amount         numeric NOT NULL,
+    currency       char(3) NOT NULL,
+    balance_after  numeric NOT NULL,
+    counterparty   text,
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    published_at   timestamptz,
+    UNIQUE (user_id, seq)
+);
+-- The relay's read: unpublished rows in event_no order.
+CREATE INDEX events_unpublished ON events (event_no) WHERE published_at IS NULL;
+-- Pruning reads published rows by age.
+CREATE INDEX events_by_age ON events (created_at);
+
+-- The relay lease of this shard's outbox: one row. A relay publishes only
+-- while it holds the lease, and marks rows only under it.
+CREATE TABLE event_relay_lease (
+    only_row     boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+    holder       text NOT NULL,
+    expires_at   timestamptz NOT NULL
+);
+INSERT INTO event_relay_lease (holder, expires_at) VALUES ('', '-infinity');
+
+-- The posting function takes two more arrays (what each entry is about, and
+-- its event type); the old signature would stay behind as an overload.
+DROP FUNCTION IF EXISTS wallet_post(uuid[], uuid[], text[], numeric[], text[], bigint);
