@@ -277,10 +277,14 @@ pub fn history_violations(
         if !(debit && credit) {
             missing += 1;
             if missing <= 10 {
+                let lacking = match (debit, credit) {
+                    (false, false) => "debit and credit events",
+                    (false, true) => "debit event",
+                    _ => "credit event",
+                };
                 v.push(format!(
-                    "events: committed transfer {} lacks its {} event",
-                    c.transfer,
-                    if debit { "credit" } else { "debit" }
+                    "events: committed transfer {} lacks its {lacking}",
+                    c.transfer
                 ));
             }
         }

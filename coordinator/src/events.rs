@@ -331,6 +331,12 @@ impl Relay {
     async fn run_shard(self: Arc<Self>, cluster: Arc<Cluster>, shard: ShardId) {
         let mut next_lag = tokio::time::Instant::now();
         let mut next_prune = tokio::time::Instant::now() + PRUNE_EVERY;
+        // Until when this relay holds the shard's lease, by its own clock,
+        // counted from before the renewal was sent.
+        let mut lease_until: Option<tokio::time::Instant> = None;
+        // Whether the last round failed: a failure is logged once as a
+        // warning when it starts, and the recovery once, not every second.
+        let mut failing = false;
         loop {
             let Some(agent) = cluster.routing().agents.get(&shard).cloned() else {
                 self.lag
@@ -350,11 +356,29 @@ impl Relay {
             }
             let pause = match self.config.mode {
                 EventsMode::None => LAG_EVERY,
-                EventsMode::Nats => match self.publish_round(&agent).await {
-                    Ok(n) if n >= self.config.batch_max => Duration::ZERO,
-                    Ok(_) => Duration::from_millis(self.config.poll_ms),
+                EventsMode::Nats => match self.publish_round(&agent, &mut lease_until).await {
+                    Ok(round @ (Round::Full | Round::Partial)) => {
+                        if std::mem::take(&mut failing) {
+                            info!(%shard, "event relay publishing again");
+                        }
+                        if matches!(round, Round::Full) {
+                            Duration::ZERO
+                        } else {
+                            Duration::from_millis(self.config.poll_ms)
+                        }
+                    }
+                    // Another coordinator's relay has the shard: look again
+                    // well before its lease could run out.
+                    Ok(Round::NotOurs) => {
+                        Duration::from_millis(self.config.lease_ms / 4).min(ERROR_PAUSE)
+                    }
                     Err(e) => {
-                        debug!(%shard, error = %e, "event relay round failed");
+                        lease_until = None;
+                        if std::mem::replace(&mut failing, true) {
+                            debug!(%shard, error = %e, "event relay round failed");
+                        } else {
+                            warn!(%shard, error = %e, "event relay round failed; events wait in the outbox");
+                        }
                         ERROR_PAUSE
                     }
                 },
@@ -392,74 +416,40 @@ impl Relay {
         }
     }
 
-    /// Takes the shard's lease, publishes up to `batch_max` events, and marks
-    /// the acknowledged ones. Returns how many events it read.
-    async fn publish_round(&self, agent: &ShardAgent) -> Result<usize, RelayError> {
+    /// Takes the shard's lease (renewed once half of it has passed, so a
+    /// round always has at least `lease_ms / 2`, which the configuration
+    /// keeps above `publish_timeout_ms`), publishes up to `batch_max`
+    /// events, and marks the acknowledged ones.
+    async fn publish_round(
+        &self,
+        agent: &ShardAgent,
+        lease_until: &mut Option<tokio::time::Instant>,
+    ) -> Result<Round, RelayError> {
         let js = self.js.as_ref().ok_or(RelayError::NoBroker)?;
         let lease = Duration::from_millis(self.config.lease_ms);
-        if !agent.take_relay_lease(&self.holder, lease).await? {
-            // Another coordinator's relay has this shard.
-            return Ok(0);
+        let now = tokio::time::Instant::now();
+        if lease_until.is_none_or(|until| until < now + lease / 2) {
+            *lease_until = None;
+            if !agent.take_relay_lease(&self.holder, lease).await? {
+                return Ok(Round::NotOurs);
+            }
+            *lease_until = Some(now + lease);
         }
-        let events = agent
-            .unpublished_events(self.config.batch_max as i64)
-            .await?;
+        // The round's bound: reading, publishing and the acks all within
+        // it, so the round ends inside the lease it started with.
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(self.config.publish_timeout_ms);
+        let events = tokio::time::timeout_at(
+            deadline,
+            agent.unpublished_events(self.config.batch_max as i64),
+        )
+        .await
+        .map_err(|_| RelayError::Broker("reading the outbox timed out".into()))??;
         if events.is_empty() {
-            return Ok(0);
+            return Ok(Round::Partial);
         }
         let shard = agent.id();
-        let timeout = Duration::from_millis(self.config.publish_timeout_ms);
-        let published = tokio::time::timeout(timeout, async {
-            self.ensure_stream(js).await?;
-            let mut acks = Vec::with_capacity(events.len());
-            for e in &events {
-                let body = serde_json::to_vec(&EventMessage::new(e, shard))
-                    .map_err(|e| RelayError::Broker(e.to_string()))?;
-                let publish = jetstream::context::Publish::build()
-                    .payload(body.into())
-                    .message_id(e.event_id.to_string());
-                match js
-                    .send_publish(
-                        subject(&self.config.subject_prefix, &e.kind, shard),
-                        publish,
-                    )
-                    .await
-                {
-                    Ok(ack) => acks.push((e.event_id, ack)),
-                    // What was sent before still counts once acknowledged.
-                    Err(err) => {
-                        debug!(%shard, error = %err, "event publish not sent");
-                        break;
-                    }
-                }
-            }
-            let mut acked = Vec::with_capacity(acks.len());
-            let mut duplicates = 0u64;
-            for (id, ack) in acks {
-                match ack.await {
-                    Ok(a) => {
-                        if a.duplicate {
-                            duplicates += 1;
-                        }
-                        acked.push(id);
-                    }
-                    Err(err) => debug!(%shard, error = %err, "event publish not acknowledged"),
-                }
-            }
-            Ok::<_, RelayError>((acked, duplicates))
-        })
-        .await;
-        let (acked, duplicates) = match published {
-            Ok(Ok(result)) => result,
-            Ok(Err(e)) => {
-                self.stream_ok.store(false, Ordering::Relaxed);
-                return Err(e);
-            }
-            Err(_) => {
-                self.stream_ok.store(false, Ordering::Relaxed);
-                return Err(RelayError::Broker("publish round timed out".into()));
-            }
-        };
+        let (acked, duplicates) = self.publish(js, shard, &events, deadline).await;
         crate::error::crash_point!("relay-after-publish");
         self.published
             .fetch_add(acked.len() as u64, Ordering::Relaxed);
@@ -470,6 +460,7 @@ impl Relay {
         if !acked.is_empty() {
             let marked = agent.mark_published(&self.holder, &acked).await?;
             if marked < acked.len() as u64 {
+                *lease_until = None;
                 warn!(%shard, acked = acked.len(), marked, "relay lease lost: the next holder publishes those events again");
             }
         }
@@ -481,7 +472,77 @@ impl Relay {
                 events.len()
             )));
         }
-        Ok(events.len())
+        Ok(if events.len() >= self.config.batch_max {
+            Round::Full
+        } else {
+            Round::Partial
+        })
+    }
+
+    /// Publishes `events` in order until `deadline`, then waits for their
+    /// acks until the same deadline. Returns the IDs JetStream acknowledged
+    /// (whatever happened to the others: those are marked, the others are
+    /// published again by a later round) and how many it called duplicates.
+    async fn publish(
+        &self,
+        js: &jetstream::Context,
+        shard: ShardId,
+        events: &[Event],
+        deadline: tokio::time::Instant,
+    ) -> (Vec<uuid::Uuid>, u64) {
+        if let Err(e) = tokio::time::timeout_at(deadline, self.ensure_stream(js))
+            .await
+            .unwrap_or_else(|_| Err(RelayError::Broker("stream check timed out".into())))
+        {
+            debug!(%shard, error = %e, "event stream not ready");
+            return (Vec::new(), 0);
+        }
+        let mut acks = Vec::with_capacity(events.len());
+        for e in events {
+            let body = match serde_json::to_vec(&EventMessage::new(e, shard)) {
+                Ok(b) => b,
+                Err(err) => {
+                    warn!(%shard, event_id = %e.event_id, error = %err, "event not serializable");
+                    break;
+                }
+            };
+            let publish = jetstream::context::Publish::build()
+                .payload(body.into())
+                .message_id(e.event_id.to_string());
+            let sent = tokio::time::timeout_at(
+                deadline,
+                js.send_publish(
+                    subject(&self.config.subject_prefix, &e.kind, shard),
+                    publish,
+                ),
+            )
+            .await;
+            match sent {
+                Ok(Ok(ack)) => acks.push((e.event_id, ack)),
+                // What was sent before still counts once acknowledged.
+                Ok(Err(err)) => {
+                    debug!(%shard, error = %err, "event publish not sent");
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let mut acked = Vec::with_capacity(acks.len());
+        let mut duplicates = 0u64;
+        for (id, ack) in acks {
+            match tokio::time::timeout_at(deadline, ack).await {
+                Ok(Ok(a)) => {
+                    if a.duplicate {
+                        duplicates += 1;
+                    }
+                    acked.push(id);
+                }
+                Ok(Err(err)) => debug!(%shard, error = %err, "event publish not acknowledged"),
+                // Past the deadline: what is acked so far is kept.
+                Err(_) => break,
+            }
+        }
+        (acked, duplicates)
     }
 
     /// Creates the stream if it does not exist (the broker may have come up
@@ -502,6 +563,16 @@ impl Relay {
         self.stream_ok.store(true, Ordering::Relaxed);
         Ok(())
     }
+}
+
+/// How a relay round went.
+enum Round {
+    /// It read a whole batch: there may be more at once.
+    Full,
+    /// It read less than a batch (or nothing).
+    Partial,
+    /// Another relay holds the shard's lease.
+    NotOurs,
 }
 
 /// Why a relay round stopped.

@@ -264,6 +264,14 @@ async fn the_relay_delivers_every_event_once_across_a_broker_restart() {
 
     nats.kill9();
     pay_each(&api, &payer, &payees, "2.00").await;
+    // Refused while the broker is down: it must never reach the stream.
+    let poor = api.user("evrs_poor", "USD").await;
+    let refused = api.transfer(&poor, &key(), &payees[0], "5.00", "USD").await;
+    assert_eq!(refused.code(), "insufficient_funds", "{:?}", refused.body);
+    let refused_id: uuid::Uuid = refused.body["transfer_id"]
+        .as_str()
+        .and_then(|t| t.parse().ok())
+        .expect("a refused transfer's answer names it");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let lag = readyz(&api).await;
     assert_eq!(lag["broker_ok"], false, "{lag}");
@@ -276,6 +284,14 @@ async fn the_relay_delivers_every_event_once_across_a_broker_restart() {
     nats.restart().expect("restart nats-server");
     let total = stream_matches_outboxes(&c, &nats).await;
     assert_eq!(total, first + 2 * payees.len());
+    let stream = read_stream(&nats.url(), "WALLET_EVENTS", Duration::from_secs(10))
+        .await
+        .expect("read the stream");
+    assert_eq!(
+        checker::events::history_violations(&stream, &[], &[refused_id]),
+        Vec::<String>::new()
+    );
+    assert!(stream.iter().all(|e| e.transfer_id != refused_id));
     // The lag is read once a second.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     assert_eq!(readyz(&api).await["unpublished"], 0);

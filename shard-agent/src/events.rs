@@ -38,6 +38,14 @@ pub struct Event {
     pub created_at: DateTime<Utc>,
 }
 
+/// The events the relay publishes, counts as lag and prunes here: those of
+/// buckets this shard owns outright. Not a fenced one (its rows are being
+/// copied; the target publishes whatever is left unpublished after the
+/// switch), nor an incoming or moved one.
+const OWNED_HERE: &str = "(NOT EXISTS (SELECT 1 FROM bucket_ownership_init)
+     OR EXISTS (SELECT 1 FROM owned_buckets o JOIN users u ON o.bucket = u.bucket
+                 WHERE u.user_id = e.user_id AND o.state = 'owned'))";
+
 const EVENT_COLUMNS: &str = "event_id, user_id, seq, type, transfer_id, amount, currency::text, \
                              balance_after, counterparty, created_at";
 
@@ -87,22 +95,7 @@ impl ShardAgent {
         .await
     }
 
-    /// Gives the lease up (a relay that stops), so another takes it at once.
-    pub async fn drop_relay_lease(&self, holder: &str) -> ShardResult<()> {
-        self.timed("drop relay lease", async {
-            let conn = self.conn().await?;
-            conn.execute(
-                "UPDATE event_relay_lease SET expires_at = '-infinity' WHERE holder = $1",
-                &[&holder],
-            )
-            .await
-            .map_err(self.pg("drop relay lease"))?;
-            Ok(())
-        })
-        .await
-    }
-
-    /// Up to `limit` unpublished events of the buckets this shard serves, in
+    /// Up to `limit` unpublished events of the buckets this shard owns, in
     /// the order they were written (each user's in seq order).
     pub async fn unpublished_events(&self, limit: i64) -> ShardResult<Vec<Event>> {
         let limit = limit.clamp(1, EVENT_PAGE_MAX);
@@ -112,8 +105,7 @@ impl ShardAgent {
                 .query(
                     &format!(
                         "SELECT {EVENT_COLUMNS} FROM events e
-                          WHERE published_at IS NULL
-                            AND wallet_serves((SELECT u.bucket FROM users u WHERE u.user_id = e.user_id))
+                          WHERE published_at IS NULL AND {OWNED_HERE}
                           ORDER BY event_no LIMIT $1"
                     ),
                     &[&limit],
@@ -145,18 +137,19 @@ impl ShardAgent {
         .await
     }
 
-    /// The relay's lag here: unpublished events of served buckets, and the
+    /// The relay's lag here: unpublished events of owned buckets, and the
     /// age of the oldest.
     pub async fn outbox_lag(&self) -> ShardResult<OutboxLag> {
         self.timed("read outbox lag", async {
             let conn = self.conn().await?;
             let row = conn
                 .query_one(
-                    "SELECT count(*),
-                            coalesce(extract(epoch FROM clock_timestamp() - min(created_at))::float8, 0)
-                       FROM events e
-                      WHERE published_at IS NULL
-                        AND wallet_serves((SELECT u.bucket FROM users u WHERE u.user_id = e.user_id))",
+                    &format!(
+                        "SELECT count(*),
+                                coalesce(extract(epoch FROM clock_timestamp() - min(created_at))::float8, 0)
+                           FROM events e
+                          WHERE published_at IS NULL AND {OWNED_HERE}"
+                    ),
                     &[],
                 )
                 .await
@@ -171,7 +164,9 @@ impl ShardAgent {
 
     /// Deletes up to `limit` events older than `retention`: published ones,
     /// or every one when `unpublished_too` (no broker: the outbox only feeds
-    /// notifications). Returns how many it deleted.
+    /// notifications), of owned buckets (a move's copy counts rows), and
+    /// never a user's newest (so the kept numbers always end at the
+    /// account's `event_seq`). Returns how many it deleted.
     pub async fn prune_events(
         &self,
         retention: Duration,
@@ -181,11 +176,15 @@ impl ShardAgent {
         self.timed("prune events", async {
             let conn = self.conn().await?;
             conn.execute(
-                "DELETE FROM events WHERE event_id = ANY (ARRAY(
-                     SELECT event_id FROM events
-                      WHERE created_at < clock_timestamp() - make_interval(secs => $1)
-                        AND (published_at IS NOT NULL OR $2)
-                      ORDER BY created_at LIMIT $3))",
+                &format!(
+                    "DELETE FROM events WHERE event_id = ANY (ARRAY(
+                         SELECT event_id FROM events e
+                          WHERE created_at < clock_timestamp() - make_interval(secs => $1)
+                            AND (published_at IS NOT NULL OR $2)
+                            AND e.seq < (SELECT a.event_seq FROM accounts a WHERE a.user_id = e.user_id)
+                            AND {OWNED_HERE}
+                          ORDER BY created_at LIMIT $3))"
+                ),
                 &[&retention.as_secs_f64(), &unpublished_too, &limit],
             )
             .await

@@ -33,7 +33,10 @@ CREATE TABLE events (
     currency       char(3) NOT NULL,
     balance_after  numeric NOT NULL,
     counterparty   text,
-    created_at     timestamptz NOT NULL DEFAULT now(),
+    -- The insert's own time (not the transaction's start), taken under the
+    -- account's row lock: one user's events have it in seq order, so
+    -- pruning by age never leaves a hole in a user's numbers.
+    created_at     timestamptz NOT NULL DEFAULT clock_timestamp(),
     published_at   timestamptz,
     UNIQUE (user_id, seq)
 );
@@ -41,6 +44,22 @@ CREATE TABLE events (
 CREATE INDEX events_unpublished ON events (event_no) WHERE published_at IS NULL;
 -- Pruning reads published rows by age.
 CREATE INDEX events_by_age ON events (created_at);
+
+-- The history before this migration: each existing entry on a user's
+-- account gets its event, numbered in entry order, already marked published
+-- (it happened before there was a broker to tell).
+INSERT INTO events (event_id, user_id, seq, type, transfer_id, amount, currency, balance_after,
+                    counterparty, created_at, published_at)
+SELECT md5(e.transfer_id::text || e.account_id::text)::uuid, a.user_id,
+       row_number() OVER (PARTITION BY e.account_id ORDER BY e.entry_id),
+       e.kind, e.transfer_id, e.amount, a.currency, e.balance_after, e.counterparty,
+       e.created_at, now()
+  FROM ledger_entries e JOIN accounts a USING (account_id)
+ WHERE a.kind = 'user'
+ ORDER BY e.account_id, e.entry_id;
+UPDATE accounts a SET event_seq = n.count
+  FROM (SELECT user_id, count(*) FROM events GROUP BY user_id) n
+ WHERE a.user_id = n.user_id;
 
 -- The relay lease of this shard's outbox: one row. A relay publishes only
 -- while it holds the lease, and marks rows only under it.

@@ -2,91 +2,10 @@
 //! cluster, `wallet dev spawn-shard`, and every `wallet shards` command with
 //! `--json`, against the real servers `wallet dev` starts.
 
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
+use common::{json_of, ok, start_dev, wallet};
 use serde_json::Value;
-
-const WALLET: &str = env!("CARGO_BIN_EXE_wallet");
-
-/// `wallet dev` in the background; stopped (SIGINT, as Ctrl-C) when dropped.
-struct Dev(Child);
-
-impl Drop for Dev {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child's pid has no memory effects.
-        unsafe {
-            libc::kill(self.0.id() as i32, libc::SIGINT);
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wallet(args: &[&str]) -> Output {
-    Command::new(WALLET)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run wallet")
-}
-
-fn json_of(out: &Output) -> Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "not JSON ({e}): {}\nstderr: {}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
-
-fn ok(out: &Output) -> &Output {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn start_dev(dir: &Path, port: u16) -> Dev {
-    let log = std::fs::File::create(dir.with_extension("log")).expect("log file");
-    let child = Command::new(WALLET)
-        .args(["dev", "--shards", "2", "--listen"])
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--data-dir")
-        .arg(dir)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .spawn()
-        .expect("start wallet dev");
-    let dev = Dev(child);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < deadline {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-            && dir.join("cluster.json").exists()
-        {
-            return dev;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!(
-        "wallet dev did not start; see {}",
-        dir.with_extension("log").display()
-    );
-}
 
 #[test]
 fn every_shards_command_works_on_a_dev_cluster() {
@@ -97,7 +16,7 @@ fn every_shards_command_works_on_a_dev_cluster() {
         .local_addr()
         .expect("addr")
         .port();
-    let _dev = start_dev(&dir, port);
+    let _dev = start_dev(&dir, port, &[]);
     let d = dir.to_str().expect("utf-8 path");
 
     let list = json_of(ok(&wallet(&["shards", "list", "--json", "--data-dir", d])));
