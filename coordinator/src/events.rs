@@ -1,18 +1,20 @@
 //! The event relay: publishes each shard's outbox (the events `wallet_post`
 //! writes with the money, in the same transaction) to NATS JetStream, then
-//! marks the rows published; prunes them after the retention; keeps the lag
+//! takes their rows out of the outbox (marks them published); prunes old
+//! events after the retention; keeps the lag
 //! that `/readyz` and `/metrics` show.
 //!
 //! Guarantees, and why they hold:
 //! - **Nothing lost, nothing invented.** An event exists exactly when its
-//!   ledger entry committed. The relay marks a row only after JetStream
+//!   ledger entry committed. The relay takes an event's outbox row out
+//!   (marks it published) only after JetStream
 //!   acknowledged it, so a crash between the two publishes it again.
 //! - **Duplicates dropped by ID.** Every message carries the event's ID as
 //!   its `Nats-Msg-Id`, so JetStream drops a re-publish within the stream's
 //!   duplicate window (`duplicate_window_s`).
 //! - **One relay per shard.** Every coordinator runs a relay, but a relay
 //!   publishes a shard's outbox only while it holds the shard's lease (a row
-//!   on the shard, taken for `lease_ms`), and marks rows only under it. A
+//!   on the shard, taken for `lease_ms`), and marks events only under it. A
 //!   publish round is bounded by `publish_timeout_ms`, well inside the lease.
 //! - **Per-user order.** A shard's outbox is read in the order the events
 //!   were written, which for one user is seq order; a consumer that applies a
@@ -30,7 +32,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use router::ShardId;
 use serde::{Deserialize, Serialize};
-use shard_agent::events::{Event, OutboxLag};
+use shard_agent::events::{Event, OutboxLag, Pending};
 use shard_agent::money::format_money;
 use shard_agent::{Currency, ShardAgent};
 use tokio::task::JoinHandle;
@@ -487,9 +489,9 @@ impl Relay {
         &self,
         js: &jetstream::Context,
         shard: ShardId,
-        events: &[Event],
+        events: &[Pending],
         deadline: tokio::time::Instant,
-    ) -> (Vec<uuid::Uuid>, u64) {
+    ) -> (Vec<i64>, u64) {
         if let Err(e) = tokio::time::timeout_at(deadline, self.ensure_stream(js))
             .await
             .unwrap_or_else(|_| Err(RelayError::Broker("stream check timed out".into())))
@@ -498,7 +500,8 @@ impl Relay {
             return (Vec::new(), 0);
         }
         let mut acks = Vec::with_capacity(events.len());
-        for e in events {
+        for pending in events {
+            let e = &pending.event;
             let body = match serde_json::to_vec(&EventMessage::new(e, shard)) {
                 Ok(b) => b,
                 Err(err) => {
@@ -518,7 +521,7 @@ impl Relay {
             )
             .await;
             match sent {
-                Ok(Ok(ack)) => acks.push((e.event_id, ack)),
+                Ok(Ok(ack)) => acks.push((pending.outbox_no, ack)),
                 // What was sent before still counts once acknowledged.
                 Ok(Err(err)) => {
                     debug!(%shard, error = %err, "event publish not sent");

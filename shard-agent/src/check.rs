@@ -51,7 +51,8 @@ pub struct ShardAudit {
     /// pruned, not one per ledger entry.
     pub event_seq_mismatches: i64,
     /// Invariant 9: events that are not the event of a ledger entry on their
-    /// user's account (same ID, amount and balance after).
+    /// user's account (same ID, amount and balance after), and outbox rows
+    /// whose event does not exist.
     pub orphan_events: i64,
     /// Invariant 3: every decision record of this home shard…
     pub decisions: Vec<DecisionRow>,
@@ -228,7 +229,9 @@ impl ShardAgent {
                                        FROM ledger_entries) le
                                  ON le.id = e.event_id AND le.account_id = a.account_id
                                 AND le.amount = e.amount AND le.balance_after = e.balance_after
-                          WHERE {SERVED_A} AND le.id IS NULL)"),
+                          WHERE {SERVED_A} AND le.id IS NULL)
+                       + (SELECT count(*) FROM event_outbox o
+                           WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.event_id = o.event_id))"),
                     &[&defaults],
                 )
                 .await

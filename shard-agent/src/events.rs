@@ -1,6 +1,7 @@
 //! The shard's outbox (migration V20): the events `wallet_post` writes with
-//! every ledger entry on a user's account, read here by the relay (which
-//! publishes them and marks them under the shard's relay lease) and by the
+//! every ledger entry on a user's account, and the outbox rows that list the
+//! ones not yet published; read here by the relay (which publishes them and
+//! takes their outbox rows out under the shard's relay lease) and by the
 //! notification feed.
 
 use std::time::Duration;
@@ -38,16 +39,28 @@ pub struct Event {
     pub created_at: DateTime<Utc>,
 }
 
-/// The events the relay publishes, counts as lag and prunes here: those of
-/// buckets this shard owns outright. Not a fenced one (its rows are being
-/// copied; the target publishes whatever is left unpublished after the
-/// switch), nor an incoming or moved one.
-const OWNED_HERE: &str = "(NOT EXISTS (SELECT 1 FROM bucket_ownership_init)
-     OR EXISTS (SELECT 1 FROM owned_buckets o JOIN users u ON o.bucket = u.bucket
-                 WHERE u.user_id = e.user_id AND o.state = 'owned'))";
+/// The rows the relay publishes, counts as lag and prunes here: those of
+/// users whose bucket this shard owns outright (`{alias}.user_id`). Not a
+/// fenced bucket (its rows are being copied; the target publishes whatever
+/// is left in the outbox after the switch), nor an incoming or moved one.
+fn owned_here(alias: &str) -> String {
+    format!(
+        "(NOT EXISTS (SELECT 1 FROM bucket_ownership_init)
+          OR EXISTS (SELECT 1 FROM owned_buckets ob JOIN users ou ON ob.bucket = ou.bucket
+                      WHERE ou.user_id = {alias}.user_id AND ob.state = 'owned'))"
+    )
+}
 
-const EVENT_COLUMNS: &str = "event_id, user_id, seq, type, transfer_id, amount, currency::text, \
-                             balance_after, counterparty, created_at";
+const EVENT_COLUMNS: &str = "e.event_id, e.user_id, e.seq, e.type, e.transfer_id, e.amount, \
+                             e.currency::text, e.balance_after, e.counterparty, e.created_at";
+
+/// An event still in the outbox: its outbox row's number (what the relay
+/// deletes once the broker acknowledged it) and the event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pending {
+    pub outbox_no: i64,
+    pub event: Event,
+}
 
 impl Event {
     fn from_row(row: &tokio_postgres::Row) -> Event {
@@ -95,41 +108,51 @@ impl ShardAgent {
         .await
     }
 
-    /// Up to `limit` unpublished events of the buckets this shard owns, in
-    /// the order they were written (each user's in seq order).
-    pub async fn unpublished_events(&self, limit: i64) -> ShardResult<Vec<Event>> {
+    /// Up to `limit` events of the outbox (not yet published) of the buckets
+    /// this shard owns, in the order they were written (each user's in seq
+    /// order).
+    pub async fn unpublished_events(&self, limit: i64) -> ShardResult<Vec<Pending>> {
         let limit = limit.clamp(1, EVENT_PAGE_MAX);
         self.timed("read outbox", async {
             let conn = self.conn().await?;
             let rows = conn
                 .query(
                     &format!(
-                        "SELECT {EVENT_COLUMNS} FROM events e
-                          WHERE published_at IS NULL AND {OWNED_HERE}
-                          ORDER BY event_no LIMIT $1"
+                        "SELECT {EVENT_COLUMNS}, o.outbox_no
+                           FROM (SELECT outbox_no, event_id FROM event_outbox o
+                                  WHERE {owned} ORDER BY outbox_no LIMIT $1) o
+                           JOIN events e USING (event_id)
+                          ORDER BY o.outbox_no",
+                        owned = owned_here("o")
                     ),
                     &[&limit],
                 )
                 .await
                 .map_err(self.pg("read outbox"))?;
-            Ok(rows.iter().map(Event::from_row).collect())
+            Ok(rows
+                .iter()
+                .map(|r| Pending {
+                    outbox_no: r.get(10),
+                    event: Event::from_row(r),
+                })
+                .collect())
         })
         .await
     }
 
-    /// Marks `ids` published, only while `holder` holds the relay lease (a
-    /// relay that lost it marks nothing; the next holder publishes those
-    /// events again, and the broker drops the copies by ID). Returns how
-    /// many rows it marked.
-    pub async fn mark_published(&self, holder: &str, ids: &[Uuid]) -> ShardResult<u64> {
+    /// Takes the outbox rows `outbox_nos` out (their events are published),
+    /// only while `holder` holds the relay lease (a relay that lost it takes
+    /// nothing out; the next holder publishes those events again, and the
+    /// broker drops the copies by ID). Returns how many rows it took out.
+    pub async fn mark_published(&self, holder: &str, outbox_nos: &[i64]) -> ShardResult<u64> {
         self.timed("mark events published", async {
             let conn = self.conn().await?;
             conn.execute(
-                "UPDATE events SET published_at = clock_timestamp()
-                  WHERE event_id = ANY ($2) AND published_at IS NULL
+                "DELETE FROM event_outbox
+                  WHERE outbox_no = ANY ($2)
                     AND EXISTS (SELECT 1 FROM event_relay_lease
                                  WHERE holder = $1 AND expires_at > clock_timestamp())",
-                &[&holder, &ids],
+                &[&holder, &outbox_nos],
             )
             .await
             .map_err(self.pg("mark events published"))
@@ -137,8 +160,8 @@ impl ShardAgent {
         .await
     }
 
-    /// The relay's lag here: unpublished events of owned buckets, and the
-    /// age of the oldest.
+    /// The relay's lag here: outbox rows of owned buckets, and the age of
+    /// the oldest.
     pub async fn outbox_lag(&self) -> ShardResult<OutboxLag> {
         self.timed("read outbox lag", async {
             let conn = self.conn().await?;
@@ -147,8 +170,8 @@ impl ShardAgent {
                     &format!(
                         "SELECT count(*),
                                 coalesce(extract(epoch FROM clock_timestamp() - min(created_at))::float8, 0)
-                           FROM events e
-                          WHERE published_at IS NULL AND {OWNED_HERE}"
+                           FROM event_outbox o WHERE {}",
+                        owned_here("o")
                     ),
                     &[],
                 )
@@ -162,11 +185,12 @@ impl ShardAgent {
         .await
     }
 
-    /// Deletes up to `limit` events older than `retention`: published ones,
-    /// or every one when `unpublished_too` (no broker: the outbox only feeds
-    /// notifications), of owned buckets (a move's copy counts rows), and
-    /// never a user's newest (so the kept numbers always end at the
-    /// account's `event_seq`). Returns how many it deleted.
+    /// Prunes what is older than `retention`, at most `limit` rows of each
+    /// table, in owned buckets only (a move's copy counts rows): with
+    /// `unpublished_too` (no broker: nobody publishes), outbox rows first;
+    /// then events no longer in the outbox, oldest first and never a user's
+    /// newest, so the numbers kept always run without a hole up to the
+    /// account's `event_seq`. Returns how many events it deleted.
     pub async fn prune_events(
         &self,
         retention: Duration,
@@ -175,17 +199,41 @@ impl ShardAgent {
     ) -> ShardResult<u64> {
         self.timed("prune events", async {
             let conn = self.conn().await?;
+            let secs = retention.as_secs_f64();
+            if unpublished_too {
+                conn.execute(
+                    &format!(
+                        "DELETE FROM event_outbox WHERE outbox_no = ANY (ARRAY(
+                             SELECT o.outbox_no
+                               FROM (SELECT outbox_no, user_id, created_at FROM event_outbox
+                                      ORDER BY outbox_no LIMIT $2) o
+                              WHERE o.created_at < clock_timestamp() - make_interval(secs => $1)
+                                AND {}))",
+                        owned_here("o")
+                    ),
+                    &[&secs, &limit],
+                )
+                .await
+                .map_err(self.pg("prune outbox"))?;
+            }
+            // Events still in the outbox are newer than the oldest outbox row
+            // less an hour (its order and its times differ by no more than a
+            // transaction's length), and are never pruned.
             conn.execute(
                 &format!(
                     "DELETE FROM events WHERE event_id = ANY (ARRAY(
-                         SELECT event_id FROM events e
-                          WHERE created_at < clock_timestamp() - make_interval(secs => $1)
-                            AND (published_at IS NOT NULL OR $2)
+                         SELECT e.event_id FROM events e
+                          WHERE e.created_at < least(
+                                    clock_timestamp() - make_interval(secs => $1),
+                                    coalesce((SELECT created_at FROM event_outbox
+                                               ORDER BY outbox_no LIMIT 1) - interval '1 hour',
+                                             'infinity'))
                             AND e.seq < (SELECT a.event_seq FROM accounts a WHERE a.user_id = e.user_id)
-                            AND {OWNED_HERE}
-                          ORDER BY created_at LIMIT $3))"
+                            AND {}
+                          ORDER BY e.created_at LIMIT $2))",
+                    owned_here("e")
                 ),
-                &[&retention.as_secs_f64(), &unpublished_too, &limit],
+                &[&secs, &limit],
             )
             .await
             .map_err(self.pg("prune events"))
@@ -208,8 +256,8 @@ impl ShardAgent {
                 let rows = conn
                     .query(
                         &format!(
-                            "SELECT {EVENT_COLUMNS} FROM events
-                              WHERE user_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+                            "SELECT {EVENT_COLUMNS} FROM events e
+                              WHERE e.user_id = $1 AND e.seq > $2 ORDER BY e.seq LIMIT $3"
                         ),
                         &[user.as_uuid(), &after, &limit],
                     )
@@ -223,8 +271,8 @@ impl ShardAgent {
 }
 
 impl ShardAgent {
-    /// Every event of the buckets this shard serves, in write order: the
-    /// delivery checker's view of the outbox.
+    /// Every event of the buckets this shard serves, by user and seq: the
+    /// delivery checker's view of what was written.
     pub async fn served_events(&self) -> ShardResult<Vec<Event>> {
         self.timed("read all events", async {
             let conn = self.conn().await?;
@@ -233,7 +281,7 @@ impl ShardAgent {
                     &format!(
                         "SELECT {EVENT_COLUMNS} FROM events e
                           WHERE wallet_serves((SELECT u.bucket FROM users u WHERE u.user_id = e.user_id))
-                          ORDER BY event_no"
+                          ORDER BY e.user_id, e.seq"
                     ),
                     &[],
                 )

@@ -345,7 +345,7 @@ mod tests {
     /// checksum, so that shards and coordinators can tell the two sets apart.
     const PINNED: (i32, &str) = (
         21,
-        "90878c179f5f84949cbad7ccab609a8889e53dafe73061735d6daca3617ddc84",
+        "257c2ac2a402dfa0b0a59e4bbea7a1d1cfb304c036f113473cd18e19a6eb925b",
     );
 
     #[test]

@@ -3,7 +3,8 @@
 //!
 //! A bucket's rows are its users' rows: `users` and `accounts` by the user's
 //! bucket, and by user the ledger entries of their account, their events
-//! (published or not: the notification feed reads them), the transfers
+//! (the notification feed reads them) and outbox rows (events not yet
+//! published, which the target's relay publishes after the switch), the transfers
 //! whose home they are (payer, or the user of a deposit or withdrawal), their
 //! idempotency keys and sessions, and the pending credits of those
 //! transfers. Tombstones carry no user, so a move copies all of them: a
@@ -42,6 +43,10 @@ pub(crate) const TABLES: &[(&str, &str)] = &[
     ),
     (
         "events",
+        "user_id = ANY (ARRAY(SELECT user_id FROM users WHERE bucket = $1))",
+    ),
+    (
+        "event_outbox",
         "user_id = ANY (ARRAY(SELECT user_id FROM users WHERE bucket = $1))",
     ),
     (
@@ -336,7 +341,7 @@ impl ShardAgent {
                             "ledger_entries" => "ORDER BY entry_id",
                             // The target numbers them again, in this order,
                             // which keeps each user's in seq order for the relay.
-                            "events" => "ORDER BY event_no",
+                            "event_outbox" => "ORDER BY outbox_no",
                             _ => "",
                         },
                     );

@@ -77,6 +77,9 @@ impl RelayWatch {
             let (relay, stop) = (relay.clone(), stop.clone());
             tokio::spawn(async move {
                 let (mut most, mut worst) = (0i64, 0f64);
+                // The relay reads its lag once a second: what it holds at
+                // first may date from the drain before the load.
+                tokio::time::sleep(Duration::from_millis(1_500)).await;
                 while !stop.load(Ordering::Relaxed) {
                     let lag = relay.lag();
                     most = most.max(lag.values().map(|l| l.unpublished).sum());

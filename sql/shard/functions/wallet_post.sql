@@ -27,8 +27,9 @@
 --     balance, and their balance_after is the balance at their place in the
 --     order.
 --   - Events (the outbox, migration V20): every entry on a user's account
---     writes its event in the same statement list, so the event commits or
---     rolls back with the entry. The account's event_seq rises by its
+--     writes its event, and the event's row in event_outbox (not yet
+--     published), in the same statement list, so both commit or roll back
+--     with the entry; each user's outbox rows are numbered in seq order. The account's event_seq rises by its
 --     entries in the balance update, under the row lock, and the entries take
 --     the numbers in order: a user's seq has no gaps. p_about names the
 --     transfer an entry is about (NULL: the entry's own transfer ID) and
@@ -126,13 +127,17 @@ BEGIN
     SELECT p_account[x], p_transfer[x], p_kind[x], p_amount[x], v_balance[x], p_party[x], p_fence
       FROM generate_subscripts(p_transfer, 1) AS x
      ORDER BY x;
-    INSERT INTO events (event_id, user_id, seq, type, transfer_id, amount, currency, balance_after,
-                        counterparty)
-    SELECT md5(p_transfer[x]::text || p_account[x]::text)::uuid, v_user[x], v_seq[x],
-           coalesce(p_event[x], p_kind[x]), coalesce(p_about[x], p_transfer[x]), p_amount[x],
-           v_currency[x], v_balance[x], p_party[x]
-      FROM generate_subscripts(p_transfer, 1) AS x
-     WHERE v_user[x] IS NOT NULL
-     ORDER BY x;
+    WITH written AS (
+        INSERT INTO events (event_id, user_id, seq, type, transfer_id, amount, currency,
+                            balance_after, counterparty)
+        SELECT md5(p_transfer[x]::text || p_account[x]::text)::uuid, v_user[x], v_seq[x],
+               coalesce(p_event[x], p_kind[x]), coalesce(p_about[x], p_transfer[x]), p_amount[x],
+               v_currency[x], v_balance[x], p_party[x]
+          FROM generate_subscripts(p_transfer, 1) AS x
+         WHERE v_user[x] IS NOT NULL
+        RETURNING event_id, user_id, seq
+    )
+    INSERT INTO event_outbox (event_id, user_id)
+    SELECT w.event_id, w.user_id FROM written AS w ORDER BY w.user_id, w.seq;
 END
 $$;
