@@ -95,7 +95,7 @@ impl Default for EventsConfig {
             stream: "WALLET_EVENTS".into(),
             subject_prefix: "wallet.events".into(),
             batch_max: 256,
-            poll_ms: 20,
+            poll_ms: 100,
             publish_timeout_ms: 5_000,
             lease_ms: 15_000,
             duplicate_window_s: 120,

@@ -345,7 +345,7 @@ mod tests {
     /// checksum, so that shards and coordinators can tell the two sets apart.
     const PINNED: (i32, &str) = (
         21,
-        "257c2ac2a402dfa0b0a59e4bbea7a1d1cfb304c036f113473cd18e19a6eb925b",
+        "ddf5c13985491ab1d9bc18ce60acde2d6d3141ba03753008cb51143814c939f3",
     );
 
     #[test]

@@ -45,10 +45,7 @@ pub(crate) const TABLES: &[(&str, &str)] = &[
         "events",
         "user_id = ANY (ARRAY(SELECT user_id FROM users WHERE bucket = $1))",
     ),
-    (
-        "event_outbox",
-        "user_id = ANY (ARRAY(SELECT user_id FROM users WHERE bucket = $1))",
-    ),
+    ("event_outbox", "bucket = $1"),
     (
         "transfers",
         "coalesce(from_user, to_user) = ANY (ARRAY(SELECT user_id FROM users WHERE bucket = $1))",

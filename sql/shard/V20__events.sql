@@ -48,9 +48,11 @@ CREATE INDEX events_by_age ON events USING brin (created_at);
 CREATE TABLE event_outbox (
     outbox_no  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     event_id   uuid NOT NULL,
-    -- The event's user, so a bucket's rows can be told apart (moves, the
-    -- relay's ownership filter) without reading the event.
+    -- The event's user and the user's bucket, so a bucket's rows can be
+    -- told apart (moves, the relay's ownership filter) without reading the
+    -- event or the user.
     user_id    uuid NOT NULL,
+    bucket     integer NOT NULL,
     created_at timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 

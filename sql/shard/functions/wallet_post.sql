@@ -56,6 +56,8 @@ DECLARE
     v_moved uuid[];
     v_running numeric[];
     v_users uuid[];
+    v_buckets int[];
+    v_bucket int[] := array_fill(NULL::int, ARRAY[n]);
     v_currencies text[];
     v_seqs bigint[];
     v_user uuid[] := array_fill(NULL::uuid, ARRAY[n]);
@@ -101,12 +103,12 @@ BEGIN
                AS d (id, total, spent, holds, events)
          WHERE a.account_id = d.id AND a.account_id = ANY (v_accounts)
         RETURNING a.account_id, a.balance - d.total AS opening, a.user_id, a.currency::text,
-                  a.event_seq - d.events AS seq0
+                  a.event_seq - d.events AS seq0, a.bucket
     )
     SELECT coalesce(array_agg(m.account_id), '{}'), coalesce(array_agg(m.opening), '{}'),
            coalesce(array_agg(m.user_id), '{}'), coalesce(array_agg(m.currency), '{}'),
-           coalesce(array_agg(m.seq0), '{}')
-      INTO v_moved, v_running, v_users, v_currencies, v_seqs
+           coalesce(array_agg(m.seq0), '{}'), coalesce(array_agg(m.bucket), '{}')
+      INTO v_moved, v_running, v_users, v_currencies, v_seqs, v_buckets
       FROM moved AS m;
     FOR i IN 1..n LOOP
         v_at := array_position(v_moved, p_account[i]);
@@ -119,6 +121,7 @@ BEGIN
             v_seqs[v_at] := v_seqs[v_at] + 1;
             v_seq[i] := v_seqs[v_at];
             v_user[i] := v_users[v_at];
+            v_bucket[i] := v_buckets[v_at];
             v_currency[i] := v_currencies[v_at];
         END IF;
     END LOOP;
@@ -127,17 +130,17 @@ BEGIN
     SELECT p_account[x], p_transfer[x], p_kind[x], p_amount[x], v_balance[x], p_party[x], p_fence
       FROM generate_subscripts(p_transfer, 1) AS x
      ORDER BY x;
-    WITH written AS (
-        INSERT INTO events (event_id, user_id, seq, type, transfer_id, amount, currency,
-                            balance_after, counterparty)
-        SELECT md5(p_transfer[x]::text || p_account[x]::text)::uuid, v_user[x], v_seq[x],
-               coalesce(p_event[x], p_kind[x]), coalesce(p_about[x], p_transfer[x]), p_amount[x],
-               v_currency[x], v_balance[x], p_party[x]
-          FROM generate_subscripts(p_transfer, 1) AS x
-         WHERE v_user[x] IS NOT NULL
-        RETURNING event_id, user_id, seq
-    )
-    INSERT INTO event_outbox (event_id, user_id)
-    SELECT w.event_id, w.user_id FROM written AS w ORDER BY w.user_id, w.seq;
+    INSERT INTO events (event_id, user_id, seq, type, transfer_id, amount, currency,
+                        balance_after, counterparty)
+    SELECT md5(p_transfer[x]::text || p_account[x]::text)::uuid, v_user[x], v_seq[x],
+           coalesce(p_event[x], p_kind[x]), coalesce(p_about[x], p_transfer[x]), p_amount[x],
+           v_currency[x], v_balance[x], p_party[x]
+      FROM generate_subscripts(p_transfer, 1) AS x
+     WHERE v_user[x] IS NOT NULL;
+    INSERT INTO event_outbox (event_id, user_id, bucket)
+    SELECT md5(p_transfer[x]::text || p_account[x]::text)::uuid, v_user[x], v_bucket[x]
+      FROM generate_subscripts(p_transfer, 1) AS x
+     WHERE v_user[x] IS NOT NULL
+     ORDER BY v_user[x], v_seq[x];
 END
 $$;
