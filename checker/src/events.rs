@@ -306,3 +306,96 @@ pub fn history_violations(
     }
     v
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn event(user: u8, seq: i64, transfer: u8, amount: i64) -> Event {
+        Event {
+            event_id: Uuid::from_u128(u128::from(user) << 64 | seq as u128),
+            user_id: Uuid::from_u128(u128::from(user)),
+            seq,
+            kind: if amount < 0 {
+                "transfer_debit"
+            } else {
+                "transfer_credit"
+            }
+            .into(),
+            transfer_id: Uuid::from_u128(1000 + u128::from(transfer)),
+            amount: Decimal::from(amount),
+            currency: "USD".into(),
+            balance_after: Decimal::ZERO,
+            counterparty: None,
+            created_at: chrono::DateTime::UNIX_EPOCH,
+        }
+    }
+
+    fn published(e: &Event) -> StreamEvent {
+        StreamEvent {
+            event_id: e.event_id,
+            kind: e.kind.clone(),
+            user_id: e.user_id,
+            seq: e.seq,
+            transfer_id: e.transfer_id,
+            amount: e.amount,
+            currency: e.currency.clone(),
+            balance_after: e.balance_after,
+            msg_id: Some(e.event_id.to_string()),
+            subject: format!("wallet.events.{}.shard0", e.kind),
+        }
+    }
+
+    /// An outbox of `users` users with `per_user` events each, numbered 1..n.
+    fn outbox(users: u8, per_user: i64) -> Vec<Event> {
+        (0..users)
+            .flat_map(|u| {
+                (1..=per_user).map(move |s| event(u, s, u, if s % 2 == 0 { 5 } else { -5 }))
+            })
+            .collect()
+    }
+
+    proptest! {
+        #[test]
+        fn a_faithful_stream_in_any_order_passes(users in 1u8..6, per_user in 1i64..8, seed in any::<u64>()) {
+            let out = outbox(users, per_user);
+            let mut stream: Vec<StreamEvent> = out.iter().map(published).collect();
+            // Any order: a consumer orders by seq.
+            let n = stream.len();
+            stream.rotate_left((seed as usize) % n);
+            prop_assert_eq!(delivery_violations(&stream, &out), Vec::<String>::new());
+        }
+
+        #[test]
+        fn a_copy_a_loss_or_an_invention_is_caught(users in 1u8..6, per_user in 1i64..8, pick in any::<usize>(), fault in 0u8..4) {
+            let out = outbox(users, per_user);
+            let mut stream: Vec<StreamEvent> = out.iter().map(published).collect();
+            let i = pick % stream.len();
+            match fault {
+                0 => { let copy = stream[i].clone(); stream.push(copy); }
+                1 => { stream.remove(i); }
+                2 => { let mut extra = stream[i].clone(); extra.event_id = Uuid::from_u128(u128::MAX - 1); extra.msg_id = Some(extra.event_id.to_string()); stream.push(extra); }
+                _ => { stream[i].msg_id = None; }
+            }
+            prop_assert!(!delivery_violations(&stream, &out).is_empty());
+        }
+    }
+
+    #[test]
+    fn the_history_check_wants_both_legs_and_no_money_event_of_an_aborted_transfer() {
+        let out = [event(1, 1, 7, -5), event(2, 1, 7, 5)];
+        let stream: Vec<StreamEvent> = out.iter().map(published).collect();
+        let committed = Committed {
+            transfer: Uuid::from_u128(1007),
+            payer: Uuid::from_u128(1),
+            payee: Uuid::from_u128(2),
+        };
+        assert!(history_violations(&stream, &[committed], &[]).is_empty());
+        assert_eq!(history_violations(&stream[..1], &[committed], &[]).len(), 1);
+        assert_eq!(
+            history_violations(&stream, &[], &[committed.transfer]).len(),
+            2
+        );
+    }
+}
