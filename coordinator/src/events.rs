@@ -82,6 +82,9 @@ pub struct EventsConfig {
     pub lease_ms: u64,
     /// JetStream's duplicate window on a stream this relay creates.
     pub duplicate_window_s: u64,
+    /// How long a stream this relay creates keeps messages (0: until an
+    /// operator removes them). Consumers must read within it.
+    pub stream_max_age_s: u64,
     /// Events (published ones; with `none`, all) older than this are pruned.
     /// The notification feed reaches back this far.
     pub retention_s: u64,
@@ -99,6 +102,7 @@ impl Default for EventsConfig {
             publish_timeout_ms: 5_000,
             lease_ms: 15_000,
             duplicate_window_s: 120,
+            stream_max_age_s: 7 * 24 * 3600,
             retention_s: 30 * 24 * 3600,
         }
     }
@@ -558,6 +562,7 @@ impl Relay {
             name: self.config.stream.clone(),
             subjects: vec![format!("{}.>", self.config.subject_prefix)],
             duplicate_window: Duration::from_secs(self.config.duplicate_window_s),
+            max_age: Duration::from_secs(self.config.stream_max_age_s),
             storage: jetstream::stream::StorageType::File,
             ..Default::default()
         })
