@@ -158,18 +158,36 @@ impl ShardAgent {
     pub async fn mark_published(&self, holder: &str, outbox_nos: &[i64]) -> ShardResult<u64> {
         self.timed("mark events published", async {
             let mut conn = self.conn().await?;
-            conn.in_txn_begin("BEGIN; SET LOCAL synchronous_commit TO off", self.id())
-                .await?;
-            let deleted = match conn
+            conn.in_txn_begin(
+                "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL synchronous_commit TO off",
+                self.id(),
+            )
+            .await?;
+            // The rows' buckets must still be this shard's, under their
+            // shared locks, as for any write of a bucket's rows: a move's
+            // fence waits for this delete or refuses it, so a move never
+            // copies an outbox that is still changing.
+            let owned = conn
                 .execute(
-                    "DELETE FROM event_outbox
-                      WHERE outbox_no = ANY ($2)
-                        AND EXISTS (SELECT 1 FROM event_relay_lease
-                                     WHERE holder = $1 AND expires_at > clock_timestamp())",
-                    &[&holder, &outbox_nos],
+                    "SELECT wallet_own(ARRAY(SELECT DISTINCT bucket FROM event_outbox
+                                              WHERE outbox_no = ANY ($1)), true)",
+                    &[&outbox_nos],
                 )
-                .await
-            {
+                .await;
+            let deleted = match owned {
+                Err(e) => Err(e),
+                Ok(_) => {
+                    conn.execute(
+                        "DELETE FROM event_outbox
+                          WHERE outbox_no = ANY ($2)
+                            AND EXISTS (SELECT 1 FROM event_relay_lease
+                                         WHERE holder = $1 AND expires_at > clock_timestamp())",
+                        &[&holder, &outbox_nos],
+                    )
+                    .await
+                }
+            };
+            let deleted = match deleted {
                 Ok(n) => n,
                 Err(e) => {
                     conn.rollback_quietly().await;
