@@ -150,6 +150,22 @@ async fn every_movement_has_its_event_and_refused_work_has_none() {
         assert_eq!(page.body["next_cursor"], 5);
         // Invariant 9 (one event per entry, gapless) with the rest.
         checker_clean(&c).await;
+        // Pruned past the retention (here: everything is past it): each
+        // user keeps their newest event, so the numbers still end at the
+        // account's, and the outbox (no broker here) is emptied first.
+        for agent in c.agents() {
+            agent
+                .prune_events(Duration::ZERO, true, 10_000)
+                .await
+                .expect("prune");
+            assert_eq!(agent.outbox_lag().await.expect("lag").unpublished, 0);
+        }
+        let kept = all_notifications(&api, &ta).await;
+        assert_eq!(
+            summary(&kept),
+            vec![(6, "refund_credit".into(), "2.50".into())]
+        );
+        checker_clean(&c).await;
     }
 }
 

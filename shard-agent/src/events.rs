@@ -127,15 +127,33 @@ impl ShardAgent {
                         "SELECT {EVENT_COLUMNS}, o.outbox_no
                            FROM (SELECT outbox_no, event_id FROM event_outbox o
                                   WHERE {OUTBOX_OWNED} ORDER BY outbox_no LIMIT {limit}) o
-                           JOIN events e USING (event_id)
+                           LEFT JOIN events e USING (event_id)
                           ORDER BY o.outbox_no"
                     ),
                     &[],
                 )
                 .await
                 .map_err(self.pg("read outbox"))?;
+            // An outbox row whose event is gone (invariant 9 forbids it) is
+            // taken out, so it can never hold up the rows behind it.
+            let orphans: Vec<i64> = rows
+                .iter()
+                .filter(|r| r.get::<_, Option<uuid::Uuid>>(0).is_none())
+                .map(|r| r.get(10))
+                .collect();
+            if !orphans.is_empty() {
+                tracing::error!(shard = %self.id(), rows = ?orphans, "outbox rows without their event; taking them out");
+                conn.execute(
+                    "DELETE FROM event_outbox o WHERE outbox_no = ANY ($1)
+                        AND NOT EXISTS (SELECT 1 FROM events e WHERE e.event_id = o.event_id)",
+                    &[&orphans],
+                )
+                .await
+                .map_err(self.pg("take out orphan outbox rows"))?;
+            }
             Ok(rows
                 .iter()
+                .filter(|r| r.get::<_, Option<uuid::Uuid>>(0).is_some())
                 .map(|r| Pending {
                     outbox_no: r.get(10),
                     event: Event::from_row(r),
@@ -232,7 +250,8 @@ impl ShardAgent {
     /// `unpublished_too` (no broker: nobody publishes), outbox rows first;
     /// then events no longer in the outbox, oldest first and never a user's
     /// newest, so the numbers kept always run without a hole up to the
-    /// account's `event_seq`. Returns how many events it deleted.
+    /// account's `event_seq` (unless an event older than the retention is
+    /// still unpublished). Returns how many events it deleted.
     pub async fn prune_events(
         &self,
         retention: Duration,
@@ -257,21 +276,17 @@ impl ShardAgent {
                 .await
                 .map_err(self.pg("prune outbox"))?;
             }
-            // Events still in the outbox are newer than the oldest outbox row
-            // less an hour (its order and its times differ by no more than a
-            // transaction's length), and are never pruned.
+            // An event still in the outbox is never pruned. The outbox is read
+            // once per statement (a hashed subplan), once a minute.
             conn.execute(
                 &format!(
                     "DELETE FROM events WHERE event_id = ANY (ARRAY(
                          SELECT e.event_id FROM events e
-                          WHERE e.created_at < least(
-                                    clock_timestamp() - make_interval(secs => $1),
-                                    coalesce((SELECT created_at FROM event_outbox
-                                               ORDER BY outbox_no LIMIT 1) - interval '1 hour',
-                                             'infinity'))
+                          WHERE e.created_at < clock_timestamp() - make_interval(secs => $1)
+                            AND e.event_id NOT IN (SELECT o.event_id FROM event_outbox o)
                             AND e.seq < (SELECT a.event_seq FROM accounts a WHERE a.user_id = e.user_id)
                             AND {EVENTS_OWNED}
-                          ORDER BY e.created_at LIMIT $2))"
+                          ORDER BY e.created_at, e.user_id, e.seq LIMIT $2))"
                 ),
                 &[&secs, &limit],
             )
