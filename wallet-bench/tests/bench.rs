@@ -53,13 +53,32 @@ async fn a_small_bench_run_reports_every_scenario_and_passes_the_checker() {
             .expect("JSON parses");
     let scenarios = report["scenarios"].as_array().expect("scenarios");
     // Selected, plus single-node/zipf (the baseline redis/zipf is measured
-    // against), plus the `+rules` twins of the two in-process uniform names
-    // (`--only` matches by substring).
+    // against), plus the `+rules` and `+events` twins of the two in-process
+    // uniform names (`--only` matches by substring).
     assert_eq!(
         scenarios.len(),
-        only.len() + 3,
+        only.len() + 5,
         "one entry per scenario run"
     );
+    for twin in [
+        "same-shard/uniform/in-process+events",
+        "2pc/uniform/in-process+events",
+    ] {
+        let s = scenarios
+            .iter()
+            .find(|s| s["name"] == twin)
+            .unwrap_or_else(|| panic!("{twin} ran"));
+        assert!(
+            s["ratio_to_without_events"]
+                .as_f64()
+                .is_some_and(|r| r > 0.0),
+            "{twin} is compared with its twin without events: {s}"
+        );
+        assert!(
+            s["relay"]["published"].as_u64().is_some_and(|n| n > 0),
+            "{twin} reports what its relay published: {s}"
+        );
+    }
     for twin in [
         "same-shard/uniform/in-process+rules",
         "2pc/uniform/in-process+rules",
