@@ -191,8 +191,7 @@ pub fn subject(prefix: &str, kind: &str, shard: ShardId) -> String {
     format!("{prefix}.{kind}.shard{}", shard.0)
 }
 
-/// Pause between lag readings and between a shard's relay attempts after an
-/// error, per shard.
+/// Pause between a shard's lag readings.
 const LAG_EVERY: Duration = Duration::from_secs(1);
 /// Pause of a shard's relay after an error (shard or broker), so a fault
 /// costs one attempt a second, not a busy loop.
@@ -333,9 +332,35 @@ impl Relay {
         }
     }
 
-    /// One shard's relay, lag readings and pruning, until it leaves the map.
+    /// One shard's relay and pruning, and its lag readings, until the shard
+    /// leaves the map. The lag is read on its own clock: a round stuck on a
+    /// dead broker lasts up to `publish_timeout_ms`, and `/readyz` must not
+    /// show the lag from before the broker died for that long.
     async fn run_shard(self: Arc<Self>, cluster: Arc<Cluster>, shard: ShardId) {
-        let mut next_lag = tokio::time::Instant::now();
+        tokio::join!(
+            self.watch_lag(&cluster, shard),
+            self.relay_shard(&cluster, shard)
+        );
+    }
+
+    /// Reads the shard's lag every `LAG_EVERY` until it leaves the map.
+    async fn watch_lag(&self, cluster: &Cluster, shard: ShardId) {
+        loop {
+            let Some(agent) = cluster.routing().agents.get(&shard).cloned() else {
+                self.lag
+                    .lock()
+                    .expect("invariant: the lag map's lock is never held across a panic")
+                    .remove(&shard);
+                return;
+            };
+            self.read_lag(&agent).await;
+            tokio::time::sleep(LAG_EVERY).await;
+        }
+    }
+
+    /// Publishes the shard's outbox and prunes its events until it leaves
+    /// the map.
+    async fn relay_shard(&self, cluster: &Cluster, shard: ShardId) {
         let mut next_prune = tokio::time::Instant::now() + PRUNE_EVERY;
         // Until when this relay holds the shard's lease, by its own clock,
         // counted from before the renewal was sent.
@@ -345,23 +370,15 @@ impl Relay {
         let mut failing = false;
         loop {
             let Some(agent) = cluster.routing().agents.get(&shard).cloned() else {
-                self.lag
-                    .lock()
-                    .expect("invariant: the lag map's lock is never held across a panic")
-                    .remove(&shard);
                 return;
             };
             let now = tokio::time::Instant::now();
-            if now >= next_lag {
-                next_lag = now + LAG_EVERY;
-                self.read_lag(&agent).await;
-            }
             if now >= next_prune {
                 next_prune = now + PRUNE_EVERY;
                 self.prune(&agent).await;
             }
             let pause = match self.config.mode {
-                EventsMode::None => LAG_EVERY,
+                EventsMode::None => SHARDS_EVERY,
                 EventsMode::Nats => match self.publish_round(&agent, &mut lease_until).await {
                     Ok(round @ (Round::Full | Round::Partial)) => {
                         if std::mem::take(&mut failing) {
