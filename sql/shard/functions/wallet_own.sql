@@ -37,8 +37,12 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM bucket_ownership_init) THEN
         RETURN;
     END IF;
+    -- One index probe per bucket: a plain join's cached generic plan
+    -- hashed the whole table on every call.
     SELECT u.b, o.state INTO v_bad, v_state
-      FROM unnest(p_buckets) AS u (b) LEFT JOIN owned_buckets o ON o.bucket = u.b
+      FROM unnest(p_buckets) AS u (b)
+      LEFT JOIN LATERAL (SELECT ob.state FROM owned_buckets ob
+                          WHERE ob.bucket = u.b LIMIT 1) o ON true
      WHERE o.state IS NULL OR o.state IN ('moved', 'incoming')
         OR (p_write AND o.state = 'fenced')
      LIMIT 1;
