@@ -503,16 +503,17 @@ impl Relay {
     }
 
     /// Publishes `events` in order until `deadline`, then waits for their
-    /// acks until the same deadline. Returns the IDs JetStream acknowledged
-    /// (whatever happened to the others: those are marked, the others are
-    /// published again by a later round) and how many it called duplicates.
-    async fn publish(
+    /// acks until the same deadline. Returns the events JetStream
+    /// acknowledged (whatever happened to the others: those are marked, the
+    /// others are published again by a later round) and how many it called
+    /// duplicates.
+    async fn publish<'a>(
         &self,
         js: &jetstream::Context,
         shard: ShardId,
-        events: &[Pending],
+        events: &'a [Pending],
         deadline: tokio::time::Instant,
-    ) -> (Vec<i64>, u64) {
+    ) -> (Vec<&'a Pending>, u64) {
         if let Err(e) = tokio::time::timeout_at(deadline, self.ensure_stream(js))
             .await
             .unwrap_or_else(|_| Err(RelayError::Broker("stream check timed out".into())))
@@ -542,7 +543,7 @@ impl Relay {
             )
             .await;
             match sent {
-                Ok(Ok(ack)) => acks.push((pending.outbox_no, ack)),
+                Ok(Ok(ack)) => acks.push((pending, ack)),
                 // What was sent before still counts once acknowledged.
                 Ok(Err(err)) => {
                     debug!(%shard, error = %err, "event publish not sent");
@@ -553,13 +554,13 @@ impl Relay {
         }
         let mut acked = Vec::with_capacity(acks.len());
         let mut duplicates = 0u64;
-        for (id, ack) in acks {
+        for (pending, ack) in acks {
             match tokio::time::timeout_at(deadline, ack).await {
                 Ok(Ok(a)) => {
                     if a.duplicate {
                         duplicates += 1;
                     }
-                    acked.push(id);
+                    acked.push(pending);
                 }
                 Ok(Err(err)) => debug!(%shard, error = %err, "event publish not acknowledged"),
                 // Past the deadline: what is acked so far is kept.

@@ -12,7 +12,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::agent::{buckets_of, ShardAgent};
+use crate::agent::{buckets_of, ShardAgent, BEGIN_OWNED_NO_FLUSH};
 use crate::error::ShardResult;
 
 /// The most events one notification page or one relay read returns.
@@ -62,6 +62,8 @@ const EVENT_COLUMNS: &str = "e.event_id, e.user_id, e.seq, e.type, e.transfer_id
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pending {
     pub outbox_no: i64,
+    /// The user's bucket, which the relay's delete must still own.
+    pub bucket: i32,
     pub event: Event,
 }
 
@@ -115,8 +117,10 @@ impl ShardAgent {
     /// this shard owns, in the order they were written (each user's in seq
     /// order).
     ///
-    /// The limit is written into the statement, not bound: with a bound limit
-    /// the cached generic plan joined the events by hashing the whole table.
+    /// Each outbox row finds its event by one index probe: the lateral
+    /// subquery with a limit of its own cannot be turned into a join. A plain
+    /// join was hashed, reading the whole events table on every round, for
+    /// as long as that table was small next to the batch.
     pub async fn unpublished_events(&self, limit: i64) -> ShardResult<Vec<Pending>> {
         let limit = limit.clamp(1, EVENT_PAGE_MAX);
         self.timed("read outbox", async {
@@ -124,10 +128,11 @@ impl ShardAgent {
             let rows = conn
                 .query(
                     &format!(
-                        "SELECT {EVENT_COLUMNS}, o.outbox_no
-                           FROM (SELECT outbox_no, event_id FROM event_outbox o
+                        "SELECT {EVENT_COLUMNS}, o.outbox_no, o.bucket
+                           FROM (SELECT outbox_no, event_id, bucket FROM event_outbox o
                                   WHERE {OUTBOX_OWNED} ORDER BY outbox_no LIMIT {limit}) o
-                           LEFT JOIN events e USING (event_id)
+                           LEFT JOIN LATERAL (SELECT * FROM events e
+                                               WHERE e.event_id = o.event_id LIMIT 1) e ON true
                           ORDER BY o.outbox_no"
                     ),
                     &[],
@@ -156,6 +161,7 @@ impl ShardAgent {
                 .filter(|r| r.get::<_, Option<uuid::Uuid>>(0).is_some())
                 .map(|r| Pending {
                     outbox_no: r.get(10),
+                    bucket: r.get(11),
                     event: Event::from_row(r),
                 })
                 .collect())
@@ -163,60 +169,50 @@ impl ShardAgent {
         .await
     }
 
-    /// Takes the outbox rows `outbox_nos` out (their events are published),
-    /// only while `holder` holds the relay lease (a relay that lost it takes
-    /// nothing out; the next holder publishes those events again, and the
-    /// broker drops the copies by ID). Returns how many rows it took out.
+    /// Takes the outbox rows of `published` out (their events are
+    /// published), only while `holder` holds the relay lease (a relay that
+    /// lost it takes nothing out; the next holder publishes those events
+    /// again, and the broker drops the copies by ID). Returns how many rows
+    /// it took out. One round trip: BEGIN, the ownership check of the rows'
+    /// buckets (known from the read), the delete and COMMIT are pipelined.
     ///
     /// The delete commits without waiting for its WAL flush
     /// (`synchronous_commit` off, for this transaction only): a shard that
     /// crashes before the flush forgets the delete, and the events are
     /// published again, which at-least-once publishing allows and the
     /// broker drops by ID. Money never commits this way.
-    pub async fn mark_published(&self, holder: &str, outbox_nos: &[i64]) -> ShardResult<u64> {
+    pub async fn mark_published(&self, holder: &str, published: &[&Pending]) -> ShardResult<u64> {
+        let outbox_nos: Vec<i64> = published.iter().map(|p| p.outbox_no).collect();
+        let mut buckets: Vec<i32> = published.iter().map(|p| p.bucket).collect();
+        buckets.sort_unstable();
+        buckets.dedup();
         self.timed("mark events published", async {
             let mut conn = self.conn().await?;
-            conn.in_txn_begin(
-                "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL synchronous_commit TO off",
-                self.id(),
-            )
-            .await?;
+            let delete = conn
+                .prepare_cached(
+                    "DELETE FROM event_outbox
+                      WHERE outbox_no = ANY ($2)
+                        AND EXISTS (SELECT 1 FROM event_relay_lease
+                                     WHERE holder = $1 AND expires_at > clock_timestamp())
+                     RETURNING 1",
+                )
+                .await
+                .map_err(self.pg("prepare mark events published"))?;
             // The rows' buckets must still be this shard's, under their
             // shared locks, as for any write of a bucket's rows: a move's
             // fence waits for this delete or refuses it, so a move never
             // copies an outbox that is still changing.
-            let owned = conn
-                .execute(
-                    "SELECT wallet_own(ARRAY(SELECT DISTINCT bucket FROM event_outbox
-                                              WHERE outbox_no = ANY ($1)), true)",
-                    &[&outbox_nos],
+            let rows = conn
+                .owned_autocommit(
+                    self.id(),
+                    BEGIN_OWNED_NO_FLUSH,
+                    &buckets,
+                    &delete,
+                    &[&holder, &outbox_nos],
+                    self.pg("mark events published"),
                 )
-                .await;
-            let deleted = match owned {
-                Err(e) => Err(e),
-                Ok(_) => {
-                    conn.execute(
-                        "DELETE FROM event_outbox
-                          WHERE outbox_no = ANY ($2)
-                            AND EXISTS (SELECT 1 FROM event_relay_lease
-                                         WHERE holder = $1 AND expires_at > clock_timestamp())",
-                        &[&holder, &outbox_nos],
-                    )
-                    .await
-                }
-            };
-            let deleted = match deleted {
-                Ok(n) => n,
-                Err(e) => {
-                    conn.rollback_quietly().await;
-                    return Err(self.pg("mark events published")(e));
-                }
-            };
-            conn.batch_execute("COMMIT")
-                .await
-                .map_err(self.pg("mark events published"))?;
-            conn.ended();
-            Ok(deleted)
+                .await?;
+            Ok(rows.len() as u64)
         })
         .await
     }

@@ -13,8 +13,8 @@
 use router::{ShardId, UserId};
 use rust_decimal::Decimal;
 
-use crate::agent::buckets_of;
 use crate::agent::Conn;
+use crate::agent::{buckets_of, BEGIN_OWNED};
 use crate::error::{ShardError, ShardResult};
 use crate::gid::Gid;
 use crate::money::Currency;
@@ -91,6 +91,7 @@ pub(crate) async fn claim(
         let rows = conn
             .owned_autocommit(
                 shard,
+                BEGIN_OWNED,
                 &buckets_of([&key.user]),
                 &stmt,
                 &[

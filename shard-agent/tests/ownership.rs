@@ -174,3 +174,52 @@ async fn a_moved_bucket_refuses_reads_too_while_other_buckets_carry_on() {
         .expect("another bucket");
     assert_eq!(balance(&p.a, other).await, d("7.00"));
 }
+
+/// The relay's delete of published outbox rows is a write of their buckets
+/// like any other: refused while a bucket is fenced (the rows stay for the
+/// move to copy), a no-op for a relay that does not hold the lease, and done
+/// once the bucket is owned again.
+#[tokio::test]
+async fn the_relays_delete_is_refused_for_a_fenced_bucket_and_keeps_the_rows() {
+    let p = pair().await;
+    let payer = user(&p.a, "relay_payer", "30").await;
+    own_everything(&p.a).await;
+    let ttl = std::time::Duration::from_secs(30);
+    assert!(p.a.take_relay_lease("relay-a", ttl).await.expect("lease"));
+    let published = p.a.unpublished_events(100).await.expect("read outbox");
+    let mine: Vec<_> = published
+        .iter()
+        .filter(|e| e.event.user_id == payer.0)
+        .collect();
+    assert_eq!(mine.len(), 1, "the deposit's event waits in the outbox");
+    assert_eq!(mine[0].bucket, i32::from(bucket_of(&payer).0));
+
+    let bucket = bucket_of(&payer).0;
+    assert_eq!(
+        p.a.fence_bucket(bucket, MOVE, 200).await.expect("fence"),
+        Fenced::Yes
+    );
+    assert_refused(p.a.mark_published("relay-a", &mine).await, payer, "fenced");
+    assert!(p
+        .a
+        .set_bucket_state(bucket, MOVE, &["fenced"], "owned", 2)
+        .await
+        .expect("unfence"));
+    let still = p.a.unpublished_events(100).await.expect("read outbox");
+    assert!(
+        still.iter().any(|e| e.outbox_no == mine[0].outbox_no),
+        "a refused delete takes nothing out"
+    );
+
+    assert_eq!(
+        p.a.mark_published("relay-b", &mine).await.expect("delete"),
+        0,
+        "a relay without the lease takes nothing out"
+    );
+    assert_eq!(
+        p.a.mark_published("relay-a", &mine).await.expect("delete"),
+        1
+    );
+    let after = p.a.unpublished_events(100).await.expect("read outbox");
+    assert!(after.iter().all(|e| e.outbox_no != mine[0].outbox_no));
+}
