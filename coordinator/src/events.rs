@@ -335,25 +335,26 @@ impl Relay {
     /// One shard's relay and pruning, and its lag readings, until the shard
     /// leaves the map. The lag is read on its own clock: a round stuck on a
     /// dead broker lasts up to `publish_timeout_ms`, and `/readyz` must not
-    /// show the lag from before the broker died for that long.
+    /// show the lag from before the broker died for that long. Only the
+    /// relay decides when the task ends, so the two always end together.
     async fn run_shard(self: Arc<Self>, cluster: Arc<Cluster>, shard: ShardId) {
-        tokio::join!(
-            self.watch_lag(&cluster, shard),
-            self.relay_shard(&cluster, shard)
-        );
+        tokio::select! {
+            () = self.watch_lag(&cluster, shard) => {}
+            () = self.relay_shard(&cluster, shard) => {}
+        }
+        self.lag
+            .lock()
+            .expect("invariant: the lag map's lock is never held across a panic")
+            .remove(&shard);
     }
 
-    /// Reads the shard's lag every `LAG_EVERY` until it leaves the map.
+    /// Reads the shard's lag every `LAG_EVERY`, for as long as it is polled.
     async fn watch_lag(&self, cluster: &Cluster, shard: ShardId) {
         loop {
-            let Some(agent) = cluster.routing().agents.get(&shard).cloned() else {
-                self.lag
-                    .lock()
-                    .expect("invariant: the lag map's lock is never held across a panic")
-                    .remove(&shard);
-                return;
-            };
-            self.read_lag(&agent).await;
+            let agent = cluster.routing().agents.get(&shard).cloned();
+            if let Some(agent) = agent {
+                self.read_lag(&agent).await;
+            }
             tokio::time::sleep(LAG_EVERY).await;
         }
     }

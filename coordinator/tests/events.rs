@@ -203,13 +203,22 @@ async fn bad_notification_queries_are_refused_with_problems() {
 
 /// A cluster whose relay publishes to `nats`.
 async fn cluster_with_nats(nats: &NatsServer, shards: usize) -> (TestCluster, Api) {
+    cluster_with_nats_timeout(nats, shards, 1_000).await
+}
+
+/// The same, with the relay's rounds bounded by `publish_timeout_ms`.
+async fn cluster_with_nats_timeout(
+    nats: &NatsServer,
+    shards: usize,
+    publish_timeout_ms: u64,
+) -> (TestCluster, Api) {
     testkit::init_tracing();
     let mut config = TestCluster::provision(shards, test_limits()).await;
     config.events = EventsConfig {
         mode: EventsMode::Nats,
         url: Some(nats.url()),
-        lease_ms: 2_000,
-        publish_timeout_ms: 1_000,
+        lease_ms: (2 * publish_timeout_ms).max(2_000),
+        publish_timeout_ms,
         ..EventsConfig::default()
     };
     let cluster = TestCluster::serve(config).await;
@@ -240,7 +249,16 @@ async fn readyz(api: &Api) -> Value {
 /// at least `min_age_s` old (the lag is read once a second), or as it stands
 /// after ten seconds.
 async fn lag_reaches(api: &Api, unpublished: usize, min_age_s: f64) -> Value {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    lag_reaches_within(api, unpublished, min_age_s, Duration::from_secs(10)).await
+}
+
+async fn lag_reaches_within(
+    api: &Api,
+    unpublished: usize,
+    min_age_s: f64,
+    within: Duration,
+) -> Value {
+    let deadline = std::time::Instant::now() + within;
     loop {
         let lag = readyz(api).await;
         let reached = lag["unpublished"] == unpublished
@@ -323,6 +341,43 @@ async fn the_relay_delivers_every_event_once_across_a_broker_restart() {
         Vec::<String>::new()
     );
     assert!(stream.iter().all(|e| e.transfer_id != refused_id));
+    assert_eq!(lag_reaches(&api, 0, 0.0).await["unpublished"], 0);
+    checker_clean(&c).await;
+}
+
+/// A frozen broker (SIGSTOP: publishes hang until their deadline instead of
+/// failing) holds each relay round for its whole `publish_timeout_ms`, here
+/// 10 s. `/readyz` still shows the events waiting within a few seconds,
+/// because the lag is read on its own clock, not between rounds.
+#[tokio::test]
+async fn the_lag_stays_fresh_while_a_frozen_broker_holds_the_relay() {
+    let store = tempfile::tempdir().expect("tempdir");
+    let nats = NatsServer::start(0, store.path()).expect("start nats-server");
+    let (c, api) = cluster_with_nats_timeout(&nats, 2, 10_000).await;
+    let payer = api.user("evfz_payer", "USD").await;
+    api.deposit(&payer, "100.00", "USD").await;
+    let payees: Vec<String> = (0..4).map(|i| format!("evfz_payee{i}")).collect();
+    for p in &payees {
+        api.user(p, "USD").await;
+    }
+    let first = stream_matches_outboxes(&c, &nats).await;
+    assert_eq!(lag_reaches(&api, 0, 0.0).await["unpublished"], 0);
+
+    nats.pause().expect("SIGSTOP nats-server");
+    // The first transfer's events start rounds that hang on the broker.
+    pay_each(&api, &payer, &payees[..1], "1.00").await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    pay_each(&api, &payer, &payees[1..], "1.00").await;
+    let lag = lag_reaches_within(&api, 2 * payees.len(), 0.0, Duration::from_secs(3)).await;
+    assert_eq!(
+        lag["unpublished"],
+        2 * payees.len(),
+        "the lag must not wait for the hung round: {lag}"
+    );
+
+    nats.resume().expect("SIGCONT nats-server");
+    let total = stream_matches_outboxes(&c, &nats).await;
+    assert_eq!(total, first + 2 * payees.len());
     assert_eq!(lag_reaches(&api, 0, 0.0).await["unpublished"], 0);
     checker_clean(&c).await;
 }

@@ -66,6 +66,31 @@ impl NatsServer {
         self.child.is_some()
     }
 
+    /// SIGSTOPs the broker: its connections stay open and nothing answers,
+    /// so a publish hangs until its deadline instead of failing at once.
+    /// Undo with [`NatsServer::resume`].
+    pub fn pause(&self) -> Result<(), LocalError> {
+        self.signal(libc::SIGSTOP, "SIGSTOP")
+    }
+
+    /// SIGCONTs the broker stopped by [`NatsServer::pause`].
+    pub fn resume(&self) -> Result<(), LocalError> {
+        self.signal(libc::SIGCONT, "SIGCONT")
+    }
+
+    fn signal(&self, sig: libc::c_int, what: &str) -> Result<(), LocalError> {
+        let pid = self
+            .child
+            .as_ref()
+            .map(Child::id)
+            .ok_or_else(|| LocalError::NotRunning {
+                name: "nats-server".into(),
+            })?;
+        super::process::signal_server(pid, sig)
+            .map(drop)
+            .map_err(|e| LocalError::io(format!("sending {what} to nats-server {pid}"), e))
+    }
+
     /// kill -9, and reap: the broker is down until [`NatsServer::restart`].
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -326,7 +326,7 @@ impl ShardAgent {
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
         on_err: impl Fn(tokio_postgres::Error) -> ShardError,
     ) -> ShardResult<Vec<tokio_postgres::Row>> {
-        conn.owned_autocommit(self.id, BEGIN_OWNED, buckets, stmt, params, on_err)
+        conn.owned_autocommit(self.id, Durability::Flushed, buckets, stmt, params, on_err)
             .await
     }
 
@@ -341,13 +341,28 @@ impl ShardAgent {
 pub(crate) const OWN_WRITE: &str = "SELECT wallet_own($1, true)";
 /// The same check for a view: a bucket being fenced may still be read.
 pub(crate) const OWN_READ: &str = "SELECT wallet_own($1, false)";
-/// How a write transaction on users' rows opens: `wallet_own` requires READ
-/// COMMITTED, so that its state read sees the latest fence.
-pub(crate) const BEGIN_OWNED: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
-/// The same for a write that a crash may forget without harm: it commits
-/// without waiting for its WAL flush. Money never commits this way.
-pub(crate) const BEGIN_OWNED_NO_FLUSH: &str =
-    "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL synchronous_commit TO off";
+/// How an owned write's transaction commits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Durability {
+    /// Waits for its WAL flush, as every write of money does.
+    Flushed,
+    /// Does not wait for its WAL flush: for a write that a crash may forget
+    /// without harm. Money never commits this way.
+    NoFlushWait,
+}
+
+impl Durability {
+    /// The statement that opens the transaction: READ COMMITTED, which
+    /// `wallet_own` requires so that its state read sees the latest fence.
+    fn begin(self) -> &'static str {
+        match self {
+            Durability::Flushed => "BEGIN ISOLATION LEVEL READ COMMITTED",
+            Durability::NoFlushWait => {
+                "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL synchronous_commit TO off"
+            }
+        }
+    }
+}
 
 /// The buckets of `users`, as `wallet_own` takes them.
 pub(crate) fn buckets_of<'a>(users: impl IntoIterator<Item = &'a router::UserId>) -> Vec<i32> {
@@ -420,8 +435,8 @@ impl Conn {
         Ok(())
     }
 
-    /// Runs `stmt` as a transaction of its own (opened by `begin`, one of the
-    /// `BEGIN_OWNED` statements) that first passes `wallet_own`'s
+    /// Runs `stmt` as a transaction of its own (committed as `durability`
+    /// says) that first passes `wallet_own`'s
     /// write check of `buckets`, all in one round trip: BEGIN, the check, the
     /// statement and COMMIT are pipelined. A refused check is
     /// [`ShardError::NotOwner`] and the statement then writes nothing (it runs
@@ -430,7 +445,7 @@ impl Conn {
     pub(crate) async fn owned_autocommit(
         &mut self,
         shard: ShardId,
-        begin: &str,
+        durability: Durability,
         buckets: &[i32],
         stmt: &tokio_postgres::Statement,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
@@ -443,7 +458,7 @@ impl Conn {
         self.mark_in_txn();
         let own_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&buckets];
         let (begun, owned, rows, committed) = tokio::join!(
-            self.batch_execute(begin),
+            self.batch_execute(durability.begin()),
             self.execute(&own, &own_params),
             self.query(stmt, params),
             self.batch_execute("COMMIT")

@@ -12,7 +12,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::agent::{buckets_of, ShardAgent, BEGIN_OWNED_NO_FLUSH};
+use crate::agent::{buckets_of, Durability, ShardAgent};
 use crate::error::ShardResult;
 
 /// The most events one notification page or one relay read returns.
@@ -191,7 +191,7 @@ impl ShardAgent {
             let delete = conn
                 .prepare_cached(
                     "DELETE FROM event_outbox
-                      WHERE outbox_no = ANY ($2)
+                      WHERE outbox_no = ANY ($2) AND bucket = ANY ($3)
                         AND EXISTS (SELECT 1 FROM event_relay_lease
                                      WHERE holder = $1 AND expires_at > clock_timestamp())
                      RETURNING 1",
@@ -201,14 +201,15 @@ impl ShardAgent {
             // The rows' buckets must still be this shard's, under their
             // shared locks, as for any write of a bucket's rows: a move's
             // fence waits for this delete or refuses it, so a move never
-            // copies an outbox that is still changing.
+            // copies an outbox that is still changing. The delete also
+            // keeps to the buckets checked, whatever the caller passed.
             let rows = conn
                 .owned_autocommit(
                     self.id(),
-                    BEGIN_OWNED_NO_FLUSH,
+                    Durability::NoFlushWait,
                     &buckets,
                     &delete,
-                    &[&holder, &outbox_nos],
+                    &[&holder, &outbox_nos, &buckets],
                     self.pg("mark events published"),
                 )
                 .await?;

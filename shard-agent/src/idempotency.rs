@@ -14,7 +14,7 @@ use router::{ShardId, UserId};
 use rust_decimal::Decimal;
 
 use crate::agent::Conn;
-use crate::agent::{buckets_of, BEGIN_OWNED};
+use crate::agent::{buckets_of, Durability};
 use crate::error::{ShardError, ShardResult};
 use crate::gid::Gid;
 use crate::money::Currency;
@@ -91,7 +91,7 @@ pub(crate) async fn claim(
         let rows = conn
             .owned_autocommit(
                 shard,
-                BEGIN_OWNED,
+                Durability::Flushed,
                 &buckets_of([&key.user]),
                 &stmt,
                 &[
