@@ -8,10 +8,12 @@
 //! stored, so a leaked sessions table cannot be replayed. Tokens of the earlier
 //! format, `<user id, 32 hex>.<secret>`, still route and are read as before.
 
+use std::cell::RefCell;
+
 use argon2::password_hash::{
-    rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString,
+    self, rand_core::OsRng, Output, ParamsString, PasswordHash, SaltString,
 };
-use argon2::{Algorithm, Argon2, Params, Version};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
 use base64::Engine;
 use rand::RngCore;
 use router::UserId;
@@ -39,7 +41,7 @@ pub enum AuthError {
 /// requests; more are refused at once. Each running hash holds `memory_kib`, so
 /// this bounds the memory logins and sign-ups can take (unbounded, 200
 /// concurrent logins took 4.9 GiB). Fixed threads, not the blocking pool: each
-/// thread's allocator keeps the memory of its last hash, so the number of
+/// worker keeps its argon2 memory from one hash to the next, so the number of
 /// threads that ever hashed is what the memory bound counts.
 pub struct PasswordWork {
     policy: PasswordPolicy,
@@ -129,40 +131,111 @@ pub struct PasswordPolicy {
     pub iterations: u32,
 }
 
+thread_local! {
+    /// This thread's argon2 working memory, kept from one hash to the next.
+    /// Allocating it per hash (what `Argon2::hash_password` does) leaves the
+    /// bound to the allocator: glibc keeps freed 19 MiB blocks in whichever
+    /// arena served them, and with threads sharing arenas a process doing many
+    /// logins grew to 300 MiB on two workers. Owning the block makes the bound
+    /// exact: `password_workers` × the largest `memory_kib` a hash has used.
+    static ARGON2_MEMORY: RefCell<Vec<Block>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `work` on this thread's argon2 memory, grown to `blocks` when smaller.
+/// The algorithm writes every block before it reads it, so what an earlier
+/// hash left there does not matter.
+fn with_argon2_memory<T>(blocks: usize, work: impl FnOnce(&mut [Block]) -> T) -> T {
+    ARGON2_MEMORY.with(|memory| {
+        let mut memory = memory.borrow_mut();
+        if memory.len() < blocks {
+            memory.resize(blocks, Block::default());
+        }
+        work(&mut memory[..blocks])
+    })
+}
+
+/// argon2 of `password` with `argon2`'s parameters, into `out` (whose length is
+/// the output length), on this thread's kept memory.
+fn argon2_into(
+    argon2: &Argon2<'_>,
+    params: &Params,
+    password: &[u8],
+    salt: &[u8],
+    out: &mut [u8],
+) -> Result<(), argon2::Error> {
+    with_argon2_memory(params.block_count(), |blocks| {
+        argon2.hash_password_into_with_memory(password, salt, out, blocks)
+    })
+}
+
 impl PasswordPolicy {
-    fn argon2(&self) -> Result<Argon2<'static>, AuthError> {
-        let params = Params::new(self.memory_kib, self.iterations, 1, None)
-            .map_err(|e| AuthError::Params(e.to_string()))?;
-        Ok(Argon2::new(Algorithm::Argon2id, Version::V0x13, params))
+    fn params(&self) -> Result<Params, AuthError> {
+        Params::new(self.memory_kib, self.iterations, 1, None)
+            .map_err(|e| AuthError::Params(e.to_string()))
     }
 
-    /// Hashes on this thread: argon2 is deliberately slow, so callers run it on
-    /// the blocking pool ([`PasswordWork`]).
+    /// Hashes on this thread into a PHC string: argon2 is deliberately slow, so
+    /// callers run it on the password workers ([`PasswordWork`]).
     fn hash_now(self, password: &str) -> Result<String, AuthError> {
+        let params = self.params()?;
+        let argon2 = Argon2::new(Algorithm::Argon2id, Version::V0x13, params.clone());
         let salt = SaltString::generate(&mut OsRng);
-        self.argon2()?
-            .hash_password(password.as_bytes(), &salt)
-            .map(|h| h.to_string())
-            .map_err(|e| AuthError::Hash(e.to_string()))
+        let mut salt_bytes = [0u8; 64];
+        let salt_bytes = salt
+            .as_salt()
+            .decode_b64(&mut salt_bytes)
+            .map_err(|e| AuthError::Hash(e.to_string()))?;
+        let output_len = params.output_len().unwrap_or(Params::DEFAULT_OUTPUT_LEN);
+        let output = Output::init_with(output_len, |out| {
+            argon2_into(&argon2, &params, password.as_bytes(), salt_bytes, out)
+                .map_err(|_| password_hash::Error::Crypto)
+        })
+        .map_err(|e| AuthError::Hash(e.to_string()))?;
+        let phc = PasswordHash {
+            algorithm: Algorithm::Argon2id.ident(),
+            version: Some(Version::V0x13.into()),
+            params: ParamsString::try_from(&params).map_err(|e| AuthError::Hash(e.to_string()))?,
+            salt: Some(salt.as_salt()),
+            hash: Some(output),
+        };
+        Ok(phc.to_string())
     }
 
     /// Verifies against a stored PHC string (its own parameters apply). With no
-    /// stored hash it still does the work, so unknown usernames take as long.
+    /// stored hash, or one that does not parse, it still does the work of this
+    /// policy, so unknown usernames take as long.
     fn verify_now(self, password: &str, stored: Option<&str>) -> bool {
-        let Ok(argon2) = self.argon2() else {
-            return false;
-        };
-        match stored {
-            Some(phc) => match PasswordHash::new(phc) {
-                Ok(parsed) => argon2.verify_password(password.as_bytes(), &parsed).is_ok(),
-                Err(_) => false,
-            },
+        let parsed = stored.and_then(|phc| PasswordHash::new(phc).ok());
+        match parsed {
+            Some(phc) => Self::verify_phc(password, &phc).unwrap_or(false),
             None => {
-                let salt = SaltString::generate(&mut OsRng);
-                let _ = argon2.hash_password(password.as_bytes(), &salt);
+                let _ = self.hash_now(password);
                 false
             }
         }
+    }
+
+    /// Recomputes a stored hash with its own algorithm, version, parameters and
+    /// salt, and compares in constant time (`Output`'s equality).
+    fn verify_phc(password: &str, phc: &PasswordHash<'_>) -> Option<bool> {
+        let (Some(salt), Some(expected)) = (phc.salt, phc.hash) else {
+            return Some(false);
+        };
+        let algorithm = Algorithm::try_from(phc.algorithm).ok()?;
+        let version = phc
+            .version
+            .map_or(Ok(Version::default()), Version::try_from)
+            .ok()?;
+        let params = Params::try_from(phc).ok()?;
+        let argon2 = Argon2::new(algorithm, version, params.clone());
+        let mut salt_bytes = [0u8; 64];
+        let salt_bytes = salt.decode_b64(&mut salt_bytes).ok()?;
+        let computed = Output::init_with(expected.len(), |out| {
+            argon2_into(&argon2, &params, password.as_bytes(), salt_bytes, out)
+                .map_err(|_| password_hash::Error::Crypto)
+        })
+        .ok()?;
+        Some(computed == expected)
     }
 }
 
@@ -217,6 +290,62 @@ pub fn token_hash(token: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const SMALL: PasswordPolicy = PasswordPolicy {
+        memory_kib: 64,
+        iterations: 2,
+    };
+
+    #[test]
+    fn a_hash_verifies_its_own_password_only() {
+        let phc = SMALL.hash_now("correct horse").expect("hash");
+        assert!(phc.starts_with("$argon2id$v=19$m=64,t=2,p=1$"), "{phc}");
+        assert!(SMALL.verify_now("correct horse", Some(&phc)));
+        assert!(!SMALL.verify_now("correct hors", Some(&phc)));
+        assert_ne!(
+            SMALL.hash_now("correct horse").expect("hash"),
+            phc,
+            "salted"
+        );
+    }
+
+    /// Hashes stored before the kept memory (made by the crate's own hasher)
+    /// still verify, and ours verify with the crate's verifier: the PHC strings
+    /// are the same format.
+    #[test]
+    fn hashes_agree_with_the_argon2_crates_own() {
+        use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+        let theirs = Argon2::new(
+            Algorithm::Argon2id,
+            Version::V0x13,
+            Params::new(128, 1, 1, None).expect("params"),
+        );
+        let salt = SaltString::generate(&mut OsRng);
+        let stored = theirs
+            .hash_password(b"pw", &salt)
+            .expect("hash")
+            .to_string();
+        // Their parameters apply, not the policy's: a smaller block count than
+        // the thread's memory already holds is fine.
+        let big = PasswordPolicy {
+            memory_kib: 256,
+            iterations: 1,
+        };
+        let _ = big.hash_now("grow the memory first").expect("hash");
+        assert!(SMALL.verify_now("pw", Some(&stored)));
+        assert!(!SMALL.verify_now("pW", Some(&stored)));
+        let ours = SMALL.hash_now("pw").expect("hash");
+        let parsed = PasswordHash::new(&ours).expect("a PHC string");
+        assert!(theirs.verify_password(b"pw", &parsed).is_ok());
+        assert!(theirs.verify_password(b"pw2", &parsed).is_err());
+    }
+
+    #[test]
+    fn a_missing_or_malformed_stored_hash_never_verifies() {
+        for stored in [None, Some(""), Some("$argon2id$garbage"), Some("plain")] {
+            assert!(!SMALL.verify_now("pw", stored), "{stored:?}");
+        }
+    }
 
     #[test]
     fn a_token_names_and_routes_to_its_user() {
