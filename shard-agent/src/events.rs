@@ -54,6 +54,12 @@ const EVENTS_OWNED: &str = "(NOT EXISTS (SELECT 1 FROM bucket_ownership_init)
      OR EXISTS (SELECT 1 FROM owned_buckets ob JOIN users ou ON ob.bucket = ou.bucket
                  WHERE ou.user_id = e.user_id AND ob.state = 'owned'))";
 
+/// The most an event's outbox row may be younger than the event (their
+/// `created_at`): the two are inserted by consecutive statements of one
+/// `wallet_post` call, so this is far past any real gap. Pruning relies on it
+/// to read only the old end of the outbox.
+const OUTBOX_AFTER_EVENT_MAX: &str = "1 hour";
+
 const EVENT_COLUMNS: &str = "e.event_id, e.user_id, e.seq, e.type, e.transfer_id, e.amount, \
                              e.currency::text, e.balance_after, e.counterparty, e.created_at";
 
@@ -273,14 +279,23 @@ impl ShardAgent {
                 .await
                 .map_err(self.pg("prune outbox"))?;
             }
-            // An event still in the outbox is never pruned. The outbox is read
-            // once per statement (a hashed subplan), once a minute.
+            // An event still in the outbox is never pruned. The cut-off is
+            // `now()`, not `clock_timestamp()`: a volatile bound cannot use
+            // the indexes by age, and both reads were whole-table scans once
+            // a minute. Only outbox rows up to OUTBOX_AFTER_EVENT_MAX younger
+            // than the cut-off are read (once per statement, a hashed subplan):
+            // an outbox row is inserted by the statement after its event's
+            // (`wallet_post`), and a move copies both with their times, so it
+            // is never younger than its event by more than one statement.
             conn.execute(
                 &format!(
                     "DELETE FROM events WHERE event_id = ANY (ARRAY(
                          SELECT e.event_id FROM events e
-                          WHERE e.created_at < clock_timestamp() - make_interval(secs => $1)
-                            AND e.event_id NOT IN (SELECT o.event_id FROM event_outbox o)
+                          WHERE e.created_at < now() - make_interval(secs => $1)
+                            AND e.event_id NOT IN (
+                                SELECT o.event_id FROM event_outbox o
+                                 WHERE o.created_at < now() - make_interval(secs => $1)
+                                                      + interval '{OUTBOX_AFTER_EVENT_MAX}')
                             AND e.seq < (SELECT a.event_seq FROM accounts a WHERE a.user_id = e.user_id)
                             AND {EVENTS_OWNED}
                           ORDER BY e.created_at, e.user_id, e.seq LIMIT $2))"
