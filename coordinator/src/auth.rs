@@ -137,33 +137,52 @@ thread_local! {
     /// bound to the allocator: glibc keeps freed 19 MiB blocks in whichever
     /// arena served them, and with threads sharing arenas a process doing many
     /// logins grew to 300 MiB on two workers. Owning the block makes the bound
-    /// exact: `password_workers` × the largest `memory_kib` a hash has used.
+    /// exact: `password_workers` × `memory_kib` kept, plus one hash's memory
+    /// while a stored hash of a larger policy is verified.
     static ARGON2_MEMORY: RefCell<Vec<Block>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Runs `work` on this thread's argon2 memory, grown to `blocks` when smaller.
+/// The most memory a stored hash may ask for when it is verified (1 GiB),
+/// whatever the policy: a larger one is refused (after the policy's own
+/// work) rather than allocated.
+const STORED_MEMORY_KIB_MAX: u32 = 1024 * 1024;
+/// The most passes a stored hash may ask for when it is verified.
+const STORED_ITERATIONS_MAX: u32 = 64;
+/// The most lanes a stored hash may ask for when it is verified.
+const STORED_LANES_MAX: u32 = 16;
+
+/// Runs `work` on this thread's argon2 memory, grown to `blocks` when smaller,
+/// and cut back to `keep` blocks afterwards when it grew past them (a stored
+/// hash made under a larger policy), so what a worker keeps is the policy's.
 /// The algorithm writes every block before it reads it, so what an earlier
 /// hash left there does not matter.
-fn with_argon2_memory<T>(blocks: usize, work: impl FnOnce(&mut [Block]) -> T) -> T {
+fn with_argon2_memory<T>(blocks: usize, keep: usize, work: impl FnOnce(&mut [Block]) -> T) -> T {
     ARGON2_MEMORY.with(|memory| {
         let mut memory = memory.borrow_mut();
         if memory.len() < blocks {
             memory.resize(blocks, Block::default());
         }
-        work(&mut memory[..blocks])
+        let result = work(&mut memory[..blocks]);
+        if memory.len() > keep {
+            memory.truncate(keep);
+            memory.shrink_to_fit();
+        }
+        result
     })
 }
 
 /// argon2 of `password` with `argon2`'s parameters, into `out` (whose length is
-/// the output length), on this thread's kept memory.
+/// the output length), on this thread's kept memory; `keep` is the policy's
+/// block count.
 fn argon2_into(
     argon2: &Argon2<'_>,
     params: &Params,
+    keep: usize,
     password: &[u8],
     salt: &[u8],
     out: &mut [u8],
 ) -> Result<(), argon2::Error> {
-    with_argon2_memory(params.block_count(), |blocks| {
+    with_argon2_memory(params.block_count(), keep, |blocks| {
         argon2.hash_password_into_with_memory(password, salt, out, blocks)
     })
 }
@@ -186,8 +205,9 @@ impl PasswordPolicy {
             .decode_b64(&mut salt_bytes)
             .map_err(|e| AuthError::Hash(e.to_string()))?;
         let output_len = params.output_len().unwrap_or(Params::DEFAULT_OUTPUT_LEN);
+        let keep = params.block_count();
         let output = Output::init_with(output_len, |out| {
-            argon2_into(&argon2, &params, password.as_bytes(), salt_bytes, out)
+            argon2_into(&argon2, &params, keep, password.as_bytes(), salt_bytes, out)
                 .map_err(|_| password_hash::Error::Crypto)
         })
         .map_err(|e| AuthError::Hash(e.to_string()))?;
@@ -202,12 +222,14 @@ impl PasswordPolicy {
     }
 
     /// Verifies against a stored PHC string (its own parameters apply). With no
-    /// stored hash, or one that does not parse, it still does the work of this
+    /// stored hash, or one that cannot be used, it still does the work of this
     /// policy, so unknown usernames take as long.
     fn verify_now(self, password: &str, stored: Option<&str>) -> bool {
-        let parsed = stored.and_then(|phc| PasswordHash::new(phc).ok());
-        match parsed {
-            Some(phc) => Self::verify_phc(password, &phc).unwrap_or(false),
+        let verified = stored
+            .and_then(|phc| PasswordHash::new(phc).ok())
+            .and_then(|phc| self.verify_phc(password, &phc));
+        match verified {
+            Some(matched) => matched,
             None => {
                 let _ = self.hash_now(password);
                 false
@@ -216,22 +238,29 @@ impl PasswordPolicy {
     }
 
     /// Recomputes a stored hash with its own algorithm, version, parameters and
-    /// salt, and compares in constant time (`Output`'s equality).
-    fn verify_phc(password: &str, phc: &PasswordHash<'_>) -> Option<bool> {
-        let (Some(salt), Some(expected)) = (phc.salt, phc.hash) else {
-            return Some(false);
-        };
+    /// salt, and compares in constant time (`Output`'s equality). `None` when
+    /// the stored hash cannot be used: malformed, or asking for more than the
+    /// `STORED_*_MAX` bounds.
+    fn verify_phc(self, password: &str, phc: &PasswordHash<'_>) -> Option<bool> {
+        let (salt, expected) = (phc.salt?, phc.hash?);
         let algorithm = Algorithm::try_from(phc.algorithm).ok()?;
         let version = phc
             .version
             .map_or(Ok(Version::default()), Version::try_from)
             .ok()?;
         let params = Params::try_from(phc).ok()?;
+        if params.m_cost() > STORED_MEMORY_KIB_MAX
+            || params.t_cost() > STORED_ITERATIONS_MAX
+            || params.p_cost() > STORED_LANES_MAX
+        {
+            return None;
+        }
+        let keep = self.params().ok()?.block_count();
         let argon2 = Argon2::new(algorithm, version, params.clone());
         let mut salt_bytes = [0u8; 64];
         let salt_bytes = salt.decode_b64(&mut salt_bytes).ok()?;
         let computed = Output::init_with(expected.len(), |out| {
-            argon2_into(&argon2, &params, password.as_bytes(), salt_bytes, out)
+            argon2_into(&argon2, &params, keep, password.as_bytes(), salt_bytes, out)
                 .map_err(|_| password_hash::Error::Crypto)
         })
         .ok()?;
@@ -338,6 +367,26 @@ mod tests {
         let parsed = PasswordHash::new(&ours).expect("a PHC string");
         assert!(theirs.verify_password(b"pw", &parsed).is_ok());
         assert!(theirs.verify_password(b"pw2", &parsed).is_err());
+    }
+
+    /// A stored hash asking for more than the bounds is refused without
+    /// allocating what it asks for (2 GB here), and one of a larger policy
+    /// than the worker's verifies without the worker keeping its memory.
+    #[test]
+    fn stored_hashes_cannot_make_a_worker_take_or_keep_more_memory() {
+        let ours = SMALL.hash_now("pw").expect("hash");
+        let greedy = ours.replacen("m=64,", "m=2000000,", 1);
+        assert_ne!(greedy, ours);
+        assert!(!SMALL.verify_now("pw", Some(&greedy)));
+        let kept = || ARGON2_MEMORY.with(|m| m.borrow().len());
+        assert_eq!(kept(), 64, "the policy's 64 blocks of 1 KiB");
+        let bigger = PasswordPolicy {
+            memory_kib: 512,
+            iterations: 1,
+        };
+        let stored = bigger.hash_now("pw").expect("hash");
+        assert!(SMALL.verify_now("pw", Some(&stored)));
+        assert_eq!(kept(), 64, "cut back to the policy's after the larger hash");
     }
 
     #[test]

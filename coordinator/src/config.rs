@@ -14,6 +14,11 @@ use crate::payments::ProviderConfig;
 use crate::redis_lock::RedisConfig;
 use crate::secrets::{Dsn, Secret};
 
+/// `agent.statement_timeout_ms` must stay below this (an hour): the events
+/// prune relies on no money statement running that long
+/// (`shard_agent::events`, `OUTBOX_AFTER_EVENT_MAX`).
+const STATEMENT_TIMEOUT_MS_LIMIT: u64 = 3_600_000;
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Config {
     pub listen: SocketAddr,
@@ -344,6 +349,11 @@ impl Config {
         if self.agent.statement_timeout_ms <= self.agent.lock_timeout_ms {
             return Err("agent.statement_timeout_ms must exceed agent.lock_timeout_ms".into());
         }
+        if self.agent.statement_timeout_ms >= STATEMENT_TIMEOUT_MS_LIMIT {
+            // The events prune keeps an event while its outbox row is at most
+            // an hour younger; the two are inserted by one statement's call.
+            return Err("agent.statement_timeout_ms must be under an hour".into());
+        }
         if self.limits.batch_queue_max == 0 {
             return Err("limits.batch_queue_max must be at least 1".into());
         }
@@ -405,5 +415,18 @@ mod tests {
             .validate()
             .expect_err("0 means no bound to PostgreSQL");
         assert!(refused.contains("lock_timeout_ms"), "{refused}");
+    }
+
+    #[test]
+    fn a_statement_timeout_of_an_hour_is_refused() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/compose-config.json");
+        let mut config = Config::load(&path).expect("valid");
+        config.agent.statement_timeout_ms = STATEMENT_TIMEOUT_MS_LIMIT - 1;
+        config.validate().expect("just under an hour is fine");
+        config.agent.statement_timeout_ms = STATEMENT_TIMEOUT_MS_LIMIT;
+        let refused = config
+            .validate()
+            .expect_err("the events prune relies on statements under an hour");
+        assert!(refused.contains("statement_timeout_ms"), "{refused}");
     }
 }

@@ -34,7 +34,7 @@ async fn seqs(db: &tokio_postgres::Client, user: UserId) -> Vec<i64> {
 }
 
 #[tokio::test]
-async fn an_event_still_in_the_outbox_is_kept_however_its_row_is_dated() {
+async fn an_event_still_in_the_outbox_is_kept_while_its_row_is_up_to_an_hour_younger() {
     let p = pair().await;
     let payer = user(&p.a, "prune_payer", "30").await;
     let payee = user(&p.a, "prune_payee", "5").await;
