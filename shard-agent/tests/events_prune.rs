@@ -7,18 +7,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{order, pair, transfer_alone, user};
+use common::{order, pair, raw, transfer_alone, user};
 use router::UserId;
 
 const TEN_DAYS: Duration = Duration::from_secs(10 * 24 * 3600);
-
-async fn client(dsn: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    tokio::spawn(conn);
-    client
-}
 
 /// The user's event numbers still stored, in order.
 async fn seqs(db: &tokio_postgres::Client, user: UserId) -> Vec<i64> {
@@ -39,7 +31,7 @@ async fn an_event_still_in_the_outbox_is_kept_while_its_row_is_up_to_an_hour_you
     let payer = user(&p.a, "prune_payer", "30").await;
     let payee = user(&p.a, "prune_payee", "5").await;
     transfer_alone(&p.a, &order(payer, payee, "1.00", "prune-1")).await;
-    let db = client(&p.dsn_a).await;
+    let db = raw(&p.dsn_a).await;
     assert_eq!(seqs(&db, payer).await, vec![1, 2]);
     assert_eq!(seqs(&db, payee).await, vec![1, 2]);
 

@@ -11,19 +11,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{balance, hold_rows, order, pair_repeatable_read, transfer_alone, user};
+use common::{balance, hold_rows, order, pair_repeatable_read, raw, transfer_alone, user};
 use rust_decimal::Decimal;
 use shard_agent::batch::{BatchLeg, Verdict};
 use shard_agent::transfer::Submitted;
 use shard_agent::{Gid, TransferId, TransferState};
-
-async fn raw(dsn: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    tokio::spawn(conn);
-    client
-}
 
 #[tokio::test]
 async fn every_shard_connection_runs_read_committed_whatever_the_server_default() {

@@ -18,10 +18,7 @@ fn d(text: &str) -> Decimal {
 
 /// The account's usage, and its day relative to today (UTC): -1, 0 or 1.
 async fn usage(dsn: &str, user: UserId) -> (Decimal, i32) {
-    let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    tokio::spawn(conn);
+    let client = common::raw(dsn).await;
     let row = client
         .query_one(
             "SELECT used_today, sign(used_day - (now() AT TIME ZONE 'UTC')::date)::int

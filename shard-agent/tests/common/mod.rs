@@ -159,22 +159,26 @@ pub async fn balance(agent: &ShardAgent, user: UserId) -> Decimal {
         .balance
 }
 
-/// Runs raw SQL on a shard (test setup only).
-pub async fn sql(dsn: &str, statement: &str) {
+/// A plain connection to a shard's database, outside any agent (test setup
+/// and inspection only).
+pub async fn raw(dsn: &str) -> tokio_postgres::Client {
     let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
         .await
         .expect("connect");
     tokio::spawn(conn);
+    client
+}
+
+/// Runs raw SQL on a shard (test setup only).
+pub async fn sql(dsn: &str, statement: &str) {
+    let client = raw(dsn).await;
     client.batch_execute(statement).await.expect("run test SQL");
 }
 
 /// Locks the accounts of `users` in an open transaction on its own connection, as
 /// a prepared leg or a busy payee would; `COMMIT` or `ROLLBACK` on it releases them.
 pub async fn hold_rows(dsn: &str, users: &[UserId]) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    tokio::spawn(conn);
+    let client = raw(dsn).await;
     let ids: Vec<String> = users.iter().map(|u| format!("'{}'", u.as_uuid())).collect();
     client
         .batch_execute(&format!(
